@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU machine gets the CPU wheel; a CUDA machine can override: make TORCH_SPEC='torch>=2.4' ...
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/quickstart.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench examples
+
+test: install lint
+	$(PY) -m pytest -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,211 @@
+"""Adapter configuration: a plain, self-validating dataclass.
+
+Field names follow the LoRA literature (`r`, `alpha`, `dropout`); `to_peft_dict` /
+`from_peft_dict` translate to and from PEFT's `adapter_config.json` so files travel
+both ways.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+INITS = ("default", "gaussian", "pissa", "olora")
+"""Initialisations `LoraConfig.init` accepts."""
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """How one adapter is shaped and where it goes."""
+
+    r: int = 8
+    """Rank of the low-rank update (the width of A and B)."""
+    alpha: float = 16
+    """Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout probability on the input of A; 0 disables it."""
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Modules to adapt: a list of names (suffix match on the dotted path), a regex
+    (full match on the dotted path) or "all-linear" (every linear layer but the output head)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never to adapt, matched like target_modules (list = suffix, str = regex)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a classifier head), by suffix."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature."""
+    init: str = "default"
+    """Initialisation: default (A Kaiming-uniform, B zero), gaussian, pissa, olora."""
+    rank_pattern: dict[str, int] | None = None
+    """Per-module rank overrides: {regex matched at the end of the module path: r}."""
+    alpha_pattern: dict[str, float] | None = None
+    """Per-module alpha overrides: {regex matched at the end of the module path: alpha}."""
+    base_model_name_or_path: str | None = None
+    """Base model the adapter was trained on (informational; written to adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+            raise ValueError(f"LoraConfig.alpha must be a number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
+        self.target_modules = _check_selector("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            self.exclude_modules = _check_selector("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                raise ValueError(
+                    f"LoraConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+                )
+            self.modules_to_save = list(self.modules_to_save)
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise ValueError(f"LoraConfig.{name} must be a dict of regex -> value, got {pattern!r}")
+            for key, value in pattern.items():
+                _compile(f"{name} key", key)
+                if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
+                    raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of the adapter on `module_name`, after rank_pattern."""
+        return int(_pattern_value(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha of the adapter on `module_name`, after alpha_pattern."""
+        return float(_pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def scaling_for(self, module_name: str) -> float:
+        r = self.rank_for(module_name)
+        alpha = self.alpha_for(module_name)
+        return alpha / (r**0.5) if self.use_rslora else alpha / r
+
+    # PEFT's adapter_config.json -------------------------------------------------
+
+    def to_peft_dict(self, resolved_targets: list[str] | str | None = None) -> dict[str, Any]:
+        """The config as PEFT writes it, so PEFT and vLLM read our files."""
+        targets = resolved_targets if resolved_targets is not None else self.target_modules
+        init: bool | str = True if self.init == "default" else self.init
+        if self.init == "gaussian":
+            init = "gaussian"
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": self.exclude_modules,
+            "modules_to_save": self.modules_to_save,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": init,
+            "rank_pattern": self.rank_pattern or {},
+            "alpha_pattern": self.alpha_pattern or {},
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
+        """Read PEFT's adapter_config.json (ours or PEFT's own)."""
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"{source}: peft_type {peft_type!r} is not supported; lorakit reads LORA adapters")
+        unsupported = {
+            "bias": ("none", None),
+            "layers_to_transform": (None,),
+            "use_qalora": (False, None),
+            "lora_bias": (False, None),
+        }
+        for key, accepted in unsupported.items():
+            if data.get(key, accepted[0]) not in accepted:
+                raise ValueError(f"{source}: {key}={data[key]!r} is not supported (accepted: {accepted[0]!r})")
+        init = data.get("init_lora_weights", True)
+        if init is True:
+            init = "default"
+        elif init is False:
+            init = "default"  # weights come from the file anyway
+        elif isinstance(init, str) and init.startswith("pissa"):
+            init = "pissa"
+        if init not in INITS:
+            raise ValueError(f"{source}: init_lora_weights={init!r} is not supported; accepted: {INITS}")
+        targets = data.get("target_modules")
+        if targets is None:
+            raise ValueError(f"{source}: target_modules is missing")
+        if isinstance(targets, (set, tuple)):
+            targets = list(targets)
+        return cls(
+            r=int(data.get("r", 8)),
+            alpha=data.get("lora_alpha", 8),
+            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            target_modules=targets,
+            exclude_modules=data.get("exclude_modules"),
+            modules_to_save=data.get("modules_to_save"),
+            use_rslora=bool(data.get("use_rslora", False)),
+            use_dora=bool(data.get("use_dora", False)),
+            init=init,
+            rank_pattern=data.get("rank_pattern") or None,
+            alpha_pattern=data.get("alpha_pattern") or None,
+            base_model_name_or_path=data.get("base_model_name_or_path"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _compile(what: str, pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"LoraConfig {what} {pattern!r} is not a valid regex: {err}") from None
+
+
+def _check_selector(name: str, value: Any) -> list[str] | str:
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"LoraConfig.{name} must not be empty")
+        if value != ALL_LINEAR:
+            _compile(name, value)
+        return value
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(
+        f"LoraConfig.{name} must be a non-empty list of module names, a regex string or "
+        f"'{ALL_LINEAR}'; got {value!r}"
+    )
+
+
+def _pattern_value(patterns: dict[str, Any] | None, module_name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern applies when it matches the end of the dotted module path."""
+    if not patterns:
+        return default
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def matches(selector: list[str] | str, module_name: str) -> bool:
+    """Whether `module_name` is selected: list = exact name or dotted suffix, str = regex full match."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, module_name) is not None
+    return any(module_name == s or module_name.endswith("." + s) for s in selector)

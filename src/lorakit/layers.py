@@ -1,0 +1,428 @@
+"""LoRA layers: a frozen base weight with named low-rank adapters beside it.
+
+The base weight stays where the wrapped module kept it (`weight`, `bias`), so the
+wrapped model's state-dict keys do not change and base checkpoints load as they are.
+Adapters live beside it, keyed by adapter name:
+
+    y = base(x) + sum over active adapters of  scaling * B(A(dropout(x)))
+
+A: (r, in_features), Kaiming-uniform; B: (out_features, r), zero; scaling = alpha / r
+(alpha / sqrt(r) with rsLoRA). Adapter weights are kept in fp32 when the base is fp16 or
+bf16 (the update is computed in fp32 and cast back), the same precision rule PEFT uses.
+
+Merging is explicit (`merge` / `unmerge`), never a side effect of `.train()` / `.eval()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if base_dtype in _HALF or not base_dtype.is_floating_point else base_dtype
+
+
+class MixedBatch:
+    """Which adapter each batch row uses, shared by every layer for one forward pass.
+
+    `names` are the distinct adapter names of the batch; `row_index[i]` is the position
+    of row i's adapter in `names`, or -1 for a row that uses the base model alone.
+    """
+
+    def __init__(self, names: Sequence[str], row_index: torch.Tensor) -> None:
+        self.names = list(names)
+        self.row_index = row_index
+
+
+class LoraLayer(nn.Module):
+    """Adapter bookkeeping shared by the linear and embedding layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.mixed: MixedBatch | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def _set_scaling(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
+        self.r[name] = r
+        self.alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def _forget(self, name: str) -> None:
+        for table in (self.r, self.alpha, self.scaling, self.use_dora):
+            table.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _runs_adapters(self) -> bool:
+        return not self.disabled and bool(self.active_adapters)
+
+
+class LoraLinear(LoraLayer):
+    """`nn.Linear` or transformers' GPT-2 `Conv1D` with LoRA adapters.
+
+    `fan_in_fan_out` is True for `Conv1D`, whose weight is stored (in, out); A and B keep
+    the usual (r, in) and (out, r) shapes either way.
+    """
+
+    def __init__(self, base: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.fan_in_fan_out = fan_in_fan_out
+        if fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        # The original module object, without its own registration, so `unload` can hand it back.
+        self._base_shell = [base]
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
+
+    # adapters --------------------------------------------------------------------
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
+        """Add adapter `name` with A Kaiming-uniform and B zero (so the layer starts as the base)."""
+        dtype = adapter_dtype(self.weight.dtype)
+        device = self.weight.device
+        self._set_scaling(name, r, alpha, use_rslora)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.use_dora[name] = use_dora
+        if use_dora:
+            self.reset_dora_magnitude(name)
+
+    def reset_dora_magnitude(self, name: str) -> None:
+        """Set the DoRA magnitude to the column norm of the current W + scaling * B A."""
+        with torch.no_grad():
+            norm = self._weight_norm(self.base_weight_oi().float(), self.delta_oi(name))
+        dtype = adapter_dtype(self.weight.dtype)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype), requires_grad=True)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in table:
+                del table[name]
+        self._forget(name)
+
+    # weights -------------------------------------------------------------------------
+
+    def base_weight_oi(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever the storage layout."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def delta_oi(self, name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, shape (out, in)."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    @staticmethod
+    def _weight_norm(weight_oi: torch.Tensor, delta_oi: torch.Tensor) -> torch.Tensor:
+        # DoRA's norm: per output feature, over the input dimension. (out,)
+        return torch.linalg.norm(weight_oi + delta_oi, dim=1)
+
+    def merge(self, names: Sequence[str], safe: bool = False) -> None:
+        """Add the adapters' updates into the base weight (computed in fp32, cast to its dtype)."""
+        for name in names:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            weight = self.base_weight_oi().float()
+            delta = self.delta_oi(name)
+            if self.use_dora[name]:
+                norm = self._weight_norm(weight, delta)
+                magnitude = self.lora_magnitude_vector[name].float()
+                merged = (magnitude / norm).unsqueeze(1) * (weight + delta)
+                self._dora_merge_norm[name] = norm
+            else:
+                merged = weight + delta
+            if safe and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
+            self.write_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged updates again (exact in fp32; fp16/bf16 weights come back within one rounding step)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.base_weight_oi().float()
+            delta = self.delta_oi(name)
+            if self.use_dora[name]:
+                norm = self._dora_merge_norm.pop(name)
+                magnitude = self.lora_magnitude_vector[name].float()
+                original = weight * (norm / magnitude).unsqueeze(1) - delta
+            else:
+                original = weight - delta
+            self.write_base_weight(original)
+
+    def write_base_weight(self, weight_oi: torch.Tensor) -> None:
+        with torch.no_grad():
+            value = weight_oi.t() if self.fan_in_fan_out else weight_oi
+            self.weight.copy_(value.to(self.weight.dtype))
+
+    # forward ---------------------------------------------------------------------------
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exactly what the wrapped module computes."""
+        if self.fan_in_fan_out:  # transformers' Conv1D
+            size_out = x.shape[:-1] + (self.out_features,)
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+            return out.view(size_out)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_forward(x)
+        if self.disabled:
+            return result
+        if self.mixed is not None:
+            return self._mixed_forward(x, result)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not pending:
+            return result
+        out_dtype = result.dtype
+        for name in pending:
+            lora_a = self.lora_A[name]
+            xa = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            if self.use_dora[name]:
+                result = result + self._dora_update(name, x, xa, result)
+            else:
+                result = result + self.lora_B[name](lora_a(xa)) * self.scaling[name]
+        return result.to(out_dtype)
+
+    def _dora_update(self, name: str, x: torch.Tensor, xa: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA: W' x = m / ||W + sBA|| * (W x + s B A x); the norm is detached (DoRA paper, sec. 4.3).
+
+        Returns W' x - W x = (m/n - 1) * W x + (m/n) * s * B A x, with W x computed on the
+        dropped-out input when dropout is active (as PEFT does).
+        """
+        scaling = self.scaling[name]
+        weight = self.base_weight_oi()
+        norm = self._weight_norm(weight.float(), self.delta_oi(name).detach()).detach()
+        mag_scale = (self.lora_magnitude_vector[name] / norm).view(1, -1)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            base = result if self.bias is None else result - self.bias
+        else:
+            base = F.linear(xa.to(weight.dtype), weight)
+        lora = self.lora_B[name](self.lora_A[name](xa)) * scaling
+        return (mag_scale - 1) * base + mag_scale * lora
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a_stack, b_stack, row_index = self._stacks()
+        if a_stack is None:
+            return result
+        return result + lora_mixed_delta(x, a_stack, b_stack, row_index).to(result.dtype)
+
+    def _stacks(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Stack this layer's adapters for the batch's distinct names, padded to one rank.
+
+        Slot len(names) is all zeros: rows without an adapter (or with one this layer
+        does not have) gather it and get exactly the base output.
+        """
+        mixed = self.mixed
+        assert mixed is not None
+        present = [n for n in mixed.names if n in self.r]
+        if not present:
+            return None, None, mixed.row_index
+        for n in present:
+            if self.use_dora[n]:
+                raise ValueError(f"mixed batches run plain LoRA adapters; adapter {n!r} uses DoRA")
+            if n in self.merged_adapters:
+                raise ValueError(f"adapter {n!r} is merged into the base; unmerge before running mixed batches")
+        r_max = max(self.r[n] for n in present)
+        ref = self.lora_A[present[0]].weight
+        count = len(mixed.names) + 1
+        a_stack = ref.new_zeros(count, r_max, self.in_features)
+        b_stack = ref.new_zeros(count, self.out_features, r_max)
+        for slot, n in enumerate(mixed.names):
+            if n in self.r:
+                r = self.r[n]
+                a_stack[slot, :r] = self.lora_A[n].weight
+                b_stack[slot, :, :r] = self.lora_B[n].weight * self.scaling[n]
+        row_index = torch.where(mixed.row_index < 0, count - 1, mixed.row_index)
+        return a_stack, b_stack, row_index
+
+
+def lora_mixed_delta(
+    x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """The LoRA update of a batch whose rows use different adapters, in one gathered op.
+
+    Exact semantics, for every row i:
+
+        y[i] = (x[i] @ A[index[i]].T) @ B[index[i]].T
+
+    x: (batch, in) or (batch, seq, in); A: (n_adapters, r, in); B: (n_adapters, out, r)
+    with each adapter's scaling already folded into B; index: (batch,) int64.
+    Returns y with x's leading shape and `out` features, in A's dtype.
+    """
+    squeeze = x.dim() == 2
+    xa = x.unsqueeze(1) if squeeze else x  # (batch, seq, in)
+    xa = xa.to(a_stack.dtype)
+    h = torch.bmm(xa, a_stack[index].transpose(1, 2))  # (batch, seq, r)
+    y = torch.bmm(h, b_stack[index].transpose(1, 2))  # (batch, seq, out)
+    return y.squeeze(1) if squeeze else y
+
+
+class LoraEmbedding(LoraLayer):
+    """`nn.Embedding` with LoRA adapters: y = E[ids] + scaling * A.T[ids] @ B.T.
+
+    A: (r, num_embeddings), zero at init; B: (embedding_dim, r), normal at init (PEFT's
+    choice, so a fresh adapter is a no-op and its gradient reaches A).
+    """
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.max_norm = base.max_norm
+        self.norm_type = base.norm_type
+        self.scale_grad_by_freq = base.scale_grad_by_freq
+        self.sparse = base.sparse
+        self._base_shell = [base]
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
+        if use_dora:
+            raise ValueError("use_dora is supported on linear layers only; an embedding was targeted")
+        dtype = adapter_dtype(self.weight.dtype)
+        device = self.weight.device
+        self._set_scaling(name, r, alpha, use_rslora)
+        self.use_dora[name] = False
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.embedding_dim, r, device=device, dtype=dtype))
+
+    def remove(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+        for table in (self.lora_embedding_A, self.lora_embedding_B):
+            if name in table:
+                del table[name]
+        self._forget(name)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """scaling * (B @ A).T in fp32, shape (num_embeddings, embedding_dim)."""
+        a = self.lora_embedding_A[name].float()
+        b = self.lora_embedding_B[name].float()
+        return (b @ a).t() * self.scaling[name]
+
+    def merge(self, names: Sequence[str], safe: bool = False) -> None:
+        for name in names:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            merged = self.weight.float() + self.delta(name)
+            if safe and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
+            with torch.no_grad():
+                self.weight.copy_(merged.to(self.weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                self.weight.copy_((self.weight.float() - self.delta(name)).to(self.weight.dtype))
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            ids, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self._embed(ids, self.weight)
+        if self.disabled:
+            return result
+        if self.mixed is not None:
+            return self._mixed_forward(ids, result)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        out_dtype = result.dtype
+        for name in pending:
+            a = self.lora_embedding_A[name]
+            after_a = F.embedding(ids, a.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+            result = result + (after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]
+        return result.to(out_dtype)
+
+    def _mixed_forward(self, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        mixed = self.mixed
+        assert mixed is not None
+        present = [n for n in mixed.names if n in self.r]
+        if not present:
+            return result
+        if any(n in self.merged_adapters for n in present):
+            raise ValueError("an adapter of this batch is merged into the base; unmerge before running mixed batches")
+        r_max = max(self.r[n] for n in present)
+        ref = self.lora_embedding_A[present[0]]
+        count = len(mixed.names) + 1
+        a_stack = ref.new_zeros(count, self.num_embeddings, r_max)  # A transposed: rows are tokens
+        b_stack = ref.new_zeros(count, self.embedding_dim, r_max)
+        for slot, n in enumerate(mixed.names):
+            if n in self.r:
+                r = self.r[n]
+                a_stack[slot, :, :r] = self.lora_embedding_A[n].t()
+                b_stack[slot, :, :r] = self.lora_embedding_B[n] * self.scaling[n]
+        index = torch.where(mixed.row_index < 0, count - 1, mixed.row_index)  # (batch,)
+        flat_ids = ids + (index * self.num_embeddings).view(-1, *([1] * (ids.dim() - 1)))
+        after_a = a_stack.reshape(-1, r_max)[flat_ids]  # (batch, seq, r)
+        squeeze = after_a.dim() == 2
+        h = after_a.unsqueeze(1) if squeeze else after_a
+        y = torch.bmm(h, b_stack[index].transpose(1, 2))
+        y = y.squeeze(1) if squeeze else y
+        return result + y.to(result.dtype)
+
+
+SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
+"""Module types that can carry adapters."""
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """The LoRA layer for `module` (which must be one of SUPPORTED, or already a LoRA layer)."""
+    if isinstance(module, LoraLayer):
+        return module
+    if isinstance(module, Conv1D):
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    supported = ", ".join(t.__name__ for t in SUPPORTED)
+    raise TypeError(f"cannot put a LoRA adapter on {type(module).__name__}; supported layers: {supported}")
+
+
+def unwrap(layer: LoraLayer) -> nn.Module:
+    """The original module, holding the layer's current base parameters."""
+    base = layer._base_shell[0]
+    base.weight = layer.weight
+    if isinstance(layer, LoraLinear):
+        base.bias = layer.bias
+    return base

@@ -1,0 +1,71 @@
+"""Tiny random-init models built from configs: no downloads, seconds to run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """A plain PyTorch model: no transformers, no config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lin0 = nn.Linear(16, 32)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(32, 32, bias=False)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin1(self.relu(self.lin0(self.emb(ids)))))
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    return MLP().to(dtype).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "mlp": tiny_mlp}
+
+
+def example_input(kind: str, batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    vocab = 50 if kind == "mlp" else 128
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def run(model: nn.Module, kind: str, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_kind(request) -> str:
+    return request.param
