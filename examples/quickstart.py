@@ -9,8 +9,14 @@ import lorakit
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(
-    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2)
+    LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 )
 ids = torch.randint(0, 256, (4, 16))
 with torch.no_grad():

@@ -7,11 +7,15 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import MODELS, example_input, run
 
 import lorakit
+from conftest import MODELS, example_input, run
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "mlp": ["lin0", "lin1"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "mlp": ["lin0", "lin1"],
+}
 EMBEDDING = {"llama": "embed_tokens", "gpt2": "wte", "mlp": "emb"}
 
 # name -> (lorakit kwargs, PEFT kwargs) built per model kind
@@ -20,7 +24,11 @@ CASES = {
     "r8_rslora": lambda k: dict(r=8, alpha=16, target_modules=TARGETS[k], use_rslora=True),
     "dora": lambda k: dict(r=4, alpha=4, target_modules=TARGETS[k], use_dora=True),
     "patterns": lambda k: dict(
-        r=4, alpha=8, target_modules=TARGETS[k], rank_pattern={TARGETS[k][0]: 2}, alpha_pattern={TARGETS[k][-1]: 3.0}
+        r=4,
+        alpha=8,
+        target_modules=TARGETS[k],
+        rank_pattern={TARGETS[k][0]: 2},
+        alpha_pattern={TARGETS[k][-1]: 3.0},
     ),
     "embedding": lambda k: dict(r=4, alpha=8, target_modules=[EMBEDDING[k], TARGETS[k][0]]),
     "all_linear": lambda k: dict(r=4, alpha=8, target_modules="all-linear"),
@@ -57,8 +65,6 @@ def randomise_adapters(model: torch.nn.Module, seed: int = 3) -> None:
 
 
 def paired_models(kind: str, case: str, dtype: torch.dtype):
-    if kind == "mlp" and case == "all_linear":
-        pytest.skip("PEFT supports all-linear on transformers models only; lorakit's is tested on the MLP below")
     kwargs = CASES[case](kind)
     base = MODELS[kind](dtype=dtype)
     ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**kwargs))
@@ -76,8 +82,17 @@ def paired_models(kind: str, case: str, dtype: torch.dtype):
     return base, ours, theirs
 
 
+# PEFT's all-linear needs a transformers model; lorakit's on a plain MLP is tested in test_core.py.
+PAIRS = [
+    (kind, case)
+    for kind in sorted(MODELS)
+    for case in sorted(CASES)
+    if (kind, case) != ("mlp", "all_linear")
+]
+
+
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(("model_kind", "case"), PAIRS)
 def test_forward_and_gradients_match_peft(model_kind: str, case: str, dtype_name: str) -> None:
     dtype, tol = DTYPES[dtype_name]
     _, ours, theirs = paired_models(model_kind, case, dtype)
@@ -111,20 +126,23 @@ def test_lorakit_file_loads_in_peft(model_kind: str, case: str, tmp_path) -> Non
     assert not torch.allclose(run(base, model_kind, ids), expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("case", ["r4", "dora", "embedding", "patterns", "all_linear"])
+@pytest.mark.parametrize(("model_kind", "case"), [p for p in PAIRS if p[1] != "r8_rslora"])
 def test_peft_file_loads_in_lorakit(model_kind: str, case: str, tmp_path) -> None:
     base, _, theirs = paired_models(model_kind, case, torch.float32)
     theirs.save_pretrained(str(tmp_path / "p"))
     ours = copy.deepcopy(base)
     lorakit.load_adapter(ours, tmp_path / "p")
     ids = example_input(model_kind)
-    torch.testing.assert_close(run(ours, model_kind, ids), run(theirs, model_kind, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run(ours, model_kind, ids), run(theirs, model_kind, ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_modules_to_save_interop_with_peft(tmp_path) -> None:
     base = MODELS["llama"]()
     theirs = peft.get_peft_model(
-        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
     )
     randomise_adapters(theirs)
     with torch.no_grad():
@@ -144,14 +162,21 @@ def test_modules_to_save_interop_with_peft(tmp_path) -> None:
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_olora_match_peft(init: str) -> None:
     base = MODELS["llama"]()
-    ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], init=init))
+    ours = lorakit.inject(
+        copy.deepcopy(base), lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], init=init)
+    )
     theirs = peft.get_peft_model(
-        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=init)
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=init),
     )
     ours_params = dict(ours.named_parameters())
     for name, param in theirs.named_parameters():
         if "lora_" in name or name.endswith("q_proj.base_layer.weight"):
-            torch.testing.assert_close(ours_params[peft_to_lorakit_key(name)], param, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                ours_params[peft_to_lorakit_key(name)], param, atol=1e-5, rtol=1e-4
+            )
     ids = example_input("llama")
     # The residual base plus the adapter is the original model at step 0.
-    torch.testing.assert_close(run(ours, "llama", ids), run(base, "llama", ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        run(ours, "llama", ids), run(base, "llama", ids), atol=1e-4, rtol=1e-4
+    )

@@ -55,7 +55,9 @@ class LoraConfig:
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
+            raise ValueError(
+                f"LoraConfig.init must be one of {', '.join(INITS)}; got {self.init!r}"
+            )
         self.target_modules = _check_selector("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             self.exclude_modules = _check_selector("exclude_modules", self.exclude_modules)
@@ -67,15 +69,22 @@ class LoraConfig:
                     f"LoraConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}"
                 )
             self.modules_to_save = list(self.modules_to_save)
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+        for name, pattern in (
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+        ):
             if pattern is None:
                 continue
             if not isinstance(pattern, dict):
-                raise ValueError(f"LoraConfig.{name} must be a dict of regex -> value, got {pattern!r}")
+                raise ValueError(
+                    f"LoraConfig.{name} must be a dict of regex -> value, got {pattern!r}"
+                )
             for key, value in pattern.items():
                 _compile(f"{name} key", key)
                 if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
-                    raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+                    raise ValueError(
+                        f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}"
+                    )
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the adapter on `module_name`, after rank_pattern."""
@@ -121,11 +130,15 @@ class LoraConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
+    def from_peft_dict(
+        cls, data: dict[str, Any], source: str = "adapter_config.json"
+    ) -> LoraConfig:
         """Read PEFT's adapter_config.json (ours or PEFT's own)."""
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"{source}: peft_type {peft_type!r} is not supported; lorakit reads LORA adapters")
+            raise ValueError(
+                f"{source}: peft_type {peft_type!r} is not supported; lorakit reads LORA adapters"
+            )
         unsupported = {
             "bias": ("none", None),
             "layers_to_transform": (None,),
@@ -134,7 +147,9 @@ class LoraConfig:
         }
         for key, accepted in unsupported.items():
             if data.get(key, accepted[0]) not in accepted:
-                raise ValueError(f"{source}: {key}={data[key]!r} is not supported (accepted: {accepted[0]!r})")
+                raise ValueError(
+                    f"{source}: {key}={data[key]!r} is not supported (accepted: {accepted[0]!r})"
+                )
         init = data.get("init_lora_weights", True)
         if init is True:
             init = "default"
@@ -143,7 +158,9 @@ class LoraConfig:
         elif isinstance(init, str) and init.startswith("pissa"):
             init = "pissa"
         if init not in INITS:
-            raise ValueError(f"{source}: init_lora_weights={init!r} is not supported; accepted: {INITS}")
+            raise ValueError(
+                f"{source}: init_lora_weights={init!r} is not supported; accepted: {INITS}"
+            )
         targets = data.get("target_modules")
         if targets is None:
             raise ValueError(f"{source}: target_modules is missing")
@@ -186,7 +203,11 @@ def _check_selector(name: str, value: Any) -> list[str] | str:
         if value != ALL_LINEAR:
             _compile(name, value)
         return value
-    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+    if (
+        isinstance(value, (list, tuple, set))
+        and value
+        and all(isinstance(v, str) and v for v in value)
+    ):
         return sorted(value) if isinstance(value, set) else list(value)
     raise ValueError(
         f"LoraConfig.{name} must be a non-empty list of module names, a regex string or "

@@ -139,7 +139,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             )
         matched.append(name)
     if not matched:
-        candidates = sorted({n.rsplit(".", 1)[-1] for n, m in modules if issubclass(_layer_type(m), SUPPORTED)})
+        candidates = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in modules if issubclass(_layer_type(m), SUPPORTED)}
+        )
         raise ValueError(
             f"target_modules={config.target_modules!r} matched nothing; "
             f"linear/embedding modules in this model: {', '.join(candidates) or '(none)'}"
@@ -162,7 +164,9 @@ def resolved_target_names(model: nn.Module, adapter_name: str) -> list[str] | st
 def get_state(model: nn.Module) -> AdapterState:
     state = getattr(model, "lora_state", None)
     if not isinstance(state, AdapterState):
-        raise ValueError("this model has no LoRA adapters; call lorakit.inject(model, config) first")
+        raise ValueError(
+            "this model has no LoRA adapters; call lorakit.inject(model, config) first"
+        )
     return state
 
 
@@ -240,10 +244,14 @@ def find_saved(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
     found = [n for n, _ in _base_modules(model) if n and matches(config.modules_to_save, n)]
-    found += [n for n, _ in _saved_modules(model) if matches(config.modules_to_save, n) and n not in found]
+    found += [
+        n for n, _ in _saved_modules(model) if matches(config.modules_to_save, n) and n not in found
+    ]
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in _base_modules(model) if n})
-        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched nothing; modules: {', '.join(names)}")
+        raise ValueError(
+            f"modules_to_save={config.modules_to_save!r} matched nothing; modules: {', '.join(names)}"
+        )
     return found
 
 
@@ -264,7 +272,9 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if has_adapters(model) and name in get_state(model).configs:
-        raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        raise ValueError(
+            f"an adapter named {name!r} already exists; delete it first or pick another name"
+        )
     targets = find_targets(model, config)
     saved = find_saved(model, config)
     fresh = not has_adapters(model)
@@ -282,7 +292,14 @@ def _is_adapter_param(param_name: str) -> bool:
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
     """Turn gradients on or off for one adapter's weights."""
-    marker_parts = {"lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B", "modules_to_save"}
+    marker_parts = {
+        "lora_A",
+        "lora_B",
+        "lora_magnitude_vector",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "modules_to_save",
+    }
     for pname, param in model.named_parameters():
         parts = pname.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -313,7 +330,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _check_name(state, name)
     for _, layer in lora_layers(model):
         if name in layer.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weights; call lorakit.unmerge first")
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weights; call lorakit.unmerge first"
+            )
     for _, layer in lora_layers(model):
         if name in layer.r:
             layer.remove(name)
@@ -333,7 +352,9 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     layers = [layer for _, layer in lora_layers(model)]
     merged = sorted({n for layer in layers for n in layer.merged_adapters})
     if merged:
-        raise ValueError(f"adapters {merged} are merged into the base weights; call lorakit.unmerge first")
+        raise ValueError(
+            f"adapters {merged} are merged into the base weights; call lorakit.unmerge first"
+        )
     saved = [m for _, m in _saved_modules(model)]
     for module in [*layers, *saved]:
         module.disabled = True
@@ -367,7 +388,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         raise ValueError("mixed batches do not support adapters with modules_to_save")
     device = _model_device(model)
     lookup = {n: i for i, n in enumerate(distinct)}
-    row_index = torch.tensor([lookup[n] if n is not None else -1 for n in adapter_names], device=device)
+    row_index = torch.tensor(
+        [lookup[n] if n is not None else -1 for n in adapter_names], device=device
+    )
     mixed = MixedBatch(distinct, row_index)
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
@@ -379,7 +402,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             layer.mixed = None
 
 
-def forward_mixed(model: nn.Module, adapter_names: Sequence[str | None], *args: Any, **kwargs: Any) -> Any:
+def forward_mixed(
+    model: nn.Module, adapter_names: Sequence[str | None], *args: Any, **kwargs: Any
+) -> Any:
     """`model(*args, **kwargs)` with a different adapter (or None) per batch row."""
     with mixed_batch(model, adapter_names):
         return model(*args, **kwargs)
@@ -405,6 +430,7 @@ def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = False)
     for name in names:
         _check_name(state, name)
     layers = [layer for _, layer in lora_layers(model)]
+    _refuse_tied(model, names)
     if safe:
         for path, layer in lora_layers(model):
             for name in names:
@@ -416,6 +442,21 @@ def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = False)
                         )
     for layer in layers:
         layer.merge(names)
+
+
+def _refuse_tied(model: nn.Module, names: Sequence[str]) -> None:
+    """A weight shared with another module (tied embeddings) cannot take a merge for one of them."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    for path, layer in lora_layers(model):
+        if any(n in layer.r for n in names):
+            shared = [p for p in owners.get(id(layer.weight), []) if p != f"{path}.weight"]
+            if shared:
+                raise ValueError(
+                    f"cannot merge into {path}.weight: it is tied to {', '.join(shared)}, which would change too; "
+                    "keep the adapter unmerged, or untie the weights first"
+                )
 
 
 def _merged_preview(layer: LoraLayer, name: str) -> torch.Tensor:

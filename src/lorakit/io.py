@@ -40,7 +40,13 @@ from .layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_dtype
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
+_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora_magnitude_vector",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+)
 
 
 # saving ---------------------------------------------------------------------------------
@@ -50,7 +56,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's tensors under PEFT's key names (detached, on CPU, contiguous)."""
     state = get_state(model)
     if adapter_name not in state.configs:
-        raise KeyError(f"no adapter named {adapter_name!r}; adapters on this model: {', '.join(state.configs)}")
+        raise KeyError(
+            f"no adapter named {adapter_name!r}; adapters on this model: {', '.join(state.configs)}"
+        )
     out: dict[str, torch.Tensor] = {}
     for path in state.targets[adapter_name]:
         layer = model.get_submodule(path)
@@ -80,18 +88,23 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
     if not callable(getattr(model, "generate", None)):
         data["task_type"] = None
     data["fan_in_fan_out"] = any(
-        getattr(model.get_submodule(p), "fan_in_fan_out", False) for p in state.targets[adapter_name]
+        getattr(model.get_submodule(p), "fan_in_fan_out", False)
+        for p in state.targets[adapter_name]
     )
     return data
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+) -> Path:
     """Write the adapter to `directory` (created if needed); returns the directory."""
     tensors = adapter_state_dict(model, adapter_name)
     config = adapter_config_dict(model, adapter_name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(
+        directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
     _atomic_write(
         directory / CONFIG_NAME,
         lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
@@ -135,9 +148,13 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{config_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{weights_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -183,7 +200,9 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
             continue
         owner = next((p for p in saved_paths if rest.startswith(p + ".")), None)
         if owner is None:
-            raise ValueError(f"{weights_path}: unexpected key {key!r}; it is neither a LoRA weight nor a module to save")
+            raise ValueError(
+                f"{weights_path}: unexpected key {key!r}; it is neither a LoRA weight nor a module to save"
+            )
         saved[owner][rest[len(owner) + 1 :]] = tensor
 
     expected = set(find_targets(model, config))
@@ -204,7 +223,9 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
                 "which this model does not have (a different base model?)"
             ) from None
         if path not in expected:
-            raise ValueError(f"{weights_path}: unexpected key for module {path!r}, which the config's target_modules do not select")
+            raise ValueError(
+                f"{weights_path}: unexpected key for module {path!r}, which the config's target_modules do not select"
+            )
         r = config.rank_for(path)
         layer = module if isinstance(module, LoraLayer) else None
         is_embedding = isinstance(layer, LoraEmbedding) or isinstance(module, nn.Embedding)
@@ -238,17 +259,25 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
         want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in params.items()}
         if want != got:
-            raise ValueError(f"{weights_path}: modules_to_save {path!r} holds {got}, this model needs {want}")
+            raise ValueError(
+                f"{weights_path}: modules_to_save {path!r} holds {got}, this model needs {want}"
+            )
     return _Plan(linear, embedding, saved)
 
 
-def _check_embedding_copy(model: nn.Module, path: str, tensor: torch.Tensor, weights_path: Path) -> None:
+def _check_embedding_copy(
+    model: nn.Module, path: str, tensor: torch.Tensor, weights_path: Path
+) -> None:
     """PEFT saves a copy of a targeted embedding's base weight; accept it only when it is this base's."""
     try:
         base = model.get_submodule(path).weight
     except AttributeError:
-        raise ValueError(f"{weights_path}: key {PREFIX}{path}.base_layer.weight names a module this model lacks") from None
-    if tuple(base.shape) != tuple(tensor.shape) or not torch.equal(base.detach().cpu().to(tensor.dtype), tensor):
+        raise ValueError(
+            f"{weights_path}: key {PREFIX}{path}.base_layer.weight names a module this model lacks"
+        ) from None
+    if tuple(base.shape) != tuple(tensor.shape) or not torch.equal(
+        base.detach().cpu().to(tensor.dtype), tensor
+    ):
         raise ValueError(
             f"{weights_path}: {PREFIX}{path}.base_layer.weight is a modified base embedding (e.g. resized "
             "vocabulary); lorakit never changes the base model, so load it into the base model first"
@@ -278,7 +307,9 @@ def load_adapter(
     """
     name = adapter_name or "default"
     if has_adapters(model) and name in get_state(model).configs:
-        raise ValueError(f"an adapter named {name!r} is already loaded; delete it or choose another adapter_name")
+        raise ValueError(
+            f"an adapter named {name!r} is already loaded; delete it or choose another adapter_name"
+        )
     files = read_adapter(directory)
     plan = _plan(model, files)
     config = files.config

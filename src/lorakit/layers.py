@@ -103,7 +103,9 @@ class LoraLinear(LoraLayer):
 
     # adapters --------------------------------------------------------------------
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
+    def add(
+        self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool
+    ) -> None:
         """Add adapter `name` with A Kaiming-uniform and B zero (so the layer starts as the base)."""
         dtype = adapter_dtype(self.weight.dtype)
         device = self.weight.device
@@ -126,7 +128,9 @@ class LoraLinear(LoraLayer):
 
     def remove(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weight; unmerge it before deleting"
+            )
         for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in table:
                 del table[name]
@@ -164,7 +168,9 @@ class LoraLinear(LoraLayer):
             else:
                 merged = weight + delta
             if safe and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged"
+                )
             self.write_base_weight(merged)
             self.merged_adapters.append(name)
 
@@ -194,7 +200,11 @@ class LoraLinear(LoraLayer):
         if self.fan_in_fan_out:  # transformers' Conv1D
             size_out = x.shape[:-1] + (self.out_features,)
             flat = x.reshape(-1, x.shape[-1])
-            out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+            out = (
+                torch.addmm(self.bias, flat, self.weight)
+                if self.bias is not None
+                else flat @ self.weight
+            )
             return out.view(size_out)
         return F.linear(x, self.weight, self.bias)
 
@@ -217,7 +227,9 @@ class LoraLinear(LoraLayer):
                 result = result + self.lora_B[name](lora_a(xa)) * self.scaling[name]
         return result.to(out_dtype)
 
-    def _dora_update(self, name: str, x: torch.Tensor, xa: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _dora_update(
+        self, name: str, x: torch.Tensor, xa: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
         """DoRA: W' x = m / ||W + sBA|| * (W x + s B A x); the norm is detached (DoRA paper, sec. 4.3).
 
         Returns W' x - W x = (m/n - 1) * W x + (m/n) * s * B A x, with W x computed on the
@@ -255,7 +267,9 @@ class LoraLinear(LoraLayer):
             if self.use_dora[n]:
                 raise ValueError(f"mixed batches run plain LoRA adapters; adapter {n!r} uses DoRA")
             if n in self.merged_adapters:
-                raise ValueError(f"adapter {n!r} is merged into the base; unmerge before running mixed batches")
+                raise ValueError(
+                    f"adapter {n!r} is merged into the base; unmerge before running mixed batches"
+                )
         r_max = max(self.r[n] for n in present)
         ref = self.lora_A[present[0]].weight
         count = len(mixed.names) + 1
@@ -311,19 +325,29 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
+    def add(
+        self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool
+    ) -> None:
         if use_dora:
-            raise ValueError("use_dora is supported on linear layers only; an embedding was targeted")
+            raise ValueError(
+                "use_dora is supported on linear layers only; an embedding was targeted"
+            )
         dtype = adapter_dtype(self.weight.dtype)
         device = self.weight.device
         self._set_scaling(name, r, alpha, use_rslora)
         self.use_dora[name] = False
-        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.num_embeddings, device=device, dtype=dtype))
-        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.embedding_dim, r, device=device, dtype=dtype))
+        self.lora_embedding_A[name] = nn.Parameter(
+            torch.zeros(r, self.num_embeddings, device=device, dtype=dtype)
+        )
+        self.lora_embedding_B[name] = nn.Parameter(
+            torch.randn(self.embedding_dim, r, device=device, dtype=dtype)
+        )
 
     def remove(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weight; unmerge it before deleting"
+            )
         for table in (self.lora_embedding_A, self.lora_embedding_B):
             if name in table:
                 del table[name]
@@ -341,7 +365,9 @@ class LoraEmbedding(LoraLayer):
                 continue
             merged = self.weight.float() + self.delta(name)
             if safe and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged"
+                )
             with torch.no_grad():
                 self.weight.copy_(merged.to(self.weight.dtype))
             self.merged_adapters.append(name)
@@ -354,7 +380,13 @@ class LoraEmbedding(LoraLayer):
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(
-            ids, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+            ids,
+            table,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -367,7 +399,15 @@ class LoraEmbedding(LoraLayer):
         out_dtype = result.dtype
         for name in pending:
             a = self.lora_embedding_A[name]
-            after_a = F.embedding(ids, a.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+            after_a = F.embedding(
+                ids,
+                a.t(),
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
             result = result + (after_a @ self.lora_embedding_B[name].t()) * self.scaling[name]
         return result.to(out_dtype)
 
@@ -378,7 +418,9 @@ class LoraEmbedding(LoraLayer):
         if not present:
             return result
         if any(n in self.merged_adapters for n in present):
-            raise ValueError("an adapter of this batch is merged into the base; unmerge before running mixed batches")
+            raise ValueError(
+                "an adapter of this batch is merged into the base; unmerge before running mixed batches"
+            )
         r_max = max(self.r[n] for n in present)
         ref = self.lora_embedding_A[present[0]]
         count = len(mixed.names) + 1
@@ -416,7 +458,9 @@ def wrap(module: nn.Module) -> LoraLayer:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
     supported = ", ".join(t.__name__ for t in SUPPORTED)
-    raise TypeError(f"cannot put a LoRA adapter on {type(module).__name__}; supported layers: {supported}")
+    raise TypeError(
+        f"cannot put a LoRA adapter on {type(module).__name__}; supported layers: {supported}"
+    )
 
 
 def unwrap(layer: LoraLayer) -> nn.Module:
