@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import LoraConfig
 from .init import olora, pissa
@@ -75,7 +76,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for pname, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{path}.{pname}"] = tensor
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    return {k: _full(v).detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 / DTensor) parameter gathered whole; a collective, so every rank must call it."""
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    return tensor
 
 
 def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict:
@@ -295,7 +303,7 @@ def _linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def load_adapter(
     model: nn.Module,
-    directory: str | os.PathLike,
+    directory: str | os.PathLike | AdapterFiles,
     adapter_name: str | None = None,
     trainable: bool = False,
 ) -> str:
@@ -310,7 +318,8 @@ def load_adapter(
         raise ValueError(
             f"an adapter named {name!r} is already loaded; delete it or choose another adapter_name"
         )
-    files = read_adapter(directory)
+    # An already-read adapter (`read_adapter`) loads without touching the disk again.
+    files = directory if isinstance(directory, AdapterFiles) else read_adapter(directory)
     plan = _plan(model, files)
     config = files.config
     first = not has_adapters(model)
