@@ -369,11 +369,19 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
+def mixed_batch(
+    model: nn.Module, adapter_names: Sequence[str | None], slots: Sequence[str] | None = None
+) -> Iterator[None]:
     """Every forward inside uses adapter `adapter_names[i]` for batch row i (None: the base).
 
     Rows are grouped per layer with gathered tensor ops, not a loop over rows; see
     `lorakit.layers.lora_mixed_delta` for the exact arithmetic. Dropout is not applied.
+
+    `slots` is for serving: a fixed order of adapters (an adapter cache's resident set) that
+    every row's adapter must be in. Outside autograd each layer then keeps the stacked
+    weights between calls with the same slots, rewriting only the slots whose adapter was
+    added, deleted or loaded since. Weights changed in place by other means (an optimizer
+    step) are not noticed, so pass `slots` only while the adapters are frozen.
     """
     state = get_state(model)
     distinct: list[str] = []
@@ -383,15 +391,22 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         _check_name(state, name)
         if name not in distinct:
             distinct.append(name)
+    fixed: tuple[str, ...] | None = None
+    if slots is not None:
+        fixed = slots if isinstance(slots, tuple) else tuple(slots)
+        for name in fixed:
+            _check_name(state, name)
+        missing = [n for n in distinct if n not in fixed]
+        if missing:
+            raise ValueError(f"adapters {missing} are not among the slots {list(fixed)}")
+        distinct = list(fixed)
     saved = [m for _, m in _saved_modules(model) if any(n in m.modules_to_save for n in distinct)]
     if saved:
         raise ValueError("mixed batches do not support adapters with modules_to_save")
     device = _model_device(model)
     lookup = {n: i for i, n in enumerate(distinct)}
-    row_index = torch.tensor(
-        [lookup[n] if n is not None else -1 for n in adapter_names], device=device
-    )
-    mixed = MixedBatch(distinct, row_index)
+    row_index = torch.tensor([lookup[n] if n is not None else -1 for n in adapter_names], device=device)
+    mixed = MixedBatch(distinct, row_index, fixed)
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
         layer.mixed = mixed

@@ -35,11 +35,18 @@ class MixedBatch:
 
     `names` are the distinct adapter names of the batch; `row_index[i]` is the position
     of row i's adapter in `names`, or -1 for a row that uses the base model alone.
+    With `slots` set, `names` is that fixed tuple (an adapter cache's slots, not just the
+    batch's adapters) and, outside autograd, each layer keeps its stacked weights between
+    forwards for as long as the slots do not change: a server decoding step after step
+    with the same resident adapters stacks them once, not once per step.
     """
 
-    def __init__(self, names: Sequence[str], row_index: torch.Tensor) -> None:
+    def __init__(self, names: Sequence[str], row_index: torch.Tensor, slots: tuple[str, ...] | None = None) -> None:
         self.names = list(names)
         self.row_index = row_index
+        self.slots = slots
+        # Rows without an adapter gather the all-zero slot after the named ones.
+        self.gather_index = torch.where(row_index < 0, len(self.names), row_index)
 
 
 class LoraLayer(nn.Module):
@@ -100,6 +107,10 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        # Stacked adapter weights for MixedBatch.slots: (slots, A stack, B stack) or None, and
+        # the adapters added/removed/reloaded since, whose slots must be written again.
+        self._stack_cache: tuple[tuple[str, ...], torch.Tensor | None, torch.Tensor | None] | None = None
+        self._stale: set[str] = set()
 
     # adapters --------------------------------------------------------------------
 
@@ -110,6 +121,7 @@ class LoraLinear(LoraLayer):
         dtype = adapter_dtype(self.weight.dtype)
         device = self.weight.device
         self._set_scaling(name, r, alpha, use_rslora)
+        self._stale.add(name)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -135,6 +147,7 @@ class LoraLinear(LoraLayer):
             if name in table:
                 del table[name]
         self._forget(name)
+        self._stale.add(name)
 
     # weights -------------------------------------------------------------------------
 
@@ -247,42 +260,85 @@ class LoraLinear(LoraLayer):
         return (mag_scale - 1) * base + mag_scale * lora
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        a_stack, b_stack, row_index = self._stacks()
-        if a_stack is None:
+        mixed = self.mixed
+        assert mixed is not None
+        if mixed.slots is not None and not torch.is_grad_enabled():
+            a_stack, b_stack = self._cached_stacks(mixed.slots)
+        else:
+            a_stack, b_stack = self._stacks(mixed.names)
+        if a_stack is None or b_stack is None:
             return result
-        return result + lora_mixed_delta(x, a_stack, b_stack, row_index).to(result.dtype)
+        return result + lora_mixed_delta(x, a_stack, b_stack, mixed.gather_index).to(result.dtype)
 
-    def _stacks(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Stack this layer's adapters for the batch's distinct names, padded to one rank.
+    def _check_mixable(self, name: str) -> None:
+        if self.use_dora[name]:
+            raise ValueError(f"mixed batches run plain LoRA adapters; adapter {name!r} uses DoRA")
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base; unmerge before running mixed batches")
+
+    def _stacks(self, names: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stack this layer's adapters for `names`, padded to one rank, scaling folded into B.
 
         Slot len(names) is all zeros: rows without an adapter (or with one this layer
         does not have) gather it and get exactly the base output.
         """
-        mixed = self.mixed
-        assert mixed is not None
-        present = [n for n in mixed.names if n in self.r]
+        present = [n for n in names if n in self.r]
         if not present:
-            return None, None, mixed.row_index
+            return None, None
         for n in present:
-            if self.use_dora[n]:
-                raise ValueError(f"mixed batches run plain LoRA adapters; adapter {n!r} uses DoRA")
-            if n in self.merged_adapters:
-                raise ValueError(
-                    f"adapter {n!r} is merged into the base; unmerge before running mixed batches"
-                )
+            self._check_mixable(n)
         r_max = max(self.r[n] for n in present)
         ref = self.lora_A[present[0]].weight
-        count = len(mixed.names) + 1
+        count = len(names) + 1
         a_stack = ref.new_zeros(count, r_max, self.in_features)
         b_stack = ref.new_zeros(count, self.out_features, r_max)
-        for slot, n in enumerate(mixed.names):
+        for slot, n in enumerate(names):
             if n in self.r:
-                r = self.r[n]
-                a_stack[slot, :r] = self.lora_A[n].weight
-                b_stack[slot, :, :r] = self.lora_B[n].weight * self.scaling[n]
-        row_index = torch.where(mixed.row_index < 0, count - 1, mixed.row_index)
-        return a_stack, b_stack, row_index
+                self._write_slot(a_stack, b_stack, slot, n)
+        return a_stack, b_stack
 
+    def _write_slot(self, a_stack: torch.Tensor, b_stack: torch.Tensor, slot: int, name: str) -> None:
+        r = self.r[name]
+        a_stack[slot, :r] = self.lora_A[name].weight
+        b_stack[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+
+    @torch.no_grad()
+    def _cached_stacks(self, slots: tuple[str, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`_stacks(slots)`, kept between calls; only slots whose adapter changed are rewritten.
+
+        Zero padding beyond an adapter's rank adds exact zeros, so a stack padded to a
+        larger rank than the current adapters need gives the same result.
+        """
+        cache = self._stack_cache
+        if cache is not None and cache[0] is slots and not self._stale:
+            return cache[1], cache[2]
+        present = [n for n in slots if n in self.r]
+        for n in present:
+            self._check_mixable(n)
+        r_max = max((self.r[n] for n in present), default=0)
+        reusable = (
+            cache is not None
+            and cache[1] is not None
+            and len(cache[0]) == len(slots)
+            and cache[1].shape[1] >= r_max
+        )
+        if not present:
+            self._stack_cache = (slots, None, None)
+        elif not reusable:
+            a_stack, b_stack = self._stacks(slots)
+            self._stack_cache = (slots, a_stack, b_stack)
+        else:
+            assert cache is not None and cache[1] is not None and cache[2] is not None
+            a_stack, b_stack = cache[1], cache[2]
+            for slot, (old, new) in enumerate(zip(cache[0], slots)):
+                if old != new or new in self._stale:
+                    a_stack[slot].zero_()
+                    b_stack[slot].zero_()
+                    if new in self.r:
+                        self._write_slot(a_stack, b_stack, slot, new)
+            self._stack_cache = (slots, a_stack, b_stack)
+        self._stale.clear()
+        return self._stack_cache[1], self._stack_cache[2]
 
 def lora_mixed_delta(
     x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor
