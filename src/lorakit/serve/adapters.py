@@ -1,0 +1,196 @@
+"""The adapter cache: which adapters sit on the compute device, which wait on CPU, and
+where the rest are found on disk.
+
+Three tiers, each with least-recently-used eviction:
+
+    device  at most `max_on_device` adapters attached to the model; the order they are
+            attached in is the `slots` tuple given to `lorakit.mixed_batch`, so the layers'
+            stacked weights survive from step to step and a swap rewrites one slot.
+    cpu     at most `max_on_cpu` adapters read into memory (`AdapterFiles`), ready to attach.
+    disk    every registered adapter's directory.
+
+Reading from disk runs on a background thread so a decode loop never waits on a file;
+attaching (a copy of a few MB) runs on the engine's thread between steps. An adapter in
+use by a running request is never evicted from the device.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from torch import nn
+
+from .. import delete_adapter, load_adapter, read_adapter
+from ..io import AdapterFiles
+
+
+class AdapterMismatch(ValueError):
+    """The adapter's files are fine but it does not fit this base model or this server."""
+
+
+def check_servable(files: AdapterFiles) -> None:
+    """Reject what the mixed-batch forward cannot run, before the model is touched."""
+    config = files.config
+    if config.use_dora:
+        raise AdapterMismatch(f"{files.directory}: DoRA adapters cannot be served in mixed batches; merge it instead")
+    if config.modules_to_save:
+        raise AdapterMismatch(
+            f"{files.directory}: adapters with modules_to_save ({config.modules_to_save}) cannot be served in mixed batches"
+        )
+
+
+class AdapterCache:
+    """The three tiers. Every method but `prefetch` runs on the engine's thread."""
+
+    def __init__(self, model: nn.Module, max_on_device: int, max_on_cpu: int, wake: Callable[[], None]) -> None:
+        if max_on_device < 1:
+            raise ValueError(f"max_adapters_on_device must be >= 1, got {max_on_device}")
+        self.model = model
+        self.max_on_device = max_on_device
+        self.max_on_cpu = max(max_on_cpu, 0)
+        self.paths: dict[str, Path] = {}
+        self.on_device: OrderedDict[str, AdapterFiles] = OrderedDict()  # least recently used first
+        self.on_cpu: OrderedDict[str, AdapterFiles] = OrderedDict()
+        self.slots: tuple[str, ...] = ()
+        self._slot_list: list[str | None] = []  # positions in the stacks; None: a free slot
+        self._unreadable: set[str] = set()
+        self.hits = self.misses = self.evictions = 0
+        self._lock = threading.Lock()
+        self._reading: dict[str, Future] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-reader")
+        self._wake = wake
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    # registration --------------------------------------------------------------------
+
+    def register(self, name: str, files: AdapterFiles, busy: Collection[str]) -> None:
+        """Attach a freshly read adapter (which checks it against the model) and keep it.
+
+        Raises AdapterMismatch, leaving everything as it was, when it does not fit.
+        """
+        check_servable(files)
+        if name in self.paths:
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+        self._make_room(busy)
+        try:
+            load_adapter(self.model, files, name)
+        except (ValueError, KeyError) as err:
+            raise AdapterMismatch(str(err)) from None
+        self.paths[name] = files.directory
+        self._placed(name, files)
+        if len(self.on_device) > self.max_on_device:
+            # Every other resident adapter is busy: keep this one on CPU until a slot frees up.
+            self._evict(name)
+
+    def unregister(self, name: str) -> None:
+        """Forget the adapter; it leaves the device now (callers make sure it is not busy)."""
+        self.paths.pop(name, None)
+        with self._lock:
+            self.on_cpu.pop(name, None)
+        if name in self.on_device:
+            del self.on_device[name]
+            delete_adapter(self.model, name)
+            self._free_slot(name)
+
+    # residency -----------------------------------------------------------------------
+
+    def ready(self, name: str, busy: Collection[str]) -> bool:
+        """Make `name` resident if it can be now; False while it is being read or no slot is free."""
+        if name in self.on_device:
+            self.on_device.move_to_end(name)
+            return True
+        with self._lock:
+            files = self.on_cpu.pop(name, None)
+        if files is None:
+            self.prefetch(name)
+            return False
+        if not self._make_room(busy):
+            with self._lock:
+                self.on_cpu[name] = files
+            return False
+        load_adapter(self.model, files, name)
+        self._placed(name, files)
+        return True
+
+    def count_hit(self, name: str) -> None:
+        if name in self.on_device:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+    def prefetch(self, name: str) -> None:
+        """Start reading `name` from disk on the background thread (once)."""
+        with self._lock:
+            if name in self.on_cpu or name in self._reading or name not in self.paths:
+                return
+            self._reading[name] = self._reader.submit(self._read, name, self.paths[name])
+
+    def _read(self, name: str, path: Path) -> None:
+        try:
+            files = read_adapter(path)
+        except (OSError, ValueError):
+            files = None  # the directory changed since it was registered; its requests fail in `failed`
+        with self._lock:
+            del self._reading[name]
+            if files is not None:
+                self.on_cpu[name] = files
+                self._trim_cpu()
+            else:
+                self._unreadable.add(name)
+        self._wake()
+
+    def failed(self, name: str) -> bool:
+        """True once, when reading `name` back from disk failed."""
+        with self._lock:
+            if name in self._unreadable:
+                self._unreadable.discard(name)
+                return True
+        return False
+
+    def _placed(self, name: str, files: AdapterFiles) -> None:
+        self.on_device[name] = files
+        # Take the slot of an adapter that left, so the layers rewrite one stacked slot.
+        if None in self._slot_list:
+            self._slot_list[self._slot_list.index(None)] = name
+        else:
+            self._slot_list.append(name)
+        self._publish()
+
+    def _free_slot(self, name: str) -> None:
+        self._slot_list = [None if n == name else n for n in self._slot_list]
+        self._publish()
+
+    def _publish(self) -> None:
+        # A new tuple only when the slots change: the layers recognise an unchanged one by identity.
+        self.slots = tuple(n for n in self._slot_list if n is not None)
+
+    def _make_room(self, busy: Collection[str]) -> bool:
+        while len(self.on_device) >= self.max_on_device:
+            idle = next((n for n in self.on_device if n not in busy), None)
+            if idle is None:
+                return False
+            self._evict(idle)
+        return True
+
+    def _evict(self, name: str) -> None:
+        files = self.on_device.pop(name)
+        delete_adapter(self.model, name)
+        self._free_slot(name)
+        self.evictions += 1
+        with self._lock:
+            self.on_cpu[name] = files
+            self._trim_cpu()
+
+    def _trim_cpu(self) -> None:
+        while len(self.on_cpu) > self.max_on_cpu:
+            self.on_cpu.popitem(last=False)

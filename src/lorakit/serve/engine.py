@@ -1,0 +1,627 @@
+"""The serving engine: continuous batching over one base model with many adapters.
+
+One thread owns the model and loops:
+
+    1. apply adapter loads/unloads and cancellations that arrived since the last step;
+    2. admit waiting requests (up to `max_batch` running) whose adapter is on the device,
+       prefill them together, left-padded, and merge their KV cache into the running one;
+    3. decode one token for every running row in a single forward pass, each row with
+       its own adapter (`lorakit.mixed_batch`), and sample each row by its own params;
+    4. hand finished rows their result and drop them from the batch and the cache.
+
+The KV cache is transformers' `DynamicCache`, left-padded: row i's tokens sit at the
+right end of a (batch, heads, length, dim) tensor, an attention mask marks the padding
+and explicit position ids give each row its own positions, so rows of different lengths
+decode together exactly as each would alone. Columns that are padding for every row are
+cut off whenever rows leave.
+
+Results go back through a callback per request (`Event`s), called on the engine thread;
+`generate` wraps that for plain blocking use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import mixed_batch, read_adapter
+from ..inject import has_adapters
+from .adapters import AdapterCache, AdapterMismatch
+from .sampling import Detokenizer, SamplingParams, make_generator, sample
+
+
+class UnknownAdapter(KeyError):
+    """A request named an adapter that is not loaded."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = list(known)
+
+    def __str__(self) -> str:
+        return f"no adapter named {self.name!r}; loaded adapters: {', '.join(self.known) or '(none)'}"
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+@dataclass
+class Event:
+    """New output of one request. `finish_reason` is set on the last event only."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """"stop" (end of sequence or a stop string), "length", "cancelled" or "error"."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    notify: Callable[[Event], None]
+    id: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    output_ids: list[int] = field(default_factory=list)
+    sent_ids: int = 0  # how many of output_ids went out in events
+    counted: bool = False  # its adapter cache hit/miss is counted
+    limit: int = 0  # most tokens this request may generate (max_tokens, cut by the context)
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics; written by the engine thread only."""
+
+    requests: dict[str, int] = field(default_factory=dict)  # by finish reason
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    batch_rows: int = 0  # sum over decode steps of the batch size
+    last_batch_size: int = 0
+
+
+class _Batch:
+    """The running rows and their left-padded KV cache."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.cache = None  # transformers DynamicCache
+        self.mask: torch.Tensor | None = None  # (rows, length) 1 = real token
+        self.positions: torch.Tensor | None = None  # (rows,) position of each row's next token
+        self.last: torch.Tensor | None = None  # (rows,) each row's newest token
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
+    return F.pad(t, pad)
+
+
+class Engine:
+    """Continuous batching for one base model and its adapters; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 1024,
+        max_adapters_on_device: int = 32,
+        max_adapters_on_cpu: int = 128,
+        max_prefill_tokens: int = 4096,
+        context_length: int | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        config = getattr(model, "config", None)
+        self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.device = next(model.parameters()).device
+        self.eos_ids = self._eos_ids()
+        self.stats = Stats()
+        self.adapters = AdapterCache(model, max_adapters_on_device, max_adapters_on_cpu, self._wake)
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._commands: deque[tuple[Callable[[], object], _Reply]] = deque()
+        self._ids = itertools.count(1)
+        self._batch = _Batch()
+        self._pending_unload: set[str] = set()
+        self._admitting: list[Request] = []
+        # Only the last position's logits are needed; models that take `logits_to_keep` skip the rest.
+        accepted = inspect.signature(model.forward).parameters
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this version has.
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), getattr(self.model, "config", None)):
+            value = getattr(source, "eos_token_id", None)
+            if value is not None:
+                ids.update(value if isinstance(value, (list, tuple)) else [value])
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.adapters.close()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # adapters --------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return self.adapters.names
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load an adapter directory under `name` (blocking; the file is read on this thread).
+
+        Raises FileNotFoundError / ValueError for unreadable files and AdapterMismatch
+        when the adapter does not fit the base model; the engine keeps serving either way.
+        """
+        if not isinstance(name, str) or not name or "." in name or "/" in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+        files = read_adapter(path)
+        self._call(lambda: self.adapters.register(name, files, self._busy()))
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget `name`; its running requests finish first, waiting ones fail."""
+        self._call(lambda: self._unload(name))
+
+    def _unload(self, name: str) -> None:
+        if name not in self.adapters.paths:
+            raise UnknownAdapter(name, self.adapters.names)
+        for request in [r for r in self._waiting if r.adapter == name]:
+            self._waiting.remove(request)
+            self._finish(request, "error", f"adapter {name!r} was unloaded")
+        if name in self._busy():
+            self.adapters.paths.pop(name)
+            self._pending_unload.add(name)
+        else:
+            self.adapters.unregister(name)
+
+    def _call(self, work: Callable[[], object]) -> object:
+        """Run `work` on the engine thread between steps and return its result here."""
+        if self._thread is None:
+            with torch.no_grad():
+                return work()
+        reply = _Reply()
+        with self._cond:
+            self._commands.append((work, reply))
+            self._cond.notify_all()
+        return reply.wait()
+
+    def _busy(self) -> set[str]:
+        return {r.adapter for r in self._batch.requests if r.adapter is not None}
+
+    # requests ----------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        notify: Callable[[Event], None],
+    ) -> Request:
+        """Queue a request; `notify` receives its events on the engine thread.
+
+        Raises UnknownAdapter, PromptTooLong or QueueFull, with nothing queued.
+        """
+        if adapter is not None and adapter not in self.adapters.paths:
+            raise UnknownAdapter(adapter, self.adapters.names)
+        ids = list(prompt_ids)
+        if not ids:
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise PromptTooLong("the prompt is empty and this tokenizer has no beginning-of-sequence token")
+            ids = [bos]
+        if len(ids) >= self.context_length:
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.context_length} tokens, "
+                "and at least one must be left to generate"
+            )
+        request = Request(ids, adapter, params, notify, id=next(self._ids))
+        request.limit = min(params.max_tokens, self.context_length - len(ids))
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting, the most this server queues; retry later")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request at the next token boundary; its slot frees up for the next one."""
+        request.cancelled = True
+        self._wake()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch)
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        adapters: Sequence[str | None] | str | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Submit every prompt at once and wait for all of them (the engine must be started)."""
+        if self._thread is None:
+            raise RuntimeError("the engine is not running; call start() or use it as a context manager")
+        names = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        collectors = [_Collector() for _ in prompts]
+        for prompt, name, p, collector in zip(prompts, names, plist, collectors, strict=True):
+            ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            self.submit(ids, name, p, collector)
+        return [c.wait() for c in collectors]
+
+    # the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._commands or self._batch.requests or self._admissible()):
+                        self._cond.wait(timeout=0.5)
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for work, reply in commands:
+                    try:
+                        reply.set(work())
+                    except Exception as err:  # handed to the caller, who reports it
+                        reply.fail(err)
+                try:
+                    self._step()
+                except Exception as err:  # a failed step must not take the server down
+                    for request in [*self._batch.requests, *self._admitting]:
+                        self._finish(request, "error", f"{type(err).__name__}: {err}")
+                    self._batch = _Batch()
+                    self._admitting = []
+            for request in [*self._batch.requests, *self._waiting]:
+                self._finish(request, "cancelled")
+
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and len(self._batch) < self.max_batch
+
+    def _step(self) -> None:
+        self._drop([r for r in self._batch.requests if r.cancelled], "cancelled")
+        admitted = self._admit()
+        if admitted:
+            self._admitting = admitted
+            self._prefill(admitted)
+            self._admitting = []
+        if self._batch.requests:
+            self._decode()
+        for name in list(self._pending_unload):
+            if name not in self._busy():
+                self._pending_unload.discard(name)
+                self.adapters.unregister(name)
+
+    def _admit(self) -> list[Request]:
+        room = self.max_batch - len(self._batch)
+        admitted: list[Request] = []
+        tokens = 0
+        busy = self._busy()
+        with self._cond:
+            waiting = list(self._waiting)
+        for request in waiting:
+            if len(admitted) >= room:
+                break
+            if request.cancelled:
+                self._remove_waiting(request)
+                self._finish(request, "cancelled")
+                continue
+            if admitted and tokens + len(request.prompt_ids) > self.max_prefill_tokens:
+                break
+            name = request.adapter
+            if name is not None:
+                if name not in self.adapters.paths:
+                    self._remove_waiting(request)
+                    self._finish(request, "error", f"adapter {name!r} was unloaded")
+                    continue
+                if self.adapters.failed(name):
+                    self._remove_waiting(request)
+                    self._finish(request, "error", f"adapter {name!r} could not be read back from disk")
+                    continue
+                if not request.counted:
+                    request.counted = True
+                    self.adapters.count_hit(name)
+                if not self.adapters.ready(name, busy):
+                    continue  # being read from disk, or every slot is busy: others may go first
+                busy.add(name)
+            request.detok = Detokenizer(self.tokenizer, request.params.stop)
+            self._remove_waiting(request)
+            admitted.append(request)
+            tokens += len(request.prompt_ids)
+        return admitted
+
+    def _remove_waiting(self, request: Request) -> None:
+        with self._cond:
+            if request in self._waiting:
+                self._waiting.remove(request)
+
+    def _forward(self, names: list[str | None], **inputs: torch.Tensor):
+        if has_adapters(self.model):
+            with mixed_batch(self.model, names, slots=self.adapters.slots):
+                return self.model(**inputs, use_cache=True)
+        return self.model(**inputs, use_cache=True)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        length = max(len(r.prompt_ids) for r in requests)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(requests), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), length), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, length - len(r.prompt_ids) :] = 1
+            r.generator = make_generator(r.params.seed, self.device)
+            self.stats.prompt_tokens += len(r.prompt_ids)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(
+            [r.adapter for r in requests],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **self._keep_last,
+        )
+        tokens = sample(out.logits[:, -1], [r.params for r in requests], [r.generator for r in requests])
+        self._merge(requests, out.get(self._cache_arg), mask, tokens)
+        self._emit(requests, tokens.tolist())
+
+    def _merge(self, requests: list[Request], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Put freshly prefilled rows beside the running ones, left-padding the shorter side."""
+        batch = self._batch
+        positions = mask.sum(-1)
+        if not batch.requests:
+            batch.requests, batch.cache, batch.mask, batch.positions, batch.last = (
+                list(requests), cache, mask, positions, tokens
+            )
+            return
+        length = max(batch.mask.shape[1], mask.shape[1])
+        for old, new in zip(batch.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, length, -2), _pad_left(new.keys, length, -2)])
+            old.values = torch.cat([_pad_left(old.values, length, -2), _pad_left(new.values, length, -2)])
+        batch.mask = torch.cat([_pad_left(batch.mask, length, 1), _pad_left(mask, length, 1)])
+        batch.positions = torch.cat([batch.positions, positions])
+        batch.last = torch.cat([batch.last, tokens])
+        batch.requests.extend(requests)
+
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch.mask is not None and batch.positions is not None and batch.last is not None
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+        out = self._forward(
+            [r.adapter for r in batch.requests],
+            input_ids=batch.last.unsqueeze(1),
+            attention_mask=batch.mask,
+            position_ids=batch.positions.unsqueeze(1),
+            **{self._cache_arg: batch.cache},
+        )
+        batch.cache = out.get(self._cache_arg)
+        batch.positions = batch.positions + 1
+        tokens = sample(out.logits[:, -1], [r.params for r in batch.requests], [r.generator for r in batch.requests])
+        batch.last = tokens
+        self.stats.decode_steps += 1
+        self.stats.batch_rows += len(batch)
+        self.stats.last_batch_size = len(batch)
+        self._emit(list(batch.requests), tokens.tolist())
+
+    def _emit(self, requests: list[Request], tokens: list[int]) -> None:
+        """Hand each row its new token; finished rows leave the batch."""
+        done: list[tuple[Request, str]] = []
+        for request, token in zip(requests, tokens, strict=True):
+            if request.cancelled:
+                done.append((request, "cancelled"))
+                continue
+            detok = request.detok
+            assert detok is not None
+            reason = None
+            if token in self.eos_ids:
+                reason = "stop"
+            else:
+                request.output_ids.append(token)
+                self.stats.generated_tokens += 1
+                if detok.add(token):
+                    reason = "stop"
+                elif len(request.output_ids) >= request.limit:
+                    reason = "length"
+            if reason is None:
+                request.notify(
+                    Event(detok.delta(final=False), self._new_ids(request), None, len(request.prompt_ids), len(request.output_ids))
+                )
+            else:
+                done.append((request, reason))
+        by_reason: dict[str, list[Request]] = {}
+        for request, reason in done:
+            by_reason.setdefault(reason, []).append(request)
+        for reason, group in by_reason.items():
+            self._drop(group, reason)
+
+    def _drop(self, requests: list[Request], reason: str) -> None:
+        """Finish `requests` and remove their rows, trimming padding no row needs any more."""
+        if not requests:
+            return
+        for request in requests:
+            self._finish(request, reason)
+        batch = self._batch
+        gone = set(map(id, requests))
+        keep = [i for i, r in enumerate(batch.requests) if id(r) not in gone]
+        if len(keep) == len(batch.requests):
+            return
+        if not keep:
+            self._batch = _Batch()
+            return
+        index = torch.tensor(keep, device=self.device)
+        batch.requests = [batch.requests[i] for i in keep]
+        batch.mask = batch.mask[index]
+        # Leading columns that are padding in every remaining row are dead weight.
+        start = int(batch.mask.any(dim=0).int().argmax())
+        batch.mask = batch.mask[:, start:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        batch.positions = batch.positions[index]
+        batch.last = batch.last[index]
+
+    @staticmethod
+    def _new_ids(request: Request) -> list[int]:
+        ids = request.output_ids[request.sent_ids :]
+        request.sent_ids = len(request.output_ids)
+        return ids
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
+        text = ""
+        if request.detok is not None:
+            if reason != "stop" or not request.detok.stop:
+                request.detok.flush()
+            text = request.detok.delta(final=True)
+        try:
+            request.notify(
+                Event(text, self._new_ids(request), reason, len(request.prompt_ids), len(request.output_ids), error)
+            )
+        except Exception:  # a broken listener must not stop the batch
+            pass
+
+
+class _Reply:
+    """A result handed from the engine thread back to a caller."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    def set(self, value: object) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> object:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Collector:
+    """Gathers one request's events into a Completion."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.done = threading.Event()
+        self.result: Completion | None = None
+
+    def __call__(self, event: Event) -> None:
+        self.text.append(event.text)
+        self.ids.extend(event.token_ids)
+        if event.finish_reason is not None:
+            if event.error is not None:
+                self.result = Completion(event.error, self.ids, "error", event.prompt_tokens, event.completion_tokens)
+            else:
+                self.result = Completion(
+                    "".join(self.text), self.ids, event.finish_reason, event.prompt_tokens, event.completion_tokens
+                )
+            self.done.set()
+
+    def wait(self) -> Completion:
+        self.done.wait()
+        assert self.result is not None
+        return self.result
+
+
+__all__ = [
+    "AdapterMismatch",
+    "Completion",
+    "Engine",
+    "Event",
+    "PromptTooLong",
+    "QueueFull",
+    "SamplingParams",
+    "UnknownAdapter",
+]

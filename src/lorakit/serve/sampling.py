@@ -1,0 +1,146 @@
+"""Choosing the next token for a batch whose rows ask for different decoding, and
+turning token ids back into text with stop strings.
+
+Every row carries its own `SamplingParams`; a seeded row draws from its own generator,
+so its output does not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes (OpenAI's names; `top_k` as in vLLM)."""
+
+    max_tokens: int = 16
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """0 decodes greedily; higher flattens the distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    seed: int | None = None
+    """Seed of this request's own random generator (same seed, same output)."""
+    stop: Sequence[str] = field(default_factory=tuple)
+    """Strings that end the output; the stop string itself is not returned."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 keeps all tokens), got {self.top_k!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {list(self.stop)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """The next token of every row. logits: (batch, vocab); returns (batch,) int64.
+
+    Greedy rows take the argmax. Sampled rows divide by their temperature, keep their
+    top_k tokens and their top_p nucleus (the most likely token always survives) and
+    draw from what is left with their own generator.
+    """
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    scaled = logits[index].float() / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
+    ordered, order = scaled.sort(dim=-1, descending=True)  # (n, vocab)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device).unsqueeze(1)
+    rank = torch.arange(vocab, device=device).unsqueeze(0)
+    drop = rank >= top_k
+    probs = ordered.masked_fill(drop, -math.inf).softmax(dim=-1)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device).unsqueeze(1)
+    # Drop a token when the tokens ranked above it already reach top_p.
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+    drop[:, 0] = False
+    probs = ordered.masked_fill(drop, -math.inf).softmax(dim=-1)
+    for j, i in enumerate(rows):
+        pick = torch.multinomial(probs[j], 1, generator=generators[i])
+        tokens[i] = order[j, pick[0]]
+    return tokens
+
+
+class Detokenizer:
+    """Incremental decoding of one request's output, holding back what a stop string
+    or an unfinished multi-byte character might still change.
+
+    Each step decodes a short window (the last few tokens) instead of the whole
+    output, and a window that ends inside a character waits for the next token.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def add(self, token: int) -> bool:
+        """Append a token; True when a stop string has appeared (the text is cut before it)."""
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            start = max(0, len(self.text) - self.hold)
+            self.text += after[len(before) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            if self.stop:
+                cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    self.text = self.text[:cut]
+                    return True
+        return False
+
+    def flush(self) -> None:
+        """At the end: take in whatever the last window holds, unfinished character or not."""
+        if self._read_offset < len(self.ids):
+            decode = self.tokenizer.decode
+            before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+            after = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
+            self.text += after[len(before) :]
+            self._read_offset = len(self.ids)
+
+    def delta(self, final: bool) -> str:
+        """Text not handed out yet and safe to hand out (everything, once final)."""
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        piece = self.text[self.sent : end]
+        self.sent = end
+        return piece
