@@ -11,11 +11,19 @@ A: (r, in_features), Kaiming-uniform; B: (out_features, r), zero; scaling = alph
 bf16 (the update is computed in fp32 and cast back), the same precision rule PEFT uses.
 
 Merging is explicit (`merge` / `unmerge`), never a side effect of `.train()` / `.eval()`.
+
+A quantized base is a property of the same layer: when the wrapped module is one of
+bitsandbytes' Linear4bit / Linear8bitLt (quantized by `lorakit.quant` or loaded by
+transformers with a `BitsAndBytesConfig`), `weight` is its quantized parameter, the base
+forward is bitsandbytes' matmul, and everything that needs base values (merge, DoRA,
+PiSSA) reads them dequantized to fp32. Merging into such a base requantizes it and warns
+with the error; `lorakit.quant.merge_and_dequantize` writes an exact bf16/fp16/fp32 merge.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import qweights
+
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class RequantizationWarning(UserWarning):
+    """A merge or unmerge rounded a quantized base weight to its format again."""
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -107,6 +121,8 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        self.requantization_error: float | None = None
+        """Relative error of the last merge/unmerge into a quantized base (None: exact)."""
         # Stacked adapter weights for MixedBatch.slots: (slots, A stack, B stack) or None, and
         # the adapters added/removed/reloaded since, whose slots must be written again.
         self._stack_cache: tuple[tuple[str, ...], torch.Tensor | None, torch.Tensor | None] | None = None
@@ -151,8 +167,15 @@ class LoraLinear(LoraLayer):
 
     # weights -------------------------------------------------------------------------
 
+    @property
+    def quantized(self) -> str | None:
+        """'nf4', 'fp4' or 'int8' when the base weight is a bitsandbytes quantized parameter."""
+        return qweights.kind_of(self.weight)
+
     def base_weight_oi(self) -> torch.Tensor:
-        """The base weight as (out, in), whatever the storage layout."""
+        """The base weight as (out, in), whatever the storage layout (fp32 values when quantized)."""
+        if self.quantized:
+            return qweights.dequantize(self.weight, self._base_shell[0])
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def delta_oi(self, name: str) -> torch.Tensor:
@@ -184,7 +207,8 @@ class LoraLinear(LoraLayer):
                 raise ValueError(
                     f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged"
                 )
-            self.write_base_weight(merged)
+            error = self.write_base_weight(merged)
+            self._warn_requantized("merging", name, error)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -199,17 +223,55 @@ class LoraLinear(LoraLayer):
                 original = weight * (norm / magnitude).unsqueeze(1) - delta
             else:
                 original = weight - delta
-            self.write_base_weight(original)
+            error = self.write_base_weight(original)
+            self._warn_requantized("unmerging", name, error)
 
-    def write_base_weight(self, weight_oi: torch.Tensor) -> None:
+    def write_base_weight(self, weight_oi: torch.Tensor) -> float | None:
+        """Store `weight_oi` (out, in) as the base weight.
+
+        A quantized base is requantized in its own format; the return value is then the
+        relative Frobenius error of the stored values against `weight_oi` (None otherwise).
+        """
+        kind = self.quantized
+        if kind:
+            shell = self._base_shell[0]
+            with torch.no_grad():
+                target = weight_oi.float()
+                stored = qweights.quantize(target, kind, like=self.weight)
+                qweights.attach(shell, stored)
+                self.weight = stored
+                error = torch.linalg.norm(qweights.dequantize(stored, shell) - target)
+                return float(error / torch.linalg.norm(target).clamp_min(1e-12))
         with torch.no_grad():
             value = weight_oi.t() if self.fan_in_fan_out else weight_oi
             self.weight.copy_(value.to(self.weight.dtype))
+        return None
+
+    def _warn_requantized(self, action: str, name: str, error: float | None) -> None:
+        self.requantization_error = error
+        if error is None:
+            return
+        warnings.warn(
+            f"{action} adapter {name!r} requantized a {self.quantized} base weight "
+            f"({self.out_features}x{self.in_features}): relative error {error:.2e} against the exact "
+            "fp32 result; lorakit.quant.merge_and_dequantize(model) writes an exact bf16/fp16/fp32 merge",
+            RequantizationWarning,
+            stacklevel=3,
+        )
 
     # forward ---------------------------------------------------------------------------
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly what the wrapped module computes."""
+        kind = self.quantized
+        if kind == "int8":
+            # LLM.int8() keeps its own matmul state; its module runs it, in our train/eval mode.
+            shell = self._base_shell[0]
+            shell.training = self.training
+            return shell(x)
+        if kind:
+            compute_dtype = getattr(self._base_shell[0], "compute_dtype", None)
+            return qweights.matmul_4bit(x, self.weight, self.bias, compute_dtype)
         if self.fan_in_fan_out:  # transformers' Conv1D
             size_out = x.shape[:-1] + (self.out_features,)
             flat = x.reshape(-1, x.shape[-1])
