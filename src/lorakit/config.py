@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 """Initialisations `LoraConfig.init` accepts."""
 
 ALL_LINEAR = "all-linear"
@@ -39,7 +39,10 @@ class LoraConfig:
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature."""
     init: str = "default"
-    """Initialisation: default (A Kaiming-uniform, B zero), gaussian, pissa, olora."""
+    """Initialisation: default (A Kaiming-uniform, B zero), gaussian, pissa, olora, loftq
+    (quantizes the targeted layers' base to NF4 and starts B A on the quantization error)."""
+    loftq_iters: int = 1
+    """LoftQ: alternating quantize / rank-r SVD steps (init=loftq only)."""
     rank_pattern: dict[str, int] | None = None
     """Per-module rank overrides: {regex matched at the end of the module path: r}."""
     alpha_pattern: dict[str, float] | None = None
@@ -58,6 +61,8 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.init must be one of {', '.join(INITS)}; got {self.init!r}"
             )
+        if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
+            raise ValueError(f"LoraConfig.loftq_iters must be an integer >= 1, got {self.loftq_iters!r}")
         self.target_modules = _check_selector("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             self.exclude_modules = _check_selector("exclude_modules", self.exclude_modules)
@@ -127,6 +132,7 @@ class LoraConfig:
             "inference_mode": True,
             "layers_to_transform": None,
             "layers_pattern": None,
+            "loftq_config": {"loftq_bits": 4, "loftq_iter": self.loftq_iters} if self.init == "loftq" else {},
         }
 
     @classmethod
@@ -176,6 +182,7 @@ class LoraConfig:
             use_rslora=bool(data.get("use_rslora", False)),
             use_dora=bool(data.get("use_dora", False)),
             init=init,
+            loftq_iters=int((data.get("loftq_config") or {}).get("loftq_iter", 1)),
             rank_pattern=data.get("rank_pattern") or None,
             alpha_pattern=data.get("alpha_pattern") or None,
             base_model_name_or_path=data.get("base_model_name_or_path"),

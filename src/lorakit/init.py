@@ -6,6 +6,10 @@
   adapter starts on the principal directions.
 - OLoRA (Büyükakyüz 2024): with W = Q R (QR decomposition), B = Q[:, :r], A = R[:r], and
   the base becomes W - s B A.
+- LoftQ (Li et al. 2023): starting from B A = 0, alternate Q = NF4(W - s B A) and
+  s B A = the rank-r SVD of W - Q; the base becomes Q, so Q + s B A approximates W
+  better than Q alone. With one iteration Q = NF4(W), the base `--quantize nf4` gives,
+  so a LoftQ adapter also loads on a plainly quantized base.
 
 PiSSA and OLoRA change the base weight by definition (the residual); `disable_adapters`
 then gives the residual model. Saved PiSSA/OLoRA adapters record their init in
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import qweights
 from .config import LoraConfig
 from .layers import LoraLinear
 
@@ -38,6 +43,8 @@ def initialise(model: nn.Module, name: str, config: LoraConfig) -> None:
             pissa(layer, name)
         elif config.init == "olora":
             olora(layer, name)
+        elif config.init == "loftq":
+            loftq(layer, name, config.loftq_iters)
         if layer.use_dora[name]:
             layer.reset_dora_magnitude(name)
 
@@ -65,6 +72,32 @@ def olora(layer: LoraLinear, name: str) -> None:
     weight = layer.base_weight_oi().float()  # (out, in)
     q, rr = torch.linalg.qr(weight)
     _set_and_residualise(layer, name, rr[:r].contiguous(), q[:, :r].contiguous())
+
+
+@torch.no_grad()
+def loftq(layer: LoraLinear, name: str, iters: int = 1) -> None:
+    if layer.quantized or layer.fan_in_fan_out:
+        raise ValueError(
+            "init='loftq' needs a full-precision nn.Linear base to approximate: inject it on the "
+            "unquantized model (LoftQ quantizes the targeted layers to NF4 itself), then "
+            "quantize the remaining layers with lorakit.quant.quantize_model"
+        )
+    r, scaling = layer.r[name], layer.scaling[name]
+    weight = layer.base_weight_oi().float()  # (out, in)
+    a = weight.new_zeros(r, layer.in_features)
+    b = weight.new_zeros(layer.out_features, r)
+    for _ in range(iters):
+        source = weight - scaling * (b @ a)
+        quantized = qweights.dequantize(qweights.quantize(source, "nf4"))
+        u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+        root = torch.sqrt(s[:r] / scaling)
+        a = root.unsqueeze(1) * vh[:r]  # (r, in)
+        b = u[:, :r] * root.unsqueeze(0)  # (out, r)
+    if a.shape != layer.lora_A[name].weight.shape:
+        raise ValueError(f"rank {r} is larger than this layer allows ({min(layer.in_features, layer.out_features)})")
+    layer.quantize_base("nf4", weight_oi=source)
+    layer.lora_A[name].weight.copy_(a)
+    layer.lora_B[name].weight.copy_(b)
 
 
 def _set_and_residualise(layer: LoraLinear, name: str, a: torch.Tensor, b: torch.Tensor) -> None:

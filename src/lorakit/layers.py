@@ -247,6 +247,26 @@ class LoraLinear(LoraLayer):
             self.weight.copy_(value.to(self.weight.dtype))
         return None
 
+    def quantize_base(
+        self, kind: str, compute_dtype: torch.dtype | None = None, weight_oi: torch.Tensor | None = None
+    ) -> None:
+        """Replace the base by its bitsandbytes `kind` quantization (of `weight_oi` when given): QLoRA's base.
+
+        compute_dtype: the dtype of the 4-bit matmul (None: the current weight's dtype).
+        """
+        if self.fan_in_fan_out:
+            raise ValueError("bitsandbytes has no layout for GPT-2's Conv1D weights; this layer cannot be quantized")
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into this base; unmerge before quantizing")
+        if self.quantized:
+            raise ValueError(f"this base is already quantized ({self.quantized})")
+        source = self.weight if weight_oi is None else weight_oi
+        dtype = compute_dtype or self.weight.dtype
+        shell = qweights.quantized_linear(source, self.bias, kind, dtype)
+        self._base_shell[0] = shell
+        self.weight = shell.weight
+        self.bias = shell.bias
+
     def _warn_requantized(self, action: str, name: str, error: float | None) -> None:
         self.requantization_error = error
         if error is None:

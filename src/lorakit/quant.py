@@ -124,12 +124,10 @@ def _quantize_layer(
 ) -> None:
     dtype = compute_dtype or module.weight.dtype
     if isinstance(module, LoraLinear):
-        if module.merged_adapters:
-            raise ValueError(f"{path}: adapters {module.merged_adapters} are merged into its weight; unmerge before quantizing")
-        shell = qweights.quantized_linear(module.weight, module.bias, kind, dtype)
-        module._base_shell[0] = shell
-        module.weight = shell.weight
-        module.bias = shell.bias
+        try:
+            module.quantize_base(kind, dtype)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     else:
         _set_submodule(model, path, qweights.quantized_linear(module.weight, module.bias, kind, dtype))
 
@@ -150,6 +148,8 @@ def quantize_model(
     check_kind(kind)
     layers = _candidates(model, include_head)
     if not layers:
+        if any(qweights.kind_of(p) for p in model.parameters()):
+            return model  # every candidate is quantized already (e.g. by LoftQ)
         raise ValueError("quantize_model found no nn.Linear layers to quantize in this model")
     check_available(kind, layers[0][1].weight.device)
     for path, module in layers:
