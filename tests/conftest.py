@@ -133,3 +133,36 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# Adapters for the serving tests: distinct random weights on the tokenizer-sized tiny Llama.
+
+SERVE_ADAPTERS = ("alpha", "beta", "gamma")
+
+
+def make_serve_adapter(directory, seed: int, hidden_size: int = 32):
+    """Save an all-linear r=4 adapter with random (non-zero) A and B; returns its directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+
+    if hidden_size == 32:
+        model, _ = tiny_llama_for_tokenizer()
+    else:  # a differently shaped base: its adapters must not fit the tiny one
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden_size, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(config).eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    return lorakit.save_adapter(model, directory)
+
+
+@pytest.fixture(scope="session")
+def serve_adapter_dirs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve-adapters")
+    return {name: make_serve_adapter(root / name, seed=100 + i) for i, name in enumerate(SERVE_ADAPTERS)}

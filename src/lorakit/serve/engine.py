@@ -309,6 +309,10 @@ class Engine:
         self._wake()
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -323,7 +327,7 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Submit every prompt at once and wait for all of them (the engine must be started)."""
-        if self._thread is None:
+        if not self.alive:
             raise RuntimeError("the engine is not running; call start() or use it as a context manager")
         names = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
@@ -507,9 +511,11 @@ class Engine:
                 elif len(request.output_ids) >= request.limit:
                     reason = "length"
             if reason is None:
-                request.notify(
-                    Event(detok.delta(final=False), self._new_ids(request), None, len(request.prompt_ids), len(request.output_ids))
-                )
+                event = Event(detok.delta(final=False), self._new_ids(request), None, len(request.prompt_ids), len(request.output_ids))
+                try:
+                    request.notify(event)
+                except Exception:  # the listener is gone (its client left): free the row
+                    done.append((request, "cancelled"))
             else:
                 done.append((request, reason))
         by_reason: dict[str, list[Request]] = {}

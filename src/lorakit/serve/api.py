@@ -1,0 +1,440 @@
+"""The OpenAI-compatible HTTP API over an `Engine`.
+
+    POST   /v1/completions        {"model", "prompt", ...}; "stream": true sends server-sent events
+    POST   /v1/chat/completions   {"model", "messages", ...}; likewise
+    GET    /v1/models             the base model and every adapter
+    POST   /v1/adapters           {"name", "path"}: load an adapter while serving
+    DELETE /v1/adapters/{name}    unload it (its running requests finish first)
+    GET    /health                liveness
+    GET    /metrics               Prometheus text
+
+The `model` field of a request names an adapter, or the base model's name for the base
+alone. Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and
+name the offending field or value: 400 bad input (malformed JSON, a prompt longer than the
+context), 401 a wrong or missing API key, 404 an unknown adapter (the message lists the
+loaded ones), 409 a name already taken, 422 a field out of range or an adapter that does
+not fit the base model, 429 a full queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .adapters import AdapterMismatch
+from .engine import Engine, Event, PromptTooLong, QueueFull, UnknownAdapter
+from .sampling import SamplingParams
+
+# request bodies ---------------------------------------------------------------------------
+
+
+class _Sampling(BaseModel):
+    # Fields the OpenAI clients may send that do not change what this server does are accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class AdapterBody(BaseModel):
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+
+
+# errors ---------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        return _error(400, f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    messages = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e['msg']}" for e in errors
+    )
+    return _error(422, f"invalid request: {messages}", param=field)
+
+
+# the app --------------------------------------------------------------------------------
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.http: dict[tuple[str, int], int] = {}
+        self.rejected: dict[str, int] = {}
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The HTTP app. It starts the engine when it starts, unless the engine already runs."""
+    metrics = _Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = not engine.alive
+        if owned:
+            engine.start()
+        yield
+        if owned:
+            engine.stop()
+
+    app = FastAPI(title="lorakit", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return _error(err.status, err.message, err.param, err.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _validation_error(list(err.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                metrics.http[(request.url.path, 401)] = metrics.http.get((request.url.path, 401), 0) + 1
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error")
+        response = await call_next(request)
+        path = "/v1/adapters/{name}" if request.url.path.startswith("/v1/adapters/") else request.url.path
+        metrics.http[(path, response.status_code)] = metrics.http.get((path, response.status_code), 0) + 1
+        return response
+
+    def resolve(model: str) -> str | None:
+        if model == model_name:
+            return None
+        if model in engine.adapter_names():
+            return model
+        known = ", ".join([model_name, *engine.adapter_names()])
+        raise ApiError(404, f"no model or adapter named {model!r}; available: {known}", param="model", kind="not_found_error")
+
+    def params_of(body: _Sampling, max_tokens: int | None) -> SamplingParams:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens or engine.context_length,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=max(body.top_k, 0),
+                seed=body.seed,
+                stop=tuple(stop),
+            )
+        except ValueError as err:
+            raise ApiError(422, str(err), param="stop" if "stop" in str(err) else None) from None
+
+    def start(prompts: list[list[int]], adapter: str | None, params: SamplingParams):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        requests = []
+
+        def listener(index: int):
+            def notify(event: Event) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+            return notify
+
+        try:
+            for i, ids in enumerate(prompts):
+                requests.append(engine.submit(ids, adapter, params, listener(i)))
+        except (QueueFull, PromptTooLong, UnknownAdapter) as err:
+            for r in requests:
+                engine.cancel(r)
+            if isinstance(err, QueueFull):
+                metrics.rejected["queue_full"] = metrics.rejected.get("queue_full", 0) + 1
+                raise ApiError(429, str(err), kind="rate_limit_error") from None
+            if isinstance(err, PromptTooLong):
+                raise ApiError(400, str(err), param="prompt") from None
+            raise ApiError(404, str(err), param="model", kind="not_found_error") from None
+        return queue, requests
+
+    async def collect(http: Request, queue, requests) -> tuple[list[str], list[str], int, int]:
+        texts = [[] for _ in requests]
+        reasons: list[str | None] = [None] * len(requests)
+        prompt_tokens = completion_tokens = 0
+        try:
+            while any(r is None for r in reasons):
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return [], [], 0, 0
+                    continue
+                texts[index].append(event.text)
+                if event.finish_reason is not None:
+                    if event.error is not None:
+                        raise ApiError(500, event.error, kind="server_error")
+                    reasons[index] = event.finish_reason
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+        finally:
+            for r in requests:
+                engine.cancel(r)  # no-op for finished ones; frees the slot of a client that left
+        return ["".join(t) for t in texts], [str(r) for r in reasons], prompt_tokens, completion_tokens
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+    async def stream(queue, requests, make_chunk, include_usage: bool) -> AsyncIterator[str]:
+        done = 0
+        prompt_tokens = completion_tokens = 0
+        try:
+            for index in range(len(requests)):
+                first = make_chunk(index, "", None, start=True)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+            while done < len(requests):
+                index, event = await queue.get()
+                if event.error is not None:
+                    error = {"error": {"message": event.error, "type": "server_error", "param": None, "code": 500}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+                reason = event.finish_reason
+                if event.text or reason is not None:
+                    yield f"data: {json.dumps(make_chunk(index, event.text, reason))}\n\n"
+                if reason is not None:
+                    done += 1
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+            if include_usage:
+                tail = make_chunk(0, "", None)
+                tail["choices"] = []
+                tail["usage"] = usage(prompt_tokens, completion_tokens)
+                yield f"data: {json.dumps(tail)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for r in requests:
+                engine.cancel(r)
+
+    def sse(body) -> StreamingResponse:
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # routes ------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: Request):
+        adapter = resolve(body.model)
+        params = params_of(body, body.max_tokens)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompts = [engine.encode(prompt)]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        elif prompt:
+            prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        else:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        queue, requests = start(prompts, adapter, params)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(index: int, text: str, reason: str | None, start: bool = False) -> dict | None:
+            if start:
+                return None
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": now,
+                "model": body.model,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
+            }
+
+        if body.stream:
+            include = bool((body.stream_options or {}).get("include_usage"))
+            return sse(stream(queue, requests, chunk, include))
+        texts, reasons, p_tok, c_tok = await collect(http, queue, requests)
+        if not texts:
+            return _error(499, "client closed the request")
+        choices = [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return {"id": rid, "object": "text_completion", "created": now, "model": body.model, "choices": choices, "usage": usage(p_tok, c_tok)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: Request):
+        adapter = resolve(body.model)
+        params = params_of(body, body.max_completion_tokens or body.max_tokens)
+        messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
+        if getattr(engine.tokenizer, "chat_template", None) is None:
+            raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        try:
+            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # a template may reject a role order, say
+            raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+        ids = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        queue, requests = start([ids], adapter, params)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(index: int, text: str, reason: str | None, start: bool = False) -> dict:
+            delta: dict[str, str] = {"role": "assistant", "content": ""} if start else ({"content": text} if text else {})
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": body.model,
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            }
+
+        if body.stream:
+            include = bool((body.stream_options or {}).get("include_usage"))
+            return sse(stream(queue, requests, chunk, include))
+        texts, reasons, p_tok, c_tok = await collect(http, queue, requests)
+        if not texts:
+            return _error(499, "client closed the request")
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": body.model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": None, "finish_reason": reasons[0]}
+            ],
+            "usage": usage(p_tok, c_tok),
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        entries = [{"id": model_name, "object": "model", "created": created, "owned_by": "lorakit"}]
+        entries += [
+            {"id": name, "object": "model", "created": created, "owned_by": "lorakit", "parent": model_name}
+            for name in engine.adapter_names()
+        ]
+        return {"object": "list", "data": entries}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterBody):
+        if body.name == model_name or body.name in engine.adapter_names():
+            raise ApiError(409, f"the name {body.name!r} is taken; unload it first or pick another", param="name")
+        try:
+            await asyncio.to_thread(engine.load_adapter, body.name, body.path)
+        except AdapterMismatch as err:
+            raise ApiError(422, f"adapter {body.name!r} does not fit this base model: {err}", param="path") from None
+        except FileNotFoundError as err:
+            raise ApiError(400, str(err), param="path") from None
+        except ValueError as err:
+            message = str(err)
+            status = 409 if "already" in message else 422
+            raise ApiError(status, message, param="name" if status == 409 else "path") from None
+        return JSONResponse(
+            {"id": body.name, "object": "model", "created": int(time.time()), "owned_by": "lorakit", "parent": model_name},
+            status_code=201,
+        )
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        try:
+            await asyncio.to_thread(engine.unload_adapter, name)
+        except UnknownAdapter as err:
+            raise ApiError(404, str(err), param="name", kind="not_found_error") from None
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.get("/health")
+    async def health():
+        alive = engine.alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(_prometheus(engine, metrics), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _content_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ApiError(400, f"only text message parts are supported, got type {part.get('type')!r}", param="messages")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def _prometheus(engine: Engine, metrics: _Metrics) -> str:
+    stats, cache = engine.stats, engine.adapters
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP lorakit_{name} {help_text}")
+        lines.append(f"# TYPE lorakit_{name} {kind}")
+        lines.extend(f"lorakit_{name}{labels} {value}" for labels, value in samples)
+
+    metric(
+        "requests_total",
+        "counter",
+        "Finished generation requests by finish reason.",
+        [(f'{{finish_reason="{k}"}}', v) for k, v in sorted(stats.requests.items())] or [('{finish_reason="stop"}', 0)],
+    )
+    metric(
+        "http_requests_total",
+        "counter",
+        "HTTP requests by path and status.",
+        [(f'{{path="{p}",status="{s}"}}', v) for (p, s), v in sorted(metrics.http.items())],
+    )
+    metric("rejected_requests_total", "counter", "Requests refused because the queue was full.", [("", metrics.rejected.get("queue_full", 0))])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prompt_tokens)])
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
+    metric("queue_depth", "gauge", "Requests waiting to join the batch.", [("", engine.queue_depth)])
+    metric("batch_size", "gauge", "Requests in the running batch.", [("", engine.running)])
+    metric("decode_steps_total", "counter", "Decode steps run.", [("", stats.decode_steps)])
+    metric("decode_rows_total", "counter", "Sum of batch sizes over decode steps (divide by steps for the mean).", [("", stats.batch_rows)])
+    metric("adapter_cache_hits_total", "counter", "Requests whose adapter was on the device.", [("", cache.hits)])
+    metric("adapter_cache_misses_total", "counter", "Requests whose adapter had to be loaded.", [("", cache.misses)])
+    metric("adapter_cache_evictions_total", "counter", "Adapters moved off the device.", [("", cache.evictions)])
+    metric("adapters_on_device", "gauge", "Adapters resident on the compute device.", [("", len(cache.on_device))])
+    metric("adapters_loaded", "gauge", "Adapters this server knows.", [("", len(cache.paths))])
+    return "\n".join(lines) + "\n"
