@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(PY) -m lorakit.demo
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

@@ -1,0 +1,593 @@
+"""The training recipe, top to bottom: setup, loss, evaluation, checkpoints, the loop.
+
+One readable function (`train`) runs it all; nothing hides the loop. The parts are kept
+apart so that they can be swapped or extended:
+
+- `setup` builds model, data and optimizer;
+- `compute_loss(model, batch)` is the one place the loss is computed (a fused kernel
+  can replace it);
+- micro-batch `i` of the run is a pure function of (seed, i) (`data.micro_batch`),
+  so a resumed or sharded run can start anywhere;
+- `save_checkpoint` / `load_checkpoint` hold everything a resumed run needs to end with
+  the same adapter as an uninterrupted one: adapter, optimizer, scheduler, RNG states
+  and the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ALL_LINEAR, LoraConfig
+from .data import (
+    IGNORE,
+    TokenRow,
+    as_sequences,
+    batches_per_epoch,
+    collate,
+    eval_batches,
+    load_examples,
+    micro_batch,
+)
+from .inject import inject, trainable_parameters
+from .io import load_adapter, save_adapter
+from .models import load_model
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainArgs:
+    """Fine-tune a causal language model with LoRA."""
+
+    data: str
+    """Training data: a .jsonl/.json/.csv/.parquet file or a datasets directory, with rows
+    {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}."""
+    output: str
+    """Output directory: adapter, metrics.jsonl, loss.png, train_config.yaml, checkpoints."""
+    model: str | None = None
+    """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
+    eval_data: str | None = None
+    """Held-out data (same formats) for eval_loss."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: str = ALL_LINEAR
+    """Modules to adapt: all-linear, comma-separated module names (q_proj,v_proj), or a regex."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(rank) (rank-stabilised LoRA)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    loraplus_ratio: float = 1.0
+    """LoRA+: learning rate of the B matrices = lr * ratio (16 is the paper's choice; 1 = plain LoRA)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (default: 3% of the steps)."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 1024
+    """Maximum tokens per sequence; longer examples are truncated (and counted in the log)."""
+    packing: bool = False
+    """Pack short examples end to end into sequences of up to seq_len tokens (they never attend to each other)."""
+    loss_on: str = "completion"
+    """completion: loss on completions / assistant turns only; all: on every token."""
+    skip_bad: bool = False
+    """Skip bad data rows (and report how many) instead of stopping at the first."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; None disables clipping."""
+    precision: str = "auto"
+    """auto (bf16 autocast on a GPU that supports it, fp32 elsewhere), fp32 or bf16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    seed: int = 0
+    """Seed for adapter initialisation, data order and dropout."""
+    log_every: int = 10
+    """Log (metrics.jsonl and the console) every N steps."""
+    eval_every: int | None = None
+    """Evaluate every N steps (default: about 5 times per run, and at the end)."""
+    save_every: int | None = None
+    """Save a checkpoint every N steps (default: at each evaluation, and at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (oldest are deleted); 0 keeps all."""
+    early_stopping: int | None = None
+    """Stop after this many evaluations without a better eval_loss."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the output directory."""
+    quantize: str | None = None
+    """Quantize the frozen base: nf4 or int8 (QLoRA; needs a CUDA GPU)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1 ... (default: cuda when available)."""
+    loss_chunk: int = 2048
+    """Supervised positions per chunk of the output head + cross-entropy (bounds the logits' memory)."""
+
+    def __post_init__(self) -> None:
+        positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "seq_len": self.seq_len, "log_every": self.log_every, "loss_chunk": self.loss_chunk}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}")
+        if self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs!r}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.loss_on not in ("completion", "all"):
+            raise ValueError(f"--loss-on must be completion or all, got {self.loss_on!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
+        self.lora_config()  # validates rank, alpha, dropout and targets early
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=parse_targets(self.targets),
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+        )
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """all-linear, a comma-separated list of module names, or (anything else) a regex."""
+    text = text.strip()
+    if text == ALL_LINEAR:
+        return ALL_LINEAR
+    if re.fullmatch(r"[A-Za-z0-9_.]+(\s*,\s*[A-Za-z0-9_.]+)*", text):
+        return [t.strip() for t in text.split(",")]
+    return text
+
+
+# setup ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything the loop works on."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    train_rows: list[TokenRow]
+    eval_rows: list[TokenRow] | None
+    total_steps: int
+    warmup_steps: int
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    autocast_dtype: torch.dtype | None = None
+
+
+def log(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(message)
+
+
+def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
+    """Model with a fresh adapter (or the checkpoint's), data, optimizer and schedule."""
+    device = torch.device(args.device) if args.device else None
+    model, tokenizer = load_model(args.model, device=device, quantize=args.quantize)
+    device = next(model.parameters()).device
+    train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
+    log(train_stats.summary(f"train data {args.data}"))
+    train_rows = as_sequences(train_examples, args.seq_len, args.packing)
+    if args.packing:
+        log(f"packed {len(train_examples)} examples into {len(train_rows)} sequences of up to {args.seq_len} tokens")
+    eval_rows = None
+    if args.eval_data:
+        eval_examples, eval_stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
+        log(eval_stats.summary(f"eval data {args.eval_data}"))
+        eval_rows = as_sequences(eval_examples, args.seq_len, False)
+
+    torch.manual_seed(args.seed)
+    if resume_from is not None:
+        load_adapter(model, resume_from, trainable=True)
+    else:
+        config = args.lora_config()
+        config.base_model_name_or_path = args.model
+        inject(model, config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log(str(trainable_parameters(model)))
+
+    per_epoch = batches_per_epoch(len(train_rows), args.batch_size)
+    total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
+    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total))
+    run.optimizer = make_optimizer(model, args)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(args.schedule, run.warmup_steps, total))
+    if args.precision == "bf16" or (
+        args.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        run.autocast_dtype = torch.bfloat16
+    return run
+
+
+def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with LoRA+, B gets lr * loraplus_ratio."""
+    named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    b_params = [p for n, p in named if ".lora_B." in n or n.endswith("lora_embedding_B")]
+    b_ids = {id(p) for p in b_params}
+    groups = [{"params": [p for _, p in named if id(p) not in b_ids], "lr": args.lr}]
+    if b_params:
+        groups.append({"params": b_params, "lr": args.lr * args.loraplus_ratio})
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, foreach=None)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """The multiplier of the peak learning rate at each step: linear warmup, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# the loss ---------------------------------------------------------------------------------
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The transformer body and the output head of a transformers causal LM, when separable.
+
+    Models that post-process their logits (soft-capping, scaling) take the plain path.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None, None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        return None, None
+    return body, head
+
+
+def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    # (N, vocab) logits only for the N supervised positions; fp32 for the softmax.
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over supervised positions, and their count.
+
+    The output head runs only at positions that have a target, in chunks of `chunk`
+    rows that are recomputed in the backward pass, so the (tokens, vocab) logits of the
+    whole batch never exist at once. Most positions of a chat example are prompt, so
+    this skips most of the head's work as well as its memory.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE  # (B, T-1): position t predicts token t+1
+    count = int(mask.sum())
+    body, head = _body_and_head(model)
+    if body is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), count
+    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)[0]
+    selected = hidden[:, :-1][mask]  # (N, d)
+    wanted = targets[mask]  # (N,)
+    if count <= chunk:
+        return _head_loss(selected, wanted, head), count
+    total = selected.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_head_loss, selected[part], wanted[part], head, use_reentrant=False)
+    return total, count
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, rows: list[TokenRow], batch_size: int, pad_id: int,
+             device: torch.device, autocast_dtype: torch.dtype | None = None, chunk: int = 2048) -> tuple[float, int]:
+    """Mean loss per supervised token over `rows`, and the token count."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for seqs in eval_batches(rows, batch_size):
+        batch = to_device(collate(seqs, pad_id), device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, n = compute_loss(model, batch, chunk)
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1), count
+
+
+# checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    """Checkpoints in `output`, oldest first."""
+    found = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(run: Run, output: Path, step: int, state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
+    """Adapter, optimizer, scheduler, RNG states (as of the start of `step`) and the data position.
+
+    Written to a temporary directory and renamed, so an interrupted save never leaves a
+    checkpoint that looks complete.
+    """
+    final = output / f"checkpoint-{step}"
+    tmp = output / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(run.model, tmp)
+    torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng, tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    if keep:
+        for old in checkpoint_dirs(output)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(run: Run, path: Path) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG from `path` (the adapter was loaded in setup)."""
+    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=run.device))
+    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# outputs ----------------------------------------------------------------------------------
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def write_config(args: TrainArgs, run: Run, path: Path) -> None:
+    import yaml
+
+    resolved = asdict(args)
+    resolved["resolved"] = {
+        "device": str(run.device),
+        "total_steps": run.total_steps,
+        "warmup_steps": run.warmup_steps,
+        "train_sequences": len(run.train_rows),
+        "autocast": str(run.autocast_dtype) if run.autocast_dtype else "fp32",
+        "lorakit_targets": args.lora_config().target_modules,
+    }
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+# the loop ---------------------------------------------------------------------------------
+
+
+def train(args: TrainArgs) -> Path:
+    """Run the whole recipe; returns the output directory (which holds the final adapter)."""
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if args.resume:
+        found = checkpoint_dirs(output)
+        if found:
+            resume_from = found[-1]
+            log(f"resuming from {resume_from}")
+        else:
+            log(f"--resume: no checkpoint in {output}; starting from scratch")
+
+    run = setup(args, resume_from)
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    assert optimizer is not None and scheduler is not None
+    pad_id = run.tokenizer.pad_token_id
+    eval_every = args.eval_every or max(1, run.total_steps // 5)
+    save_every = args.save_every or eval_every
+    per_epoch = batches_per_epoch(len(run.train_rows), args.batch_size)
+
+    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
+    start = 0
+    metrics_path = output / "metrics.jsonl"
+    if resume_from is not None:
+        state = load_checkpoint(run, resume_from)
+        start = state["step"]
+        # Drop metrics logged after the checkpoint (an interrupted run may have logged more).
+        if metrics_path.exists():
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    write_config(args, run, output / "train_config.yaml")
+
+    model.train()
+    step = start
+    window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
+    stop_reason = "done"
+    progress = _progress()
+    task = progress.add_task("train", total=run.total_steps, completed=start, loss=float("nan"), tps=0.0)
+    progress.start()
+    rng_at_step = rng_state()  # a checkpoint at `step` restarts from exactly this state
+    in_step = False
+    try:
+        while step < run.total_steps:
+            t0 = time.perf_counter()
+            # One optimizer step = grad_accum micro-batches; micro-batch i is a function of (seed, i).
+            batches = [collate(micro_batch(run.train_rows, args.batch_size, args.seed, step * args.grad_accum + k), pad_id)
+                       for k in range(args.grad_accum)]
+            # Normalise by the supervised tokens of the whole step, so accumulation equals one big batch.
+            step_count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            step_loss = 0.0
+            in_step = True
+            for batch in batches:
+                batch = to_device(batch, run.device)
+                with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
+                                    enabled=run.autocast_dtype is not None):
+                    loss_sum, _ = compute_loss(model, batch, args.loss_chunk)
+                (loss_sum / max(step_count, 1)).backward()
+                step_loss += loss_sum.item()
+            if args.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               args.max_grad_norm)
+            optimizer.step()
+            lr_used = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            in_step = False
+            step += 1
+            rng_at_step = rng_state()  # nothing below draws random numbers before the next step
+            window_time += time.perf_counter() - t0
+            window_loss += step_loss
+            window_count += step_count
+            window_tokens += sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
+            tps = window_tokens / max(window_time, 1e-9)
+            progress.update(task, completed=step, loss=step_loss / max(step_count, 1), tps=tps)
+
+            record: dict[str, Any] = {}
+            if step % args.log_every == 0 or step == run.total_steps:
+                record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
+                window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
+            evaluated = run.eval_rows is not None and (step % eval_every == 0 or step == run.total_steps)
+            if evaluated:
+                eval_loss, _ = evaluate(model, run.eval_rows, args.batch_size, pad_id, run.device,
+                                        run.autocast_dtype, args.loss_chunk)
+                record["eval_loss"] = eval_loss
+                best = state["best_eval_loss"]
+                if best is None or eval_loss < best:
+                    state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
+                else:
+                    state["evals_without_improvement"] += 1
+            if record:
+                record = {"step": step, "epoch": round(step * args.grad_accum / per_epoch, 4),
+                          "lr": lr_used, **record}
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.console.print(_format(record, run.total_steps))
+            stopping = (evaluated and args.early_stopping is not None
+                        and state["evals_without_improvement"] >= args.early_stopping)
+            if step % save_every == 0 or step == run.total_steps or stopping:
+                save_checkpoint(run, output, step, state, rng_state(), args.keep_checkpoints)
+            if stopping:
+                stop_reason = f"early stopping: no better eval_loss in {args.early_stopping} evaluations"
+                break
+    except KeyboardInterrupt:
+        # A half-done step is dropped: the checkpoint holds the state as of the start of `step`.
+        progress.stop()
+        if in_step:
+            optimizer.zero_grad(set_to_none=True)
+        if step > start or resume_from is None:
+            path = save_checkpoint(run, output, step, state, rng_at_step, args.keep_checkpoints)
+            log(f"interrupted at step {step}: saved {path}; continue with --resume")
+        raise
+    finally:
+        progress.stop()
+
+    save_adapter(model, output)
+    if metrics_path.exists():
+        plot_losses(metrics_path, output / "loss.png")
+    log(f"{stop_reason} at step {step}: adapter saved to {output}")
+    return output
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def _format(record: dict[str, Any], total: int) -> str:
+    parts = [f"step {record['step']}/{total}", f"epoch {record['epoch']:.2f}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "eval_loss" in record:
+        parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+    return "  ".join(parts)
