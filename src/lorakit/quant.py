@@ -248,7 +248,8 @@ def _restore_buffers(model: nn.Module, config: object, device: torch.device) -> 
         if not meta:
             continue
         try:
-            fresh = type(module)(config=getattr(module, "config", config), device=device)
+            with torch.device("cpu"):
+                fresh = type(module)(config=getattr(module, "config", config))
         except TypeError:
             raise ValueError(
                 f"cannot rebuild buffers {meta} of {name or 'the model'} ({type(module).__name__}) after a "

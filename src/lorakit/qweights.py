@@ -136,6 +136,10 @@ def quantized_linear(
             quant_type=check_kind(kind),
             device="meta",
         )
+        # On AVX512-bf16 CPUs bitsandbytes repacks a weight on its first no-grad eval forward,
+        # rounding the absmax to bf16: eval would then disagree with training (and the repack
+        # fails on layers narrower than a block). Keep the one format that training uses.
+        layer.support_avx512bf16_for_cpu = False
     attach(layer, quantize(weight_oi, kind))
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)

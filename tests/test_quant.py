@@ -1,0 +1,347 @@
+"""QLoRA: a 4-bit / 8-bit base through bitsandbytes, checked against bitsandbytes itself."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import tiny_llama
+from lorakit import quant, qweights
+from lorakit.layers import LoraLinear, RequantizationWarning
+
+bnb = qweights.bitsandbytes()
+BF = bnb.functional
+
+
+def _linears(model: nn.Module) -> dict[str, LoraLinear | nn.Linear]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, LoraLinear)) and "lora_" not in n and not n.endswith("lm_head")
+    }
+
+
+def _randomise_adapters(model: nn.Module, seed: int = 3, std: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * std)
+
+
+def _dequantized_copy(model: nn.Module, reference: nn.Module) -> nn.Module:
+    """`reference` (full precision) with every linear weight replaced by `model`'s dequantized one."""
+    plain = copy.deepcopy(reference)
+    quantized = _linears(model)
+    with torch.no_grad():
+        for name, module in _linears(plain).items():
+            source = quantized[name]
+            if qweights.kind_of(source.weight):
+                module.weight.copy_(qweights.dequantize(source.weight, getattr(source, "_base_shell", [source])[0]))
+    return plain
+
+
+# the format ----------------------------------------------------------------------------------
+
+
+def _nf4_reference_decode(codes: torch.Tensor, state, shape: tuple[int, int]) -> torch.Tensor:
+    """NF4 decoded by hand: high nibble first, NF4 table, absmax = 8-bit code * second-level absmax + offset."""
+    nibbles = torch.stack([codes.flatten() >> 4, codes.flatten() & 0xF], dim=1).flatten().long()
+    values = state.code[nibbles]  # in [-1, 1]
+    nested = state.state2
+    blocks = state.absmax.numel()
+    absmax = nested.code[state.absmax.long()] * nested.absmax.repeat_interleave(256)[:blocks] + state.offset
+    return (values.view(-1, 64) * absmax.view(-1, 1)).view(shape)
+
+
+def test_nf4_codes_and_values_match_bitsandbytes() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(96, 512)
+    ours = qweights.quantize(weight, "nf4")
+    codes, state = BF.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(ours.data, codes)
+    qs = ours.quant_state
+    assert qs.blocksize == 64 and qs.quant_type == "nf4" and qs.nested and qs.state2.blocksize == 256
+    assert torch.equal(qs.absmax, state.absmax) and torch.equal(qs.state2.absmax, state.state2.absmax)
+    values = qweights.dequantize(ours)
+    assert torch.equal(values, BF.dequantize_4bit(codes, state).float())
+    # The format is what we say it is: decoded by hand from the documented layout.
+    torch.testing.assert_close(values, _nf4_reference_decode(ours.data, qs, (96, 512)), rtol=1e-6, atol=1e-6)
+    # NF4's 16 levels are the QLoRA paper's normal quantiles: 0, +-1 and 7 negative / 8 positive.
+    assert qs.code.numel() == 16 and qs.code.min() == -1 and qs.code.max() == 1 and (qs.code == 0).sum() == 1
+    # 4 bits: relative error of N(0, 1) weights near the known ~10%.
+    assert 0.05 < float(torch.linalg.norm(values - weight) / torch.linalg.norm(weight)) < 0.15
+
+
+def test_int8_codes_match_bitsandbytes() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    ours = qweights.quantize(weight, "int8")
+    codes, scales, _ = BF.int8_vectorwise_quant(weight.half())
+    assert ours.dtype == torch.int8 and torch.equal(ours.data, codes) and torch.equal(ours.SCB, scales)
+    expected = codes.float() * scales.view(-1, 1) / 127
+    torch.testing.assert_close(qweights.dequantize(ours), expected)
+
+
+def test_quantize_model_layers_hold_bitsandbytes_codes() -> None:
+    reference = tiny_llama()
+    model = quant.quantize_model(tiny_llama(), "nf4")
+    for name, module in _linears(model).items():
+        assert isinstance(module, bnb.nn.Linear4bit), name
+        codes, _ = BF.quantize_4bit(
+            _linears(reference)[name].weight.detach(), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        assert torch.equal(module.weight.data, codes), name
+        assert not module.weight.requires_grad
+    assert type(model.lm_head) is nn.Linear, "the output head stays full precision unless asked"
+    quant.quantize_model(model, "nf4", include_head=True)
+    assert isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+
+# QLoRA == LoRA on the dequantized weights -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_forward_and_grads_equal_lora_on_dequantized_base(kind: str) -> None:
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    reference = tiny_llama()
+    qmodel = quant.quantize_model(tiny_llama(), kind)
+    lorakit.inject(qmodel, config)
+    _randomise_adapters(qmodel)
+    plain = _dequantized_copy(qmodel, reference)
+    lorakit.inject(plain, config)
+    plain.load_state_dict({k: v for k, v in qmodel.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    q_out, p_out = qmodel(ids, labels=ids), plain(ids, labels=ids)
+    # int8 inference also rounds the activations to int8 (LLM.int8()), hence its looser bound.
+    atol = 1e-4 if kind == "nf4" else 5e-2
+    torch.testing.assert_close(q_out.logits, p_out.logits, atol=atol, rtol=0)
+    q_out.loss.backward()
+    p_out.loss.backward()
+    q_grads = {n: p.grad for n, p in qmodel.named_parameters() if p.requires_grad}
+    p_grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert q_grads.keys() == p_grads.keys() and len(q_grads) == 4 * 7
+    for name, grad in q_grads.items():
+        torch.testing.assert_close(grad, p_grads[name], atol=1e-4 if kind == "nf4" else 2e-2, rtol=1e-3 if kind == "nf4" else 0.1)
+
+
+def test_qlora_compute_dtype_bf16() -> None:
+    reference = tiny_llama()
+    model = quant.quantize_model(tiny_llama(), "nf4", compute_dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(0, 128, (2, 5))
+    plain = _dequantized_copy(model, reference)
+    out = model(ids).logits
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, plain(ids).logits, atol=0.05, rtol=0)
+
+
+def test_training_on_4bit_base_lowers_loss_and_keeps_the_base() -> None:
+    model = quant.quantize_model(tiny_llama(), "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    codes = {n: m.weight.data.clone() for n, m in _linears(model).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    model.train()
+    losses = []
+    for _ in range(20):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.4, losses
+    for name, module in _linears(model).items():
+        assert torch.equal(module.weight.data, codes[name]), f"{name}: the 4-bit base changed"
+    report = quant.memory_report(model, optimizer)
+    assert report.quantized == "nf4"
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    # AdamW: exp_avg and exp_avg_sq like each parameter, plus a 4-byte step count per tensor.
+    assert report.optimizer_bytes == 2 * report.adapter_bytes + 4 * tensors
+    assert "memory: base" in str(report) and report.peak_bytes > 0
+
+
+# adapters travel between the 4-bit and the full-precision base ---------------------------------
+
+
+def test_adapter_moves_between_4bit_and_full_precision_base(tmp_path) -> None:
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    qmodel = quant.quantize_model(tiny_llama(), "nf4")
+    lorakit.inject(qmodel, config)
+    _randomise_adapters(qmodel, seed=5)
+    lorakit.save_adapter(qmodel, tmp_path / "from4bit")
+    with torch.no_grad():
+        q_logits = qmodel(ids).logits
+
+    full = tiny_llama()
+    lorakit.load_adapter(full, tmp_path / "from4bit")
+    for name, param in qmodel.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, full.get_parameter(name)), name
+    # On the dequantized base the full-precision model reproduces the 4-bit run.
+    dq = _dequantized_copy(qmodel, tiny_llama())
+    lorakit.load_adapter(dq, tmp_path / "from4bit")
+    with torch.no_grad():
+        torch.testing.assert_close(dq(ids).logits, q_logits, atol=1e-4, rtol=0)
+        # ... and differs from the full-precision base's output only by quantization noise.
+        assert (full(ids).logits - q_logits).abs().max() < 0.5
+
+    # The reverse: an adapter trained in full precision loads on a 4-bit base.
+    lorakit.save_adapter(full, tmp_path / "fromfull")
+    q2 = quant.quantize_model(tiny_llama(), "nf4")
+    lorakit.load_adapter(q2, tmp_path / "fromfull")
+    assert isinstance(q2.model.layers[0].self_attn.q_proj, LoraLinear)
+    assert q2.model.layers[0].self_attn.q_proj.quantized == "nf4"
+    with torch.no_grad():
+        torch.testing.assert_close(q2(ids).logits, q_logits, atol=1e-5, rtol=0)
+
+
+def test_transformers_bitsandbytes_model_takes_adapters(tiny_model_dir, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config, device_map="cpu")
+    ours = quant.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "nf4")
+    for name, module in _linears(ours).items():
+        assert torch.equal(_linears(hf)[name].weight.data, module.weight.data), name
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    lorakit.inject(ours, config)
+    _randomise_adapters(ours)
+    lorakit.save_adapter(ours, tmp_path / "a")
+    lorakit.load_adapter(hf, tmp_path / "a")
+    assert hf.model.layers[1].mlp.down_proj.quantized == "nf4"
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
+# loading layer by layer ------------------------------------------------------------------------
+
+
+def test_load_quantized_equals_quantize_after_loading(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    streamed = quant.load_quantized(tiny_model_dir, "nf4")
+    loaded = quant.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "nf4")
+    for name, module in _linears(loaded).items():
+        assert torch.equal(_linears(streamed)[name].weight.data, module.weight.data), name
+    assert not any(t.device.type == "meta" for t in [*streamed.parameters(), *streamed.buffers()])
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, loaded(ids).logits, atol=0, rtol=0)
+
+
+def test_bundled_default_nf4_linear_bytes_under_35_percent() -> None:
+    from lorakit.models import default_model_path
+
+    model = quant.load_quantized(default_model_path(), "nf4")
+    stored, fp32 = quant.linear_weight_bytes(model)
+    assert fp32 > 300 * 2**20  # SmolLM2-135M's ~106M linear weights
+    assert stored < 0.35 * fp32, (stored, fp32)
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in _linears(model).values())
+
+
+# merging -----------------------------------------------------------------------------------------
+
+
+def _qlora(kind: str = "nf4") -> tuple[nn.Module, torch.Tensor]:
+    model = quant.quantize_model(tiny_llama(), kind)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    _randomise_adapters(model, std=0.3)
+    return model, torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_and_dequantize_is_exact_up_to_the_final_rounding(dtype: torch.dtype) -> None:
+    model, ids = _qlora()
+    layer = model.model.layers[0].self_attn.v_proj
+    expected = (qweights.dequantize(layer.weight) + layer.delta_oi("default")).to(dtype)
+    with torch.no_grad():
+        before = model(ids).logits
+    merged = quant.merge_and_dequantize(model, dtype)
+    assert type(merged.model.layers[0].self_attn.v_proj) is nn.Linear
+    assert torch.equal(merged.model.layers[0].self_attn.v_proj.weight, expected)
+    assert not any(qweights.kind_of(p) for p in merged.parameters())
+    assert not hasattr(merged, "lora_state")
+    if dtype == torch.float32:
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, before, atol=1e-4, rtol=0)
+
+
+def test_merge_requantized_warns_with_the_error_and_matches_bitsandbytes() -> None:
+    model, ids = _qlora()
+    layer = model.model.layers[1].mlp.up_proj
+    exact = qweights.dequantize(layer.weight) + layer.delta_oi("default")
+    with pytest.warns(RequantizationWarning, match="relative error up to"):
+        errors = quant.merge_requantized(model)
+    assert len(errors) == 14
+    codes, state = BF.quantize_4bit(exact, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert layer.quantized == "nf4" and torch.equal(layer.weight.data, codes)
+    expected_error = torch.linalg.norm(BF.dequantize_4bit(codes, state) - exact) / torch.linalg.norm(exact)
+    assert errors["model.layers.1.mlp.up_proj"] == pytest.approx(float(expected_error), rel=1e-5)
+    # A direct lorakit.merge on a quantized base warns too (per layer), and unmerge gets close again.
+    model2, _ = _qlora()
+    with pytest.warns(RequantizationWarning, match="requantized a nf4 base"):
+        lorakit.merge(model2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RequantizationWarning)
+        lorakit.unmerge(model2)
+    assert model2.model.layers[0].self_attn.q_proj.quantized == "nf4"
+
+
+def test_merge_and_dequantize_int8() -> None:
+    model, _ = _qlora("int8")
+    layer = model.model.layers[0].mlp.gate_proj
+    expected = qweights.dequantize(layer.weight, layer._base_shell[0]) + layer.delta_oi("default")
+    merged = quant.merge_and_dequantize(model, torch.float32)
+    assert torch.equal(merged.model.layers[0].mlp.gate_proj.weight, expected)
+
+
+# LoftQ -------------------------------------------------------------------------------------------
+
+
+def test_loftq_approximates_the_weight_better_than_nf4_alone() -> None:
+    reference = tiny_llama()
+    for iters in (1, 4):
+        model = tiny_llama()
+        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules="all-linear", init="loftq", loftq_iters=iters))
+        for name, module in _linears(model).items():
+            weight = _linears(reference)[name].weight.detach()
+            plain_nf4 = qweights.dequantize(qweights.quantize(weight, "nf4"))
+            assert module.quantized == "nf4"
+            loftq = module.base_weight_oi() + module.delta_oi("default")
+            assert torch.linalg.norm(weight - loftq) < 0.8 * torch.linalg.norm(weight - plain_nf4), name
+            if iters == 1:  # the base is exactly the plain NF4 base, so the adapter loads on --quantize nf4
+                assert torch.equal(module.base_weight_oi(), plain_nf4)
+    with pytest.raises(ValueError, match="full-precision"):
+        lorakit.inject(quant.quantize_model(tiny_llama(), "nf4"), lorakit.LoraConfig(init="loftq"))
+    data = lorakit.LoraConfig(init="loftq", loftq_iters=3).to_peft_dict()
+    assert data["init_lora_weights"] == "loftq" and data["loftq_config"]["loftq_iter"] == 3
+    assert lorakit.LoraConfig.from_peft_dict(data).loftq_iters == 3
+
+
+# errors ------------------------------------------------------------------------------------------
+
+
+def test_clear_error_where_bitsandbytes_cannot_serve(monkeypatch) -> None:
+    with pytest.raises(quant.QuantizationUnavailable, match="cannot run nf4 layers on device meta"):
+        quant.check_available("nf4", "meta")
+    with pytest.raises(ValueError, match="quantize must be one of nf4, int8, got 'nf3'"):
+        quant.quantize_model(tiny_llama(), "nf3")
+    # A platform without a bitsandbytes build: the import itself fails.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(quant.QuantizationUnavailable, match="need bitsandbytes, which cannot be imported"):
+        quant.quantize_model(tiny_llama(), "nf4")
