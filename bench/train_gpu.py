@@ -1,0 +1,384 @@
+"""LoRA / QLoRA training speed on one GPU: lorakit's fast path against PEFT, side by side.
+
+    python bench/train_gpu.py                 # every case, then the table
+    python bench/train_gpu.py --cases 8b-peft,8b-lorakit --steps 8 --warmup 3
+
+Random-init Llama-shaped models built on the GPU (nothing is downloaded): 8B (hidden 4096,
+MLP 14336, 32 layers, 32/8 heads, vocab 128256; batch 4 x 2048; gradient checkpointing)
+and 1B (hidden 2048, MLP 8192, 16 layers, 32/8 heads; batch 8 x 2048; no checkpointing).
+LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; bf16 base, AdamW; tokens/s is
+the median over `--steps` steps after `--warmup` steps; peak GiB is
+torch.cuda.max_memory_allocated over the training steps (weights included).
+Each case runs in its own process (Liger patches transformers globally; compile caches).
+`--cases check` compares the fused GPU kernels with their PyTorch references and the
+loss curve of the fast path with lorakit's generic path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, batch=4, checkpointing=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, batch=8, checkpointing=False),
+}
+SEQ = 2048
+VOCAB = 128256
+DEVICE = "cuda"  # the CPU only for a dry run of this script (tiny shapes, see --dry-run)
+
+# name -> (shape, stack, quantized, options); the order is the run order
+CASES = {
+    "8b-peft": ("8b", "peft", False, {}),
+    "8b-peft-compile": ("8b", "peft", False, {"compile": True}),
+    "8b-peft-liger": ("8b", "peft", False, {"liger": True}),
+    "8b-lorakit-eager": ("8b", "lorakit", False, {"compile": False}),
+    "8b-lorakit": ("8b", "lorakit", False, {}),
+    "8b-lorakit-keep6": ("8b", "lorakit", False, {"keep_layers": 6}),
+    "8b-lorakit-keep14": ("8b", "lorakit", False, {"keep_layers": 14}),
+    "8b-qlora-peft": ("8b", "peft", True, {}),
+    "8b-qlora-peft-liger": ("8b", "peft", True, {"liger": True}),
+    "8b-qlora-lorakit": ("8b", "lorakit", True, {}),
+    "8b-qlora-lorakit-keep12": ("8b", "lorakit", True, {"keep_layers": 12}),
+    "1b-peft": ("1b", "peft", False, {}),
+    "1b-peft-compile": ("1b", "peft", False, {"compile": True}),
+    "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False}),
+    "1b-lorakit": ("1b", "lorakit", False, {}),
+}
+
+# (lorakit rows, the stack compared with, the bar)
+BARS = [
+    ("8b-lorakit", "8b-peft", 2.0),
+    ("8b-lorakit", "8b-peft-compile", 1.4),
+    ("8b-lorakit", "8b-peft-liger", 1.5),
+    ("8b-qlora-lorakit", "8b-qlora-peft", 2.0),
+    ("8b-qlora-lorakit", "8b-qlora-peft-liger", 1.5),
+    ("1b-lorakit", "1b-peft", 2.0),
+    ("1b-lorakit", "1b-peft-compile", 1.4),
+]
+
+
+def build_model(shape: str, quantized: bool, liger: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    s = SHAPES[shape]
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=SEQ,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    if quantized:
+        quantize_nf4(model)
+    model.train()
+    return model
+
+
+def quantize_nf4(model) -> None:
+    """NF4, double-quantized, bf16 compute: every linear layer of the decoder (not the head)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta",
+                )
+                # Params4bit quantizes when moved to the GPU (its data is still the bf16 weight)
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                ).to("cuda")
+                setattr(parent, name, q)
+    torch.cuda.empty_cache()
+
+
+def run_case(name: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    shape, stack, quantized, opts = CASES[name]
+    s = SHAPES[shape]
+    model = build_model(shape, quantized, opts.get("liger", False))
+    info = ""
+    if stack == "peft":
+        import peft
+
+        if s["checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
+        if opts.get("compile"):
+            for layer in model.base_model.model.model.layers:
+                layer.compile()
+            info = "per-layer torch.compile"
+    else:
+        import lorakit
+        from lorakit.kernels import FastPathConfig, enable_fast_path
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS))
+        config = FastPathConfig(
+            recompute="all" if s["checkpointing"] else "none",
+            keep_layers=opts.get("keep_layers", 0),
+            compile=opts.get("compile", True),
+        )
+        status = enable_fast_path(model, config)
+        if not status.enabled:
+            raise SystemExit(f"fast path refused: {status.reason}")
+        info = status.reason
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    ids = torch.randint(0, VOCAB, (s["batch"], SEQ), device=DEVICE, generator=g)
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    step = statistics.median(times[warmup:])
+    return {
+        "case": name,
+        "tokens_per_s": s["batch"] * SEQ / step,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "step_s": step,
+        "first_step_s": times[0],
+        "loss0": losses[0],
+        "losses": losses,
+        "trainable": sum(p.numel() for p in trainable),
+        "info": info,
+    }
+
+
+def check() -> dict:
+    """Fused GPU kernels against their PyTorch references (fp32 on upcast inputs), and loss curves."""
+    import torch
+    from torch import nn
+
+    import lorakit
+    from lorakit.kernels.elementwise import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+    from lorakit.kernels.lora_linear import Projection, lora_group, lora_group_reference
+    from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    def grads(fn, inputs):
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.manual_seed(5)
+        w = [torch.randn_like(o) for o in outs]
+        leaves = [t for t in inputs if t.requires_grad]
+        gs = torch.autograd.grad(sum((o.float() * x.float()).sum() for o, x in zip(outs, w)), leaves)
+        return outs, gs
+
+    def compare(name, fused, ref, inputs):
+        up = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+        o1, g1 = grads(fused, inputs)
+        o2, g2 = grads(ref, up)
+        errs = [rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)]
+        results[name] = max(errs)
+
+    results: dict[str, float] = {}
+    dev, bf = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
+    w = torch.randn(4096, device=dev, dtype=bf, requires_grad=True)
+    compare("rms_norm", lambda a, b: rms_norm(a, b, 1e-5), lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w])
+    gt = torch.randn(4096, 14336, device=dev, dtype=bf, requires_grad=True)
+    ut = torch.randn(4096, 14336, device=dev, dtype=bf, requires_grad=True)
+    compare("swiglu", swiglu, swiglu_reference, [gt, ut])
+    q = torch.randn(2, 2048, 32, 128, device=dev, dtype=bf, requires_grad=True)
+    ang = torch.rand(1, 2048, 64, device=dev) * 100
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    compare("rope", lambda t: rope(t, cos.to(bf), sin.to(bf)), lambda t: rope_reference(t, cos, sin), [q])
+    h = torch.randn(3000, 4096, device=dev, dtype=bf, requires_grad=True)
+    head = (torch.randn(VOCAB, 4096, device=dev) * 0.02).to(bf)
+    tgt = torch.randint(0, VOCAB, (3000,), device=dev)
+    compare("linear_cross_entropy", lambda a: linear_cross_entropy(a, head, tgt), lambda a: linear_cross_entropy_reference(a, head.float(), tgt), [h])
+
+    for quantized in (False, True):
+        mods = []
+        for out in (4096, 1024, 1024):
+            lin = nn.Linear(4096, out, bias=False, device=dev, dtype=bf)
+            nn.init.normal_(lin.weight, std=0.02)
+            if quantized:
+                import bitsandbytes as bnb
+
+                q4 = bnb.nn.Linear4bit(4096, out, bias=False, compute_dtype=bf, quant_type="nf4", device="meta")
+                q4.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
+                lin = q4
+            layer = lorakit.LoraLinear(lin)
+            layer.add("default", r=16, alpha=16, dropout=0.0, use_rslora=False, use_dora=False)
+            nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+            layer.set_active(["default"])
+            mods.append(Projection(layer, "default"))
+        xin = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
+        params = [xin] + [t for p in mods for t in (p.lora_a(), p.lora_b())]
+        up = xin.detach().float().requires_grad_()
+        o1, g1 = grads(lambda *_: lora_group(xin, mods), params)
+        o2, g2 = grads(lambda *_: lora_group_reference(up, mods), [up] + params[1:])
+        results["lora_group_qkv" + ("_nf4" if quantized else "")] = max(
+            [rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)]
+        )
+    results.update(loss_curves())
+    return results
+
+
+def loss_curves(steps: int = 30) -> dict:
+    """A 4-layer 1B-wide model learns one repeated batch: fast path vs lorakit's generic path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+    from lorakit.kernels import FastPathConfig, enable_fast_path
+
+    curves = {}
+    for fast in (False, True):
+        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
+                             num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.requires_grad_(False)
+        torch.manual_seed(1)
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=16, target_modules=TARGETS))
+        model.train()
+        if fast:
+            assert enable_fast_path(model, FastPathConfig(recompute="all")).enabled
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        g = torch.Generator(device="cuda").manual_seed(2)
+        ids = torch.randint(0, 32000, (4, 1024), device="cuda", generator=g)
+        labels = ids.clone()
+        labels[:, :100] = -100
+        losses = []
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        curves["fast" if fast else "generic"] = losses
+    diff = max(abs(a - b) / abs(b) for a, b in zip(curves["fast"], curves["generic"]))
+    return {"loss_curve_max_rel_diff": diff, "loss_first_last_generic": [curves["generic"][0], curves["generic"][-1]],
+            "loss_first_last_fast": [curves["fast"][0], curves["fast"][-1]]}
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["case"]: r for r in rows if "tokens_per_s" in r}
+    lines = ["| case | tokens/s | peak GiB | step s | loss0 | vs PEFT |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        shape = r["case"].split("-")[0]
+        base = by.get(f"{shape}-qlora-peft" if "qlora" in r["case"] else f"{shape}-peft")
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        lines.append(f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['step_s']:.3f} | {r['loss0']:.4f} | {ratio} |")
+    lines += ["", "| bar | lorakit row (fastest within the memory) | ratio | needed | met |", "|---|---|---|---|---|"]
+    for row, ref, need in BARS:
+        if ref not in by:
+            continue
+        family = [r for c, r in by.items() if c.startswith(row) and r["peak_gib"] <= by[ref]["peak_gib"]]
+        if not family:
+            lines.append(f"| {row} vs {ref} | none within {by[ref]['peak_gib']:.1f} GiB | | {need}x | no |")
+            continue
+        best = max(family, key=lambda r: r["tokens_per_s"])
+        ratio = best["tokens_per_s"] / by[ref]["tokens_per_s"]
+        lines.append(f"| {row} vs {ref} | {best['case']} ({best['peak_gib']:.1f} <= {by[ref]['peak_gib']:.1f} GiB) | {ratio:.2f}x | {need}x | {'yes' if ratio >= need else 'no'} |")
+    return "\n".join(lines)
+
+
+def dry_run() -> None:
+    global DEVICE, SEQ, VOCAB
+    DEVICE, SEQ, VOCAB = "cpu", 32, 256
+    for shape in SHAPES.values():
+        shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="all", help="comma-separated case names, 'all', or 'check'")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, to check the script itself")
+    args = ap.parse_args()
+    if args.dry_run:
+        dry_run()
+    out_dir = Path(os.environ.get("OUT", "bench/out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        result = check() if args.one == "check" else run_case(args.one, args.steps, args.warmup)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    names = list(CASES) if args.cases == "all" else args.cases.split(",")
+    rows = []
+    for name in names:
+        t0 = time.time()
+        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--dry-run"] if args.dry_run else []
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if found:
+                result = json.loads(found[-1][7:])
+                result["case"] = name
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                result = {"case": name, "error": " / ".join(tail)}
+                with open(out_dir / "errors.txt", "a") as f:
+                    f.write(f"==== {name}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}\n")
+        except subprocess.TimeoutExpired:
+            result = {"case": name, "error": f"timed out after {args.timeout}s"}
+        result["wall_s"] = time.time() - t0
+        rows.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+        with open(out_dir / "train_gpu.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+    timed = [r for r in rows if r["case"] != "check"]
+    if timed:
+        print(table(timed))
+
+
+if __name__ == "__main__":
+    main()

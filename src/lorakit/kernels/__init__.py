@@ -1,0 +1,126 @@
+"""The GPU fast path for LoRA / QLoRA training of Llama-family models.
+
+    status = lorakit.kernels.enable_fast_path(model)   # FastPathStatus(enabled, reason)
+    loss = model(input_ids=ids, labels=labels).loss     # now fused, chunked, checkpointed
+
+`enable_fast_path` swaps the model's `forward` for one that, on a training-style call
+(input_ids + labels, right-padded or no mask, no cache), computes the loss through the
+fused pieces and returns it with `logits=None`; every other call, and every model or
+adapter setup the fast path does not cover, goes through the original forward
+unchanged. Each fused piece sits beside its pure-PyTorch reference:
+
+    lora_linear.py   grouped base + LoRA matmuls with a hand-derived backward (4-bit base too)
+    elementwise.py   RMSNorm, SwiGLU, RoPE: hand-derived backward, torch.compile'd on CUDA
+    loss.py          chunked linear + cross-entropy over supervised positions only
+    llama.py         the decoder on those pieces, activation checkpointing per layer
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .elementwise import set_compile
+from .llama import causal_lm_loss, forward_reason, supported
+
+__all__ = ["FastPathConfig", "FastPathStatus", "causal_lm_loss", "disable_fast_path", "enable_fast_path", "supported"]
+
+
+@dataclass
+class FastPathConfig:
+    """How the fast path trades memory for speed."""
+
+    recompute: str = "auto"
+    """Activation checkpointing of decoder layers: auto (as model.is_gradient_checkpointing), all, none."""
+    keep_layers: int = 0
+    """With recompute on, this many of the last decoder layers keep their activations (faster, more memory)."""
+    compile: bool = True
+    """Compile the fused elementwise kernels with torch.compile on CUDA."""
+    loss_chunk_rows: int | None = None
+    """Rows per chunk of the fused linear + cross-entropy (None: about 256 MiB of fp32 logits)."""
+
+    def __post_init__(self) -> None:
+        if self.recompute not in ("auto", "all", "none"):
+            raise ValueError(f"FastPathConfig.recompute must be auto, all or none; got {self.recompute!r}")
+        if self.keep_layers < 0:
+            raise ValueError(f"FastPathConfig.keep_layers must be >= 0, got {self.keep_layers}")
+
+
+@dataclass
+class FastPathStatus:
+    enabled: bool
+    reason: str
+    """Why the fast path is off, or what it runs when on."""
+
+
+_ORIGINAL = "_lorakit_generic_forward"
+
+
+def enable_fast_path(model: nn.Module, config: FastPathConfig | None = None) -> FastPathStatus:
+    """Route the model's training forward through the fused path, when the model supports it.
+
+    Returns the status; an unsupported model is left unchanged, and the reason says why.
+    """
+    config = config or FastPathConfig()
+    reason = supported(model)
+    if reason is not None:
+        return FastPathStatus(False, reason)
+    set_compile(config.compile)
+    original = model.__dict__.get(_ORIGINAL) or model.forward
+    setattr(model, _ORIGINAL, original)
+
+    def forward(
+        self: nn.Module,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        num_items = kwargs.pop("num_items_in_batch", None)
+        plain = input_ids is not None and labels is not None and not any(
+            v is not None and v is not False for k, v in kwargs.items() if k not in ("return_dict", "use_cache")
+        )
+        if plain and forward_reason(self, input_ids, attention_mask, position_ids) is None:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            recompute = config.recompute == "all" or (
+                config.recompute == "auto" and _checkpointing(self)
+            )
+            loss = causal_lm_loss(
+                self,
+                input_ids,
+                labels,
+                recompute=recompute and self.training,
+                keep_layers=config.keep_layers,
+                num_items_in_batch=num_items,
+                chunk_rows=config.loss_chunk_rows,
+            )
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+        if num_items is not None:
+            kwargs["num_items_in_batch"] = num_items
+        return original(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids, **kwargs
+        )
+
+    model.forward = types.MethodType(forward, model)
+    return FastPathStatus(True, f"fused {type(model).__name__} (recompute={config.recompute}, keep_layers={config.keep_layers})")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5.2x renamed is_gradient_checkpointing; both are public
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
+def disable_fast_path(model: nn.Module) -> None:
+    """Give the model its original forward back."""
+    original = model.__dict__.pop(_ORIGINAL, None)
+    if original is not None:
+        model.__dict__.pop("forward", None)

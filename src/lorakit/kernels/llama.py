@@ -1,0 +1,203 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM) on the fused pieces.
+
+`causal_lm_loss` computes exactly what `model(input_ids, labels=labels).loss` computes
+for a transformers Llama-family model with lorakit adapters, but:
+
+- Q/K/V and gate/up run as grouped fused LoRA functions (`lora_linear.lora_group`);
+- RMSNorm, SwiGLU and RoPE are fused kernels with hand-derived backward functions;
+- attention is PyTorch's SDPA with a causal flag (flash attention on recent GPUs), no mask;
+- the loss is a chunked linear + cross-entropy over the supervised positions only;
+- each decoder layer is recomputed in the backward (activation checkpointing) when asked,
+  keeping only its input; `keep_layers` of the last layers keep their activations.
+
+`supported(model)` says why a model cannot take this path (None when it can).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import LoraLinear
+from .elementwise import rms_norm, rope, swiglu
+from .lora_linear import Projection, lora_group
+from .loss import linear_cross_entropy
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""Model classes the fast path runs (SmolLM checkpoints are LlamaForCausalLM)."""
+
+IGNORE_INDEX = -100
+
+_PROJECTIONS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
+
+
+def _linear_reason(module: nn.Module, path: str) -> str | None:
+    """Why this projection cannot run fused (None when it can)."""
+    if isinstance(module, LoraLinear):
+        if module.fan_in_fan_out:
+            return f"{path} stores its weight transposed (Conv1D)"
+        if module.mixed is not None:
+            return f"{path} is in a mixed-adapter batch"
+        if module.disabled:
+            return None
+        pending = [n for n in module.active_adapters if n not in module.merged_adapters]
+        if len(pending) > 1:
+            return f"{path} runs {len(pending)} adapters at once ({', '.join(pending)}); the fast path runs one"
+        for name in pending:
+            if module.use_dora[name]:
+                return f"{path}: adapter {name!r} uses DoRA"
+            dropout = module.lora_dropout[name]
+            if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
+                return f"{path}: adapter {name!r} has dropout {dropout.p} (the fast path runs dropout 0)"
+    elif not isinstance(module, nn.Linear):
+        return f"{path} is a {type(module).__name__}, not a linear or LoRA layer"
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is None and not weight.dtype.is_floating_point:
+        return f"{path} has a {weight.dtype} weight (8-bit bases are not fused; 4-bit NF4/FP4 and dense are)"
+    return None
+
+
+def supported(model: nn.Module) -> str | None:
+    """Why `model` cannot take the fast path, or None when it can."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        return f"{name} is not a supported architecture (supported: {', '.join(ARCHITECTURES)})"
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (the fast path fuses silu)"
+    inner = model.model
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.bias is not None:
+        return f"lm_head is a {type(head).__name__}; the fused loss needs a plain linear head without bias"
+    for i, layer in enumerate(inner.layers):
+        for parent, child in _PROJECTIONS:
+            module = getattr(getattr(layer, parent), child)
+            reason = _linear_reason(module, f"layers.{i}.{parent}.{child}")
+            if reason is not None:
+                return reason
+        if model.training and getattr(layer.self_attn, "attention_dropout", 0.0):
+            return f"attention dropout {layer.self_attn.attention_dropout}"
+    return None
+
+
+def _projection(module: nn.Module) -> Projection:
+    if isinstance(module, LoraLinear) and not module.disabled:
+        pending = [n for n in module.active_adapters if n not in module.merged_adapters]
+        return Projection(module, pending[0] if pending else None)
+    return Projection(module, None)
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def decoder_layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder layer: h (B, S, d) -> (B, S, d)."""
+    batch, seq, d = h.shape
+    attn = layer.self_attn
+    mlp = layer.mlp
+    x = rms_norm(h, layer.input_layernorm.weight, _eps(layer.input_layernorm)).view(batch * seq, d)
+    q, k, v = lora_group(x, (_projection(attn.q_proj), _projection(attn.k_proj), _projection(attn.v_proj)))
+    head_dim = attn.head_dim
+    q = q.view(batch, seq, -1, head_dim)
+    k = k.view(batch, seq, -1, head_dim)
+    v = v.view(batch, seq, -1, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+        q = rms_norm(q, attn.q_norm.weight, _eps(attn.q_norm))
+        k = rms_norm(k, attn.k_norm.weight, _eps(attn.k_norm))
+    q = rope(q, cos, sin)
+    k = rope(k, cos, sin)
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        scale=attn.scaling,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # (B, H, S, D)
+    o = o.transpose(1, 2).reshape(batch * seq, -1)
+    (o,) = lora_group(o, (_projection(attn.o_proj),))
+    h = h + o.view(batch, seq, d)
+    x = rms_norm(h, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)).view(batch * seq, d)
+    g, u = lora_group(x, (_projection(mlp.gate_proj), _projection(mlp.up_proj)))
+    (y,) = lora_group(swiglu(g, u), (_projection(mlp.down_proj),))
+    return h + y.view(batch, seq, d)
+
+
+def _window_reason(model: nn.Module, seq: int) -> str | None:
+    for layer in model.model.layers:
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window is None and type(model).__name__ == "MistralForCausalLM":
+            window = getattr(model.config, "sliding_window", None)
+        if window is not None and seq > window:
+            return f"sequence length {seq} exceeds the sliding window {window}"
+    return None
+
+
+def forward_reason(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> str | None:
+    """Why this batch cannot take the fast path (None when it can)."""
+    reason = supported(model) or _window_reason(model, input_ids.shape[1])
+    if reason is not None:
+        return reason
+    if attention_mask is not None and not bool(attention_mask.all()):
+        # Right padding is exact under a causal mask: real tokens only see earlier, real tokens.
+        if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            return "the attention mask is not right-padded (left padding or packed sequences)"
+    if position_ids is not None:
+        expected = torch.arange(input_ids.shape[1], device=position_ids.device)
+        if not bool((position_ids == expected).all()):
+            return "position_ids are not 0..S-1 (packed sequences take the generic path)"
+    return None
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    recompute: bool = False,
+    keep_layers: int = 0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of a Llama-family model, as transformers computes it.
+
+    input_ids, labels: (B, S); labels of IGNORE_INDEX are not supervised; label t is
+    predicted from position t-1 (transformers' shift). The mean is over supervised
+    positions, or the sum divided by `num_items_in_batch` when given.
+    """
+    inner = model.model
+    h = inner.embed_tokens(input_ids)
+    seq = input_ids.shape[1]
+    position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+    cos, sin = inner.rotary_emb(h, position_ids=position_ids)  # (1, S, D), in h's dtype
+    layers = list(inner.layers)[: model.config.num_hidden_layers]
+    first_kept = len(layers) - keep_layers
+    for i, layer in enumerate(layers):
+        if recompute and i < first_kept and torch.is_grad_enabled():
+            h = checkpoint(decoder_layer, layer, h, cos, sin, use_reentrant=False)
+        else:
+            h = decoder_layer(layer, h, cos, sin)
+    target = labels[:, 1:].reshape(-1)
+    rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
+    hidden = rms_norm(hidden, inner.norm.weight, _eps(inner.norm))  # per row: only supervised rows
+    loss = linear_cross_entropy(hidden, model.lm_head.weight, target.index_select(0, rows), chunk_rows)
+    if num_items_in_batch is not None:
+        loss = loss * (rows.numel() / num_items_in_batch)
+    return loss

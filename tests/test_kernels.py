@@ -1,0 +1,239 @@
+"""The fast path's pure-PyTorch references on the CPU: hand-derived gradients against
+autograd, the chunked loss against full cross-entropy, the patched model against the
+unpatched one (loss and adapter gradients)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.kernels import FastPathConfig, disable_fast_path, enable_fast_path, supported
+from lorakit.kernels.elementwise import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+from lorakit.kernels.lora_linear import Projection, lora_group, lora_group_reference
+from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
+    err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
+    assert err < tol, f"relative error {err:.3e} >= {tol:.0e}"
+
+
+def _grads_match(fn, ref, inputs: list[torch.Tensor], tol: float = 1e-10) -> None:
+    """fn and ref agree in value and in the gradients of every input that requires grad."""
+    gen = torch.Generator().manual_seed(7)
+    out, out_ref = fn(*inputs), ref(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+    weights = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
+    want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(refs, weights)), leaves)
+    for o, r in zip(outs, refs):
+        _close(o, r, tol)
+    for g, w in zip(got, want):
+        _close(g, w, tol)
+
+
+def test_rms_norm_backward_matches_autograd():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    _grads_match(lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w])
+
+
+def test_rms_norm_matches_transformers():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(16, eps=1e-5)
+    nn.init.normal_(norm.weight)
+    x = torch.randn(4, 16)
+    _close(rms_norm(x, norm.weight, 1e-5), norm(x), 1e-6)
+
+
+def test_swiglu_backward_matches_autograd():
+    g = torch.randn(4, 7, 24, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(4, 7, 24, dtype=torch.float64, requires_grad=True)
+    _grads_match(swiglu, swiglu_reference, [g, u])
+    _close(swiglu(g, u), F.silu(g) * u)
+
+
+def test_rope_backward_matches_autograd_and_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, s, h, d = 2, 6, 3, 8
+    x = torch.randn(b, s, h, d, dtype=torch.float64, requires_grad=True)
+    angle = torch.randn(1, s, d // 2, dtype=torch.float64)
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    _grads_match(lambda t: rope(t, cos, sin), lambda t: rope_reference(t, cos, sin), [x])
+    expected, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+    _close(rope(x, cos, sin), expected.transpose(1, 2))
+
+
+def _lora_layers(biases: tuple[bool, ...], ranks: tuple[int, ...], dtype=torch.float64):
+    torch.manual_seed(0)
+    outs = (12, 6, 6)[: len(ranks)]
+    mods = []
+    for out, r, bias in zip(outs, ranks, biases):
+        layer = lorakit.LoraLinear(nn.Linear(10, out, bias=bias, dtype=dtype))
+        layer.weight.requires_grad_(False)
+        if r:
+            layer.add("default", r=r, alpha=2 * r + 1, dropout=0.0, use_rslora=False, use_dora=False)
+            nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 would hide errors in dA
+            layer.set_active(["default"])
+        mods.append(layer)
+    return [Projection(m, "default" if r else None) for m, r in zip(mods, ranks)]
+
+
+@pytest.mark.parametrize(
+    "ranks,biases", [((4, 2, 3), (False, False, False)), ((4, 0, 3), (True, True, False)), ((5,), (False,))]
+)
+def test_lora_group_backward_matches_autograd(ranks, biases):
+    projections = _lora_layers(biases, ranks)
+    x = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    params = [x] + [t for p in projections if p.adapter for t in (p.lora_a(), p.lora_b())]
+
+    def fused(*_):
+        return lora_group(x, projections)
+
+    def reference(*_):
+        return lora_group_reference(x, projections)
+
+    _grads_match(fused, reference, params)
+
+
+def test_lora_group_matches_lora_linear_forward():
+    projections = _lora_layers((True,), (4,), dtype=torch.float32)
+    x = torch.randn(5, 10)
+    (y,) = lora_group(x, projections)
+    _close(y, projections[0].module(x), 1e-6)
+
+
+def test_lora_group_bf16_grads_are_adapter_dtype():
+    # A bf16 base keeps fp32 adapters: the matmuls run in bf16, gradients come back in fp32.
+    torch.manual_seed(0)
+    layer = lorakit.LoraLinear(nn.Linear(32, 16, bias=False, dtype=torch.bfloat16))
+    layer.add("default", r=4, alpha=8, dropout=0.0, use_rslora=False, use_dora=False)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.set_active(["default"])
+    x = torch.randn(8, 32, dtype=torch.bfloat16, requires_grad=True)
+    (y,) = lora_group(x, [Projection(layer, "default")])
+    y.float().square().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16
+    _close(y.float(), layer(x).float(), 1e-2)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_chunked_cross_entropy_equals_full(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 37, (11,))
+    _grads_match(lambda a, b: linear_cross_entropy(a, b, t, chunk), lambda a, b: linear_cross_entropy_reference(a, b, t), [h, w])
+    _close(linear_cross_entropy(h, w, t, chunk), F.cross_entropy(h @ w.t(), t))
+
+
+def _adapted_llama(dtype=torch.float32, targets=ALL):
+    model = tiny_llama(dtype=dtype).train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so every adapter gradient is exercised
+            nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _batch(seed: int = 0, batch: int = 3, seq: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not supervised
+    return ids, labels
+
+
+@pytest.mark.parametrize("config", [FastPathConfig(), FastPathConfig(recompute="all", keep_layers=1)])
+def test_patched_model_matches_unpatched(config):
+    model = _adapted_llama(torch.float64)
+    ids, labels = _batch()
+    reference = copy.deepcopy(model)
+    ref_loss = reference(input_ids=ids, labels=labels).loss
+    ref_loss.backward()
+    status = enable_fast_path(model, config)
+    assert status.enabled, status.reason
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None  # the fused loss never builds the logits
+    out.loss.backward()
+    # transformers computes the loss in fp32 even for an fp64 model: compare at fp32 precision
+    _close(out.loss, ref_loss, 1e-6)
+    ref_grads = dict(reference.named_parameters())
+    count = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            _close(p.grad, ref_grads[name].grad, 1e-5)
+            count += 1
+    assert count == 2 * 7 * 2  # A and B on 7 projections in 2 layers
+
+
+def test_right_padding_and_num_items_match_unpatched():
+    model = _adapted_llama(torch.float64, targets=["q_proj", "v_proj"])
+    ids, labels = _batch(seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels[1, 6:] = -100
+    ref = copy.deepcopy(model)(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=17).loss
+    assert enable_fast_path(model).enabled
+    got = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=17).loss
+    _close(got, ref, 1e-6)
+
+
+def test_calls_without_labels_use_the_original_forward():
+    model = _adapted_llama()
+    ids, _ = _batch()
+    before = model(input_ids=ids).logits
+    enable_fast_path(model)
+    _close(model(input_ids=ids).logits, before, 1e-12)
+    left = torch.ones_like(ids)
+    left[0, :2] = 0  # left padding: generic path, same loss as before patching
+    ref = model._lorakit_generic_forward(input_ids=ids, attention_mask=left, labels=ids).loss
+    _close(model(input_ids=ids, attention_mask=left, labels=ids).loss, ref, 1e-12)
+    disable_fast_path(model)
+    assert "forward" not in model.__dict__
+
+
+def test_unsupported_setups_are_refused_with_a_reason():
+    from conftest import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    status = enable_fast_path(gpt2)
+    assert not status.enabled and "GPT2LMHeadModel" in status.reason
+    assert "forward" not in gpt2.__dict__
+    model = tiny_llama().train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in supported(model)
+    model = tiny_llama().train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], dropout=0.1))
+    assert "dropout" in supported(model)
+    model.eval()
+    assert supported(model) is None  # dropout is off in eval mode
+
+
+def test_qwen3_matches_unpatched():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    model = Qwen3ForCausalLM(config).double().train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    ids, labels = _batch()
+    ref = copy.deepcopy(model)(input_ids=ids, labels=labels).loss
+    assert enable_fast_path(model).enabled
+    _close(model(input_ids=ids, labels=labels).loss, ref, 1e-6)
