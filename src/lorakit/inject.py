@@ -400,14 +400,13 @@ def mixed_batch(
         if missing:
             raise ValueError(f"adapters {missing} are not among the slots {list(fixed)}")
         distinct = list(fixed)
-    saved = [m for _, m in _saved_modules(model) if any(n in m.modules_to_save for n in distinct)]
-    if saved:
+    if any(state.configs[n].modules_to_save for n in distinct):
         raise ValueError("mixed batches do not support adapters with modules_to_save")
     device = _model_device(model)
     lookup = {n: i for i, n in enumerate(distinct)}
     row_index = torch.tensor([lookup[n] if n is not None else -1 for n in adapter_names], device=device)
     mixed = MixedBatch(distinct, row_index, fixed)
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = list(_outer_lora_layers(model))
     for layer in layers:
         layer.mixed = mixed
     try:
@@ -415,6 +414,19 @@ def mixed_batch(
     finally:
         for layer in layers:
             layer.mixed = None
+
+
+def _outer_lora_layers(module: nn.Module) -> Iterator[LoraLayer]:
+    """The LoRA layers under `module`, without walking into their adapter submodules.
+
+    A server calls mixed_batch once per decoding step, and a model with dozens of
+    adapters holds thousands of adapter submodules that `named_modules` would visit.
+    """
+    for child in module.children():
+        if isinstance(child, LoraLayer):
+            yield child
+        else:
+            yield from _outer_lora_layers(child)
 
 
 def forward_mixed(
