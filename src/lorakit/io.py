@@ -103,11 +103,23 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", write: bool = True
 ) -> Path:
-    """Write the adapter to `directory` (created if needed); returns the directory."""
+    """Write the adapter to `directory` (created if needed); returns the directory.
+
+    Under FSDP every rank must call this (sharded weights are gathered collectively);
+    pass `write=False` on all ranks but one.
+    """
     tensors = adapter_state_dict(model, adapter_name)
     config = adapter_config_dict(model, adapter_name)
+    directory = Path(directory)
+    if write:
+        write_adapter(directory, tensors, config)
+    return directory
+
+
+def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write adapter tensors and config, each file under a temporary name and then renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(
@@ -117,7 +129,6 @@ def save_adapter(
         directory / CONFIG_NAME,
         lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     )
-    return directory
 
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
