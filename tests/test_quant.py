@@ -345,3 +345,41 @@ def test_clear_error_where_bitsandbytes_cannot_serve(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(quant.QuantizationUnavailable, match="need bitsandbytes, which cannot be imported"):
         quant.quantize_model(tiny_llama(), "nf4")
+
+
+# the command line ----------------------------------------------------------------------------------
+
+
+def test_cli_train_eval_generate_with_nf4_base(tmp_path, tiny_model_dir, capsys) -> None:
+    import json
+    import random
+
+    from lorakit.cli import main
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(32):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": str(a + b)}]})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--quantize", "nf4", "--device", "cpu"]
+    rc = main(["train", "--data", str(data), "--output", str(out), "--rank", "8", "--alpha", "16", "--lr", "3e-2",
+               "--batch-size", "8", "--max-steps", "12", "--log-every", "4", "--seq-len", "64", *common])
+    assert rc == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert metrics[0]["mem_base_format"] == "nf4"
+    assert 0 < metrics[0]["mem_adapter_bytes"] and metrics[0]["mem_optimizer_bytes"] > metrics[0]["mem_adapter_bytes"]
+    assert "memory: base" in capsys.readouterr().err
+
+    losses = {}
+    for adapter in ([], ["--adapter", str(out)]):
+        assert main(["eval", "--data", str(data), "--seq-len", "64", *adapter, *common]) == 0
+        losses[bool(adapter)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    assert losses[True] < losses[False] - 0.1
+    assert main(["generate", "--prompt", "1+2", "--max-new-tokens", "3", "--adapter", str(out), *common]) == 0
+    # A 4-bit option the library cannot serve is a one-line error, not a traceback.
+    assert main(["eval", "--data", str(data), "--model", str(tiny_model_dir), "--quantize", "nf4", "--device", "meta"]) == 1
+    assert "cannot run nf4 layers on device meta" in capsys.readouterr().err

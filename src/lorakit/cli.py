@@ -49,6 +49,8 @@ class GenerateArgs:
     """Sampling temperature; 0 is greedy decoding."""
     seed: int = 0
     """Seed for sampling."""
+    quantize: str | None = None
+    """Quantize the frozen base while loading: nf4 (4-bit NormalFloat) or int8 (bitsandbytes, CPU or GPU)."""
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
 
@@ -79,6 +81,8 @@ class EvalArgs:
     """completion: loss on completions / assistant turns only; all: on every token."""
     skip_bad: bool = False
     """Skip bad rows (and report how many) instead of stopping."""
+    quantize: str | None = None
+    """Quantize the frozen base while loading: nf4 (4-bit NormalFloat) or int8 (bitsandbytes, CPU or GPU)."""
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
 
@@ -104,11 +108,11 @@ def run_train(args: Any) -> None:
     train(args)
 
 
-def _load(model: str | None, adapter: str | None, device: str | None = None):
+def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None):
     from .io import load_adapter
     from .models import load_model
 
-    base, tokenizer = load_model(model, device=device)
+    base, tokenizer = load_model(model, device=device, quantize=quantize)
     if adapter is not None:
         load_adapter(base, adapter)
     return base, tokenizer
@@ -117,7 +121,7 @@ def _load(model: str | None, adapter: str | None, device: str | None = None):
 def run_generate(args: GenerateArgs) -> None:
     import torch
 
-    model, tokenizer = _load(args.model, args.adapter, args.device)
+    model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize)
     device = next(model.parameters()).device
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -144,7 +148,7 @@ def run_eval(args: EvalArgs) -> None:
     from .data import as_sequences, load_examples
     from .train import evaluate, log
 
-    model, tokenizer = _load(args.model, args.adapter, args.device)
+    model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize)
     device = next(model.parameters()).device
     examples, stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(stats.summary(args.data))

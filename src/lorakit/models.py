@@ -126,7 +126,13 @@ def load_model(
     source = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if quantize is not None and any(Path(source).glob("*.safetensors")):
+            from . import quant
+
+            # Layer by layer: peak memory stays near the quantized size, not the full one.
+            model = quant.load_quantized(source, quantize, compute_dtype=dtype, dtype=dtype, device=device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:
         raise OSError(
             f"cannot load model {name_or_path!r}: {err}. Pass a local transformers model directory, "

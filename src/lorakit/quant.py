@@ -222,6 +222,10 @@ def load_quantized(
             f"{path}: the checkpoint lacks tensors for {', '.join(sorted(pending) + missing)[:300]}; "
             "load it with transformers and call lorakit.quant.quantize_model instead"
         )
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.requires_grad_(False)
     model.eval()
     return model

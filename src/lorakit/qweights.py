@@ -28,7 +28,7 @@ NF4_BLOCKSIZE = 64
 ABSMAX_BLOCKSIZE = 256  # bitsandbytes' fixed block for double-quantized absmax
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(NotImplementedError):
     """bitsandbytes cannot quantize or run a quantized layer on this platform/device."""
 
 

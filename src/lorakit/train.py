@@ -43,6 +43,7 @@ from .data import (
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .models import load_model
+from .quant import memory_report
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -120,7 +121,7 @@ class TrainArgs:
     resume: bool = False
     """Continue from the latest checkpoint in the output directory."""
     quantize: str | None = None
-    """Quantize the frozen base: nf4 or int8 (QLoRA; needs a CUDA GPU)."""
+    """Quantize the frozen base while loading: nf4 (4-bit NormalFloat, QLoRA) or int8 (bitsandbytes, CPU or GPU)."""
     device: str | None = None
     """cpu, cuda, cuda:1 ... (default: cuda when available)."""
     loss_chunk: int = 2048
@@ -515,6 +516,10 @@ def train(args: TrainArgs) -> Path:
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == run.total_steps:
                 record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
+                memory = memory_report(model, optimizer)
+                record.update(memory.as_dict())
+                if step - start <= args.log_every:
+                    progress.console.print(str(memory))
                 window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
             evaluated = run.eval_rows is not None and (step % eval_every == 0 or step == run.total_steps)
             if evaluated:
@@ -552,6 +557,7 @@ def train(args: TrainArgs) -> Path:
         progress.stop()
 
     save_adapter(model, output)
+    log(str(memory_report(model, optimizer)))
     if metrics_path.exists():
         plot_losses(metrics_path, output / "loss.png")
     log(f"{stop_reason} at step {step}: adapter saved to {output}")
