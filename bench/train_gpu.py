@@ -40,9 +40,9 @@ CASES = {
     "8b-peft-compile": ("8b", "peft", False, {"compile": True}),
     "8b-peft-liger": ("8b", "peft", False, {"liger": True}),
     "8b-lorakit-eager": ("8b", "lorakit", False, {"compile": False}),
-    "8b-lorakit": ("8b", "lorakit", False, {}),
+    "8b-lorakit": ("8b", "lorakit", False, {"profile": True}),
     "8b-lorakit-keep6": ("8b", "lorakit", False, {"keep_layers": 6}),
-    "8b-lorakit-keep14": ("8b", "lorakit", False, {"keep_layers": 14}),
+    "8b-lorakit-keep13": ("8b", "lorakit", False, {"keep_layers": 13}),
     "8b-qlora-peft": ("8b", "peft", True, {}),
     "8b-qlora-peft-liger": ("8b", "peft", True, {"liger": True}),
     "8b-qlora-lorakit": ("8b", "lorakit", True, {}),
@@ -50,7 +50,7 @@ CASES = {
     "1b-peft": ("1b", "peft", False, {}),
     "1b-peft-compile": ("1b", "peft", False, {"compile": True}),
     "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False}),
-    "1b-lorakit": ("1b", "lorakit", False, {}),
+    "1b-lorakit": ("1b", "lorakit", False, {"profile": True}),
 }
 
 # (lorakit rows, the stack compared with, the bar)
@@ -117,7 +117,7 @@ def quantize_nf4(model) -> None:
     torch.cuda.empty_cache()
 
 
-def run_case(name: str, steps: int, warmup: int) -> dict:
+def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
     import torch
 
     shape, stack, quantized, opts = CASES[name]
@@ -175,10 +175,13 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     step = statistics.median(times[warmup:])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    if profile:
+        write_profile(name, model, ids, opt)
     return {
         "case": name,
         "tokens_per_s": s["batch"] * SEQ / step,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "peak_gib": peak,
         "step_s": step,
         "first_step_s": times[0],
         "loss0": losses[0],
@@ -188,6 +191,75 @@ def run_case(name: str, steps: int, warmup: int) -> dict:
     }
 
 
+def write_profile(name: str, model, ids, opt) -> None:
+    """Two steps under the profiler: kernels by total GPU time, and time per kind of kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = max(sum(e.self_device_time_total for e in events), 1)
+    kinds: dict[str, float] = {}
+    for e in events:
+        key = e.key.lower()
+        kind = (
+            "attention" if ("flash" in key or "fmha" in key or "cudnn" in key or "attention" in key)
+            else "gemm" if ("gemm" in key or "sm90" in key or "cutlass" in key or "xmma" in key or "matmul" in key)
+            else "triton (fused elementwise)" if "triton" in key
+            else "other"
+        )
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+    lines = [f"profile of {name}: 2 steps, {total / 2e3:.1f} ms GPU time per step"]
+    lines += [f"  {k:28s} {v / 2e3:8.1f} ms/step  {100 * v / total:5.1f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90))
+    print("\n".join("PROFILE " + line for line in lines), flush=True)
+    text = "\n".join(lines)
+    out = Path(os.environ.get("OUT", "bench/out"))
+    (out / f"profile-{name}.txt").write_text(text)
+
+
+def attention_backends() -> dict:
+    """SDPA forward + backward at the 8B shape (4 x 2048, 32 query / 8 KV heads, head 128) per backend."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(4, 32, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(4, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = {}
+    for label, backend, gqa in (
+        ("flash_gqa", SDPBackend.FLASH_ATTENTION, True),
+        ("flash_expanded", SDPBackend.FLASH_ATTENTION, False),
+        ("cudnn_gqa", SDPBackend.CUDNN_ATTENTION, True),
+        ("cudnn_expanded", SDPBackend.CUDNN_ATTENTION, False),
+    ):
+        def step():
+            kk, vv = (k, v) if gqa else (k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            o.backward(torch.ones_like(o))
+        try:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+            out[label + "_ms"] = (time.perf_counter() - t0) * 100
+        except Exception as exc:  # report which backends refuse this shape
+            out[label + "_ms"] = f"refused: {str(exc)[:100]}"
+    return out
+
+
 def check() -> dict:
     """Fused GPU kernels against their PyTorch references (fp32 on upcast inputs), and loss curves."""
     import torch
@@ -195,7 +267,7 @@ def check() -> dict:
 
     import lorakit
     from lorakit.kernels.elementwise import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
-    from lorakit.kernels.lora_linear import Projection, lora_group, lora_group_reference
+    from lorakit.kernels.lora_linear import Projection, lora_group, lora_group_reference, swiglu_lora, swiglu_lora_reference
     from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
 
     def rel(a, b):
@@ -259,6 +331,14 @@ def check() -> dict:
         results["lora_group_qkv" + ("_nf4" if quantized else "")] = max(
             [rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)]
         )
+    down = mods[0]  # a (4096 -> 4096) projection with an adapter, NF4 base
+    gg = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
+    uu = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
+    params = [gg, uu, down.lora_a(), down.lora_b()]
+    up_g, up_u = gg.detach().float().requires_grad_(), uu.detach().float().requires_grad_()
+    o1, g1 = grads(lambda *_: swiglu_lora(gg, uu, down), params)
+    o2, g2 = grads(lambda *_: swiglu_lora_reference(up_g, up_u, down), [up_g, up_u] + params[2:])
+    results["swiglu_lora_nf4"] = max([rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)])
     results.update(loss_curves())
     return results
 
@@ -334,13 +414,54 @@ def dry_run() -> None:
         shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2)
 
 
+def process_group(name: str) -> str:
+    """Cases that may share one process: Liger patches transformers globally, and the
+    compiled PEFT cases keep their compile caches to themselves."""
+    if name in ("check", "attention") or name.startswith("profile:"):
+        return "lorakit"
+    shape, stack, quantized, opts = CASES[name]
+    if opts.get("liger"):
+        return "liger"
+    if stack == "peft":
+        return "peft-compile" if opts.get("compile") else "peft"
+    return "lorakit"
+
+
+def run_in_this_process(names: list[str], steps: int, warmup: int) -> None:
+    import gc
+    import traceback
+
+    for name in names:
+        t0 = time.time()
+        try:
+            if name == "check":
+                result = check()
+            elif name == "attention":
+                result = attention_backends()
+            elif name.startswith("profile:"):
+                result = run_case(name.split(":", 1)[1], 1, 2, profile=True)
+            else:
+                result = run_case(name, steps, warmup, profile=CASES[name][3].get("profile", False))
+        except Exception as exc:  # one failing case must not hide the others' numbers
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        result["case"] = name
+        result["wall_s"] = time.time() - t0
+        print("RESULT " + json.dumps(result), flush=True)
+        gc.collect()
+        if DEVICE == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="all", help="comma-separated case names, 'all', or 'check'")
+    ap.add_argument("--cases", default="all", help="comma-separated case names, 'all', 'check' or 'attention'")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per case")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per process (a group of cases)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, to check the script itself")
     args = ap.parse_args()
     if args.dry_run:
@@ -348,34 +469,40 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "bench/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.one:
-        result = check() if args.one == "check" else run_case(args.one, args.steps, args.warmup)
-        print("RESULT " + json.dumps(result), flush=True)
+        run_in_this_process(args.one.split(","), args.steps, args.warmup)
         return
-    names = list(CASES) if args.cases == "all" else args.cases.split(",")
-    rows = []
+    names = (list(CASES) + ["check"]) if args.cases == "all" else args.cases.split(",")
+    groups: dict[str, list[str]] = {}
     for name in names:
-        t0 = time.time()
-        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        groups.setdefault(process_group(name), []).append(name)
+    rows = []
+    for group, members in groups.items():
+        cmd = [sys.executable, __file__, "--one", ",".join(members), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += ["--dry-run"] if args.dry_run else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if found:
-                result = json.loads(found[-1][7:])
-                result["case"] = name
-            else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                result = {"case": name, "error": " / ".join(tail)}
-                with open(out_dir / "errors.txt", "a") as f:
-                    f.write(f"==== {name}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}\n")
-        except subprocess.TimeoutExpired:
-            result = {"case": name, "error": f"timed out after {args.timeout}s"}
-        result["wall_s"] = time.time() - t0
-        rows.append(result)
-        print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
-        with open(out_dir / "train_gpu.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-    timed = [r for r in rows if r["case"] != "check"]
+            stdout, stderr = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            stderr = f"group {group} timed out after {args.timeout}s"
+        found = {}
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[7:])
+                found[result["case"]] = result
+            elif line.startswith("PROFILE "):
+                print(line[8:], flush=True)
+        if any("error" in r for r in found.values()) or len(found) < len(members):
+            with open(out_dir / "errors.txt", "a") as f:
+                f.write(f"==== {group}\n{stdout[-3000:]}\n{stderr[-8000:]}\n")
+        for name in members:
+            result = found.get(name) or {"case": name, "error": (stderr.strip().splitlines() or ["no output"])[-1][:200]}
+            rows.append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+            with open(out_dir / "train_gpu.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+    order = {n: i for i, n in enumerate(CASES)}
+    timed = sorted((r for r in rows if r["case"] in CASES), key=lambda r: order[r["case"]])
     if timed:
         print(table(timed))
 

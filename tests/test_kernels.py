@@ -15,7 +15,13 @@ from torch import nn
 import lorakit
 from lorakit.kernels import FastPathConfig, disable_fast_path, enable_fast_path, supported
 from lorakit.kernels.elementwise import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
-from lorakit.kernels.lora_linear import Projection, lora_group, lora_group_reference
+from lorakit.kernels.lora_linear import (
+    Projection,
+    lora_group,
+    lora_group_reference,
+    swiglu_lora,
+    swiglu_lora_reference,
+)
 from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,6 +112,15 @@ def test_lora_group_backward_matches_autograd(ranks, biases):
         return lora_group_reference(x, projections)
 
     _grads_match(fused, reference, params)
+
+
+@pytest.mark.parametrize("rank", [3, 0])
+def test_swiglu_lora_backward_matches_autograd(rank):
+    (projection,) = _lora_layers((False,), (rank,))
+    g = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    params = [g, u] + ([projection.lora_a(), projection.lora_b()] if rank else [])
+    _grads_match(lambda *_: swiglu_lora(g, u, projection), lambda *_: swiglu_lora_reference(g, u, projection), params)
 
 
 def test_lora_group_matches_lora_linear_forward():

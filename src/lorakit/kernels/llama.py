@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import LoraLinear
-from .elementwise import rms_norm, rope, swiglu
-from .lora_linear import Projection, lora_group
+from .elementwise import rms_norm, rope
+from .lora_linear import Projection, lora_group, swiglu_lora
 from .loss import linear_cross_entropy
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -130,7 +130,7 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: tor
     h = h + o.view(batch, seq, d)
     x = rms_norm(h, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)).view(batch * seq, d)
     g, u = lora_group(x, (_projection(mlp.gate_proj), _projection(mlp.up_proj)))
-    (y,) = lora_group(swiglu(g, u), (_projection(mlp.down_proj),))
+    y = swiglu_lora(g, u, _projection(mlp.down_proj))
     return h + y.view(batch, seq, d)
 
 

@@ -21,7 +21,10 @@ are returned in the adapter's own dtype. A 4-bit base (bitsandbytes `Params4bit`
 which carries its `quant_state`) is dequantized inside the function, in the forward
 and again in the backward, so the dense weight never outlives one matmul.
 
-`lora_group_reference` is the same function written with plain autograd; the CPU
+`swiglu_lora` is the down projection with SwiGLU in front, `down(silu(g) * u)`, where the
+(T, intermediate) product is recomputed in the backward rather than saved.
+
+`lora_group_reference` (and `swiglu_lora_reference`) is the same function written with plain autograd; the CPU
 tests check the hand-derived gradients against it.
 """
 
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .elementwise import _swiglu_bwd_k, _swiglu_fwd_k, swiglu_reference
 
 
 @dataclass(frozen=True)
@@ -79,28 +84,83 @@ def _adapter_tensors(projections: Sequence[Projection]) -> list[torch.Tensor]:
     return flat
 
 
+def _group_forward(
+    x: torch.Tensor, projections: tuple[Projection, ...], adapters: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The group's outputs and xa = x @ cat(A).T (None when no projection has an adapter)."""
+    dtype = x.dtype
+    a_list = adapters[0::2]
+    xa = x @ torch.cat([a.to(dtype) for a in a_list]).t() if a_list else None  # (T, R)
+    outputs = []
+    offset = 0
+    b_iter = iter(adapters[1::2])
+    for p in projections:
+        bias = getattr(p.module, "bias", None)
+        weight = dense_weight(p.module, dtype)
+        y = torch.nn.functional.linear(x, weight, bias.to(dtype) if bias is not None else None)
+        del weight
+        if p.adapter is not None:
+            r = p.rank
+            b = next(b_iter).to(dtype)
+            # y += s * xa_i @ B.T, accumulated in place by the GEMM (beta = 1)
+            y.addmm_(xa[:, offset : offset + r], b.t(), alpha=p.scaling)
+            offset += r
+        outputs.append(y)
+    return outputs, xa
+
+
+def _group_backward(
+    x: torch.Tensor,
+    xa: torch.Tensor | None,
+    projections: tuple[Projection, ...],
+    adapters: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    need_x: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """dx (when need_x) and the adapters' gradients (dA_0, dB_0, dA_1, ...), derived above."""
+    dtype = x.dtype
+    dx = None
+    g_parts = []
+    b_grads: list[torch.Tensor] = []
+    offset = 0
+    b_iter = iter(adapters[1::2])
+    for p, dy in zip(projections, grads):
+        if dy is None:
+            dy = torch.zeros(x.shape[0], p.module.out_features, dtype=dtype, device=x.device)
+        if need_x:
+            weight = dense_weight(p.module, dtype)
+            if dx is None:
+                dx = dy @ weight
+            else:
+                dx.addmm_(dy, weight)
+            del weight
+        if p.adapter is not None:
+            r = p.rank
+            b = next(b_iter)
+            g_parts.append((dy @ b.to(dtype)).mul_(p.scaling))  # (T, r)
+            db = (dy.t() @ xa[:, offset : offset + r]).mul_(p.scaling)  # (out, r)
+            b_grads.append(db.to(b.dtype))
+            offset += r
+    adapter_grads: list[torch.Tensor] = []
+    if g_parts:
+        a_list = adapters[0::2]
+        g = torch.cat(g_parts, dim=1) if len(g_parts) > 1 else g_parts[0]  # (T, R)
+        a_cat = torch.cat([a.to(dtype) for a in a_list])
+        if need_x:
+            dx.addmm_(g, a_cat)
+        da_cat = g.t() @ x  # (R, in)
+        offset = 0
+        for a, db in zip(a_list, b_grads):
+            r = a.shape[0]
+            adapter_grads += [da_cat[offset : offset + r].to(a.dtype), db]
+            offset += r
+    return dx, adapter_grads
+
+
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, projections: tuple[Projection, ...], *adapters: torch.Tensor):
-        dtype = x.dtype
-        adapted = [p for p in projections if p.adapter is not None]
-        a_cat = torch.cat([a.to(dtype) for a in adapters[0::2]]) if adapted else None  # (R, in)
-        xa = x @ a_cat.t() if a_cat is not None else None  # (T, R)
-        outputs = []
-        offset = 0
-        b_iter = iter(adapters[1::2])
-        for p in projections:
-            bias = getattr(p.module, "bias", None)
-            weight = dense_weight(p.module, dtype)
-            y = torch.nn.functional.linear(x, weight, bias.to(dtype) if bias is not None else None)
-            del weight
-            if p.adapter is not None:
-                r = p.rank
-                b = next(b_iter).to(dtype)
-                # y += s * xa_i @ B.T, accumulated in place by the GEMM (beta = 1)
-                y.addmm_(xa[:, offset : offset + r], b.t(), alpha=p.scaling)
-                offset += r
-            outputs.append(y)
+        outputs, xa = _group_forward(x, projections, adapters)
         ctx.projections = projections
         ctx.save_for_backward(x, xa, *adapters)
         return tuple(outputs)
@@ -108,45 +168,42 @@ class _LoraGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         x, xa, *adapters = ctx.saved_tensors
-        projections: tuple[Projection, ...] = ctx.projections
-        dtype = x.dtype
-        need_x = ctx.needs_input_grad[0]
-        dx = None
-        g_parts = []
-        b_grads: list[torch.Tensor] = []
-        offset = 0
-        b_iter = iter(adapters[1::2])
-        for p, dy in zip(projections, grads):
-            if dy is None:
-                dy = torch.zeros(x.shape[0], p.module.out_features, dtype=dtype, device=x.device)
-            if need_x:
-                weight = dense_weight(p.module, dtype)
-                if dx is None:
-                    dx = dy @ weight
-                else:
-                    dx.addmm_(dy, weight)
-                del weight
-            if p.adapter is not None:
-                r = p.rank
-                b = next(b_iter)
-                g_parts.append((dy @ b.to(dtype)) * p.scaling)  # (T, r)
-                db = (dy.t() @ xa[:, offset : offset + r]) * p.scaling  # (out, r)
-                b_grads.append(db.to(b.dtype))
-                offset += r
-        adapter_grads: list[torch.Tensor | None] = []
-        if g_parts:
-            a_list = adapters[0::2]
-            g = torch.cat(g_parts, dim=1)  # (T, R)
-            a_cat = torch.cat([a.to(dtype) for a in a_list])
-            if need_x:
-                dx.addmm_(g, a_cat)
-            da_cat = g.t() @ x  # (R, in)
-            offset = 0
-            for a, db in zip(a_list, b_grads):
-                r = a.shape[0]
-                adapter_grads += [da_cat[offset : offset + r].to(a.dtype), db]
-                offset += r
+        dx, adapter_grads = _group_backward(x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0])
         return (dx, None, *adapter_grads)
+
+
+class _SwiGLULora(torch.autograd.Function):
+    """down(silu(g) * u) with the SwiGLU product recomputed in the backward, never saved.
+
+    Saves g, u and xa: the (T, intermediate) product h = silu(g) * u is formed once in
+    the forward for the matmul and once in the backward for dA and dh -> (dg, du).
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, projection: Projection, *adapters: torch.Tensor):
+        h = _swiglu_fwd_k(g, u)
+        (y,), xa = _group_forward(h, (projection,), adapters)
+        ctx.projection = projection
+        ctx.save_for_backward(g, u, xa, *adapters)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        g, u, xa, *adapters = ctx.saved_tensors
+        h = _swiglu_fwd_k(g, u)
+        dh, adapter_grads = _group_backward(h, xa, (ctx.projection,), adapters, (dy,), True)
+        del h
+        dg, du = _swiglu_bwd_k(dh, g, u)
+        return (dg, du, None, *adapter_grads)
+
+
+def swiglu_lora(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> torch.Tensor:
+    """projection(silu(g) * u), fused: g, u (T, intermediate) -> (T, out)."""
+    return _SwiGLULora.apply(g, u, projection, *_adapter_tensors((projection,)))
+
+
+def swiglu_lora_reference(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> torch.Tensor:
+    return lora_group_reference(swiglu_reference(g, u), (projection,))[0]
 
 
 def lora_group(x: torch.Tensor, projections: Sequence[Projection]) -> tuple[torch.Tensor, ...]:
