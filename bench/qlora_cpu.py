@@ -1,9 +1,10 @@
 """CPU benchmark: fp32 LoRA vs NF4 QLoRA on the bundled default model (SmolLM2-135M-Instruct).
 
 Each configuration runs in its own process, so peak memory (the process's peak RSS) is
-its own. Measured per configuration: peak RSS right after loading (and its growth over
-the imports alone), base linear weight bytes, training tokens/s over timed steps after
-warm-up, peak RSS after training, and lorakit's memory report.
+its own. Measured per configuration: peak RSS right after loading with every weight
+touched (and its growth over the imports alone), base linear weight bytes, training
+tokens/s over timed steps after warm-up, peak RSS after training, and lorakit's memory
+report.
 
     .venv/bin/python bench/qlora_cpu.py                     # all configurations, a markdown table
     .venv/bin/python bench/qlora_cpu.py --steps 4 --seq 128 # quicker
@@ -29,6 +30,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(name: str, steps: int, warmup: int, batch: int, seq: int, rank: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -49,8 +57,14 @@ def worker(name: str, steps: int, warmup: int, batch: int, seq: int, rank: int, 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if spec["quantize"]:
             quant.quantize_model(model, spec["quantize"], compute_dtype=torch.float32)
+    # transformers maps the checkpoint and reads pages on first touch; touch every weight
+    # (training would) so each configuration's load is counted in full.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
     load_s = time.perf_counter() - t0
     load_peak = peak_rss_mib()
+    resident = rss_mib()
     stored, fp32 = quant.linear_weight_bytes(model)
 
     lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"))
@@ -74,6 +88,7 @@ def worker(name: str, steps: int, warmup: int, batch: int, seq: int, rank: int, 
         "rss_after_imports_mib": round(baseline, 1),
         "peak_rss_after_load_mib": round(load_peak, 1),
         "load_growth_mib": round(load_peak - baseline, 1),
+        "resident_after_load_mib": round(resident, 1),
         "linear_weights_mib": round(stored / 2**20, 1),
         "linear_weights_fp32_mib": round(fp32 / 2**20, 1),
         "train_tokens_per_s": round(batch * seq * steps / timed, 1),

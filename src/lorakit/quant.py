@@ -17,9 +17,12 @@ that reports the error).
 
 from __future__ import annotations
 
+import json
 import resource
+import struct
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +182,6 @@ def load_quantized(
     memory stays near the quantized size plus one full-precision layer. `dtype` is the
     dtype of everything left unquantized (embeddings, norms, the head).
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_kind(kind)
@@ -199,21 +201,19 @@ def load_quantized(
     compute_dtype = compute_dtype or dtype
     pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear's weight and bias, until both are read
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            for key in reader.keys():
-                owner, _, leaf = key.rpartition(".")
-                tensor = reader.get_tensor(key)
-                if owner in quantize and leaf in ("weight", "bias"):
-                    parts = pending.setdefault(owner, {})
-                    parts[leaf] = tensor.to(device=device, dtype=dtype)
-                    linear = model.get_submodule(owner)
-                    if "weight" in parts and ("bias" in parts or linear.bias is None):
-                        bias = parts.get("bias")
-                        layer = qweights.quantized_linear(parts["weight"], bias, kind, compute_dtype)
-                        _set_submodule(model, owner, layer)
-                        del pending[owner]
-                    continue
-                _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+        for key, tensor in read_safetensors(file):
+            owner, _, leaf = key.rpartition(".")
+            if owner in quantize and leaf in ("weight", "bias"):
+                parts = pending.setdefault(owner, {})
+                parts[leaf] = tensor.to(device=device, dtype=dtype)
+                linear = model.get_submodule(owner)
+                if "weight" in parts and ("bias" in parts or linear.bias is None):
+                    bias = parts.get("bias")
+                    layer = qweights.quantized_linear(parts["weight"], bias, kind, compute_dtype)
+                    _set_submodule(model, owner, layer)
+                    del pending[owner]
+                continue
+            _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
     model.tie_weights()
     _restore_buffers(model, config, device)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -229,6 +229,38 @@ def load_quantized(
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a .safetensors file, one at a time, each read into its own memory.
+
+    Plain reads rather than a memory map: a mapped checkpoint stays resident (and counted)
+    while it is open, which is the full-precision size this loader exists to avoid.
+    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the data.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        start = 8 + length
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which lorakit cannot read")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise ValueError(f"{path} is truncated: tensor {key!r} ends past the end of the file")
+            yield key, raw.view(dtype).reshape(info["shape"])
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
