@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import mixed_batch, read_adapter
 from ..inject import has_adapters
+from ..io import AdapterFiles
 from .adapters import AdapterCache, AdapterMismatch
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
@@ -223,15 +224,17 @@ class Engine:
     def adapter_names(self) -> list[str]:
         return self.adapters.names
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load an adapter directory under `name` (blocking; the file is read on this thread).
+    def load_adapter(self, name: str, path: str | Path | AdapterFiles) -> None:
+        """Load an adapter directory (or an already-read adapter) under `name`.
 
-        Raises FileNotFoundError / ValueError for unreadable files and AdapterMismatch
-        when the adapter does not fit the base model; the engine keeps serving either way.
+        Blocks until it is loaded; the file is read on the calling thread, so the engine
+        keeps decoding meanwhile. Raises FileNotFoundError / ValueError for unreadable
+        files and AdapterMismatch when the adapter does not fit the base model; the
+        engine keeps serving either way.
         """
         if not isinstance(name, str) or not name or "." in name or "/" in name:
             raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
-        files = read_adapter(path)
+        files = path if isinstance(path, AdapterFiles) else read_adapter(path)
         self._call(lambda: self.adapters.register(name, files, self._busy()))
 
     def unload_adapter(self, name: str) -> None:

@@ -1,0 +1,272 @@
+"""Serving with many adapters: lorakit's engine against PEFT's mixed-batch generate.
+
+For 1, 8 and 32 distinct adapters (and the base alone), at most 32 requests decoding
+together, requests arriving as a Poisson process: generated tokens per second and p50 /
+p99 request latency (arrival to last token, queueing included). The arrival rate is the
+same for every case: `--rate-factor` (2) times the one-adapter capacity measured in a warm-up,
+so the engine stays saturated and tokens/s is its capacity.
+
+PEFT has no continuous batching: its numbers are one static batch of 32 requests through
+`model.generate(adapter_names=...)`, every request's latency being the whole batch's.
+
+    python bench/serve.py --device cpu                 # small Llama-shaped model, minutes on 2 cores
+    python bench/serve.py --device cuda --size 1b      # Llama-3.2-1B-shaped, random init, bf16
+
+Prints a table and writes JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import lorakit
+from lorakit.inject import delete_adapter
+from lorakit.io import AdapterFiles, adapter_config_dict, adapter_state_dict
+from lorakit.serve import Engine, SamplingParams
+
+SIZES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab)
+    "small": (256, 688, 4, 8, 4, 4096),
+    "1b": (2048, 8192, 16, 32, 8, 128256),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline; ids past its vocabulary decode to nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>")
+
+
+def build_model(size: str, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+        tie_word_embeddings=size == "1b", pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    with device:
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def make_adapters(model, count: int, rank: int) -> dict[str, AdapterFiles]:
+    """`count` adapters with distinct random weights, read into memory as if from disk."""
+    out = {}
+    config = lorakit.LoraConfig(r=rank, alpha=2 * rank, target_modules=TARGETS)
+    for i in range(count):
+        name = f"a{i}"
+        lorakit.add_adapter(model, name, config)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if f"lora_B.{name}." in pname:
+                    param.normal_(std=0.01)
+        tensors = adapter_state_dict(model, name)
+        raw = adapter_config_dict(model, name)
+        out[name] = AdapterFiles(directory=Path(f"<memory>/{name}"), config=config, raw_config=raw, tensors=tensors)
+        delete_adapter(model, name)
+    return out
+
+
+@dataclass
+class Result:
+    case: str
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+    requests: int
+    mean_batch: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def poisson_run(engine: Engine, prompts: list[list[int]], adapters: list[str | None], max_tokens: int, rate: float, seed: int) -> tuple[float, list[float], int]:
+    """Submit with exponential gaps; returns (tokens/s, latencies, tokens)."""
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    finished: dict[int, float] = {}
+    arrived: dict[int, float] = {}
+    tokens = [0] * len(prompts)
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def listener(i: int):
+        def notify(event) -> None:
+            if event.finish_reason is not None:
+                with lock:
+                    finished[i] = time.perf_counter()
+                    tokens[i] = event.completion_tokens
+                    if len(finished) == len(prompts):
+                        done.set()
+        return notify
+
+    start = time.perf_counter()
+    due = start
+    for i, (ids, name) in enumerate(zip(prompts, adapters, strict=True)):
+        due += rng.expovariate(rate)
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        arrived[i] = time.perf_counter()
+        engine.submit(ids, name, params, listener(i))
+    done.wait()
+    end = max(finished.values())
+    latencies = [finished[i] - arrived[i] for i in range(len(prompts))]
+    return sum(tokens) / (end - start), latencies, sum(tokens)
+
+
+def engine_cases(model, tok, adapters, args, prompts) -> tuple[list[Result], float]:
+    engine = Engine(model, tok, max_batch=32, max_queue=100000, max_adapters_on_device=len(adapters), context_length=4096)
+    engine.eos_ids = set()  # random weights: decode exactly max_tokens
+    for name, files in adapters.items():
+        engine.load_adapter(name, files)
+    results = []
+    with engine:
+        # Warm-up and calibration: 32 one-adapter requests at once give the capacity.
+        engine.generate(prompts[:8], "a0", SamplingParams(max_tokens=4, temperature=0))
+        t = time.perf_counter()
+        outs = engine.generate(prompts[:32], "a0", SamplingParams(max_tokens=args.max_tokens, temperature=0))
+        capacity = sum(o.completion_tokens for o in outs) / (time.perf_counter() - t)
+        rate = args.rate_factor * capacity / args.max_tokens
+        print(f"calibration: {capacity:.0f} tokens/s with 32 requests on one adapter; arrivals {rate:.2f} requests/s")
+        names = list(adapters)
+        cases = [("engine, 1 adapter", 1), ("engine, 8 adapters", 8), ("engine, 32 adapters", 32), ("engine, base only", 0)]
+        runs: dict[str, list[tuple[float, list[float], float]]] = {label: [] for label, _ in cases}
+        # Round-robin repeats, so drift in the machine's load hits every case alike; the median run counts.
+        for repeat in range(args.repeats):
+            for label, distinct in cases:
+                row_names = [names[i % distinct] if distinct else None for i in range(len(prompts))]
+                steps, rows = engine.stats.decode_steps, engine.stats.batch_rows
+                tps, lat, _ = poisson_run(engine, prompts, row_names, args.max_tokens, rate, seed=repeat)
+                mean_batch = (engine.stats.batch_rows - rows) / max(engine.stats.decode_steps - steps, 1)
+                runs[label].append((tps, lat, mean_batch))
+                print(f"  {label} (run {repeat + 1}): {tps:.0f} tokens/s")
+        for label, _ in cases:
+            tps, lat, mean_batch = sorted(runs[label], key=lambda run: run[0])[len(runs[label]) // 2]
+            results.append(Result(label, tps, percentile(lat, 50), percentile(lat, 99), len(prompts), mean_batch))
+    return results, rate
+
+
+def peft_cases(model, adapters, args, prompts) -> list[Result]:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    base = lorakit.unload(model) if hasattr(model, "lora_state") else model
+    config = PeftConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, lora_dropout=0.0)
+    names = list(adapters)
+    peft_model = get_peft_model(base, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    peft_model.eval()
+    device = next(base.parameters()).device
+    batch = prompts[:32]
+    length = max(map(len, batch))
+    ids = torch.zeros((32, length), dtype=torch.long)
+    mask = torch.zeros((32, length), dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, length - len(p):] = torch.tensor(p)
+        mask[i, length - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    results = []
+    with torch.no_grad():
+        peft_model.generate(input_ids=ids[:4], attention_mask=mask[:4], adapter_names=names[:4], max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        for distinct in (1, 8, 32):
+            row_names = [names[i % distinct] for i in range(32)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=row_names,
+                                      max_new_tokens=args.peft_tokens, min_new_tokens=args.peft_tokens, do_sample=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t
+            generated = (out.shape[1] - length) * 32
+            results.append(Result(f"PEFT generate, {distinct} adapter{'s' if distinct > 1 else ''}", generated / seconds, seconds, seconds, 32, 32.0))
+            print(f"  {results[-1].case}: {results[-1].tokens_per_s:.0f} tokens/s")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--requests", type=int, default=96, help="requests per engine case")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--peft-tokens", type=int, default=32, help="tokens per request in PEFT's static batch")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 64), help="prompt length range")
+    parser.add_argument("--rate-factor", type=float, default=2.0, help="arrival rate / one-adapter capacity")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each engine case (the median is reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        # One intra-op thread: the engine thread, the arrival thread and other processes
+        # share the cores, and spinning OpenMP workers on a busy machine stall every op.
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = build_model(args.size, device, dtype)
+    tok = byte_tokenizer()
+    adapters = make_adapters(model, 32, args.rank)
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(*args.prompt_len))] for _ in range(args.requests)]
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"{args.size} model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, {dtype}), 32 adapters r={args.rank} on {', '.join(TARGETS)}; "
+          f"{hardware}; setup {time.perf_counter() - t0:.0f}s")
+
+    results, rate = engine_cases(model, tok, adapters, args, prompts)
+    if not args.skip_peft:
+        results += peft_cases(model, adapters, args, prompts)
+
+    one = next(r.tokens_per_s for r in results if r.case == "engine, 1 adapter")
+    peft_one = next((r.tokens_per_s for r in results if r.case == "PEFT generate, 1 adapter"), None)
+    print()
+    print("| case | tokens/s | vs engine 1 adapter | p50 latency s | p99 latency s | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.case} | {r.tokens_per_s:.0f} | {r.tokens_per_s / one:.2f} | {r.p50_s:.2f} | {r.p99_s:.2f} | {r.mean_batch:.1f} |")
+    summary = {
+        "size": args.size, "device": hardware, "dtype": str(dtype), "rank": args.rank,
+        "requests": args.requests, "max_tokens": args.max_tokens, "peft_tokens": args.peft_tokens,
+        "arrival_rate": rate, "results": [r.__dict__ for r in results],
+        "engine_32_vs_1": next(r.tokens_per_s for r in results if r.case == "engine, 32 adapters") / one,
+        "peft_32_vs_1": (next(r.tokens_per_s for r in results if r.case == "PEFT generate, 32 adapters") / peft_one) if peft_one else None,
+    }
+    print(f"\nengine: 32 distinct adapters keep {summary['engine_32_vs_1']:.0%} of one-adapter throughput"
+          + (f"; PEFT keeps {summary['peft_32_vs_1']:.0%}" if peft_one else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
