@@ -180,7 +180,7 @@ def run_info(adapter: str) -> None:
         "base model": config.base_model_name_or_path or "(not recorded)",
         "targets": targets,
         "rank": config.r,
-        "alpha": config.alpha,
+        "alpha": f"{config.alpha:g}",
         "scaling": f"{config.scaling_for(''):g}",
         "dropout": config.dropout,
         "dora": config.use_dora,
