@@ -383,3 +383,33 @@ def test_cli_train_eval_generate_with_nf4_base(tmp_path, tiny_model_dir, capsys)
     # A 4-bit option the library cannot serve is a one-line error, not a traceback.
     assert main(["eval", "--data", str(data), "--model", str(tiny_model_dir), "--quantize", "nf4", "--device", "meta"]) == 1
     assert "cannot run nf4 layers on device meta" in capsys.readouterr().err
+
+
+def test_qlora_matches_peft_on_a_bitsandbytes_base(tiny_model_dir, tmp_path) -> None:
+    """PEFT's LoRA over bitsandbytes' Linear4bit (the reference QLoRA stack): same logits and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        tiny_model_dir, quantization_config=bnb_config, device_map="cpu"
+    )
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                   init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = load()
+    lorakit.load_adapter(ours, tmp_path / "peft", trainable=True)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(7))
+    peft_model.train()
+    ours.train()
+    ref, got = peft_model(ids, labels=ids), ours(ids, labels=ids)
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-6, rtol=0)
+    ref.loss.backward()
+    got.loss.backward()
+    ref_grads = {n.removeprefix("base_model.model."): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    got_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert ref_grads.keys() == got_grads.keys() and len(got_grads) == 28
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5)
