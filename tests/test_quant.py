@@ -413,3 +413,20 @@ def test_qlora_matches_peft_on_a_bitsandbytes_base(tiny_model_dir, tmp_path) -> 
     assert ref_grads.keys() == got_grads.keys() and len(got_grads) == 28
     for name, grad in got_grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_quantize_after_inject_and_dora_on_a_4bit_base() -> None:
+    """Quantizing works on a model that already has adapters; DoRA reads the dequantized base."""
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True)
+    reference = tiny_llama()
+    model = tiny_llama()
+    lorakit.inject(model, config)
+    _randomise_adapters(model, seed=8, std=0.1)
+    quant.quantize_model(model, "nf4")
+    assert all(m.quantized == "nf4" for m in _linears(model).values())
+    plain = _dequantized_copy(model, reference)
+    lorakit.inject(plain, config)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-4, rtol=0)
