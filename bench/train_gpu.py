@@ -27,8 +27,12 @@ from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, batch=4, checkpointing=True),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, batch=8, checkpointing=False),
+    "8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, batch=4, checkpointing=True
+    ),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, batch=8, checkpointing=False
+    ),
 }
 SEQ = 2048
 VOCAB = 128256
@@ -106,12 +110,20 @@ def quantize_nf4(model) -> None:
                 if type(child) is not torch.nn.Linear:
                     continue
                 q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta",
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
                 )
                 # Params4bit quantizes when moved to the GPU (its data is still the bf16 weight)
                 q.weight = bnb.nn.Params4bit(
-                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                    child.weight.data,
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
                 ).to("cuda")
                 setattr(parent, name, q)
     torch.cuda.empty_cache()
@@ -122,15 +134,20 @@ def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
 
     shape, stack, quantized, opts = CASES[name]
     s = SHAPES[shape]
-    model = build_model(shape, quantized, opts.get("liger", False))
+    model = build_model(shape, quantized and stack == "peft", opts.get("liger", False))
     info = ""
     if stack == "peft":
         import peft
 
         if s["checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model = peft.get_peft_model(
-            model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+            model,
+            peft.LoraConfig(
+                r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+            ),
         )
         if opts.get("compile"):
             for layer in model.base_model.model.model.layers:
@@ -142,7 +159,15 @@ def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
 
         for p in model.parameters():
             p.requires_grad_(False)
-        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS))
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS)
+        )
+        if quantized:  # lorakit's own NF4 base (double-quantized, bf16 compute), under the adapters
+            from lorakit.quant import quantize_model
+
+            quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         config = FastPathConfig(
             recompute="all" if s["checkpointing"] else "none",
             keep_layers=opts.get("keep_layers", 0),
@@ -210,15 +235,31 @@ def write_profile(name: str, model, ids, opt) -> None:
     for e in events:
         key = e.key.lower()
         kind = (
-            "attention" if ("flash" in key or "fmha" in key or "cudnn" in key or "attention" in key)
-            else "gemm" if ("gemm" in key or "sm90" in key or "cutlass" in key or "xmma" in key or "matmul" in key)
-            else "triton (fused elementwise)" if "triton" in key
+            "attention"
+            if ("flash" in key or "fmha" in key or "cudnn" in key or "attention" in key)
+            else "gemm"
+            if (
+                "gemm" in key
+                or "sm90" in key
+                or "cutlass" in key
+                or "xmma" in key
+                or "matmul" in key
+            )
+            else "triton (fused elementwise)"
+            if "triton" in key
             else "other"
         )
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
     lines = [f"profile of {name}: 2 steps, {total / 2e3:.1f} ms GPU time per step"]
-    lines += [f"  {k:28s} {v / 2e3:8.1f} ms/step  {100 * v / total:5.1f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])]
-    lines.append(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90))
+    lines += [
+        f"  {k:28s} {v / 2e3:8.1f} ms/step  {100 * v / total:5.1f}%"
+        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
+    ]
+    lines.append(
+        prof.key_averages().table(
+            sort_by="self_device_time_total", row_limit=30, max_name_column_width=90
+        )
+    )
     print("\n".join("PROFILE " + line for line in lines), flush=True)
     text = "\n".join(lines)
     out = Path(os.environ.get("OUT", "bench/out"))
@@ -241,11 +282,13 @@ def attention_backends() -> dict:
         ("cudnn_gqa", SDPBackend.CUDNN_ATTENTION, True),
         ("cudnn_expanded", SDPBackend.CUDNN_ATTENTION, False),
     ):
-        def step():
+
+        def step(gqa=gqa, backend=backend):
             kk, vv = (k, v) if gqa else (k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))
             with sdpa_kernel([backend]):
                 o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
             o.backward(torch.ones_like(o))
+
         try:
             for _ in range(3):
                 step()
@@ -266,8 +309,21 @@ def check() -> dict:
     from torch import nn
 
     import lorakit
-    from lorakit.kernels.elementwise import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
-    from lorakit.kernels.lora_linear import Projection, lora_group, lora_group_reference, swiglu_lora, swiglu_lora_reference
+    from lorakit.kernels.elementwise import (
+        rms_norm,
+        rms_norm_reference,
+        rope,
+        rope_reference,
+        swiglu,
+        swiglu_reference,
+    )
+    from lorakit.kernels.lora_linear import (
+        Projection,
+        lora_group,
+        lora_group_reference,
+        swiglu_lora,
+        swiglu_lora_reference,
+    )
     from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
 
     def rel(a, b):
@@ -279,14 +335,18 @@ def check() -> dict:
         torch.manual_seed(5)
         w = [torch.randn_like(o) for o in outs]
         leaves = [t for t in inputs if t.requires_grad]
-        gs = torch.autograd.grad(sum((o.float() * x.float()).sum() for o, x in zip(outs, w)), leaves)
+        gs = torch.autograd.grad(
+            sum((o.float() * x.float()).sum() for o, x in zip(outs, w, strict=False)), leaves
+        )
         return outs, gs
 
     def compare(name, fused, ref, inputs):
         up = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
         o1, g1 = grads(fused, inputs)
         o2, g2 = grads(ref, up)
-        errs = [rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)]
+        errs = [rel(a, b) for a, b in zip(o1, o2, strict=False)] + [
+            rel(a, b) for a, b in zip(g1, g2, strict=False)
+        ]
         results[name] = max(errs)
 
     results: dict[str, float] = {}
@@ -294,18 +354,33 @@ def check() -> dict:
     torch.manual_seed(0)
     x = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
     w = torch.randn(4096, device=dev, dtype=bf, requires_grad=True)
-    compare("rms_norm", lambda a, b: rms_norm(a, b, 1e-5), lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w])
+    compare(
+        "rms_norm",
+        lambda a, b: rms_norm(a, b, 1e-5),
+        lambda a, b: rms_norm_reference(a, b, 1e-5),
+        [x, w],
+    )
     gt = torch.randn(4096, 14336, device=dev, dtype=bf, requires_grad=True)
     ut = torch.randn(4096, 14336, device=dev, dtype=bf, requires_grad=True)
     compare("swiglu", swiglu, swiglu_reference, [gt, ut])
     q = torch.randn(2, 2048, 32, 128, device=dev, dtype=bf, requires_grad=True)
     ang = torch.rand(1, 2048, 64, device=dev) * 100
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    compare("rope", lambda t: rope(t, cos.to(bf), sin.to(bf)), lambda t: rope_reference(t, cos, sin), [q])
+    compare(
+        "rope",
+        lambda t: rope(t, cos.to(bf), sin.to(bf)),
+        lambda t: rope_reference(t, cos, sin),
+        [q],
+    )
     h = torch.randn(3000, 4096, device=dev, dtype=bf, requires_grad=True)
     head = (torch.randn(VOCAB, 4096, device=dev) * 0.02).to(bf)
     tgt = torch.randint(0, VOCAB, (3000,), device=dev)
-    compare("linear_cross_entropy", lambda a: linear_cross_entropy(a, head, tgt), lambda a: linear_cross_entropy_reference(a, head.float(), tgt), [h])
+    compare(
+        "linear_cross_entropy",
+        lambda a: linear_cross_entropy(a, head, tgt),
+        lambda a: linear_cross_entropy_reference(a, head.float(), tgt),
+        [h],
+    )
 
     for quantized in (False, True):
         mods = []
@@ -315,8 +390,12 @@ def check() -> dict:
             if quantized:
                 import bitsandbytes as bnb
 
-                q4 = bnb.nn.Linear4bit(4096, out, bias=False, compute_dtype=bf, quant_type="nf4", device="meta")
-                q4.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
+                q4 = bnb.nn.Linear4bit(
+                    4096, out, bias=False, compute_dtype=bf, quant_type="nf4", device="meta"
+                )
+                q4.weight = bnb.nn.Params4bit(
+                    lin.weight.data.cpu(), requires_grad=False, quant_type="nf4"
+                ).cuda()
                 lin = q4
             layer = lorakit.LoraLinear(lin)
             layer.add("default", r=16, alpha=16, dropout=0.0, use_rslora=False, use_dora=False)
@@ -326,10 +405,13 @@ def check() -> dict:
         xin = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
         params = [xin] + [t for p in mods for t in (p.lora_a(), p.lora_b())]
         up = xin.detach().float().requires_grad_()
-        o1, g1 = grads(lambda *_: lora_group(xin, mods), params)
-        o2, g2 = grads(lambda *_: lora_group_reference(up, mods), [up] + params[1:])
+        o1, g1 = grads(lambda *_, xin=xin, mods=mods: lora_group(xin, mods), params)
+        o2, g2 = grads(
+            lambda *_, up=up, mods=mods: lora_group_reference(up, mods), [up] + params[1:]
+        )
         results["lora_group_qkv" + ("_nf4" if quantized else "")] = max(
-            [rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)]
+            [rel(a, b) for a, b in zip(o1, o2, strict=False)]
+            + [rel(a, b) for a, b in zip(g1, g2, strict=False)]
         )
     down = mods[0]  # a (4096 -> 4096) projection with an adapter, NF4 base
     gg = torch.randn(4096, 4096, device=dev, dtype=bf, requires_grad=True)
@@ -338,7 +420,10 @@ def check() -> dict:
     up_g, up_u = gg.detach().float().requires_grad_(), uu.detach().float().requires_grad_()
     o1, g1 = grads(lambda *_: swiglu_lora(gg, uu, down), params)
     o2, g2 = grads(lambda *_: swiglu_lora_reference(up_g, up_u, down), [up_g, up_u] + params[2:])
-    results["swiglu_lora_nf4"] = max([rel(a, b) for a, b in zip(o1, o2)] + [rel(a, b) for a, b in zip(g1, g2)])
+    results["swiglu_lora_nf4"] = max(
+        [rel(a, b) for a, b in zip(o1, o2, strict=False)]
+        + [rel(a, b) for a, b in zip(g1, g2, strict=False)]
+    )
     results.update(loss_curves())
     return results
 
@@ -353,8 +438,15 @@ def loss_curves(steps: int = 30) -> dict:
 
     curves = {}
     for fast in (False, True):
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
-                             num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=4,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+        )
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
@@ -377,14 +469,20 @@ def loss_curves(steps: int = 30) -> dict:
             opt.zero_grad()
             losses.append(float(loss))
         curves["fast" if fast else "generic"] = losses
-    diff = max(abs(a - b) / abs(b) for a, b in zip(curves["fast"], curves["generic"]))
-    return {"loss_curve_max_rel_diff": diff, "loss_first_last_generic": [curves["generic"][0], curves["generic"][-1]],
-            "loss_first_last_fast": [curves["fast"][0], curves["fast"][-1]]}
+    diff = max(abs(a - b) / abs(b) for a, b in zip(curves["fast"], curves["generic"], strict=False))
+    return {
+        "loss_curve_max_rel_diff": diff,
+        "loss_first_last_generic": [curves["generic"][0], curves["generic"][-1]],
+        "loss_first_last_fast": [curves["fast"][0], curves["fast"][-1]],
+    }
 
 
 def table(rows: list[dict]) -> str:
     by = {r["case"]: r for r in rows if "tokens_per_s" in r}
-    lines = ["| case | tokens/s | peak GiB | step s | loss0 | vs PEFT |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| case | tokens/s | peak GiB | step s | loss0 | vs PEFT |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | |")
@@ -392,18 +490,30 @@ def table(rows: list[dict]) -> str:
         shape = r["case"].split("-")[0]
         base = by.get(f"{shape}-qlora-peft" if "qlora" in r["case"] else f"{shape}-peft")
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        lines.append(f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['step_s']:.3f} | {r['loss0']:.4f} | {ratio} |")
-    lines += ["", "| bar | lorakit row (fastest within the memory) | ratio | needed | met |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['step_s']:.3f} | {r['loss0']:.4f} | {ratio} |"
+        )
+    lines += [
+        "",
+        "| bar | lorakit row (fastest within the memory) | ratio | needed | met |",
+        "|---|---|---|---|---|",
+    ]
     for row, ref, need in BARS:
         if ref not in by:
             continue
-        family = [r for c, r in by.items() if c.startswith(row) and r["peak_gib"] <= by[ref]["peak_gib"]]
+        family = [
+            r for c, r in by.items() if c.startswith(row) and r["peak_gib"] <= by[ref]["peak_gib"]
+        ]
         if not family:
-            lines.append(f"| {row} vs {ref} | none within {by[ref]['peak_gib']:.1f} GiB | | {need}x | no |")
+            lines.append(
+                f"| {row} vs {ref} | none within {by[ref]['peak_gib']:.1f} GiB | | {need}x | no |"
+            )
             continue
         best = max(family, key=lambda r: r["tokens_per_s"])
         ratio = best["tokens_per_s"] / by[ref]["tokens_per_s"]
-        lines.append(f"| {row} vs {ref} | {best['case']} ({best['peak_gib']:.1f} <= {by[ref]['peak_gib']:.1f} GiB) | {ratio:.2f}x | {need}x | {'yes' if ratio >= need else 'no'} |")
+        lines.append(
+            f"| {row} vs {ref} | {best['case']} ({best['peak_gib']:.1f} <= {by[ref]['peak_gib']:.1f} GiB) | {ratio:.2f}x | {need}x | {'yes' if ratio >= need else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -457,12 +567,18 @@ def run_in_this_process(names: list[str], steps: int, warmup: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="all", help="comma-separated case names, 'all', 'check' or 'attention'")
+    ap.add_argument(
+        "--cases", default="all", help="comma-separated case names, 'all', 'check' or 'attention'"
+    )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--timeout", type=int, default=420, help="seconds per process (a group of cases)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, to check the script itself")
+    ap.add_argument(
+        "--timeout", type=int, default=420, help="seconds per process (a group of cases)"
+    )
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on the CPU, to check the script itself"
+    )
     args = ap.parse_args()
     if args.dry_run:
         dry_run()
@@ -477,7 +593,16 @@ def main() -> None:
         groups.setdefault(process_group(name), []).append(name)
     rows = []
     for group, members in groups.items():
-        cmd = [sys.executable, __file__, "--one", ",".join(members), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            ",".join(members),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         cmd += ["--dry-run"] if args.dry_run else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -496,7 +621,10 @@ def main() -> None:
             with open(out_dir / "errors.txt", "a") as f:
                 f.write(f"==== {group}\n{stdout[-3000:]}\n{stderr[-8000:]}\n")
         for name in members:
-            result = found.get(name) or {"case": name, "error": (stderr.strip().splitlines() or ["no output"])[-1][:200]}
+            result = found.get(name) or {
+                "case": name,
+                "error": (stderr.strip().splitlines() or ["no output"])[-1][:200],
+            }
             rows.append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
             with open(out_dir / "train_gpu.jsonl", "a") as f:

@@ -9,12 +9,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
 from torch import nn
 
 import lorakit
+from conftest import tiny_llama
 from lorakit.kernels import FastPathConfig, disable_fast_path, enable_fast_path, supported
-from lorakit.kernels.elementwise import rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+from lorakit.kernels.elementwise import (
+    rms_norm,
+    rms_norm_reference,
+    rope,
+    rope_reference,
+    swiglu,
+    swiglu_reference,
+)
 from lorakit.kernels.lora_linear import (
     Projection,
     lora_group,
@@ -40,18 +47,24 @@ def _grads_match(fn, ref, inputs: list[torch.Tensor], tol: float = 1e-10) -> Non
     refs = out_ref if isinstance(out_ref, tuple) else (out_ref,)
     weights = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves)
-    want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(refs, weights)), leaves)
-    for o, r in zip(outs, refs):
+    got = torch.autograd.grad(
+        sum((o * w).sum() for o, w in zip(outs, weights, strict=False)), leaves
+    )
+    want = torch.autograd.grad(
+        sum((o * w).sum() for o, w in zip(refs, weights, strict=False)), leaves
+    )
+    for o, r in zip(outs, refs, strict=False):
         _close(o, r, tol)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         _close(g, w, tol)
 
 
 def test_rms_norm_backward_matches_autograd():
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    _grads_match(lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w])
+    _grads_match(
+        lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w]
+    )
 
 
 def test_rms_norm_matches_transformers():
@@ -86,19 +99,22 @@ def _lora_layers(biases: tuple[bool, ...], ranks: tuple[int, ...], dtype=torch.f
     torch.manual_seed(0)
     outs = (12, 6, 6)[: len(ranks)]
     mods = []
-    for out, r, bias in zip(outs, ranks, biases):
+    for out, r, bias in zip(outs, ranks, biases, strict=False):
         layer = lorakit.LoraLinear(nn.Linear(10, out, bias=bias, dtype=dtype))
         layer.weight.requires_grad_(False)
         if r:
-            layer.add("default", r=r, alpha=2 * r + 1, dropout=0.0, use_rslora=False, use_dora=False)
+            layer.add(
+                "default", r=r, alpha=2 * r + 1, dropout=0.0, use_rslora=False, use_dora=False
+            )
             nn.init.normal_(layer.lora_B["default"].weight)  # B = 0 would hide errors in dA
             layer.set_active(["default"])
         mods.append(layer)
-    return [Projection(m, "default" if r else None) for m, r in zip(mods, ranks)]
+    return [Projection(m, "default" if r else None) for m, r in zip(mods, ranks, strict=False)]
 
 
 @pytest.mark.parametrize(
-    "ranks,biases", [((4, 2, 3), (False, False, False)), ((4, 0, 3), (True, True, False)), ((5,), (False,))]
+    "ranks,biases",
+    [((4, 2, 3), (False, False, False)), ((4, 0, 3), (True, True, False)), ((5,), (False,))],
 )
 def test_lora_group_backward_matches_autograd(ranks, biases):
     projections = _lora_layers(biases, ranks)
@@ -120,7 +136,11 @@ def test_swiglu_lora_backward_matches_autograd(rank):
     g = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
     u = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
     params = [g, u] + ([projection.lora_a(), projection.lora_b()] if rank else [])
-    _grads_match(lambda *_: swiglu_lora(g, u, projection), lambda *_: swiglu_lora_reference(g, u, projection), params)
+    _grads_match(
+        lambda *_: swiglu_lora(g, u, projection),
+        lambda *_: swiglu_lora_reference(g, u, projection),
+        params,
+    )
 
 
 def test_lora_group_matches_lora_linear_forward():
@@ -151,7 +171,11 @@ def test_chunked_cross_entropy_equals_full(chunk):
     h = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 37, (11,))
-    _grads_match(lambda a, b: linear_cross_entropy(a, b, t, chunk), lambda a, b: linear_cross_entropy_reference(a, b, t), [h, w])
+    _grads_match(
+        lambda a, b: linear_cross_entropy(a, b, t, chunk),
+        lambda a, b: linear_cross_entropy_reference(a, b, t),
+        [h, w],
+    )
     _close(linear_cross_entropy(h, w, t, chunk), F.cross_entropy(h @ w.t(), t))
 
 
@@ -172,7 +196,9 @@ def _batch(seed: int = 0, batch: int = 3, seq: int = 9):
     return ids, labels
 
 
-@pytest.mark.parametrize("config", [FastPathConfig(), FastPathConfig(recompute="all", keep_layers=1)])
+@pytest.mark.parametrize(
+    "config", [FastPathConfig(), FastPathConfig(recompute="all", keep_layers=1)]
+)
 def test_patched_model_matches_unpatched(config):
     model = _adapted_llama(torch.float64)
     ids, labels = _batch()
@@ -201,7 +227,9 @@ def test_right_padding_and_num_items_match_unpatched():
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     labels[1, 6:] = -100
-    ref = copy.deepcopy(model)(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=17).loss
+    ref = copy.deepcopy(model)(
+        input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=17
+    ).loss
     assert enable_fast_path(model).enabled
     got = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=17).loss
     _close(got, ref, 1e-6)
@@ -243,8 +271,15 @@ def test_qwen3_matches_unpatched():
 
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     model = Qwen3ForCausalLM(config).double().train()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
@@ -252,3 +287,25 @@ def test_qwen3_matches_unpatched():
     ref = copy.deepcopy(model)(input_ids=ids, labels=labels).loss
     assert enable_fast_path(model).enabled
     _close(model(input_ids=ids, labels=labels).loss, ref, 1e-6)
+
+
+def test_training_loss_sum_matches_generic_path():
+    from lorakit.data import IGNORE
+    from lorakit.train import compute_loss
+
+    model = _adapted_llama(torch.float64)
+    ids, labels = _batch(seed=5)
+    labels[labels == -100] = IGNORE
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    ref_sum, ref_count = compute_loss(copy.deepcopy(model), batch)
+    assert enable_fast_path(model).enabled
+    got_sum, got_count = compute_loss(model, batch)
+    assert got_count == ref_count
+    _close(got_sum, ref_sum, 1e-6)
+    packed = dict(batch, position_ids=torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5]).expand_as(ids))
+    from lorakit.kernels import fused_loss_sum
+
+    assert (
+        fused_loss_sum(model, ids, labels, packed["position_ids"]) is None
+    )  # packed rows: generic path

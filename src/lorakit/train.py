@@ -42,6 +42,7 @@ from .data import (
 )
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
+from .kernels import enable_fast_path, fused_loss_sum
 from .models import load_model
 from .quant import memory_report
 
@@ -126,6 +127,8 @@ class TrainArgs:
     """cpu, cuda, cuda:1 ... (default: cuda when available)."""
     loss_chunk: int = 2048
     """Supervised positions per chunk of the output head + cross-entropy (bounds the logits' memory)."""
+    fast_path: bool = True
+    """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
 
     def __post_init__(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -224,6 +227,9 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         inject(model, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fast_path and device.type == "cuda":
+        status = enable_fast_path(model)
+        log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
 
     per_epoch = batches_per_epoch(len(train_rows), args.batch_size)
@@ -301,6 +307,9 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 
     targets = labels[:, 1:]
     mask = targets != IGNORE  # (B, T-1): position t predicts token t+1
     count = int(mask.sum())
+    fused = fused_loss_sum(model, batch["input_ids"], labels, batch.get("position_ids"))
+    if fused is not None:  # the GPU fast path is on for this model and this batch (lorakit.kernels)
+        return fused, count
     body, head = _body_and_head(model)
     if body is None:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits

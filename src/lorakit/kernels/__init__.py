@@ -27,7 +27,15 @@ from torch import nn
 from .elementwise import set_compile
 from .llama import causal_lm_loss, forward_reason, supported
 
-__all__ = ["FastPathConfig", "FastPathStatus", "causal_lm_loss", "disable_fast_path", "enable_fast_path", "supported"]
+__all__ = [
+    "FastPathConfig",
+    "FastPathStatus",
+    "causal_lm_loss",
+    "disable_fast_path",
+    "enable_fast_path",
+    "fused_loss_sum",
+    "supported",
+]
 
 
 @dataclass
@@ -45,7 +53,9 @@ class FastPathConfig:
 
     def __post_init__(self) -> None:
         if self.recompute not in ("auto", "all", "none"):
-            raise ValueError(f"FastPathConfig.recompute must be auto, all or none; got {self.recompute!r}")
+            raise ValueError(
+                f"FastPathConfig.recompute must be auto, all or none; got {self.recompute!r}"
+            )
         if self.keep_layers < 0:
             raise ValueError(f"FastPathConfig.keep_layers must be >= 0, got {self.keep_layers}")
 
@@ -58,6 +68,7 @@ class FastPathStatus:
 
 
 _ORIGINAL = "_lorakit_generic_forward"
+_CONFIG = "_lorakit_fast_path"
 
 
 def enable_fast_path(model: nn.Module, config: FastPathConfig | None = None) -> FastPathStatus:
@@ -72,6 +83,7 @@ def enable_fast_path(model: nn.Module, config: FastPathConfig | None = None) -> 
     set_compile(config.compile)
     original = model.__dict__.get(_ORIGINAL) or model.forward
     setattr(model, _ORIGINAL, original)
+    setattr(model, _CONFIG, config)
 
     def forward(
         self: nn.Module,
@@ -82,33 +94,72 @@ def enable_fast_path(model: nn.Module, config: FastPathConfig | None = None) -> 
         **kwargs: Any,
     ):
         num_items = kwargs.pop("num_items_in_batch", None)
-        plain = input_ids is not None and labels is not None and not any(
-            v is not None and v is not False for k, v in kwargs.items() if k not in ("return_dict", "use_cache")
+        plain = (
+            input_ids is not None
+            and labels is not None
+            and not any(
+                v is not None and v is not False
+                for k, v in kwargs.items()
+                if k not in ("return_dict", "use_cache")
+            )
         )
         if plain and forward_reason(self, input_ids, attention_mask, position_ids) is None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
-            recompute = config.recompute == "all" or (
-                config.recompute == "auto" and _checkpointing(self)
-            )
-            loss = causal_lm_loss(
-                self,
-                input_ids,
-                labels,
-                recompute=recompute and self.training,
-                keep_layers=config.keep_layers,
-                num_items_in_batch=num_items,
-                chunk_rows=config.loss_chunk_rows,
-            )
+            loss = _loss(self, config, input_ids, labels, num_items)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         if num_items is not None:
             kwargs["num_items_in_batch"] = num_items
         return original(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids, **kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            position_ids=position_ids,
+            **kwargs,
         )
 
     model.forward = types.MethodType(forward, model)
-    return FastPathStatus(True, f"fused {type(model).__name__} (recompute={config.recompute}, keep_layers={config.keep_layers})")
+    return FastPathStatus(
+        True,
+        f"fused {type(model).__name__} (recompute={config.recompute}, keep_layers={config.keep_layers})",
+    )
+
+
+def _loss(
+    model: nn.Module,
+    config: FastPathConfig,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: Any,
+) -> torch.Tensor:
+    recompute = config.recompute == "all" or (config.recompute == "auto" and _checkpointing(model))
+    # The model's own dtype decides the compute dtype; an outer autocast would only add casts.
+    with torch.autocast(input_ids.device.type, enabled=False):
+        return causal_lm_loss(
+            model,
+            input_ids,
+            labels,
+            recompute=recompute and model.training,
+            keep_layers=config.keep_layers,
+            num_items_in_batch=num_items,
+            chunk_rows=config.loss_chunk_rows,
+        )
+
+
+def fused_loss_sum(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The summed next-token loss through the fast path, or None when this model or batch cannot take it.
+
+    For training loops that normalise the loss themselves (e.g. over gradient accumulation).
+    """
+    config = model.__dict__.get(_CONFIG)
+    if config is None or forward_reason(model, input_ids, None, position_ids) is not None:
+        return None
+    return _loss(model, config, input_ids, labels, 1)
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -121,6 +172,7 @@ def _checkpointing(model: nn.Module) -> bool:
 
 def disable_fast_path(model: nn.Module) -> None:
     """Give the model its original forward back."""
+    model.__dict__.pop(_CONFIG, None)
     original = model.__dict__.pop(_ORIGINAL, None)
     if original is not None:
         model.__dict__.pop("forward", None)

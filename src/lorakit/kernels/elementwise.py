@@ -55,7 +55,9 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 # RMSNorm -----------------------------------------------------------------------------
 
 
-def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     xf = _up(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (T, 1)
     # transformers' order of operations: normalise in fp32, cast, then scale in x's dtype
@@ -106,7 +108,9 @@ def _swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def _swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd(
+    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     gf = _up(g)
     sig = torch.sigmoid(gf)
     dhf = _up(dh)

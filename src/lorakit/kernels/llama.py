@@ -101,13 +101,17 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def decoder_layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def decoder_layer(
+    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     """One decoder layer: h (B, S, d) -> (B, S, d)."""
     batch, seq, d = h.shape
     attn = layer.self_attn
     mlp = layer.mlp
     x = rms_norm(h, layer.input_layernorm.weight, _eps(layer.input_layernorm)).view(batch * seq, d)
-    q, k, v = lora_group(x, (_projection(attn.q_proj), _projection(attn.k_proj), _projection(attn.v_proj)))
+    q, k, v = lora_group(
+        x, (_projection(attn.q_proj), _projection(attn.k_proj), _projection(attn.v_proj))
+    )
     head_dim = attn.head_dim
     q = q.view(batch, seq, -1, head_dim)
     k = k.view(batch, seq, -1, head_dim)
@@ -128,7 +132,9 @@ def decoder_layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: tor
     o = o.transpose(1, 2).reshape(batch * seq, -1)
     (o,) = lora_group(o, (_projection(attn.o_proj),))
     h = h + o.view(batch, seq, d)
-    x = rms_norm(h, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)).view(batch * seq, d)
+    x = rms_norm(
+        h, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
+    ).view(batch * seq, d)
     g, u = lora_group(x, (_projection(mlp.gate_proj), _projection(mlp.up_proj)))
     y = swiglu_lora(g, u, _projection(mlp.down_proj))
     return h + y.view(batch, seq, d)
@@ -197,7 +203,9 @@ def causal_lm_loss(
     rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
     hidden = rms_norm(hidden, inner.norm.weight, _eps(inner.norm))  # per row: only supervised rows
-    loss = linear_cross_entropy(hidden, model.lm_head.weight, target.index_select(0, rows), chunk_rows)
+    loss = linear_cross_entropy(
+        hidden, model.lm_head.weight, target.index_select(0, rows), chunk_rows
+    )
     if num_items_in_batch is not None:
         loss = loss * (rows.numel() / num_items_in_batch)
     return loss

@@ -124,7 +124,7 @@ def _group_backward(
     b_grads: list[torch.Tensor] = []
     offset = 0
     b_iter = iter(adapters[1::2])
-    for p, dy in zip(projections, grads):
+    for p, dy in zip(projections, grads, strict=False):
         if dy is None:
             dy = torch.zeros(x.shape[0], p.module.out_features, dtype=dtype, device=x.device)
         if need_x:
@@ -150,7 +150,7 @@ def _group_backward(
             dx.addmm_(g, a_cat)
         da_cat = g.t() @ x  # (R, in)
         offset = 0
-        for a, db in zip(a_list, b_grads):
+        for a, db in zip(a_list, b_grads, strict=False):
             r = a.shape[0]
             adapter_grads += [da_cat[offset : offset + r].to(a.dtype), db]
             offset += r
@@ -168,7 +168,9 @@ class _LoraGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         x, xa, *adapters = ctx.saved_tensors
-        dx, adapter_grads = _group_backward(x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0])
+        dx, adapter_grads = _group_backward(
+            x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0]
+        )
         return (dx, None, *adapter_grads)
 
 
@@ -180,7 +182,9 @@ class _SwiGLULora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, u: torch.Tensor, projection: Projection, *adapters: torch.Tensor):
+    def forward(
+        ctx, g: torch.Tensor, u: torch.Tensor, projection: Projection, *adapters: torch.Tensor
+    ):
         h = _swiglu_fwd_k(g, u)
         (y,), xa = _group_forward(h, (projection,), adapters)
         ctx.projection = projection
@@ -215,13 +219,19 @@ def lora_group(x: torch.Tensor, projections: Sequence[Projection]) -> tuple[torc
     return _LoraGroup.apply(x, projections, *_adapter_tensors(projections))
 
 
-def lora_group_reference(x: torch.Tensor, projections: Sequence[Projection]) -> tuple[torch.Tensor, ...]:
+def lora_group_reference(
+    x: torch.Tensor, projections: Sequence[Projection]
+) -> tuple[torch.Tensor, ...]:
     """The same function through plain autograd: the reference for `lora_group`."""
     dtype = x.dtype
     outputs = []
     for p in projections:
         bias = getattr(p.module, "bias", None)
-        y = torch.nn.functional.linear(x, dense_weight(p.module, dtype).detach(), None if bias is None else bias.detach().to(dtype))
+        y = torch.nn.functional.linear(
+            x,
+            dense_weight(p.module, dtype).detach(),
+            None if bias is None else bias.detach().to(dtype),
+        )
         if p.adapter is not None:
             a = p.lora_a().to(dtype)
             b = p.lora_b().to(dtype)

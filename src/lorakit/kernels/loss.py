@@ -41,7 +41,9 @@ def default_chunk_rows(vocab: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         n = h.shape[0]
         need_w = ctx.needs_input_grad[1]
         w = weight.to(h.dtype) if weight.dtype != h.dtype else weight
@@ -79,8 +81,12 @@ def linear_cross_entropy(
     """Mean cross-entropy of softmax(h @ weight.T) against target; h: (N, d), target: (N,)."""
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()) * 0.0
-    return _LinearCrossEntropy.apply(h, weight, target, chunk or default_chunk_rows(weight.shape[0]))
+    return _LinearCrossEntropy.apply(
+        h, weight, target, chunk or default_chunk_rows(weight.shape[0])
+    )
 
 
-def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy_reference(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     return F.cross_entropy(_up(h @ weight.to(h.dtype).t()), target)
