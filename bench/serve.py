@@ -222,12 +222,13 @@ def main() -> None:
     parser.add_argument("--rate-factor", type=float, default=2.0, help="arrival rate / one-adapter capacity")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each engine case (the median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if device.type == "cpu":
         # One intra-op thread: the engine thread, the arrival thread and other processes
         # share the cores, and spinning OpenMP workers on a busy machine stall every op.
@@ -245,7 +246,10 @@ def main() -> None:
 
     results, rate = engine_cases(model, tok, adapters, args, prompts)
     if not args.skip_peft:
-        results += peft_cases(model, adapters, args, prompts)
+        try:
+            results += peft_cases(model, adapters, args, prompts)
+        except Exception as err:  # keep the engine's numbers even if the reference breaks
+            print(f"PEFT reference failed: {type(err).__name__}: {err}")
 
     one = next(r.tokens_per_s for r in results if r.case == "engine, 1 adapter")
     peft_one = next((r.tokens_per_s for r in results if r.case == "PEFT generate, 1 adapter"), None)

@@ -9,11 +9,7 @@ One thread owns the model and loops:
        its own adapter (`lorakit.mixed_batch`), and sample each row by its own params;
     4. hand finished rows their result and drop them from the batch and the cache.
 
-The KV cache is transformers' `DynamicCache`, left-padded: row i's tokens sit at the
-right end of a (batch, heads, length, dim) tensor, an attention mask marks the padding
-and explicit position ids give each row its own positions, so rows of different lengths
-decode together exactly as each would alone. Columns that are padding for every row are
-cut off whenever rows leave.
+The KV cache is transformers' `DynamicCache`, left-padded per row (see `batch.py`).
 
 Results go back through a callback per request (`Event`s), called on the engine thread;
 `generate` wraps that for plain blocking use.
@@ -31,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import mixed_batch, read_adapter
 from ..inject import has_adapters
 from ..io import AdapterFiles
 from .adapters import AdapterCache, AdapterMismatch
+from .batch import Batch
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
 
@@ -114,28 +110,6 @@ class Stats:
     last_batch_size: int = 0
 
 
-class _Batch:
-    """The running rows and their left-padded KV cache."""
-
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-        self.cache = None  # transformers DynamicCache
-        self.mask: torch.Tensor | None = None  # (rows, length) 1 = real token
-        self.positions: torch.Tensor | None = None  # (rows,) position of each row's next token
-        self.last: torch.Tensor | None = None  # (rows,) each row's newest token
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
-    return F.pad(t, pad)
-
-
 class Engine:
     """Continuous batching for one base model and its adapters; see the module docstring."""
 
@@ -170,7 +144,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], object], _Reply]] = deque()
         self._ids = itertools.count(1)
-        self._batch = _Batch()
+        self._batch: Batch[Request] = Batch()
         self._pending_unload: set[str] = set()
         self._admitting: list[Request] = []
         # Only the last position's logits are needed; models that take `logits_to_keep` skip the rest.
@@ -235,7 +209,12 @@ class Engine:
         if not isinstance(name, str) or not name or "." in name or "/" in name:
             raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
         files = path if isinstance(path, AdapterFiles) else read_adapter(path)
-        self._call(lambda: self.adapters.register(name, files, self._busy()))
+        self._call(lambda: self._register(name, files))
+
+    def _register(self, name: str, files: AdapterFiles) -> None:
+        if name in self._pending_unload:
+            raise ValueError(f"adapter {name!r} is already being unloaded (running requests still use it); retry shortly")
+        self.adapters.register(name, files, self._busy())
 
     def unload_adapter(self, name: str) -> None:
         """Forget `name`; its running requests finish first, waiting ones fail."""
@@ -265,7 +244,7 @@ class Engine:
         return reply.wait()
 
     def _busy(self) -> set[str]:
-        return {r.adapter for r in self._batch.requests if r.adapter is not None}
+        return {r.adapter for r in self._batch.rows if r.adapter is not None}
 
     # requests ----------------------------------------------------------------------------
 
@@ -346,7 +325,7 @@ class Engine:
         with torch.no_grad():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._commands or self._batch.requests or self._admissible()):
+                    while not (self._stopping or self._commands or self._batch.rows or self._admissible()):
                         self._cond.wait(timeout=0.5)
                     if self._stopping:
                         break
@@ -358,31 +337,38 @@ class Engine:
                     except Exception as err:  # handed to the caller, who reports it
                         reply.fail(err)
                 try:
-                    self._step()
+                    if not self._step() and not self._commands:
+                        # Waiting requests whose adapter is still being read: sleep until
+                        # the reader (or a new request or command) wakes us.
+                        with self._cond:
+                            self._cond.wait(timeout=0.05)
                 except Exception as err:  # a failed step must not take the server down
-                    for request in [*self._batch.requests, *self._admitting]:
+                    for request in [*self._batch.rows, *self._admitting]:
                         self._finish(request, "error", f"{type(err).__name__}: {err}")
-                    self._batch = _Batch()
+                    self._batch = Batch()
                     self._admitting = []
-            for request in [*self._batch.requests, *self._waiting]:
+            for request in [*self._batch.rows, *self._waiting]:
                 self._finish(request, "cancelled")
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and len(self._batch) < self.max_batch
 
-    def _step(self) -> None:
-        self._drop([r for r in self._batch.requests if r.cancelled], "cancelled")
+    def _step(self) -> bool:
+        """One round of admission and decoding; False when there was nothing to run."""
+        self._drop([r for r in self._batch.rows if r.cancelled], "cancelled")
         admitted = self._admit()
         if admitted:
             self._admitting = admitted
             self._prefill(admitted)
             self._admitting = []
-        if self._batch.requests:
+        ran = bool(admitted or self._batch.rows)
+        if self._batch.rows:
             self._decode()
         for name in list(self._pending_unload):
             if name not in self._busy():
                 self._pending_unload.discard(name)
                 self.adapters.unregister(name)
+        return ran
 
     def _admit(self) -> list[Request]:
         room = self.max_batch - len(self._batch)
@@ -453,46 +439,18 @@ class Engine:
             **self._keep_last,
         )
         tokens = sample(out.logits[:, -1], [r.params for r in requests], [r.generator for r in requests])
-        self._merge(requests, out.get(self._cache_arg), mask, tokens)
+        self._batch.merge(requests, out.get(self._cache_arg), mask, tokens)
         self._emit(requests, tokens.tolist())
-
-    def _merge(self, requests: list[Request], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Put freshly prefilled rows beside the running ones, left-padding the shorter side."""
-        batch = self._batch
-        positions = mask.sum(-1)
-        if not batch.requests:
-            batch.requests, batch.cache, batch.mask, batch.positions, batch.last = (
-                list(requests), cache, mask, positions, tokens
-            )
-            return
-        length = max(batch.mask.shape[1], mask.shape[1])
-        for old, new in zip(batch.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, length, -2), _pad_left(new.keys, length, -2)])
-            old.values = torch.cat([_pad_left(old.values, length, -2), _pad_left(new.values, length, -2)])
-        batch.mask = torch.cat([_pad_left(batch.mask, length, 1), _pad_left(mask, length, 1)])
-        batch.positions = torch.cat([batch.positions, positions])
-        batch.last = torch.cat([batch.last, tokens])
-        batch.requests.extend(requests)
 
     def _decode(self) -> None:
         batch = self._batch
-        assert batch.mask is not None and batch.positions is not None and batch.last is not None
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
-        out = self._forward(
-            [r.adapter for r in batch.requests],
-            input_ids=batch.last.unsqueeze(1),
-            attention_mask=batch.mask,
-            position_ids=batch.positions.unsqueeze(1),
-            **{self._cache_arg: batch.cache},
-        )
-        batch.cache = out.get(self._cache_arg)
-        batch.positions = batch.positions + 1
-        tokens = sample(out.logits[:, -1], [r.params for r in batch.requests], [r.generator for r in batch.requests])
-        batch.last = tokens
+        out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
+        tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])
+        batch.advance(out.get(self._cache_arg), tokens)
         self.stats.decode_steps += 1
         self.stats.batch_rows += len(batch)
         self.stats.last_batch_size = len(batch)
-        self._emit(list(batch.requests), tokens.tolist())
+        self._emit(list(batch.rows), tokens.tolist())
 
     def _emit(self, requests: list[Request], tokens: list[int]) -> None:
         """Hand each row its new token; finished rows leave the batch."""
@@ -533,25 +491,8 @@ class Engine:
             return
         for request in requests:
             self._finish(request, reason)
-        batch = self._batch
         gone = set(map(id, requests))
-        keep = [i for i, r in enumerate(batch.requests) if id(r) not in gone]
-        if len(keep) == len(batch.requests):
-            return
-        if not keep:
-            self._batch = _Batch()
-            return
-        index = torch.tensor(keep, device=self.device)
-        batch.requests = [batch.requests[i] for i in keep]
-        batch.mask = batch.mask[index]
-        # Leading columns that are padding in every remaining row are dead weight.
-        start = int(batch.mask.any(dim=0).int().argmax())
-        batch.mask = batch.mask[:, start:]
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        batch.positions = batch.positions[index]
-        batch.last = batch.last[index]
+        self._batch.keep([i for i, r in enumerate(self._batch.rows) if id(r) not in gone])
 
     @staticmethod
     def _new_ids(request: Request) -> list[int]:
