@@ -90,6 +90,7 @@ def test_a_short_run_of_the_bundled_default(default_cache, tmp_path, capsys):
     assert main(["train", "--data", str(train), "--output", str(out), "--max-steps", "4", "--batch-size", "4",
                  "--lr", "2e-3", "--seq-len", "256", "--device", "cpu"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == models.DEFAULT_HUB_ID
     assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     capsys.readouterr()
     assert main(["eval", "--data", str(held), "--device", "cpu"]) == 0

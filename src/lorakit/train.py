@@ -43,7 +43,7 @@ from .data import (
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
-from .models import load_model
+from .models import DEFAULT_HUB_ID, load_model
 from .quant import memory_report
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -223,7 +223,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         load_adapter(model, resume_from, trainable=True)
     else:
         config = args.lora_config()
-        config.base_model_name_or_path = args.model
+        config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
         inject(model, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

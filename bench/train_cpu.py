@@ -1,0 +1,145 @@
+"""lorakit's training step against PEFT + a plain PyTorch loop, on CPU, in one run.
+
+    .venv/bin/python bench/train_cpu.py [--examples 160] [--rounds 2]
+
+Both sides fine-tune the bundled SmolLM2-135M-Instruct on the bundled demo task
+(sales notes -> JSON, chat format, loss on the assistant turn), with the same settings:
+r=16, alpha=32, all-linear targets, fp32, AdamW lr 1e-3, batch 8, the same examples
+in the same order. Each side runs in its own process (so peak RSS is its own), and the
+sides alternate for `--rounds` rounds so that load from other processes hits both alike.
+
+- peft:            PEFT's get_peft_model, model(input_ids, attention_mask, labels).loss
+- lorakit:         lorakit.inject + lorakit.train.compute_loss (output head and
+                   cross-entropy only at supervised positions, in chunks), batch 8
+- lorakit-packed:  the same, with the examples packed end to end into rows of up to
+                   768 tokens (about 8 examples a row), batch 1
+
+tokens/s counts real (non-padding) tokens; every side trains on the same tokens. Accuracy:
+the held-out loss after training, which should agree between the sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+SIDES = ("peft", "lorakit", "lorakit-packed")
+
+
+def child(side: str, n_examples: int, seed: int = 0) -> dict:
+    from lorakit import LoraConfig, inject
+    from lorakit.data import as_sequences, collate, load_examples
+    from lorakit.demo.__main__ import EVAL, TRAIN
+    from lorakit.models import load_model
+    from lorakit.train import compute_loss, evaluate
+
+    torch.manual_seed(seed)
+    model, tok = load_model(device="cpu")
+    examples, _ = load_examples(TRAIN, tok, 512)
+    examples = examples[:n_examples]
+    held, _ = load_examples(EVAL, tok, 512)
+    held_rows = as_sequences(held[:32], 512, False)
+    pad = tok.pad_token_id
+
+    if side == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        rows = as_sequences(examples, 512, False)
+        batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
+    else:
+        inject(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+        if side == "lorakit-packed":
+            rows = as_sequences(examples, 768, True)
+            batches = [[r] for r in rows]
+        else:
+            rows = as_sequences(examples, 512, False)
+            batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    model.train()
+
+    def step(seqs) -> tuple[float, int]:
+        batch = collate(seqs, pad)
+        tokens = int(sum(len(s.input_ids) for s in seqs))
+        if side == "peft":
+            # The usual loop: padded batch with an attention mask, transformers' loss.
+            mask = torch.zeros_like(batch["input_ids"])
+            for i, s in enumerate(seqs):
+                mask[i, : len(s.input_ids)] = 1
+            loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
+        else:
+            loss_sum, count = compute_loss(model, batch)
+            loss = loss_sum / count
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss), tokens
+
+    step(batches[0])  # warm-up (allocator, kernels); not timed, not repeated
+    start = time.perf_counter()
+    tokens = 0
+    for seqs in batches[1:]:
+        tokens += step(seqs)[1]
+    elapsed = time.perf_counter() - start
+    if side == "peft":
+        model = model.base_model.model  # evaluate the same way for both sides
+    eval_loss, _ = evaluate(model, held_rows, 8, pad, torch.device("cpu"))
+    return {
+        "side": side,
+        "tokens_per_s": tokens / elapsed,
+        "seconds": elapsed,
+        "tokens": tokens,
+        "steps": len(batches) - 1,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "eval_loss": eval_loss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=168, help="training examples per side (8 per step)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all sides")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.child:
+        print(json.dumps(child(opts.child, opts.examples)))
+        return
+
+    results: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for round_ in range(opts.rounds):
+        for side in SIDES:
+            command = [sys.executable, __file__, "--child", side, "--examples", str(opts.examples)]
+            if opts.threads:
+                command += ["--threads", str(opts.threads)]
+            out = subprocess.run(command,
+                                 capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side].append(result)
+            print(f"round {round_ + 1} {side:15s} {result['tokens_per_s']:7.1f} tok/s  "
+                  f"peak RSS {result['peak_rss_gb']:.2f} GB  eval loss {result['eval_loss']:.4f}  "
+                  f"({result['steps']} steps, {result['seconds']:.0f} s)", flush=True)
+
+    def best(side: str, key: str, pick=max) -> float:
+        return pick(r[key] for r in results[side])
+
+    base_tps, base_rss = best("peft", "tokens_per_s"), best("peft", "peak_rss_gb", min)
+    print(f"\n{'side':15s} {'tok/s':>8s} {'x PEFT':>7s} {'peak RSS':>9s} {'x PEFT':>7s} {'eval loss':>9s}")
+    for side in SIDES:
+        tps, rss = best(side, "tokens_per_s"), best(side, "peak_rss_gb", min)
+        loss = results[side][-1]["eval_loss"]
+        print(f"{side:15s} {tps:8.1f} {tps / base_tps:7.2f} {rss:8.2f}G {rss / base_rss:7.2f} {loss:9.4f}")
+    print(f"(best of {opts.rounds} rounds per side; torch {torch.__version__}, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
