@@ -227,3 +227,44 @@ def test_submit_errors(serve_adapter_dirs) -> None:
         engine.submit([1], None, greedy(2), print)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_mixed_batch_slots_cache_follows_adapter_changes(serve_adapter_dirs) -> None:
+    """mixed_batch(slots=...) keeps stacked weights between calls; every add, delete and
+    reload must still give what the uncached mixed batch gives."""
+    from conftest import tiny_llama
+    model = tiny_llama().double()
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(0))
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+    def randomise(name: str, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if f".{name}." in pname and "lora_" in pname:
+                    param.copy_(torch.randn(param.shape, generator=g, dtype=param.dtype))
+
+    def check(rows: list, slots: tuple) -> None:
+        with torch.no_grad():
+            with lorakit.mixed_batch(model, rows, slots=slots):
+                cached = model(ids).logits
+            plain = lorakit.forward_mixed(model, rows, ids).logits
+        assert torch.equal(cached, plain)
+
+    for i, name in enumerate(["p", "q"]):
+        lorakit.add_adapter(model, name, config)
+        randomise(name, i)
+    slots = ("p", "q")
+    check(["p", "q", None, "p"], slots)
+    check(["q", "q", "p", None], slots)  # same slots tuple: served from the cache
+    randomise("q", 9)
+    lorakit.delete_adapter(model, "q")  # delete + add under the same name: slot rewritten
+    lorakit.add_adapter(model, "q", lorakit.LoraConfig(r=6, alpha=3, target_modules=["k_proj"]))
+    randomise("q", 10)
+    check(["p", "q", None, "q"], slots)
+    lorakit.add_adapter(model, "s", config)
+    randomise("s", 11)
+    check(["s", "p", "q", None], ("p", "q", "s"))
+    with pytest.raises(ValueError, match="not among the slots"):
+        with lorakit.mixed_batch(model, ["s"], slots=("p",)):
+            pass
