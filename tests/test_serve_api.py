@@ -88,6 +88,13 @@ def test_openai_client_completions_chat_and_streaming(server, reference) -> None
     streamed = list(api.chat.completions.create(model="gamma", messages=messages, max_tokens=9, temperature=0, stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
+    with_usage = list(
+        api.chat.completions.create(
+            model="gamma", messages=messages, max_tokens=9, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert with_usage[-1].choices == []
+    assert with_usage[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
 def test_fifty_concurrent_requests_over_mixed_adapters(server, reference) -> None:
