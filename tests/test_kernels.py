@@ -4,6 +4,7 @@ unpatched one (loss and adapter gradients)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -26,6 +27,9 @@ from lorakit.kernels.lora_linear import (
     Projection,
     lora_group,
     lora_group_reference,
+    norm_lora_group,
+    norm_lora_group_reference,
+    recomputed_region,
     swiglu_lora,
     swiglu_lora_reference,
 )
@@ -141,6 +145,46 @@ def test_swiglu_lora_backward_matches_autograd(rank):
         lambda *_: swiglu_lora_reference(g, u, projection),
         params,
     )
+
+
+@pytest.mark.parametrize("in_region", [False, True])
+def test_norm_lora_group_backward_matches_autograd(in_region):
+    projections = _lora_layers((False, True, False), (4, 2, 0))
+    h = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    params = [h, w] + [t for p in projections if p.adapter for t in (p.lora_a(), p.lora_b())]
+    # inside a recomputed region the normalised x is kept rather than recomputed: same gradients
+    with recomputed_region() if in_region else contextlib.nullcontext():
+        _grads_match(
+            lambda *_: norm_lora_group(h, w, 1e-6, projections),
+            lambda *_: norm_lora_group_reference(h, w, 1e-6, projections),
+            params,
+        )
+
+
+@pytest.mark.parametrize("in_region", [False, True])
+def test_nf4_base_is_dequantized_inside_the_fused_functions(in_region):
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    layer = lorakit.LoraLinear(nn.Linear(64, 32, bias=False))
+    layer.add("default", r=4, alpha=8, dropout=0.0, use_rslora=False, use_dora=False)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    layer.set_active(["default"])
+    layer.quantize_base("nf4", torch.float32)
+    projection = Projection(layer, "default")
+    x = torch.randn(6, 64, requires_grad=True)
+    g = torch.randn(6, 64, requires_grad=True)
+    u = torch.randn(6, 64, requires_grad=True)
+    params = [x, g, u, projection.lora_a(), projection.lora_b()]
+    with recomputed_region() if in_region else contextlib.nullcontext():
+        _grads_match(
+            lambda *_: (lora_group(x, [projection])[0], swiglu_lora(g, u, projection)),
+            lambda *_: (lora_group_reference(x, [projection])[0], swiglu_lora_reference(g, u, projection)),
+            params,
+            tol=1e-5,
+        )
+    (y,) = lora_group(x, [projection])
+    _close(y, layer(x), 1e-5)  # the layer's own 4-bit forward (bitsandbytes' matmul)
 
 
 def test_lora_group_matches_lora_linear_forward():

@@ -18,6 +18,7 @@ the rotation by -theta_j:  dx = dy * cos + rotate_half(dy) * (-sin).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -33,18 +34,39 @@ def set_compile(enabled: bool) -> None:
 
 
 class _CompiledOnCuda:
-    """Run `fn` compiled when its first argument lives on a CUDA device, as written otherwise."""
+    """Run `fn` compiled when its first argument lives on a CUDA device, as written otherwise.
 
-    def __init__(self, fn: Callable) -> None:
+    Each instance compiles its own copy of `fn` (a new code object): torch.compile keeps
+    its caches and its guesses about which sizes vary per code object, so one call site
+    (say RoPE on K, 8 heads) cannot turn another (RoPE on Q, 32 heads) into a slower
+    dynamic-shape kernel.
+    """
+
+    def __init__(self, fn: Callable, role: str = "") -> None:
         self.fn = fn
+        self.role = role
         self.compiled: Callable | None = None
 
     def __call__(self, *args):
         if _compile_on_cuda and args[0].is_cuda:
             if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=None)
+                name = f"{self.fn.__name__}_{self.role}" if self.role else self.fn.__name__
+                code = self.fn.__code__.replace(co_name=name)
+                own = types.FunctionType(code, self.fn.__globals__, name, self.fn.__defaults__, self.fn.__closure__)
+                self.compiled = torch.compile(own, dynamic=None)
             return self.compiled(*args)
         return self.fn(*args)
+
+
+_KERNELS: dict[tuple[Callable, str], _CompiledOnCuda] = {}
+
+
+def kernel(fn: Callable, role: str = "") -> _CompiledOnCuda:
+    """The compiled-on-CUDA version of `fn` for one call site (`role`)."""
+    found = _KERNELS.get((fn, role))
+    if found is None:
+        found = _KERNELS[(fn, role)] = _CompiledOnCuda(fn, role)
+    return found
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -74,27 +96,27 @@ def _rms_norm_bwd(
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
-_rms_norm_fwd_k = _CompiledOnCuda(_rms_norm_fwd)
-_rms_norm_bwd_k = _CompiledOnCuda(_rms_norm_bwd)
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = _rms_norm_fwd_k(x, weight, eps)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, role: str) -> torch.Tensor:
+        y, rstd = kernel(_rms_norm_fwd, role)(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.role = role
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_norm_bwd_k(dy, x, weight, rstd)
-        return dx, (dw if ctx.needs_input_grad[1] else None), None
+        dx, dw = kernel(_rms_norm_bwd, ctx.role)(dy, x, weight, rstd)
+        return dx, (dw if ctx.needs_input_grad[1] else None), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension, as transformers' Llama computes it."""
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, role: str = "") -> torch.Tensor:
+    """RMSNorm over the last dimension, as transformers' Llama computes it.
+
+    `role` names the call site, so each site gets its own compiled kernel on CUDA.
+    """
+    return _RMSNorm.apply(x, weight, eps, role)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,8 +141,8 @@ def _swiglu_bwd(
     return dg.to(g.dtype), du.to(u.dtype)
 
 
-_swiglu_fwd_k = _CompiledOnCuda(_swiglu_fwd)
-_swiglu_bwd_k = _CompiledOnCuda(_swiglu_bwd)
+_swiglu_fwd_k = kernel(_swiglu_fwd)
+_swiglu_bwd_k = kernel(_swiglu_bwd)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -160,25 +182,25 @@ def _rope_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _rope(dy, cos, -sin)
 
 
-_rope_k = _CompiledOnCuda(_rope)
-_rope_bwd_k = _CompiledOnCuda(_rope_bwd)
-
-
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, role: str) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _rope_k(x, cos, sin)
+        ctx.role = role
+        return kernel(_rope, role)(x, cos, sin)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _rope_bwd_k(dy, cos, sin), None, None
+        return kernel(_rope_bwd, ctx.role)(dy, cos, sin), None, None, None
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, S, H, D) with cos, sin (B or 1, S, D) (transformers' convention)."""
-    return _Rope.apply(x, cos, sin)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, role: str = "") -> torch.Tensor:
+    """Rotary embedding of x (B, S, H, D) with cos, sin (B or 1, S, D) (transformers' convention).
+
+    `role` names the call site (q, k), so each gets its own compiled kernel on CUDA.
+    """
+    return _Rope.apply(x, cos, sin, role)
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

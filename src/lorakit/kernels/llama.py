@@ -15,6 +15,8 @@ for a transformers Llama-family model with lorakit adapters, but:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import LoraLinear
 from .elementwise import rms_norm, rope
-from .lora_linear import Projection, lora_group, swiglu_lora
+from .lora_linear import Projection, lora_group, norm_lora_group, recomputed_region, swiglu_lora
 from .loss import linear_cross_entropy
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -108,19 +110,22 @@ def decoder_layer(
     batch, seq, d = h.shape
     attn = layer.self_attn
     mlp = layer.mlp
-    x = rms_norm(h, layer.input_layernorm.weight, _eps(layer.input_layernorm)).view(batch * seq, d)
-    q, k, v = lora_group(
-        x, (_projection(attn.q_proj), _projection(attn.k_proj), _projection(attn.v_proj))
+    norm = layer.input_layernorm
+    q, k, v = norm_lora_group(
+        h.view(batch * seq, d),
+        norm.weight,
+        _eps(norm),
+        (_projection(attn.q_proj), _projection(attn.k_proj), _projection(attn.v_proj)),
     )
     head_dim = attn.head_dim
     q = q.view(batch, seq, -1, head_dim)
     k = k.view(batch, seq, -1, head_dim)
     v = v.view(batch, seq, -1, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
-        q = rms_norm(q, attn.q_norm.weight, _eps(attn.q_norm))
-        k = rms_norm(k, attn.k_norm.weight, _eps(attn.k_norm))
-    q = rope(q, cos, sin)
-    k = rope(k, cos, sin)
+        q = rms_norm(q, attn.q_norm.weight, _eps(attn.q_norm), "q")
+        k = rms_norm(k, attn.k_norm.weight, _eps(attn.k_norm), "k")
+    q = rope(q, cos, sin, "q")
+    k = rope(k, cos, sin, "k")
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -132,12 +137,21 @@ def decoder_layer(
     o = o.transpose(1, 2).reshape(batch * seq, -1)
     (o,) = lora_group(o, (_projection(attn.o_proj),))
     h = h + o.view(batch, seq, d)
-    x = rms_norm(
-        h, layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)
-    ).view(batch * seq, d)
-    g, u = lora_group(x, (_projection(mlp.gate_proj), _projection(mlp.up_proj)))
+    norm = layer.post_attention_layernorm
+    g, u = norm_lora_group(
+        h.view(batch * seq, d),
+        norm.weight,
+        _eps(norm),
+        (_projection(mlp.gate_proj), _projection(mlp.up_proj)),
+    )
     y = swiglu_lora(g, u, _projection(mlp.down_proj))
     return h + y.view(batch, seq, d)
+
+
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # both the first forward (whose saved tensors checkpoint discards) and the recompute
+    # must save the same tensors, so both run inside the region
+    return recomputed_region(), recomputed_region()
 
 
 def _window_reason(model: nn.Module, seq: int) -> str | None:
@@ -196,13 +210,15 @@ def causal_lm_loss(
     first_kept = len(layers) - keep_layers
     for i, layer in enumerate(layers):
         if recompute and i < first_kept and torch.is_grad_enabled():
-            h = checkpoint(decoder_layer, layer, h, cos, sin, use_reentrant=False)
+            h = checkpoint(
+                decoder_layer, layer, h, cos, sin, use_reentrant=False, context_fn=_recompute_contexts
+            )
         else:
             h = decoder_layer(layer, h, cos, sin)
     target = labels[:, 1:].reshape(-1)
     rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
-    hidden = rms_norm(hidden, inner.norm.weight, _eps(inner.norm))  # per row: only supervised rows
+    hidden = rms_norm(hidden, inner.norm.weight, _eps(inner.norm), "final")  # per row: only supervised rows
     loss = linear_cross_entropy(
         hidden, model.lm_head.weight, target.index_select(0, rows), chunk_rows
     )

@@ -30,13 +30,25 @@ tests check the hand-derived gradients against it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .elementwise import _swiglu_bwd_k, _swiglu_fwd_k, swiglu_reference
+from .elementwise import (
+    _rms_norm_bwd,
+    _rms_norm_fwd,
+    _swiglu_bwd_k,
+    _swiglu_fwd_k,
+    kernel,
+    rms_norm_reference,
+    swiglu_reference,
+)
+
+_rms_norm_fwd_k = kernel(_rms_norm_fwd, "layer")
+_rms_norm_bwd_k = kernel(_rms_norm_bwd, "layer")
 
 
 @dataclass(frozen=True)
@@ -85,18 +97,25 @@ def _adapter_tensors(projections: Sequence[Projection]) -> list[torch.Tensor]:
 
 
 def _group_forward(
-    x: torch.Tensor, projections: tuple[Projection, ...], adapters: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The group's outputs and xa = x @ cat(A).T (None when no projection has an adapter)."""
+    x: torch.Tensor,
+    projections: tuple[Projection, ...],
+    adapters: Sequence[torch.Tensor],
+    keep_dense: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
+    """The group's outputs, xa = x @ cat(A).T (None when no projection has an adapter), and,
+    with keep_dense, the dequantized weights of the 4-bit projections (for the backward)."""
     dtype = x.dtype
     a_list = adapters[0::2]
     xa = x @ torch.cat([a.to(dtype) for a in a_list]).t() if a_list else None  # (T, R)
     outputs = []
+    dense: list[torch.Tensor] = []
     offset = 0
     b_iter = iter(adapters[1::2])
     for p in projections:
         bias = getattr(p.module, "bias", None)
         weight = dense_weight(p.module, dtype)
+        if keep_dense and _quantized(p):
+            dense.append(weight)
         y = torch.nn.functional.linear(x, weight, bias.to(dtype) if bias is not None else None)
         del weight
         if p.adapter is not None:
@@ -106,7 +125,11 @@ def _group_forward(
             y.addmm_(xa[:, offset : offset + r], b.t(), alpha=p.scaling)
             offset += r
         outputs.append(y)
-    return outputs, xa
+    return outputs, xa, dense
+
+
+def _quantized(p: Projection) -> bool:
+    return getattr(p.module.weight, "quant_state", None) is not None
 
 
 def _group_backward(
@@ -116,19 +139,24 @@ def _group_backward(
     adapters: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor | None],
     need_x: bool,
+    dense: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """dx (when need_x) and the adapters' gradients (dA_0, dB_0, dA_1, ...), derived above."""
+    """dx (when need_x) and the adapters' gradients (dA_0, dB_0, dA_1, ...), derived above.
+
+    `dense`: the 4-bit projections' weights kept from the forward, in order (else dequantized again).
+    """
     dtype = x.dtype
     dx = None
     g_parts = []
     b_grads: list[torch.Tensor] = []
     offset = 0
     b_iter = iter(adapters[1::2])
-    for p, dy in zip(projections, grads, strict=False):
+    kept = iter(dense)
+    for p, dy in zip(projections, grads, strict=True):
         if dy is None:
             dy = torch.zeros(x.shape[0], p.module.out_features, dtype=dtype, device=x.device)
         if need_x:
-            weight = dense_weight(p.module, dtype)
+            weight = next(kept) if dense and _quantized(p) else dense_weight(p.module, dtype)
             if dx is None:
                 dx = dy @ weight
             else:
@@ -150,7 +178,7 @@ def _group_backward(
             dx.addmm_(g, a_cat)
         da_cat = g.t() @ x  # (R, in)
         offset = 0
-        for a, db in zip(a_list, b_grads, strict=False):
+        for a, db in zip(a_list, b_grads, strict=True):
             r = a.shape[0]
             adapter_grads += [da_cat[offset : offset + r].to(a.dtype), db]
             offset += r
@@ -160,42 +188,92 @@ def _group_backward(
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, projections: tuple[Projection, ...], *adapters: torch.Tensor):
-        outputs, xa = _group_forward(x, projections, adapters)
+        keep = in_recomputed_region()
+        outputs, xa, dense = _group_forward(x, projections, adapters, keep)
         ctx.projections = projections
-        ctx.save_for_backward(x, xa, *adapters)
+        ctx.n_adapters = len(adapters)
+        ctx.save_for_backward(x, xa, *adapters, *dense)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        x, xa, *adapters = ctx.saved_tensors
+        x, xa, *rest = ctx.saved_tensors
+        adapters, dense = rest[: ctx.n_adapters], rest[ctx.n_adapters :]
         dx, adapter_grads = _group_backward(
-            x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0]
+            x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0], dense
         )
         return (dx, None, *adapter_grads)
 
 
-class _SwiGLULora(torch.autograd.Function):
-    """down(silu(g) * u) with the SwiGLU product recomputed in the backward, never saved.
+class _NormLoraGroup(torch.autograd.Function):
+    """lora_group(rms_norm(h)): the normalised x is not saved but recomputed from h in the
+    backward (one elementwise pass), except inside a recomputed region, where it is kept."""
 
-    Saves g, u and xa: the (T, intermediate) product h = silu(g) * u is formed once in
-    the forward for the matmul and once in the backward for dA and dh -> (dg, du).
+    @staticmethod
+    def forward(
+        ctx,
+        h: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        projections: tuple[Projection, ...],
+        *adapters: torch.Tensor,
+    ):
+        keep = in_recomputed_region()
+        x, rstd = _rms_norm_fwd_k(h, norm_weight, eps)
+        outputs, xa, dense = _group_forward(x, projections, adapters, keep)
+        ctx.projections = projections
+        ctx.n_adapters = len(adapters)
+        ctx.eps = eps
+        ctx.kept_x = keep
+        ctx.save_for_backward(h, norm_weight, rstd, xa, *adapters, *((x,) if keep else ()), *dense)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        h, norm_weight, rstd, xa, *rest = ctx.saved_tensors
+        adapters, rest = rest[: ctx.n_adapters], rest[ctx.n_adapters :]
+        if ctx.kept_x:
+            x, *dense = rest
+        else:
+            dense = rest
+            x = _rms_norm_fwd_k(h, norm_weight, ctx.eps)[0]
+        dx, adapter_grads = _group_backward(x, xa, ctx.projections, adapters, grads, True, dense)
+        del x
+        dh, dw = _rms_norm_bwd_k(dx, h, norm_weight, rstd)
+        return (dh, dw if ctx.needs_input_grad[1] else None, None, None, *adapter_grads)
+
+
+class _SwiGLULora(torch.autograd.Function):
+    """down(silu(g) * u) with the SwiGLU product recomputed in the backward, not saved.
+
+    Saves g, u and xa: the (T, intermediate) product h = silu(g) * u is formed in the
+    forward for the matmul and again in the backward for dA and dh -> (dg, du); inside a
+    recomputed region (where the forward runs right before the backward) h is kept instead.
     """
 
     @staticmethod
     def forward(
         ctx, g: torch.Tensor, u: torch.Tensor, projection: Projection, *adapters: torch.Tensor
     ):
+        keep = in_recomputed_region()
         h = _swiglu_fwd_k(g, u)
-        (y,), xa = _group_forward(h, (projection,), adapters)
+        (y,), xa, dense = _group_forward(h, (projection,), adapters, keep)
         ctx.projection = projection
-        ctx.save_for_backward(g, u, xa, *adapters)
+        ctx.n_adapters = len(adapters)
+        ctx.kept_h = keep
+        ctx.save_for_backward(g, u, xa, *adapters, *((h,) if keep else ()), *dense)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        g, u, xa, *adapters = ctx.saved_tensors
-        h = _swiglu_fwd_k(g, u)
-        dh, adapter_grads = _group_backward(h, xa, (ctx.projection,), adapters, (dy,), True)
+        g, u, xa, *rest = ctx.saved_tensors
+        adapters, rest = rest[: ctx.n_adapters], rest[ctx.n_adapters :]
+        if ctx.kept_h:
+            h, *dense = rest
+        else:
+            dense = rest
+            h = _swiglu_fwd_k(g, u)
+        dh, adapter_grads = _group_backward(h, xa, (ctx.projection,), adapters, (dy,), True, dense)
         del h
         dg, du = _swiglu_bwd_k(dh, g, u)
         return (dg, du, None, *adapter_grads)
@@ -208,6 +286,42 @@ def swiglu_lora(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> tor
 
 def swiglu_lora_reference(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> torch.Tensor:
     return lora_group_reference(swiglu_reference(g, u), (projection,))[0]
+
+
+def norm_lora_group(
+    h: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: Sequence[Projection]
+) -> tuple[torch.Tensor, ...]:
+    """lora_group(rms_norm(h, norm_weight, eps), projections), fused; h: (T, d)."""
+    projections = tuple(projections)
+    return _NormLoraGroup.apply(h, norm_weight, eps, projections, *_adapter_tensors(projections))
+
+
+def norm_lora_group_reference(
+    h: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: Sequence[Projection]
+) -> tuple[torch.Tensor, ...]:
+    return lora_group_reference(rms_norm_reference(h, norm_weight, eps), projections)
+
+
+# Inside a checkpointed (recomputed) layer, the forward that matters runs right before its
+# backward, so keeping what the backward would otherwise recompute (the normalised x, the
+# SwiGLU product, dequantized 4-bit weights) costs memory for one layer only. Outside such
+# a region the same tensors would be held from the forward to the backward of every layer.
+_recomputed_depth = 0
+
+
+@contextmanager
+def recomputed_region() -> Iterator[None]:
+    """Mark a region whose forward torch.utils.checkpoint recomputes (its `context_fn`)."""
+    global _recomputed_depth
+    _recomputed_depth += 1
+    try:
+        yield
+    finally:
+        _recomputed_depth -= 1
+
+
+def in_recomputed_region() -> bool:
+    return _recomputed_depth > 0
 
 
 def lora_group(x: torch.Tensor, projections: Sequence[Projection]) -> tuple[torch.Tensor, ...]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .elementwise import _CompiledOnCuda, _up
+from .elementwise import _up, kernel
 
 
 def _ce_chunk(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +29,6 @@ def _ce_chunk(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     grad = torch.softmax(z, dim=-1)
     grad = grad.scatter_add(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
     return (lse - picked).sum(), grad.to(logits.dtype)
-
-
-_ce_chunk_k = _CompiledOnCuda(_ce_chunk)
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -54,7 +51,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc = h[start : start + chunk]
             logits = hc @ w.t()  # (C, V)
             # the 1/n of the mean is applied in the backward, so the compiled kernel sees no per-batch constant
-            loss, dz = _ce_chunk_k(logits, target[start : start + chunk])
+            role = "full" if logits.shape[0] == chunk else "tail"  # the last chunk is shorter
+            loss, dz = kernel(_ce_chunk, role)(logits, target[start : start + chunk])
             del logits
             total += loss
             torch.mm(dz, w, out=dh[start : start + chunk])
