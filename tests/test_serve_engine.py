@@ -268,3 +268,29 @@ def test_mixed_batch_slots_cache_follows_adapter_changes(serve_adapter_dirs) -> 
     with pytest.raises(ValueError, match="not among the slots"):
         with lorakit.mixed_batch(model, ["s"], slots=("p",)):
             pass
+
+
+def test_nf4_base_serves_mixed_adapters(serve_adapter_dirs) -> None:
+    """`lorakit serve --quantize nf4`: a 4-bit base (bitsandbytes) runs the same mixed batches."""
+    from lorakit import quant
+
+    def quantized():
+        model, tok = tiny_llama_for_tokenizer()
+        return quant.quantize_model(model, "nf4"), tok
+
+    ref, tok = quantized()
+    for name, path in serve_adapter_dirs.items():
+        lorakit.load_adapter(ref, path, name)
+    model, _ = quantized()
+    engine = Engine(model, tok)
+    for name, path in serve_adapter_dirs.items():
+        engine.load_adapter(name, path)
+    with engine:
+        outs = engine.generate(PROMPTS[:3], list(SERVE_ADAPTERS), greedy(8))
+    for prompt, name, out in zip(PROMPTS[:3], SERVE_ADAPTERS, outs, strict=True):
+        lorakit.set_adapter(ref, name)
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        want = ref.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)[0, ids.shape[1] :].tolist()
+        if tok.eos_token_id in want:
+            want = want[: want.index(tok.eos_token_id)]
+        assert out.token_ids == want
