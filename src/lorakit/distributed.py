@@ -167,12 +167,21 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                 else v
                 for k, v in entry.items()
             }
-    return {"state": state}
+    # Group settings (the scheduler's current lr among them), without the parameter lists.
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Put a `full_optimizer_state` back, re-sharding it for this run's processes."""
     by_name = dict(unwrap(model).named_parameters())
+    groups = saved.get("param_groups", [])
+    if groups and len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"checkpoint optimizer has {len(groups)} parameter groups, this run has {len(optimizer.param_groups)}"
+        )
+    for group, settings in zip(optimizer.param_groups, groups, strict=False):
+        group.update(settings)
     missing = [n for n in saved["state"] if n not in by_name]
     if missing:
         raise ValueError(

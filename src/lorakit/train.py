@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import distributed
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
     IGNORE,
@@ -40,6 +42,7 @@ from .data import (
     load_examples,
     micro_batch,
 )
+from .distributed import DistEnv
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
@@ -127,6 +130,9 @@ class TrainArgs:
     """cpu, cuda, cuda:1 ... (default: cuda when available)."""
     loss_chunk: int = 2048
     """Supervised positions per chunk of the output head + cross-entropy (bounds the logits' memory)."""
+    strategy: str = "auto"
+    """Under torchrun: ddp (replicated base, adapter gradients all-reduced), fsdp (FSDP2: base
+    sharded across processes) or auto (ddp). batch_size is the global batch, split across processes."""
     fast_path: bool = True
     """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
 
@@ -152,6 +158,8 @@ class TrainArgs:
             raise ValueError(f"--loss-on must be completion or all, got {self.loss_on!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if self.strategy not in distributed.STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
@@ -194,9 +202,14 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
     autocast_dtype: torch.dtype | None = None
+    env: DistEnv = field(default_factory=DistEnv)
+    loss_module: nn.Module | None = None
+    """What the loop calls: LossModule(model), wrapped in DDP or sharded by FSDP2 under torchrun."""
 
 
 def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # one process speaks for a multi-process run
+        return
     from rich.console import Console
 
     Console(stderr=True, highlight=False).print(message)
@@ -205,6 +218,10 @@ def log(message: str) -> None:
 def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     """Model with a fresh adapter (or the checkpoint's), data, optimizer and schedule."""
     device = torch.device(args.device) if args.device else None
+    if distributed.launched_world_size() > 1 and device is None and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    env = distributed.init(args.strategy, device or torch.device("cpu"))
+    distributed.check_batch(args.batch_size, env)
     model, tokenizer = load_model(args.model, device=device, quantize=args.quantize)
     device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
@@ -235,7 +252,11 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     per_epoch = batches_per_epoch(len(train_rows), args.batch_size)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
-    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total))
+    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env)
+    # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
+    run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
+    if env.enabled:
+        log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(args.schedule, run.warmup_steps, total))
     if args.precision == "bf16" or (
@@ -326,21 +347,41 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 
     return total, count
 
 
+class LossModule(nn.Module):
+    """`compute_loss` as a module, so DDP and FSDP2 see one forward per micro-batch."""
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return compute_loss(self.model, batch, self.chunk)[0]
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, rows: list[TokenRow], batch_size: int, pad_id: int,
-             device: torch.device, autocast_dtype: torch.dtype | None = None, chunk: int = 2048) -> tuple[float, int]:
-    """Mean loss per supervised token over `rows`, and the token count."""
+             device: torch.device, autocast_dtype: torch.dtype | None = None, chunk: int = 2048,
+             loss_module: nn.Module | None = None) -> tuple[float, int]:
+    """Mean loss per supervised token over `rows`, and the token count.
+
+    `loss_module` (a wrapped `LossModule`) is what a multi-process run calls instead of
+    `compute_loss`; every process then evaluates every row, in the same order.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for seqs in eval_batches(rows, batch_size):
         batch = to_device(collate(seqs, pad_id), device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss, n = compute_loss(model, batch, chunk)
+            if loss_module is not None:
+                loss, n = loss_module(batch), int((batch["labels"][:, 1:] != IGNORE).sum())
+            else:
+                loss, n = compute_loss(model, batch, chunk)
         total += float(loss)
         count += n
     model.train(was_training)
@@ -364,9 +405,17 @@ def save_checkpoint(run: Run, output: Path, step: int, state: dict[str, Any], rn
     """
     final = output / f"checkpoint-{step}"
     tmp = output / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(run.model, tmp)
-    torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+    main = run.env.is_main
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Collectives under FSDP: every process gathers, one writes. The optimizer state is keyed by
+    # parameter name and whole, so a checkpoint resumes on any number of processes.
+    save_adapter(run.model, tmp, write=main)
+    optimizer_state = distributed.full_optimizer_state(run.model, run.optimizer)
+    if not main:
+        distributed.barrier(run.env)
+        return final
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng, tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
@@ -375,6 +424,7 @@ def save_checkpoint(run: Run, output: Path, step: int, state: dict[str, Any], rn
     if keep:
         for old in checkpoint_dirs(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(run.env)
     return final
 
 
@@ -393,7 +443,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_checkpoint(run: Run, path: Path) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNG from `path` (the adapter was loaded in setup)."""
-    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=run.device))
+    distributed.load_optimizer_state(run.model, run.optimizer, torch.load(path / "optimizer.pt", weights_only=False))
     run.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
     set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
@@ -457,8 +507,9 @@ def train(args: TrainArgs) -> Path:
             log(f"--resume: no checkpoint in {output}; starting from scratch")
 
     run = setup(args, resume_from)
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    assert optimizer is not None and scheduler is not None
+    model, optimizer, scheduler, env = run.model, run.optimizer, run.scheduler, run.env
+    loss_module = run.loss_module
+    assert optimizer is not None and scheduler is not None and loss_module is not None
     pad_id = run.tokenizer.pad_token_id
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
@@ -471,19 +522,20 @@ def train(args: TrainArgs) -> Path:
         state = load_checkpoint(run, resume_from)
         start = state["step"]
         # Drop metrics logged after the checkpoint (an interrupted run may have logged more).
-        if metrics_path.exists():
+        if metrics_path.exists() and env.is_main:
             kept = [line for line in metrics_path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start]
             metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif metrics_path.exists():
+    elif metrics_path.exists() and env.is_main:
         metrics_path.unlink()
-    write_config(args, run, output / "train_config.yaml")
+    if env.is_main:
+        write_config(args, run, output / "train_config.yaml")
 
     model.train()
     step = start
     window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
     stop_reason = "done"
-    progress = _progress()
+    progress = _progress(enabled=env.is_main)
     task = progress.add_task("train", total=run.total_steps, completed=start, loss=float("nan"), tps=0.0)
     progress.start()
     rng_at_step = rng_state()  # a checkpoint at `step` restarts from exactly this state
@@ -491,20 +543,26 @@ def train(args: TrainArgs) -> Path:
     try:
         while step < run.total_steps:
             t0 = time.perf_counter()
-            # One optimizer step = grad_accum micro-batches; micro-batch i is a function of (seed, i).
-            batches = [collate(micro_batch(run.train_rows, args.batch_size, args.seed, step * args.grad_accum + k), pad_id)
+            # One optimizer step = grad_accum micro-batches; micro-batch i is a function of (seed, i),
+            # and each process takes its own rows of it (all of them in a single-process run).
+            batches = [collate(distributed.shard(micro_batch(run.train_rows, args.batch_size, args.seed,
+                                                             step * args.grad_accum + k), env), pad_id)
                        for k in range(args.grad_accum)]
-            # Normalise by the supervised tokens of the whole step, so accumulation equals one big batch.
-            step_count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            # Normalise by the supervised tokens of the whole step on all processes, so accumulation
+            # and sharding both equal one big batch. DDP and FSDP2 average gradients over processes,
+            # hence the factor world_size.
+            local_count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            step_count = int(distributed.all_sum([local_count], env)[0])
             step_loss = 0.0
             in_step = True
             for batch in batches:
                 batch = to_device(batch, run.device)
                 with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
                                     enabled=run.autocast_dtype is not None):
-                    loss_sum, _ = compute_loss(model, batch, args.loss_chunk)
-                (loss_sum / max(step_count, 1)).backward()
+                    loss_sum = loss_module(batch)
+                (loss_sum * env.world_size / max(step_count, 1)).backward()
                 step_loss += loss_sum.item()
+            step_loss = distributed.all_sum([step_loss], env)[0]
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                args.max_grad_norm)
@@ -518,7 +576,7 @@ def train(args: TrainArgs) -> Path:
             window_time += time.perf_counter() - t0
             window_loss += step_loss
             window_count += step_count
-            window_tokens += sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
+            window_tokens += int(distributed.all_sum([sum(int((b["input_ids"] != pad_id).sum()) for b in batches)], env)[0])
             tps = window_tokens / max(window_time, 1e-9)
             progress.update(task, completed=step, loss=step_loss / max(step_count, 1), tps=tps)
 
@@ -527,20 +585,21 @@ def train(args: TrainArgs) -> Path:
                 record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
                 memory = memory_report(model, optimizer)
                 record.update(memory.as_dict())
-                if step - start <= args.log_every:
+                if step - start <= args.log_every and env.is_main:
                     progress.console.print(str(memory))
                 window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
             evaluated = run.eval_rows is not None and (step % eval_every == 0 or step == run.total_steps)
             if evaluated:
                 eval_loss, _ = evaluate(model, run.eval_rows, args.batch_size, pad_id, run.device,
-                                        run.autocast_dtype, args.loss_chunk)
+                                        run.autocast_dtype, args.loss_chunk,
+                                        loss_module=loss_module if env.enabled else None)
                 record["eval_loss"] = eval_loss
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
                     state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
                 else:
                     state["evals_without_improvement"] += 1
-            if record:
+            if record and env.is_main:
                 record = {"step": step, "epoch": round(step * args.grad_accum / per_epoch, 4),
                           "lr": lr_used, **record}
                 with metrics_path.open("a") as f:
@@ -565,15 +624,17 @@ def train(args: TrainArgs) -> Path:
     finally:
         progress.stop()
 
-    save_adapter(model, output)
+    save_adapter(model, output, write=env.is_main)
     log(str(memory_report(model, optimizer)))
-    if metrics_path.exists():
+    if metrics_path.exists() and env.is_main:
         plot_losses(metrics_path, output / "loss.png")
     log(f"{stop_reason} at step {step}: adapter saved to {output}")
+    distributed.barrier(env)
+    distributed.cleanup(env)
     return output
 
 
-def _progress():
+def _progress(enabled: bool = True):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -593,6 +654,7 @@ def _progress():
         TextColumn("ETA"),
         TimeRemainingColumn(),
         transient=False,
+        disable=not enabled,
     )
 
 
