@@ -179,7 +179,10 @@ def test_nf4_base_is_dequantized_inside_the_fused_functions(in_region):
     with recomputed_region() if in_region else contextlib.nullcontext():
         _grads_match(
             lambda *_: (lora_group(x, [projection])[0], swiglu_lora(g, u, projection)),
-            lambda *_: (lora_group_reference(x, [projection])[0], swiglu_lora_reference(g, u, projection)),
+            lambda *_: (
+                lora_group_reference(x, [projection])[0],
+                swiglu_lora_reference(g, u, projection),
+            ),
             params,
             tol=1e-5,
         )
@@ -221,6 +224,14 @@ def test_chunked_cross_entropy_equals_full(chunk):
         [h, w],
     )
     _close(linear_cross_entropy(h, w, t, chunk), F.cross_entropy(h @ w.t(), t))
+
+
+def test_chunked_cross_entropy_without_grad_matches():
+    torch.manual_seed(1)
+    h, w = torch.randn(7, 8, dtype=torch.float64), torch.randn(37, 8, dtype=torch.float64)
+    t = torch.randint(0, 37, (7,))
+    with torch.no_grad():
+        _close(linear_cross_entropy(h, w, t, 3), F.cross_entropy(h @ w.t(), t))
 
 
 def _adapted_llama(dtype=torch.float32, targets=ALL):

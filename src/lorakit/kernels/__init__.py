@@ -9,7 +9,8 @@ fused pieces and returns it with `logits=None`; every other call, and every mode
 adapter setup the fast path does not cover, goes through the original forward
 unchanged. Each fused piece sits beside its pure-PyTorch reference:
 
-    lora_linear.py   grouped base + LoRA matmuls with a hand-derived backward (4-bit base too)
+    lora_linear.py   grouped base + LoRA matmuls with a hand-derived backward (4-bit base too),
+                     with RMSNorm (before Q/K/V, gate/up) or SwiGLU (before down) fused in
     elementwise.py   RMSNorm, SwiGLU, RoPE: hand-derived backward, torch.compile'd on CUDA
     loss.py          chunked linear + cross-entropy over supervised positions only
     llama.py         the decoder on those pieces, activation checkpointing per layer

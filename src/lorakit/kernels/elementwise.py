@@ -52,7 +52,9 @@ class _CompiledOnCuda:
             if self.compiled is None:
                 name = f"{self.fn.__name__}_{self.role}" if self.role else self.fn.__name__
                 code = self.fn.__code__.replace(co_name=name)
-                own = types.FunctionType(code, self.fn.__globals__, name, self.fn.__defaults__, self.fn.__closure__)
+                own = types.FunctionType(
+                    code, self.fn.__globals__, name, self.fn.__defaults__, self.fn.__closure__
+                )
                 self.compiled = torch.compile(own, dynamic=None)
             return self.compiled(*args)
         return self.fn(*args)
@@ -184,7 +186,9 @@ def _rope_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, role: str) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, role: str
+    ) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.role = role
         return kernel(_rope, role)(x, cos, sin)

@@ -3,9 +3,11 @@
 `causal_lm_loss` computes exactly what `model(input_ids, labels=labels).loss` computes
 for a transformers Llama-family model with lorakit adapters, but:
 
-- Q/K/V and gate/up run as grouped fused LoRA functions (`lora_linear.lora_group`);
-- RMSNorm, SwiGLU and RoPE are fused kernels with hand-derived backward functions;
-- attention is PyTorch's SDPA with a causal flag (flash attention on recent GPUs), no mask;
+- Q/K/V and gate/up run as grouped fused LoRA functions with the RMSNorm in front fused in
+  (`lora_linear.norm_lora_group`), and SwiGLU is fused into the down projection's function;
+- RoPE, the remaining RMSNorms and the loss's softmax are compiled kernels with
+  hand-derived backward functions;
+- attention is PyTorch's SDPA with a causal flag (cuDNN / flash attention on Hopper), no mask;
 - the loss is a chunked linear + cross-entropy over the supervised positions only;
 - each decoder layer is recomputed in the backward (activation checkpointing) when asked,
   keeping only its input; `keep_layers` of the last layers keep their activations.
@@ -148,7 +150,9 @@ def decoder_layer(
     return h + y.view(batch, seq, d)
 
 
-def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def _recompute_contexts() -> tuple[
+    contextlib.AbstractContextManager, contextlib.AbstractContextManager
+]:
     # both the first forward (whose saved tensors checkpoint discards) and the recompute
     # must save the same tensors, so both run inside the region
     return recomputed_region(), recomputed_region()
@@ -211,14 +215,22 @@ def causal_lm_loss(
     for i, layer in enumerate(layers):
         if recompute and i < first_kept and torch.is_grad_enabled():
             h = checkpoint(
-                decoder_layer, layer, h, cos, sin, use_reentrant=False, context_fn=_recompute_contexts
+                decoder_layer,
+                layer,
+                h,
+                cos,
+                sin,
+                use_reentrant=False,
+                context_fn=_recompute_contexts,
             )
         else:
             h = decoder_layer(layer, h, cos, sin)
     target = labels[:, 1:].reshape(-1)
     rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
-    hidden = rms_norm(hidden, inner.norm.weight, _eps(inner.norm), "final")  # per row: only supervised rows
+    hidden = rms_norm(
+        hidden, inner.norm.weight, _eps(inner.norm), "final"
+    )  # per row: only supervised rows
     loss = linear_cross_entropy(
         hidden, model.lm_head.weight, target.index_select(0, rows), chunk_rows
     )

@@ -42,9 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int
     ) -> torch.Tensor:
         n = h.shape[0]
-        need_w = ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(h.dtype) if weight.dtype != h.dtype else weight
-        dh = torch.empty_like(h)
+        dh = torch.empty_like(h) if need_h else None  # no gradient work under no_grad (evaluation)
         dw = torch.zeros(weight.shape, dtype=_up(h).dtype, device=h.device) if need_w else None
         total = torch.zeros((), dtype=_up(h).dtype, device=h.device)
         for start in range(0, n, chunk):
@@ -55,10 +55,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss, dz = kernel(_ce_chunk, role)(logits, target[start : start + chunk])
             del logits
             total += loss
-            torch.mm(dz, w, out=dh[start : start + chunk])
+            if dh is not None:
+                torch.mm(dz, w, out=dh[start : start + chunk])
             if dw is not None:
                 dw.add_(_up(dz.t() @ hc))
-        ctx.save_for_backward(dh, dw if dw is not None else torch.empty(0))
+        empty = torch.empty(0)
+        ctx.save_for_backward(dh if dh is not None else empty, dw if dw is not None else empty)
+        ctx.need_h = need_h
         ctx.need_w = need_w
         ctx.n = n
         ctx.weight_dtype = weight.dtype
@@ -68,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         dh, dw = ctx.saved_tensors
         scale = grad / ctx.n
-        gh = dh * scale.to(dh.dtype)
+        gh = dh * scale.to(dh.dtype) if ctx.need_h else None
         gw = (dw * scale).to(ctx.weight_dtype) if ctx.need_w else None
         return gh, gw, None, None
 
