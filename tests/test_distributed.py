@@ -111,3 +111,15 @@ def test_batch_that_does_not_split_is_refused(setup_dir) -> None:
     result = train(setup_dir, setup_dir / "bad", 2, "ddp", "--batch-size", "3")
     assert result.returncode != 0
     assert "--batch-size 3 does not divide across 2 processes" in result.stderr
+
+
+def test_qlora_under_fsdp_keeps_quantization_state(setup_dir) -> None:
+    """A 4-bit NF4 base under FSDP2 trains to the adapter a single process gets (no lost state, no NaN)."""
+    one, two = setup_dir / "q1", setup_dir / "q2"
+    ok(train(setup_dir, one, 1, "auto", "--quantize", "nf4"))
+    ok(train(setup_dir, two, 2, "fsdp", "--quantize", "nf4"))
+    reference = tensors(one)
+    assert any(v.abs().max() > 1e-3 for k, v in reference.items() if "lora_B" in k)
+    for key, value in tensors(two).items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, reference[key], atol=2e-5, rtol=1e-3)

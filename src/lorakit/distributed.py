@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from . import qweights
+
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
@@ -113,14 +115,17 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
     # FSDP2 all-gathers one flat buffer per block, so its parameters must share a dtype: a
     # half-precision base with fp32 adapters is gathered in the base's dtype, gradients
     # reduced in fp32, and the sharded adapter weights stay fp32 for the optimizer.
-    dtypes = {p.dtype for p in model.parameters()}
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
     policy = MixedPrecisionPolicy()
     half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
     if len(dtypes) > 1 and half:
         policy = MixedPrecisionPolicy(param_dtype=half[0], reduce_dtype=torch.float32)
+    # bitsandbytes' 4-bit/8-bit weights carry their quantization state on the parameter object,
+    # which FSDP2 would replace by a plain shard: they stay whole on every process instead.
+    quantized = {p for p in model.parameters() if qweights.kind_of(p)}
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=quantized or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=quantized or None)
     return model
 
 
