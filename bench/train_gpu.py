@@ -53,6 +53,7 @@ CASES = {
     "8b-qlora-lorakit": ("8b", "lorakit", True, {}),
     "8b-qlora-lorakit-keep1": ("8b", "lorakit", True, {"keep_layers": 1}),
     "8b-qlora-lorakit-keep14": ("8b", "lorakit", True, {"keep_layers": 14}),
+    "8b-qlora-lorakit-keep16": ("8b", "lorakit", True, {"keep_layers": 16}),
     "1b-peft": ("1b", "peft", False, {}),
     "1b-peft-compile": ("1b", "peft", False, {"compile": True}),
     "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False}),
