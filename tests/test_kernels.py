@@ -364,3 +364,43 @@ def test_training_loss_sum_matches_generic_path():
     assert (
         fused_loss_sum(model, ids, labels, packed["position_ids"]) is None
     )  # packed rows: generic path
+
+
+_FSDP_SCRIPT = """
+import os, torch, torch.distributed as dist
+from conftest import tiny_llama
+import lorakit
+from lorakit.kernels import supported
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+model = tiny_llama().train()
+lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+assert supported(model) is None
+for layer in model.model.layers:
+    fully_shard(layer)
+print("REASON", supported(model))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_sharded_layers_take_the_generic_path(tmp_path):
+    # The fused decoder calls the layers' pieces directly, so FSDP2's per-layer all-gather
+    # (a forward hook of each layer) would never run: sharded layers must be refused.
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).parent
+    path = os.pathsep.join(p for p in (str(tests), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PORT": str(port), "PYTHONPATH": path}
+    out = subprocess.run(
+        [sys.executable, "-c", _FSDP_SCRIPT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REASON the decoder layers are sharded (FSDP2)" in out.stdout

@@ -80,6 +80,8 @@ def supported(model: nn.Module) -> str | None:
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} (the fast path fuses silu)"
     inner = model.model
+    if _sharded(inner.layers[0]):
+        return "the decoder layers are sharded (FSDP2): their weights are gathered only by their own forward"
     head = model.lm_head
     if type(head) is not nn.Linear or head.bias is not None:
         return f"lm_head is a {type(head).__name__}; the fused loss needs a plain linear head without bias"
@@ -92,6 +94,14 @@ def supported(model: nn.Module) -> str | None:
         if model.training and getattr(layer.self_attn, "attention_dropout", 0.0):
             return f"attention dropout {layer.self_attn.attention_dropout}"
     return None
+
+
+def _sharded(layer: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in layer.parameters())
 
 
 def _projection(module: nn.Module) -> Projection:
