@@ -430,3 +430,23 @@ def test_quantize_after_inject_and_dora_on_a_4bit_base() -> None:
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_mixed_batch_on_a_4bit_base_equals_one_adapter_per_forward() -> None:
+    """What the server runs: rows with different adapters (or none) over one NF4 base."""
+    model = quant.quantize_model(tiny_llama(), "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    lorakit.add_adapter(model, "other", lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    _randomise_adapters(model, seed=11)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(12))
+    names = ["default", "other", None]
+    with torch.no_grad():
+        mixed = lorakit.forward_mixed(model, names, ids).logits
+        for row, name in enumerate(names):
+            if name is None:
+                with lorakit.disable_adapters(model):
+                    single = model(ids[row : row + 1]).logits
+            else:
+                lorakit.set_adapter(model, name)
+                single = model(ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], single, atol=1e-5, rtol=0)
