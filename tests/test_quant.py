@@ -450,3 +450,19 @@ def test_mixed_batch_on_a_4bit_base_equals_one_adapter_per_forward() -> None:
                 lorakit.set_adapter(model, name)
                 single = model(ids[row : row + 1]).logits
             torch.testing.assert_close(mixed[row : row + 1], single, atol=1e-5, rtol=0)
+
+
+def test_unmappable_checkpoint_falls_back_to_load_then_quantize(tiny_model_dir) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.models import load_model
+
+    file = tiny_model_dir / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["model.legacy_block.weight"] = torch.zeros(2)  # a name transformers' loader would drop or rename
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(quant.CheckpointLayoutError, match="model.legacy_block.weight"):
+        quant.load_quantized(tiny_model_dir, "nf4")
+    with pytest.warns(UserWarning, match="loading in full precision first"):
+        model, _ = load_model(str(tiny_model_dir), device="cpu", quantize="nf4")
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in _linears(model).values())

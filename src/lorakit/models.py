@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +129,16 @@ def load_model(
     source = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        model = None
         if quantize is not None and any(Path(source).glob("*.safetensors")):
             from . import quant
 
             # Layer by layer: peak memory stays near the quantized size, not the full one.
-            model = quant.load_quantized(source, quantize, compute_dtype=dtype, dtype=dtype, device=device)
-        else:
+            try:
+                model = quant.load_quantized(source, quantize, compute_dtype=dtype, dtype=dtype, device=device)
+            except quant.CheckpointLayoutError as err:  # keys transformers would rename: its loader, then quantize
+                warnings.warn(f"{err}; loading in full precision first", stacklevel=2)
+        if model is None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:
         raise OSError(

@@ -36,6 +36,7 @@ from .qweights import KINDS, QuantizationUnavailable, check_kind
 
 __all__ = [
     "KINDS",
+    "CheckpointLayoutError",
     "MemoryReport",
     "QuantizationUnavailable",
     "check_available",
@@ -46,6 +47,10 @@ __all__ = [
     "merge_requantized",
     "quantize_model",
 ]
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint's tensor names or contents do not map onto the model layer by layer."""
 
 
 # availability ---------------------------------------------------------------------------
@@ -218,7 +223,7 @@ def load_quantized(
     _restore_buffers(model, config, device)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if pending or missing:
-        raise ValueError(
+        raise CheckpointLayoutError(
             f"{path}: the checkpoint lacks tensors for {', '.join(sorted(pending) + missing)[:300]}; "
             "load it with transformers and call lorakit.quant.quantize_model instead"
         )
@@ -268,13 +273,13 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     try:
         module = model.get_submodule(owner)
     except AttributeError:
-        raise ValueError(f"checkpoint key {key!r} names no module of this model") from None
+        raise CheckpointLayoutError(f"checkpoint key {key!r} names no module of this model") from None
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
     else:
-        raise ValueError(f"checkpoint key {key!r} names no parameter or buffer of this model")
+        raise CheckpointLayoutError(f"checkpoint key {key!r} names no parameter or buffer of this model")
 
 
 def _restore_buffers(model: nn.Module, config: object, device: torch.device) -> None:
@@ -287,7 +292,7 @@ def _restore_buffers(model: nn.Module, config: object, device: torch.device) -> 
             with torch.device("cpu"):
                 fresh = type(module)(config=getattr(module, "config", config))
         except TypeError:
-            raise ValueError(
+            raise CheckpointLayoutError(
                 f"cannot rebuild buffers {meta} of {name or 'the model'} ({type(module).__name__}) after a "
                 "meta-device load; load the model with transformers and call quantize_model instead"
             ) from None
