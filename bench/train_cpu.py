@@ -13,6 +13,8 @@ sides alternate for `--rounds` rounds so that load from other processes hits bot
                    cross-entropy only at supervised positions, in chunks), batch 8
 - lorakit-packed:  the same, with the examples packed end to end into rows of up to
                    768 tokens (about 8 examples a row), batch 1
+- lorakit-gc:      lorakit with gradient checkpointing (--gradient-checkpointing):
+                   activations recomputed in the backward pass, batch 8
 
 tokens/s counts real (non-padding) tokens; every side trains on the same tokens. Accuracy:
 the held-out loss after training, which should agree between the sides.
@@ -29,18 +31,29 @@ import time
 
 import torch
 
-SIDES = ("peft", "lorakit", "lorakit-packed")
+SIDES = ("peft", "lorakit", "lorakit-packed", "lorakit-gc")
 
 
-def child(side: str, n_examples: int, seed: int = 0) -> dict:
+def load(model_dir: str | None, random_init: bool):
+    from lorakit.models import load_model
+
+    if not random_init:
+        return load_model(model_dir, device="cpu")
+    # Same architecture, random weights: the same speed and memory, no weights to ship.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    return model.requires_grad_(False).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, seed: int = 0) -> dict:
     from lorakit import LoraConfig, inject
     from lorakit.data import as_sequences, collate, load_examples
     from lorakit.demo.__main__ import EVAL, TRAIN
-    from lorakit.models import load_model
     from lorakit.train import compute_loss, evaluate
 
     torch.manual_seed(seed)
-    model, tok = load_model(device="cpu")
+    model, tok = load(model_dir, random_init)
     examples, _ = load_examples(TRAIN, tok, 512)
     examples = examples[:n_examples]
     held, _ = load_examples(EVAL, tok, 512)
@@ -55,6 +68,8 @@ def child(side: str, n_examples: int, seed: int = 0) -> dict:
         batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
     else:
         inject(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+        if side == "lorakit-gc":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if side == "lorakit-packed":
             rows = as_sequences(examples, 768, True)
             batches = [[r] for r in rows]
@@ -107,12 +122,15 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=168, help="training examples per side (8 per step)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of all sides")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="build --model's architecture from its config.json with random weights")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.child:
-        print(json.dumps(child(opts.child, opts.examples)))
+        print(json.dumps(child(opts.child, opts.examples, opts.model, opts.random_init)))
         return
 
     results: dict[str, list[dict]] = {s: [] for s in SIDES}
@@ -121,6 +139,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", side, "--examples", str(opts.examples)]
             if opts.threads:
                 command += ["--threads", str(opts.threads)]
+            if opts.model:
+                command += ["--model", opts.model] + (["--random-init"] if opts.random_init else [])
             out = subprocess.run(command,
                                  capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])

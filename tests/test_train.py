@@ -219,3 +219,22 @@ def test_eval_examples_are_truncated_and_counted(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "completion": "c" * 50}) + "\n")
     examples, stats = load_examples(path, tok, 20)
     assert stats.truncated == 1 and len(examples[0].input_ids) == 20
+
+
+def test_pieces_of_max_tokens_give_the_same_update(tmp_path, tiny_model_dir, chat_data):
+    whole = recipe.train(args_for(tiny_model_dir, chat_data, tmp_path / "whole", max_tokens=10_000, dropout=0.0))
+    pieces = recipe.train(args_for(tiny_model_dir, chat_data, tmp_path / "pieces", max_tokens=40, dropout=0.0))
+    a, b = adapter_tensors(whole), adapter_tensors(pieces)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_split_rows_respects_the_token_budget():
+    from lorakit.data import TokenRow, split_rows
+
+    rows = [TokenRow([1] * n, [1] * n, list(range(n))) for n in (30, 10, 25, 5, 12)]
+    pieces = split_rows(rows, 64)  # widest row 30 -> 2 rows a piece
+    assert [len(p) for p in pieces] == [2, 2, 1]
+    assert [r for p in pieces for r in p] == rows
+    assert split_rows(rows, None) == [rows]
+    assert [len(p) for p in split_rows(rows, 8)] == [1] * 5  # never less than one row

@@ -421,6 +421,19 @@ def collate(seqs: Sequence[TokenRow], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
+def split_rows(seqs: Sequence[TokenRow], max_tokens: int | None) -> list[list[TokenRow]]:
+    """Split a micro-batch into pieces of at most `max_tokens` padded tokens (at least one row each).
+
+    Summing the pieces' gradients gives the micro-batch's gradient, while activation memory
+    is that of one piece; each piece is padded only to its own longest row.
+    """
+    if max_tokens is None:
+        return [list(seqs)]
+    width = max(len(s.input_ids) for s in seqs)
+    rows = max(1, max_tokens // width)
+    return [list(seqs[i : i + rows]) for i in range(0, len(seqs), rows)]
+
+
 def epoch_order(num_sequences: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of one epoch, a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
