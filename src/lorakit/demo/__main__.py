@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m lorakit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/demo", help="where the adapter and its logs go")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (batch 8)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps (batch 8)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--held-out", type=int, default=32, help="held-out notes to generate for exact match")
     opts = parser.parse_args(argv)
@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=8, seq_len=512, rank=16, alpha=32, log_every=10, eval_every=max(1, opts.steps // 2),
         device="cpu",
     )
+    del model  # training loads its own copy; two at once would double the peak memory
     t0 = time.perf_counter()
     train(args)
     train_time = time.perf_counter() - t0
 
+    model, tokenizer = load_model(device="cpu")
     load_adapter(model, opts.output)
     print("\n== after: the same base with the adapter")
     loss1, acc1, after = measure(model, tokenizer, held, EVAL)
