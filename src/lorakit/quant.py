@@ -17,12 +17,14 @@ that reports the error).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import struct
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,20 +207,8 @@ def load_quantized(
     quantize = {name for name, _ in _candidates(model, include_head)}
     compute_dtype = compute_dtype or dtype
     pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear's weight and bias, until both are read
-    for file in files:
-        for key, tensor in read_safetensors(file):
-            owner, _, leaf = key.rpartition(".")
-            if owner in quantize and leaf in ("weight", "bias"):
-                parts = pending.setdefault(owner, {})
-                parts[leaf] = tensor.to(device=device, dtype=dtype)
-                linear = model.get_submodule(owner)
-                if "weight" in parts and ("bias" in parts or linear.bias is None):
-                    bias = parts.get("bias")
-                    layer = qweights.quantized_linear(parts["weight"], bias, kind, compute_dtype)
-                    _set_submodule(model, owner, layer)
-                    del pending[owner]
-                continue
-            _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+    with _large_blocks_returned():
+        _stream(model, files, quantize, pending, kind, compute_dtype, dtype, device)
     model.tie_weights()
     _restore_buffers(model, config, device)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -234,6 +224,59 @@ def load_quantized(
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def _stream(
+    model: nn.Module,
+    files: list[Path],
+    quantize: set[str],
+    pending: dict[str, dict[str, torch.Tensor]],
+    kind: str,
+    compute_dtype: torch.dtype,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Read the checkpoint tensor by tensor into the meta model, quantizing linear weights as they come."""
+    for file in files:
+        for key, tensor in read_safetensors(file):
+            owner, _, leaf = key.rpartition(".")
+            if owner in quantize and leaf in ("weight", "bias"):
+                parts = pending.setdefault(owner, {})
+                parts[leaf] = tensor.to(device=device, dtype=dtype)
+                linear = model.get_submodule(owner)
+                if "weight" in parts and ("bias" in parts or linear.bias is None):
+                    bias = parts.get("bias")
+                    layer = qweights.quantized_linear(parts["weight"], bias, kind, compute_dtype)
+                    _set_submodule(model, owner, layer)
+                    del pending[owner]
+                continue
+            _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+
+
+@contextmanager
+def _large_blocks_returned() -> Iterator[None]:
+    """Within: glibc serves every block over 128 KiB from its own mapping, freed straight back to the OS.
+
+    By default glibc raises that threshold each time such a block is freed, so the
+    full-precision layers read one after another end up on its heap, which does not
+    shrink: the peak then drifts towards the full-precision size this loader avoids.
+    Afterwards the threshold is set to glibc's own ceiling (32 MiB), where its default
+    adjustment ends up anyway.
+    """
+    mallopt = None
+    if sys.platform.startswith("linux"):
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            mallopt = None
+    m_mmap_threshold = -3
+    if mallopt is not None:
+        mallopt(m_mmap_threshold, 128 * 1024)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(m_mmap_threshold, 32 * 1024 * 1024)
 
 
 _SAFETENSORS_DTYPES = {
