@@ -466,3 +466,34 @@ def test_unmappable_checkpoint_falls_back_to_load_then_quantize(tiny_model_dir) 
     with pytest.warns(UserWarning, match="loading in full precision first"):
         model, _ = load_model(str(tiny_model_dir), device="cpu", quantize="nf4")
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in _linears(model).values())
+
+
+_PEAK_PROBE = """
+import json, sys
+from lorakit import quant
+from lorakit.models import default_model_path
+
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+
+path = default_model_path()
+quant.qweights.bitsandbytes()
+before = hwm()
+model = quant.load_quantized(path, "nf4")
+print(json.dumps({"growth": hwm() - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_layer_by_layer_load_peaks_far_below_full_precision() -> None:
+    """Loading the bundled default in NF4 grows the process's peak memory by well under its fp32 size."""
+    import json
+    import subprocess
+
+    from lorakit.models import default_model_path
+
+    fp32_bytes = (default_model_path() / "model.safetensors").stat().st_size
+    done = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)
+    growth = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+    # Quantized linears (~55 MB) + the fp32 embedding (~113 MB) + one layer in flight.
+    assert growth < 0.5 * fp32_bytes, (growth, fp32_bytes)
