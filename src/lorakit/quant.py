@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import qweights
-from .inject import ModulesToSave, lora_layers, merge, merge_and_unload
+from .inject import ModulesToSave, get_state, lora_layers, merge, merge_and_unload
 from .layers import LoraLayer, LoraLinear, RequantizationWarning
 from .qweights import KINDS, QuantizationUnavailable, check_kind
 
@@ -352,27 +352,31 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
     Per layer: dequantize to fp32, add the update in fp32 (DoRA included), round once to
     `dtype`. Quantized layers without adapters are dequantized too.
     """
+    active = get_state(model).active
     for _, layer in lora_layers(model):
         if isinstance(layer, LoraLinear) and layer.quantized:
-            shell = layer._base_shell[0]
-            weight = qweights.dequantize(layer.weight, shell)
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight = nn.Parameter(weight, requires_grad=False)
-            if layer.bias is not None:
-                plain.bias = nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+            # One layer at a time: only one fp32 weight exists at once.
+            layer.unmerge()
+            plain = _plain_linear(qweights.dequantize(layer.weight, layer._base_shell[0]), layer.bias)
             layer._base_shell[0] = plain
             layer.weight, layer.bias = plain.weight, plain.bias
+            layer.merge(active)
+            plain.weight = layer.weight = nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
     model = merge_and_unload(model)
     for name, module in list(model.named_modules()):
         if qweights.kind_of(getattr(module, "weight", None)):
-            weight = qweights.dequantize(module.weight, module)
-            bias = module.bias
-            plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-            plain.weight = nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                plain.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
+            plain = _plain_linear(qweights.dequantize(module.weight, module), module.bias)
+            plain.weight = nn.Parameter(plain.weight.detach().to(dtype), requires_grad=False)
             _set_submodule(model, name, plain)
     return model.to(dtype)
+
+
+def _plain_linear(weight_oi: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    plain = nn.Linear(weight_oi.shape[1], weight_oi.shape[0], bias=bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight_oi, requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
+    return plain
 
 
 def merge_requantized(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
@@ -381,6 +385,9 @@ def merge_requantized(model: nn.Module, adapter_name: str | None = None) -> dict
     The merged weight is rounded to the base format again, which loses much of a small
     update: one RequantizationWarning reports the largest error (instead of one per layer).
     """
+    for _, layer in lora_layers(model):
+        if isinstance(layer, LoraLinear):
+            layer.requantization_error = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RequantizationWarning)
         merge(model, adapter_name)
