@@ -70,7 +70,7 @@ def example(rng: random.Random, firsts: list[str], lasts: list[str], companies: 
     ]}
 
 
-def generate(train_size: int = 800, eval_size: int = 64, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def generate(train_size: int = 800, eval_size: int = 32, seed: int = 0) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     # Held-out people and companies: the last few of each list never appear in training.
     train = [example(rng, FIRST[:-4], LAST[:-4], COMPANIES[:-4]) for _ in range(train_size)]
