@@ -9,12 +9,12 @@ in the same order. Each side runs in its own process (so peak RSS is its own), a
 sides alternate for `--rounds` rounds so that load from other processes hits both alike.
 
 - peft:            PEFT's get_peft_model, model(input_ids, attention_mask, labels).loss
-- lorakit:         lorakit.inject + lorakit.train.compute_loss (output head and
-                   cross-entropy only at supervised positions, in chunks), batch 8
+- lorakit:         lorakit train's step: lorakit.inject + compute_loss (output head and
+                   cross-entropy only at supervised positions, in chunks), batch 8 run in
+                   pieces of at most 256 tokens (its CPU default; the same update)
 - lorakit-packed:  the same, with the examples packed end to end into rows of up to
-                   768 tokens (about 8 examples a row), batch 1
-- lorakit-gc:      lorakit with gradient checkpointing (--gradient-checkpointing):
-                   activations recomputed in the backward pass, batch 8
+                   256 tokens (2-3 examples a row), 4 rows a step
+- lorakit-gc:      lorakit with gradient checkpointing as well (--gradient-checkpointing)
 
 tokens/s counts real (non-padding) tokens; every side trains on the same tokens. Accuracy:
 the held-out loss after training, which should agree between the sides.
@@ -48,9 +48,9 @@ def load(model_dir: str | None, random_init: bool):
 
 def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, seed: int = 0) -> dict:
     from lorakit import LoraConfig, inject
-    from lorakit.data import as_sequences, collate, load_examples
+    from lorakit.data import as_sequences, collate, load_examples, split_rows
     from lorakit.demo.__main__ import EVAL, TRAIN
-    from lorakit.train import compute_loss, evaluate
+    from lorakit.train import CPU_MAX_TOKENS, compute_loss, evaluate
 
     torch.manual_seed(seed)
     model, tok = load(model_dir, random_init)
@@ -71,8 +71,8 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
         if side == "lorakit-gc":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if side == "lorakit-packed":
-            rows = as_sequences(examples, 768, True)
-            batches = [[r] for r in rows]
+            rows = as_sequences(examples, 256, True)
+            batches = [rows[i : i + 4] for i in range(0, len(rows), 4)]
         else:
             rows = as_sequences(examples, 512, False)
             batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
@@ -81,18 +81,23 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
     model.train()
 
     def step(seqs) -> tuple[float, int]:
-        batch = collate(seqs, pad)
         tokens = int(sum(len(s.input_ids) for s in seqs))
         if side == "peft":
+            batch = collate(seqs, pad)
             # The usual loop: padded batch with an attention mask, transformers' loss.
             mask = torch.zeros_like(batch["input_ids"])
             for i, s in enumerate(seqs):
                 mask[i, : len(s.input_ids)] = 1
             loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
+            loss.backward()
         else:
-            loss_sum, count = compute_loss(model, batch)
-            loss = loss_sum / count
-        loss.backward()
+            pieces = [collate(p, pad) for p in split_rows(seqs, CPU_MAX_TOKENS)]
+            count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in pieces)
+            loss = 0.0
+            for batch in pieces:
+                loss_sum, _ = compute_loss(model, batch)
+                (loss_sum / count).backward()
+                loss += float(loss_sum) / count
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss), tokens
@@ -146,7 +151,7 @@ def main() -> None:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             results[side].append(result)
             print(f"round {round_ + 1} {side:15s} {result['tokens_per_s']:7.1f} tok/s  "
-                  f"peak RSS {result['peak_rss_gb']:.2f} GB  eval loss {result['eval_loss']:.4f}  "
+                  f"peak RSS {result['peak_rss_gb']:.2f} GB  eval loss {result['eval_loss']:.5f}  "
                   f"({result['steps']} steps, {result['seconds']:.0f} s)", flush=True)
 
     def best(side: str, key: str, pick=max) -> float:
@@ -157,7 +162,7 @@ def main() -> None:
     for side in SIDES:
         tps, rss = best(side, "tokens_per_s"), best(side, "peak_rss_gb", min)
         loss = results[side][-1]["eval_loss"]
-        print(f"{side:15s} {tps:8.1f} {tps / base_tps:7.2f} {rss:8.2f}G {rss / base_rss:7.2f} {loss:9.4f}")
+        print(f"{side:15s} {tps:8.1f} {tps / base_tps:7.2f} {rss:8.2f}G {rss / base_rss:7.2f} {loss:9.5f}")
     print(f"(best of {opts.rounds} rounds per side; torch {torch.__version__}, {torch.get_num_threads()} threads)")
 
 
