@@ -36,6 +36,7 @@ from lorakit.serve import Engine, SamplingParams
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
     "small": (256, 688, 4, 8, 4, 4096),
+    "135m": (576, 1536, 30, 9, 3, 49152),  # SmolLM2-135M's shape
     "1b": (2048, 8192, 16, 32, 8, 128256),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,7 +61,7 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype):
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-        tie_word_embeddings=size == "1b", pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        tie_word_embeddings=size != "small", pad_token_id=0, bos_token_id=None, eos_token_id=None,
     )
     torch.manual_seed(0)
     with device:
