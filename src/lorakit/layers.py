@@ -412,7 +412,7 @@ class LoraLinear(LoraLayer):
         else:
             assert cache is not None and cache[1] is not None and cache[2] is not None
             a_stack, b_stack = cache[1], cache[2]
-            for slot, (old, new) in enumerate(zip(cache[0], slots)):
+            for slot, (old, new) in enumerate(zip(cache[0], slots, strict=True)):
                 if old != new or new in self._stale:
                     a_stack[slot].zero_()
                     b_stack[slot].zero_()
