@@ -69,3 +69,14 @@ def test_lorakit_serve_process(tiny_model_dir, tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_parses_repeated_adapter_options() -> None:
+    from lorakit.cli import parse
+
+    name, args = parse(["serve", "--adapter", "a=/x", "--adapter", "b=/y", "--max-batch", "4"])
+    assert name == "serve" and args.adapter == ["a=/x", "b=/y"] and args.max_batch == 4
+    assert parse(["serve", "--adapter=a=/x"])[1].adapters() == {"a": Path("/x")}
+    assert parse(["serve", "--adapter", "[a=/x, b=/y]"])[1].adapter == ["a=/x", "b=/y"]
+    with pytest.raises(SystemExit):
+        parse(["serve", "--adapter", "no-name-here"])

@@ -246,7 +246,8 @@ def build_parser(name: str):
 
 
 def normalize_argv(argv: list[str], cls: type | None) -> list[str]:
-    """--max-steps -> --max_steps, and a bare boolean flag (--resume) -> --resume true."""
+    """--max-steps -> --max_steps, a bare boolean flag (--resume) -> --resume true, and a
+    list option given one item at a time (--adapter a=DIR --adapter b=DIR) -> appends."""
     known = {f.name: f.type for f in fields(cls)} if cls is not None else {}
     known["print_config"] = None
     out: list[str] = []
@@ -259,8 +260,13 @@ def normalize_argv(argv: list[str], cls: type | None) -> list[str]:
         if name not in known:
             out.append(token)
             continue
-        out.append(f"--{name}{eq}{value}")
         following = argv[i + 1] if i + 1 < len(argv) else None
+        given = value if eq else following
+        if str(known[name]).startswith("list[") and given is not None and not given.lstrip().startswith("["):
+            # A repeatable list option (serve's --adapter NAME=DIR): each use appends one item.
+            out.extend([f"--{name}+", given] if eq else [f"--{name}+"])
+            continue
+        out.append(f"--{name}{eq}{value}")
         is_bool = known[name] in (bool, "bool")
         if is_bool and not eq and (following is None or following.lower() not in ("true", "false")):
             out.append("true")
