@@ -208,9 +208,9 @@ def test_early_stopping_stops(tmp_path, tiny_model_dir, chat_data):
                                 max_steps=30, eval_every=1, early_stopping=2, schedule="constant"))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-    best = min(evals)
+    best = min(e for e in evals if e == e)  # a diverged run may log NaN, which is never an improvement
     assert metrics[-1]["step"] < 30
-    assert evals[-1] > best and evals[-2] > best
+    assert not evals[-1] <= best and not evals[-2] <= best
 
 
 def test_eval_examples_are_truncated_and_counted(tmp_path):
