@@ -123,3 +123,42 @@ def test_qlora_under_fsdp_keeps_quantization_state(setup_dir) -> None:
     for key, value in tensors(two).items():
         assert torch.isfinite(value).all()
         torch.testing.assert_close(value, reference[key], atol=2e-5, rtol=1e-3)
+
+
+SHARD_PROBE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_llama_for_tokenizer
+import lorakit
+from lorakit import distributed
+from lorakit.quant import quantize_model
+from torch.distributed.tensor import DTensor
+model, _ = tiny_llama_for_tokenizer()
+quantize_model(model, "nf4")
+lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+env = distributed.init("fsdp", torch.device("cpu"))
+distributed.wrap(model, env, torch.device("cpu"))
+layer = model.model.layers[0].mlp.down_proj
+w = layer.weight
+shape = lambda t: "x".join(str(n) for n in t.shape)
+print("PROBE", type(w).__name__, w.dtype, shape(w.to_local()), shape(w), layer.base_quant_state is not None)
+distributed.cleanup(env)
+"""
+
+
+def test_fsdp_shards_the_4bit_storage(tmp_path) -> None:
+    script = tmp_path / "probe.py"
+    script.write_text(SHARD_PROBE.format(tests=os.path.dirname(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(29500 + random.randint(401, 800)), str(script)],  # fmt: skip
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    probes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PROBE")]
+    assert len(probes) == 2
+    for kind, dtype, local, full, has_state in probes:
+        # down_proj: 64 -> 32 weights = 2048 values = 1024 packed bytes, half on each process.
+        assert (kind, dtype, has_state) == ("DTensor", "torch.uint8", "True")
+        assert full == "1024x1" and local == "512x1"

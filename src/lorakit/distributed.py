@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from . import qweights
+from .layers import LoraLinear
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -120,8 +121,12 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
     half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
     if len(dtypes) > 1 and half:
         policy = MixedPrecisionPolicy(param_dtype=half[0], reduce_dtype=torch.float32)
-    # bitsandbytes' 4-bit/8-bit weights carry their quantization state on the parameter object,
-    # which FSDP2 would replace by a plain shard: they stay whole on every process instead.
+    # bitsandbytes keeps a quantized weight's state on the parameter object, which FSDP2 replaces
+    # by a shard. 4-bit weights become plain packed bytes (sharded like any frozen weight) with the
+    # state kept on their LoRA layer; int8 weights stay whole on every process.
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and module.quantized in ("nf4", "fp4"):
+            module.release_4bit_storage()
     quantized = {p for p in model.parameters() if qweights.kind_of(p)}
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=quantized or None)

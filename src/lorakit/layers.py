@@ -121,6 +121,8 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        self.base_quant_state: object | None = None
+        """bitsandbytes' quantization state of a 4-bit base kept as plain bytes (see release_4bit_storage)."""
         self.requantization_error: float | None = None
         """Relative error of the last merge/unmerge into a quantized base (None: exact)."""
         # Stacked adapter weights for MixedBatch.slots: (slots, A stack, B stack) or None, and
@@ -267,6 +269,18 @@ class LoraLinear(LoraLayer):
         self.weight = shell.weight
         self.bias = shell.bias
 
+    def release_4bit_storage(self) -> None:
+        """Keep a 4-bit base as plain packed bytes plus its quantization state on this layer.
+
+        bitsandbytes keeps the state on the parameter object; FSDP2 replaces parameters by
+        shards and would lose it. After this call the packed bytes are an ordinary frozen
+        parameter that FSDP2 can shard and gather, and the state stays here.
+        """
+        if self.quantized not in ("nf4", "fp4"):
+            raise ValueError(f"release_4bit_storage needs a 4-bit base, this one is {self.quantized or 'not quantized'}")
+        self.base_quant_state = self.weight.quant_state
+        self.weight = nn.Parameter(self.weight.data, requires_grad=False)
+
     def _warn_requantized(self, action: str, name: str, error: float | None) -> None:
         self.requantization_error = error
         if error is None:
@@ -283,6 +297,12 @@ class LoraLinear(LoraLayer):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exactly what the wrapped module computes."""
+        if self.base_quant_state is not None:
+            # 4-bit storage as plain packed bytes (sharded by FSDP2, which may have gathered
+            # it in a float dtype: the byte values 0..255 are exact in any float format).
+            packed = self.weight if self.weight.dtype == torch.uint8 else self.weight.to(torch.uint8)
+            compute_dtype = getattr(self._base_shell[0], "compute_dtype", None)
+            return qweights.matmul_4bit(x, packed, self.bias, compute_dtype, self.base_quant_state)
         kind = self.quantized
         if kind == "int8":
             # LLM.int8() keeps its own matmul state; its module runs it, in our train/eval mode.

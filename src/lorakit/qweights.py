@@ -189,17 +189,24 @@ def dequantize(weight: torch.Tensor, layer: nn.Module | None = None) -> torch.Te
 
 
 def matmul_4bit(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype | None,
+    quant_state: object | None = None,
 ) -> torch.Tensor:
     """x @ W.T + bias with W 4-bit, computed in `compute_dtype` (x's dtype when None), returned in x's dtype.
 
-    Autograd flows to x (bitsandbytes dequantizes W for the backward); W gets no gradient.
+    `quant_state` defaults to the one bitsandbytes keeps on `weight`; pass it when `weight` is
+    plain packed bytes (a weight gathered by FSDP2). Autograd flows to x (bitsandbytes
+    dequantizes W for the backward); W gets no gradient.
     """
     bnb = bitsandbytes()
     dtype = compute_dtype or x.dtype
     if bias is not None:
         bias = bias.to(dtype)
-    return bnb.matmul_4bit(x.to(dtype), weight, quant_state=weight.quant_state, bias=bias).to(x.dtype)
+    state = quant_state if quant_state is not None else weight.quant_state
+    return bnb.matmul_4bit(x.to(dtype), weight, quant_state=state, bias=bias).to(x.dtype)
 
 
 def storage_bytes(weight: torch.Tensor) -> int:
