@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -19,6 +20,12 @@ from safetensors.torch import load_file
 
 import lorakit
 from conftest import tiny_llama_for_tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rows(n: int, seed: int) -> list[dict]:
@@ -54,7 +61,7 @@ def train(root, output, nproc: int, strategy: str = "auto", *extra: str) -> subp
         cmd = [sys.executable, "-m", "lorakit", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(29500 + random.randint(0, 400)), "-m", "lorakit", *args]  # fmt: skip
+               "--master-port", str(free_port()), "-m", "lorakit", *args]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -132,33 +139,55 @@ from conftest import tiny_llama_for_tokenizer
 import lorakit
 from lorakit import distributed
 from lorakit.quant import quantize_model
-from torch.distributed.tensor import DTensor
 model, _ = tiny_llama_for_tokenizer()
-quantize_model(model, "nf4")
+# A bf16 base with fp32 adapters: FSDP2 then gathers each block in bf16, packed bytes included.
+model = model.to(torch.bfloat16)
+quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
 lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+for name, param in model.named_parameters():
+    if "lora_B" in name:
+        torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+# The reference computes the adapters in bf16 too, as FSDP2's gathered copies will.
+import copy
+twin = copy.deepcopy(model)
+for name, param in twin.named_parameters():
+    if "lora_" in name:
+        param.data = param.data.to(torch.bfloat16)
+with torch.no_grad():
+    reference = twin(ids).logits.float()
 env = distributed.init("fsdp", torch.device("cpu"))
 distributed.wrap(model, env, torch.device("cpu"))
+out = model(ids).logits.float()
+out.square().mean().backward()
 layer = model.model.layers[0].mlp.down_proj
 w = layer.weight
 shape = lambda t: "x".join(str(n) for n in t.shape)
-print("PROBE", type(w).__name__, w.dtype, shape(w.to_local()), shape(w), layer.base_quant_state is not None)
+grads = all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all()
+            for n, p in model.named_parameters() if "lora_" in n)
+err = ((out - reference).abs().max() / reference.abs().max()).item()
+fields = [type(w).__name__, w.dtype, shape(w.to_local()), shape(w), layer.base_quant_state is not None, grads, err]
+with open({out!r} + f"/probe-{{env.rank}}.txt", "w") as f:
+    f.write(" ".join(str(x) for x in fields))
+distributed.barrier(env)
 distributed.cleanup(env)
 """
 
 
 def test_fsdp_shards_the_4bit_storage(tmp_path) -> None:
     script = tmp_path / "probe.py"
-    script.write_text(SHARD_PROBE.format(tests=os.path.dirname(__file__)))
+    script.write_text(SHARD_PROBE.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(29500 + random.randint(401, 800)), str(script)],  # fmt: skip
+         "--master-port", str(free_port()), str(script)],  # fmt: skip
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    probes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PROBE")]
-    assert len(probes) == 2
-    for kind, dtype, local, full, has_state in probes:
+    probes = [(tmp_path / f"probe-{rank}.txt").read_text().split() for rank in range(2)]
+    for kind, dtype, local, full, has_state, grads, err in probes:
         # down_proj: 64 -> 32 weights = 2048 values = 1024 packed bytes, half on each process.
-        assert (kind, dtype, has_state) == ("DTensor", "torch.uint8", "True")
+        assert (kind, dtype, has_state, grads) == ("DTensor", "torch.uint8", "True", "True")
         assert full == "1024x1" and local == "512x1"
+        # The logits of the unsharded model: the packed bytes survived the bf16 round trip.
+        assert float(err) < 1e-3
