@@ -86,7 +86,7 @@ class ParamCount(NamedTuple):
 # targeting ---------------------------------------------------------------------------
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
@@ -96,7 +96,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the base model: adapter internals and saved copies are skipped."""
     skip: list[str] = []
     for name, module in model.named_modules():
@@ -119,8 +119,8 @@ def unwrap_shell(layer: LoraLayer) -> nn.Module:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Dotted paths of the modules `config` selects, or a ValueError that lists the candidates."""
-    head = _output_head(model)
-    modules = [(n, m) for n, m in _base_modules(model) if n]
+    head = output_head(model)
+    modules = [(n, m) for n, m in base_modules(model) if n]
     matched: list[str] = []
     for name, module in modules:
         base_type = _layer_type(module)
@@ -192,7 +192,7 @@ def _check_name(state: AdapterState, name: str) -> None:
         raise KeyError(f"no adapter named {name!r}; adapters on this model: {known}")
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
@@ -219,7 +219,7 @@ def attach(
         layer = wrap(module)
         if layer is not module:
             layer.set_active(state.active)
-            _replace(model, path, layer)
+            replace_module(model, path, layer)
         layer.add(
             name,
             r=config.rank_for(path),
@@ -233,7 +233,7 @@ def attach(
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             module.active_adapters = list(state.active)
-            _replace(model, path, module)
+            replace_module(model, path, module)
         module.add(name)
     state.configs[name] = config
     state.targets[name] = list(module_names)
@@ -243,12 +243,12 @@ def attach(
 def find_saved(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    found = [n for n, _ in _base_modules(model) if n and matches(config.modules_to_save, n)]
+    found = [n for n, _ in base_modules(model) if n and matches(config.modules_to_save, n)]
     found += [
         n for n, _ in _saved_modules(model) if matches(config.modules_to_save, n) and n not in found
     ]
     if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in _base_modules(model) if n})
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in base_modules(model) if n})
         raise ValueError(
             f"modules_to_save={config.modules_to_save!r} matched nothing; modules: {', '.join(names)}"
         )
@@ -404,7 +404,9 @@ def mixed_batch(
         raise ValueError("mixed batches do not support adapters with modules_to_save")
     device = _model_device(model)
     lookup = {n: i for i, n in enumerate(distinct)}
-    row_index = torch.tensor([lookup[n] if n is not None else -1 for n in adapter_names], device=device)
+    row_index = torch.tensor(
+        [lookup[n] if n is not None else -1 for n in adapter_names], device=device
+    )
     mixed = MixedBatch(distinct, row_index, fixed)
     layers = list(_outer_lora_layers(model))
     for layer in layers:
@@ -513,10 +515,10 @@ def unload(model: nn.Module) -> nn.Module:
 
 def _strip(model: nn.Module, keep_saved_copy: bool) -> nn.Module:
     for path, layer in list(lora_layers(model)):
-        _replace(model, path, unwrap(layer))
+        replace_module(model, path, unwrap(layer))
     for path, module in list(_saved_modules(model)):
         replacement = module._current() if keep_saved_copy else module.original
-        _replace(model, path, replacement)
+        replace_module(model, path, replacement)
     del model.lora_state
     return model
 

@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from . import qweights
-from .inject import ModulesToSave, get_state, lora_layers, merge, merge_and_unload
+from .inject import (
+    base_modules,
+    get_state,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    output_head,
+    replace_module,
+)
 from .layers import LoraLayer, LoraLinear, RequantizationWarning
 from .qweights import KINDS, QuantizationUnavailable, check_kind
 
@@ -85,34 +93,21 @@ def check_available(kind: str, device: str | torch.device = "cpu") -> None:
 # quantizing a loaded model ------------------------------------------------------------------
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            return getter()
-        except (NotImplementedError, AttributeError):
-            return None
-    return None
-
-
 def _candidates(model: nn.Module, include_head: bool) -> list[tuple[str, nn.Module]]:
     """Linear layers of the base model to quantize: plain nn.Linear or a LoRA layer's linear base.
 
     Adapter weights, saved module copies, GPT-2's Conv1D (bitsandbytes has no layout for
     it) and weights shared with another module (tied embeddings) are left alone.
     """
-    head = None if include_head else _output_head(model)
+    head = None if include_head else output_head(model)
     uses: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
     found: list[tuple[str, nn.Module]] = []
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(name + ".")
-        if module is head or (head is not None and isinstance(module, LoraLayer) and module._base_shell[0] is head):
+    for name, module in base_modules(model):
+        if module is head or (
+            head is not None and isinstance(module, LoraLayer) and module._base_shell[0] is head
+        ):
             continue
         if isinstance(module, LoraLinear):
             plain = not module.fan_in_fan_out and not module.quantized
@@ -121,12 +116,6 @@ def _candidates(model: nn.Module, include_head: bool) -> list[tuple[str, nn.Modu
         if plain and uses.get(id(module.weight), 1) == 1:
             found.append((name, module))
     return found
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
 
 
 def _quantize_layer(
@@ -139,7 +128,9 @@ def _quantize_layer(
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     else:
-        _set_submodule(model, path, qweights.quantized_linear(module.weight, module.bias, kind, dtype))
+        replace_module(
+            model, path, qweights.quantized_linear(module.weight, module.bias, kind, dtype)
+        )
 
 
 def quantize_model(
@@ -206,7 +197,9 @@ def load_quantized(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantize = {name for name, _ in _candidates(model, include_head)}
     compute_dtype = compute_dtype or dtype
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear's weight and bias, until both are read
+    pending: dict[
+        str, dict[str, torch.Tensor]
+    ] = {}  # a linear's weight and bias, until both are read
     with _large_blocks_returned():
         _stream(model, files, quantize, pending, kind, compute_dtype, dtype, device)
     model.tie_weights()
@@ -247,10 +240,14 @@ def _stream(
                 if "weight" in parts and ("bias" in parts or linear.bias is None):
                     bias = parts.get("bias")
                     layer = qweights.quantized_linear(parts["weight"], bias, kind, compute_dtype)
-                    _set_submodule(model, owner, layer)
+                    replace_module(model, owner, layer)
                     del pending[owner]
                 continue
-            _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+            _assign(
+                model,
+                key,
+                tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None),
+            )
 
 
 @contextmanager
@@ -280,8 +277,15 @@ def _large_blocks_returned() -> Iterator[None]:
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -302,12 +306,16 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
-                raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which lorakit cannot read")
+                raise ValueError(
+                    f"{path}: tensor {key!r} has dtype {info['dtype']}, which lorakit cannot read"
+                )
             begin, end = info["data_offsets"]
             raw = torch.empty(end - begin, dtype=torch.uint8)
             f.seek(start + begin)
             if f.readinto(memoryview(raw.numpy())) != end - begin:
-                raise ValueError(f"{path} is truncated: tensor {key!r} ends past the end of the file")
+                raise ValueError(
+                    f"{path} is truncated: tensor {key!r} ends past the end of the file"
+                )
             yield key, raw.view(dtype).reshape(info["shape"])
 
 
@@ -316,19 +324,27 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     try:
         module = model.get_submodule(owner)
     except AttributeError:
-        raise CheckpointLayoutError(f"checkpoint key {key!r} names no module of this model") from None
+        raise CheckpointLayoutError(
+            f"checkpoint key {key!r} names no module of this model"
+        ) from None
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
     else:
-        raise CheckpointLayoutError(f"checkpoint key {key!r} names no parameter or buffer of this model")
+        raise CheckpointLayoutError(
+            f"checkpoint key {key!r} names no parameter or buffer of this model"
+        )
 
 
 def _restore_buffers(model: nn.Module, config: object, device: torch.device) -> None:
     """Buffers computed at construction (rotary frequencies) are not in checkpoints: rebuild the modules that own them."""
     for name, module in list(model.named_modules()):
-        meta = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.device.type == "meta"]
+        meta = [
+            b
+            for b, t in module.named_buffers(recurse=False)
+            if t is not None and t.device.type == "meta"
+        ]
         if not meta:
             continue
         try:
@@ -357,17 +373,21 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
         if isinstance(layer, LoraLinear) and layer.quantized:
             # One layer at a time: only one fp32 weight exists at once.
             layer.unmerge()
-            plain = _plain_linear(qweights.dequantize(layer.weight, layer._base_shell[0]), layer.bias)
+            plain = _plain_linear(
+                qweights.dequantize(layer.weight, layer._base_shell[0]), layer.bias
+            )
             layer._base_shell[0] = plain
             layer.weight, layer.bias = plain.weight, plain.bias
             layer.merge(active)
-            plain.weight = layer.weight = nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
+            plain.weight = layer.weight = nn.Parameter(
+                layer.weight.detach().to(dtype), requires_grad=False
+            )
     model = merge_and_unload(model)
     for name, module in list(model.named_modules()):
         if qweights.kind_of(getattr(module, "weight", None)):
             plain = _plain_linear(qweights.dequantize(module.weight, module), module.bias)
             plain.weight = nn.Parameter(plain.weight.detach().to(dtype), requires_grad=False)
-            _set_submodule(model, name, plain)
+            replace_module(model, name, plain)
     return model.to(dtype)
 
 
@@ -412,14 +432,9 @@ def merge_requantized(model: nn.Module, adapter_name: str | None = None) -> dict
 
 def linear_weight_bytes(model: nn.Module, include_head: bool = False) -> tuple[int, int]:
     """(bytes the base linear weights occupy now, bytes they take in fp32); adapters not counted."""
-    head = None if include_head else _output_head(model)
+    head = None if include_head else output_head(model)
     stored = fp32 = 0
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(name + ".")
+    for _, module in base_modules(model):
         base = module._base_shell[0] if isinstance(module, LoraLayer) else module
         if base is head or not isinstance(module, (nn.Linear, LoraLinear)):
             continue
@@ -500,4 +515,6 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             for value in state.values():
                 if isinstance(value, torch.Tensor):
                     state_bytes += value.numel() * value.element_size()
-    return MemoryReport(base, adapter, state_bytes, peak_memory_bytes(device), ",".join(sorted(kinds)) or None)
+    return MemoryReport(
+        base, adapter, state_bytes, peak_memory_bytes(device), ",".join(sorted(kinds)) or None
+    )
