@@ -191,3 +191,24 @@ def test_fsdp_shards_the_4bit_storage(tmp_path) -> None:
         assert full == "1024x1" and local == "512x1"
         # The logits of the unsharded model: the packed bytes survived the bf16 round trip.
         assert float(err) < 1e-3
+
+
+def test_unknown_strategy_is_refused() -> None:
+    from lorakit.train import TrainArgs
+
+    with pytest.raises(ValueError, match="--strategy must be one of auto, ddp, fsdp, got 'zero3'"):
+        TrainArgs(data="d.jsonl", output="out", strategy="zero3")
+
+
+def test_optimizer_state_for_another_model_is_refused() -> None:
+    from lorakit import distributed
+
+    model, _ = tiny_llama_for_tokenizer()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    saved = {"state": {"model.layers.0.mlp.up_proj.lora_A.default.weight": {"step": torch.tensor(1.0)}}}
+    with pytest.raises(ValueError, match="names parameters this model lacks, e.g. 'model.layers.0.mlp.up_proj"):
+        distributed.load_optimizer_state(model, optimizer, saved)
+    two_groups = {"state": {}, "param_groups": [{"lr": 1.0}, {"lr": 2.0}]}
+    with pytest.raises(ValueError, match="checkpoint optimizer has 2 parameter groups, this run has 1"):
+        distributed.load_optimizer_state(model, optimizer, two_groups)
