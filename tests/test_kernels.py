@@ -4,7 +4,6 @@ unpatched one (loss and adapter gradients)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -24,12 +23,14 @@ from lorakit.kernels.elementwise import (
     swiglu_reference,
 )
 from lorakit.kernels.lora_linear import (
+    KEEP_ALL,
+    KEEP_NOTHING,
+    Keep,
     Projection,
     lora_group,
     lora_group_reference,
     norm_lora_group,
     norm_lora_group_reference,
-    recomputed_region,
     swiglu_lora,
     swiglu_lora_reference,
 )
@@ -134,36 +135,36 @@ def test_lora_group_backward_matches_autograd(ranks, biases):
     _grads_match(fused, reference, params)
 
 
+@pytest.mark.parametrize("keep", [KEEP_NOTHING, Keep(activations=True)])
 @pytest.mark.parametrize("rank", [3, 0])
-def test_swiglu_lora_backward_matches_autograd(rank):
+def test_swiglu_lora_backward_matches_autograd(rank, keep):
     (projection,) = _lora_layers((False,), (rank,))
     g = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
     u = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
     params = [g, u] + ([projection.lora_a(), projection.lora_b()] if rank else [])
     _grads_match(
-        lambda *_: swiglu_lora(g, u, projection),
+        lambda *_: swiglu_lora(g, u, projection, keep),
         lambda *_: swiglu_lora_reference(g, u, projection),
         params,
     )
 
 
-@pytest.mark.parametrize("in_region", [False, True])
-def test_norm_lora_group_backward_matches_autograd(in_region):
+@pytest.mark.parametrize("keep", [KEEP_NOTHING, Keep(activations=True), KEEP_ALL])
+def test_norm_lora_group_backward_matches_autograd(keep):
     projections = _lora_layers((False, True, False), (4, 2, 0))
     h = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
     w = torch.randn(10, dtype=torch.float64, requires_grad=True)
     params = [h, w] + [t for p in projections if p.adapter for t in (p.lora_a(), p.lora_b())]
-    # inside a recomputed region the normalised x is kept rather than recomputed: same gradients
-    with recomputed_region() if in_region else contextlib.nullcontext():
-        _grads_match(
-            lambda *_: norm_lora_group(h, w, 1e-6, projections),
-            lambda *_: norm_lora_group_reference(h, w, 1e-6, projections),
-            params,
-        )
+    # the normalised x kept rather than recomputed: same gradients
+    _grads_match(
+        lambda *_: norm_lora_group(h, w, 1e-6, projections, keep),
+        lambda *_: norm_lora_group_reference(h, w, 1e-6, projections),
+        params,
+    )
 
 
-@pytest.mark.parametrize("in_region", [False, True])
-def test_nf4_base_is_dequantized_inside_the_fused_functions(in_region):
+@pytest.mark.parametrize("keep", [KEEP_NOTHING, Keep(activations=True), Keep(dense=True), KEEP_ALL])
+def test_nf4_base_is_dequantized_inside_the_fused_functions(keep):
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     layer = lorakit.LoraLinear(nn.Linear(64, 32, bias=False))
@@ -175,17 +176,22 @@ def test_nf4_base_is_dequantized_inside_the_fused_functions(in_region):
     x = torch.randn(6, 64, requires_grad=True)
     g = torch.randn(6, 64, requires_grad=True)
     u = torch.randn(6, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
     params = [x, g, u, projection.lora_a(), projection.lora_b()]
-    with recomputed_region() if in_region else contextlib.nullcontext():
-        _grads_match(
-            lambda *_: (lora_group(x, [projection])[0], swiglu_lora(g, u, projection)),
-            lambda *_: (
-                lora_group_reference(x, [projection])[0],
-                swiglu_lora_reference(g, u, projection),
-            ),
-            params,
-            tol=1e-5,
-        )
+    _grads_match(
+        lambda *_: (
+            lora_group(x, [projection], keep)[0],
+            swiglu_lora(g, u, projection, keep),
+            norm_lora_group(x, w, 1e-6, [projection], keep)[0],
+        ),
+        lambda *_: (
+            lora_group_reference(x, [projection])[0],
+            swiglu_lora_reference(g, u, projection),
+            norm_lora_group_reference(x, w, 1e-6, [projection])[0],
+        ),
+        params + [w],
+        tol=1e-5,
+    )
     (y,) = lora_group(x, [projection])
     _close(y, layer(x), 1e-5)  # the layer's own 4-bit forward (bitsandbytes' matmul)
 
@@ -404,3 +410,87 @@ def test_fsdp2_sharded_layers_take_the_generic_path(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "REASON the decoder layers are sharded (FSDP2)" in out.stdout
+
+
+def _fast_path_run(config: FastPathConfig | None, nf4: bool):
+    """Loss and every adapter gradient of one step; config None: the unpatched model."""
+    dtype = torch.float32 if nf4 else torch.float64
+    model = _adapted_llama(dtype)  # same seeds: the same weights on every call
+    if nf4:
+        from lorakit.quant import quantize_model
+
+        quantize_model(model, "nf4", compute_dtype=torch.float32)
+    if config is not None:
+        assert enable_fast_path(model, config).enabled
+    ids, labels = _batch(seed=11)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * 7 * 2 and all(g is not None for g in grads.values())
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize(
+    "recompute,keep_layers", [("none", 0), ("all", 0), ("all", 1)], ids=["none", "all", "keep1"]
+)
+def test_save_intermediates_gives_the_same_loss_and_gradients(recompute, keep_layers, nf4):
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    ref_loss, ref_grads = _fast_path_run(None, nf4)
+    runs = {
+        save: _fast_path_run(
+            FastPathConfig(recompute=recompute, keep_layers=keep_layers, save_intermediates=save),
+            nf4,
+        )
+        for save in (None, True, False)
+    }
+    # kept or recomputed, the same ops on the same inputs: bit for bit the same
+    for save in (None, True):
+        assert torch.equal(runs[save][0], runs[False][0])
+        for name, grad in runs[False][1].items():
+            assert torch.equal(runs[save][1][name], grad), name
+    # and the generic path (bitsandbytes' own 4-bit matmul for NF4; transformers' fp32 loss)
+    tol = 1e-5 if nf4 else 1e-6
+    _close(runs[True][0], ref_loss, tol)
+    for name, grad in runs[True][1].items():
+        _close(grad, ref_grads[name], 10 * tol)
+
+
+def _saved_bytes(config: FastPathConfig) -> int:
+    """Bytes the autograd graph saves outside checkpointed layers during one forward."""
+    model = _adapted_llama()
+    assert enable_fast_path(model, config).enabled
+    ids, labels = _batch()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=labels).loss.backward()
+    return total
+
+
+def test_save_intermediates_keeps_more_only_where_asked():
+    none = {
+        s: _saved_bytes(FastPathConfig(recompute="none", save_intermediates=s))
+        for s in (None, True, False)
+    }
+    # per layer: the normalised x twice (T x d) and the SwiGLU product (T x intermediate), fp32
+    tokens, d, inter, layers = 3 * 9, 32, 64, 2
+    assert none[True] - none[False] == layers * tokens * (2 * d + inter) * 4
+    assert none[None] == none[True]  # auto keeps them when nothing is recomputed
+    keep1 = {
+        s: _saved_bytes(FastPathConfig(recompute="all", keep_layers=1, save_intermediates=s))
+        for s in (None, True, False)
+    }
+    assert keep1[True] - keep1[False] == tokens * (2 * d + inter) * 4  # the one kept layer
+    assert keep1[None] == keep1[False]  # with checkpointing on, auto does not
+
+
+def test_save_intermediates_rejects_other_values():
+    with pytest.raises(ValueError, match="save_intermediates .* got 'yes'"):
+        FastPathConfig(save_intermediates="yes")

@@ -10,14 +10,15 @@ for a transformers Llama-family model with lorakit adapters, but:
 - attention is PyTorch's SDPA with a causal flag (cuDNN / flash attention on Hopper), no mask;
 - the loss is a chunked linear + cross-entropy over the supervised positions only;
 - each decoder layer is recomputed in the backward (activation checkpointing) when asked,
-  keeping only its input; `keep_layers` of the last layers keep their activations.
+  keeping only its input; `keep_layers` of the last layers keep their activations;
+- a layer that is not recomputed recomputes the cheap intermediates of its fused functions
+  (normalised inputs, SwiGLU product) in the backward, or keeps them with
+  `save_intermediates` (more memory, less work).
 
 `supported(model)` says why a model cannot take this path (None when it can).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import LoraLinear
 from .elementwise import rms_norm, rope
-from .lora_linear import Projection, lora_group, norm_lora_group, recomputed_region, swiglu_lora
+from .lora_linear import (
+    KEEP_ALL,
+    KEEP_NOTHING,
+    Keep,
+    Projection,
+    lora_group,
+    norm_lora_group,
+    swiglu_lora,
+)
 from .loss import linear_cross_entropy
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -116,9 +125,13 @@ def _eps(norm: nn.Module) -> float:
 
 
 def decoder_layer(
-    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keep: Keep = KEEP_NOTHING,
 ) -> torch.Tensor:
-    """One decoder layer: h (B, S, d) -> (B, S, d)."""
+    """One decoder layer: h (B, S, d) -> (B, S, d); `keep`: what its fused functions save."""
     batch, seq, d = h.shape
     attn = layer.self_attn
     mlp = layer.mlp
@@ -128,6 +141,7 @@ def decoder_layer(
         norm.weight,
         _eps(norm),
         (_projection(attn.q_proj), _projection(attn.k_proj), _projection(attn.v_proj)),
+        keep,
     )
     head_dim = attn.head_dim
     q = q.view(batch, seq, -1, head_dim)
@@ -147,7 +161,7 @@ def decoder_layer(
         enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, S, D)
     o = o.transpose(1, 2).reshape(batch * seq, -1)
-    (o,) = lora_group(o, (_projection(attn.o_proj),))
+    (o,) = lora_group(o, (_projection(attn.o_proj),), keep)
     h = h + o.view(batch, seq, d)
     norm = layer.post_attention_layernorm
     g, u = norm_lora_group(
@@ -155,17 +169,10 @@ def decoder_layer(
         norm.weight,
         _eps(norm),
         (_projection(mlp.gate_proj), _projection(mlp.up_proj)),
+        keep,
     )
-    y = swiglu_lora(g, u, _projection(mlp.down_proj))
+    y = swiglu_lora(g, u, _projection(mlp.down_proj), keep)
     return h + y.view(batch, seq, d)
-
-
-def _recompute_contexts() -> tuple[
-    contextlib.AbstractContextManager, contextlib.AbstractContextManager
-]:
-    # both the first forward (whose saved tensors checkpoint discards) and the recompute
-    # must save the same tensors, so both run inside the region
-    return recomputed_region(), recomputed_region()
 
 
 def _window_reason(model: nn.Module, seq: int) -> str | None:
@@ -206,6 +213,7 @@ def causal_lm_loss(
     *,
     recompute: bool = False,
     keep_layers: int = 0,
+    save_intermediates: bool = False,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
@@ -214,6 +222,11 @@ def causal_lm_loss(
     input_ids, labels: (B, S); labels of IGNORE_INDEX are not supervised; label t is
     predicted from position t-1 (transformers' shift). The mean is over supervised
     positions, or the sum divided by `num_items_in_batch` when given.
+
+    recompute: checkpoint each decoder layer but the last `keep_layers`. save_intermediates:
+    layers that are not recomputed keep their normalised inputs and SwiGLU product for the
+    backward instead of recomputing them (4-bit weights are dequantized again either way:
+    keeping them for every layer would hold a dense copy of the whole base).
     """
     inner = model.model
     h = inner.embed_tokens(input_ids)
@@ -222,19 +235,14 @@ def causal_lm_loss(
     cos, sin = inner.rotary_emb(h, position_ids=position_ids)  # (1, S, D), in h's dtype
     layers = list(inner.layers)[: model.config.num_hidden_layers]
     first_kept = len(layers) - keep_layers
+    kept = Keep(activations=save_intermediates)
     for i, layer in enumerate(layers):
         if recompute and i < first_kept and torch.is_grad_enabled():
-            h = checkpoint(
-                decoder_layer,
-                layer,
-                h,
-                cos,
-                sin,
-                use_reentrant=False,
-                context_fn=_recompute_contexts,
-            )
+            # KEEP_ALL in both the first forward (whose saved tensors checkpoint discards) and
+            # the recompute, which must save the same tensors; held for one layer at a time
+            h = checkpoint(decoder_layer, layer, h, cos, sin, KEEP_ALL, use_reentrant=False)
         else:
-            h = decoder_layer(layer, h, cos, sin)
+            h = decoder_layer(layer, h, cos, sin, kept)
     target = labels[:, 1:].reshape(-1)
     rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)

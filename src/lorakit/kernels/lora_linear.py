@@ -24,14 +24,18 @@ and again in the backward, so the dense weight never outlives one matmul.
 `swiglu_lora` is the down projection with SwiGLU in front, `down(silu(g) * u)`, where the
 (T, intermediate) product is recomputed in the backward rather than saved.
 
+What else a function keeps for its backward is the caller's choice (`Keep`): the
+normalised x and the SwiGLU product (`activations`), and the dequantized 4-bit weights
+(`dense`). Kept or recomputed, the gradients are the same; keeping costs memory from the
+forward to the backward, recomputing costs one more elementwise pass (or dequantization).
+
 `lora_group_reference` (and `swiglu_lora_reference`) is the same function written with plain autograd; the CPU
 tests check the hand-derived gradients against it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +75,22 @@ class Projection:
 
     def lora_b(self) -> torch.Tensor:
         return self.module.lora_B[self.adapter].weight
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What a fused function keeps from its forward for its backward, beyond its inputs and xa."""
+
+    activations: bool = False
+    """The normalised x of an RMSNorm + group (T, d) and the SwiGLU product (T, intermediate)."""
+    dense: bool = False
+    """The dequantized weights of a 4-bit base (a dense copy of them, per function)."""
+
+
+KEEP_NOTHING = Keep()
+KEEP_ALL = Keep(activations=True, dense=True)
+"""For a checkpointed layer: its forward runs again right before its backward, so whatever it
+keeps is held for one layer only (and the first forward's saved tensors are discarded)."""
 
 
 def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -187,9 +207,14 @@ def _group_backward(
 
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, projections: tuple[Projection, ...], *adapters: torch.Tensor):
-        keep = in_recomputed_region()
-        outputs, xa, dense = _group_forward(x, projections, adapters, keep)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        keep: Keep,
+        projections: tuple[Projection, ...],
+        *adapters: torch.Tensor,
+    ):
+        outputs, xa, dense = _group_forward(x, projections, adapters, keep.dense)
         ctx.projections = projections
         ctx.n_adapters = len(adapters)
         ctx.save_for_backward(x, xa, *adapters, *dense)
@@ -202,12 +227,12 @@ class _LoraGroup(torch.autograd.Function):
         dx, adapter_grads = _group_backward(
             x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0], dense
         )
-        return (dx, None, *adapter_grads)
+        return (dx, None, None, *adapter_grads)
 
 
 class _NormLoraGroup(torch.autograd.Function):
-    """lora_group(rms_norm(h)): the normalised x is not saved but recomputed from h in the
-    backward (one elementwise pass), except inside a recomputed region, where it is kept."""
+    """lora_group(rms_norm(h)): the normalised x is recomputed from h in the backward (one
+    elementwise pass) unless `keep.activations`, when it is saved."""
 
     @staticmethod
     def forward(
@@ -215,17 +240,18 @@ class _NormLoraGroup(torch.autograd.Function):
         h: torch.Tensor,
         norm_weight: torch.Tensor,
         eps: float,
+        keep: Keep,
         projections: tuple[Projection, ...],
         *adapters: torch.Tensor,
     ):
-        keep = in_recomputed_region()
         x, rstd = _rms_norm_fwd_k(h, norm_weight, eps)
-        outputs, xa, dense = _group_forward(x, projections, adapters, keep)
+        outputs, xa, dense = _group_forward(x, projections, adapters, keep.dense)
         ctx.projections = projections
         ctx.n_adapters = len(adapters)
         ctx.eps = eps
-        ctx.kept_x = keep
-        ctx.save_for_backward(h, norm_weight, rstd, xa, *adapters, *((x,) if keep else ()), *dense)
+        ctx.kept_x = keep.activations
+        kept = (x,) if keep.activations else ()
+        ctx.save_for_backward(h, norm_weight, rstd, xa, *adapters, *kept, *dense)
         return tuple(outputs)
 
     @staticmethod
@@ -240,28 +266,33 @@ class _NormLoraGroup(torch.autograd.Function):
         dx, adapter_grads = _group_backward(x, xa, ctx.projections, adapters, grads, True, dense)
         del x
         dh, dw = _rms_norm_bwd_k(dx, h, norm_weight, rstd)
-        return (dh, dw if ctx.needs_input_grad[1] else None, None, None, *adapter_grads)
+        return (dh, dw if ctx.needs_input_grad[1] else None, None, None, None, *adapter_grads)
 
 
 class _SwiGLULora(torch.autograd.Function):
     """down(silu(g) * u) with the SwiGLU product recomputed in the backward, not saved.
 
     Saves g, u and xa: the (T, intermediate) product h = silu(g) * u is formed in the
-    forward for the matmul and again in the backward for dA and dh -> (dg, du); inside a
-    recomputed region (where the forward runs right before the backward) h is kept instead.
+    forward for the matmul and again in the backward for dA and dh -> (dg, du); with
+    `keep.activations`, h is saved instead (one (T, intermediate) tensor more, one pass less).
     """
 
     @staticmethod
     def forward(
-        ctx, g: torch.Tensor, u: torch.Tensor, projection: Projection, *adapters: torch.Tensor
+        ctx,
+        g: torch.Tensor,
+        u: torch.Tensor,
+        keep: Keep,
+        projection: Projection,
+        *adapters: torch.Tensor,
     ):
-        keep = in_recomputed_region()
         h = _swiglu_fwd_k(g, u)
-        (y,), xa, dense = _group_forward(h, (projection,), adapters, keep)
+        (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense)
         ctx.projection = projection
         ctx.n_adapters = len(adapters)
-        ctx.kept_h = keep
-        ctx.save_for_backward(g, u, xa, *adapters, *((h,) if keep else ()), *dense)
+        ctx.kept_h = keep.activations
+        kept = (h,) if keep.activations else ()
+        ctx.save_for_backward(g, u, xa, *adapters, *kept, *dense)
         return y
 
     @staticmethod
@@ -276,12 +307,14 @@ class _SwiGLULora(torch.autograd.Function):
         dh, adapter_grads = _group_backward(h, xa, (ctx.projection,), adapters, (dy,), True, dense)
         del h
         dg, du = _swiglu_bwd_k(dh, g, u)
-        return (dg, du, None, *adapter_grads)
+        return (dg, du, None, None, *adapter_grads)
 
 
-def swiglu_lora(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> torch.Tensor:
+def swiglu_lora(
+    g: torch.Tensor, u: torch.Tensor, projection: Projection, keep: Keep = KEEP_NOTHING
+) -> torch.Tensor:
     """projection(silu(g) * u), fused: g, u (T, intermediate) -> (T, out)."""
-    return _SwiGLULora.apply(g, u, projection, *_adapter_tensors((projection,)))
+    return _SwiGLULora.apply(g, u, keep, projection, *_adapter_tensors((projection,)))
 
 
 def swiglu_lora_reference(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> torch.Tensor:
@@ -289,11 +322,17 @@ def swiglu_lora_reference(g: torch.Tensor, u: torch.Tensor, projection: Projecti
 
 
 def norm_lora_group(
-    h: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: Sequence[Projection]
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    projections: Sequence[Projection],
+    keep: Keep = KEEP_NOTHING,
 ) -> tuple[torch.Tensor, ...]:
     """lora_group(rms_norm(h, norm_weight, eps), projections), fused; h: (T, d)."""
     projections = tuple(projections)
-    return _NormLoraGroup.apply(h, norm_weight, eps, projections, *_adapter_tensors(projections))
+    return _NormLoraGroup.apply(
+        h, norm_weight, eps, keep, projections, *_adapter_tensors(projections)
+    )
 
 
 def norm_lora_group_reference(
@@ -302,35 +341,15 @@ def norm_lora_group_reference(
     return lora_group_reference(rms_norm_reference(h, norm_weight, eps), projections)
 
 
-# Inside a checkpointed (recomputed) layer, the forward that matters runs right before its
-# backward, so keeping what the backward would otherwise recompute (the normalised x, the
-# SwiGLU product, dequantized 4-bit weights) costs memory for one layer only. Outside such
-# a region the same tensors would be held from the forward to the backward of every layer.
-_recomputed_depth = 0
-
-
-@contextmanager
-def recomputed_region() -> Iterator[None]:
-    """Mark a region whose forward torch.utils.checkpoint recomputes (its `context_fn`)."""
-    global _recomputed_depth
-    _recomputed_depth += 1
-    try:
-        yield
-    finally:
-        _recomputed_depth -= 1
-
-
-def in_recomputed_region() -> bool:
-    return _recomputed_depth > 0
-
-
-def lora_group(x: torch.Tensor, projections: Sequence[Projection]) -> tuple[torch.Tensor, ...]:
+def lora_group(
+    x: torch.Tensor, projections: Sequence[Projection], keep: Keep = KEEP_NOTHING
+) -> tuple[torch.Tensor, ...]:
     """y_i = x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T for each projection, fused.
 
     x: (T, in) in the compute dtype; returns one (T, out_i) tensor per projection.
     """
     projections = tuple(projections)
-    return _LoraGroup.apply(x, projections, *_adapter_tensors(projections))
+    return _LoraGroup.apply(x, keep, projections, *_adapter_tensors(projections))
 
 
 def lora_group_reference(
