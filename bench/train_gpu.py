@@ -9,7 +9,12 @@ and 1B (hidden 2048, MLP 8192, 16 layers, 32/8 heads; batch 8 x 2048; no checkpo
 LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; bf16 base, AdamW; tokens/s is
 the median over `--steps` steps after `--warmup` steps; peak GiB is
 torch.cuda.max_memory_allocated over the training steps (weights included).
-Each case runs in its own process (Liger patches transformers globally; compile caches).
+Cases run in process groups (PEFT eager, PEFT + per-layer compile, each PEFT + whole-model
+compile, Liger, lorakit): Liger patches transformers globally, compile caches stay apart.
+`*-peft-compile` compiles each decoder layer; `*-peft-compile-model` compiles the whole
+PeftModel (`torch.compile(model)`, the issue's baseline; minutes of compile, in the warm-up
+steps). `-keepK`: the last K layers keep their activations; `1b-lorakit-save`: layers keep
+their normalised inputs and SwiGLU product (`FastPathConfig.save_intermediates`).
 `--cases check` compares the fused GPU kernels with their PyTorch references and the
 loss curve of the fast path with lorakit's generic path.
 """
@@ -37,16 +42,20 @@ SHAPES = {
 SEQ = 2048
 VOCAB = 128256
 DEVICE = "cuda"  # the CPU only for a dry run of this script (tiny shapes, see --dry-run)
+COMPILE_BACKEND = "inductor"  # the dry run checks the plumbing only: aot_eager, no C++ build
 
 # name -> (shape, stack, quantized, options); the order is the run order
 CASES = {
     "8b-peft": ("8b", "peft", False, {}),
     "8b-peft-compile": ("8b", "peft", False, {"compile": True}),
+    "8b-peft-compile-model": ("8b", "peft", False, {"compile": "model"}),
     "8b-peft-liger": ("8b", "peft", False, {"liger": True}),
     "8b-lorakit-eager": ("8b", "lorakit", False, {"compile": False}),
     "8b-lorakit": ("8b", "lorakit", False, {"profile": True}),
     "8b-lorakit-keep1": ("8b", "lorakit", False, {"keep_layers": 1}),
     "8b-lorakit-keep6": ("8b", "lorakit", False, {"keep_layers": 6}),
+    "8b-lorakit-keep8": ("8b", "lorakit", False, {"keep_layers": 8}),
+    "8b-lorakit-keep10": ("8b", "lorakit", False, {"keep_layers": 10}),
     "8b-lorakit-keep14": ("8b", "lorakit", False, {"keep_layers": 14}),
     "8b-qlora-peft": ("8b", "peft", True, {}),
     "8b-qlora-peft-liger": ("8b", "peft", True, {"liger": True}),
@@ -56,19 +65,26 @@ CASES = {
     "8b-qlora-lorakit-keep16": ("8b", "lorakit", True, {"keep_layers": 16}),
     "1b-peft": ("1b", "peft", False, {}),
     "1b-peft-compile": ("1b", "peft", False, {"compile": True}),
-    "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False}),
-    "1b-lorakit": ("1b", "lorakit", False, {"profile": True}),
+    "1b-peft-compile-model": ("1b", "peft", False, {"compile": "model"}),
+    # 1b-lorakit and -eager pin the earlier behaviour (intermediates recomputed), so their rows
+    # stay comparable with earlier runs; -save keeps them (FastPathConfig's default with
+    # recompute off)
+    "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False, "save_intermediates": False}),
+    "1b-lorakit": ("1b", "lorakit", False, {"profile": True, "save_intermediates": False}),
+    "1b-lorakit-save": ("1b", "lorakit", False, {"save_intermediates": True}),
 }
 
 # (lorakit rows, the stack compared with, the bar)
 BARS = [
     ("8b-lorakit", "8b-peft", 2.0),
     ("8b-lorakit", "8b-peft-compile", 1.4),
+    ("8b-lorakit", "8b-peft-compile-model", 1.4),
     ("8b-lorakit", "8b-peft-liger", 1.5),
     ("8b-qlora-lorakit", "8b-qlora-peft", 2.0),
     ("8b-qlora-lorakit", "8b-qlora-peft-liger", 1.5),
     ("1b-lorakit", "1b-peft", 2.0),
     ("1b-lorakit", "1b-peft-compile", 1.4),
+    ("1b-lorakit", "1b-peft-compile-model", 1.4),
 ]
 
 
@@ -100,6 +116,17 @@ def build_model(shape: str, quantized: bool, liger: bool):
         quantize_nf4(model)
     model.train()
     return model
+
+
+def drop_input_grad_hooks(model) -> None:
+    """Remove the hook transformers and PEFT each put on the embeddings, which calls
+    requires_grad_() on their output: a graph break for torch.compile, and not needed with
+    non-reentrant checkpointing (each enable_input_require_grads() call adds one and
+    forgets the last, so this runs after each)."""
+    try:
+        model.disable_input_require_grads()
+    except AttributeError:  # older transformers raise when none is registered
+        pass
 
 
 def quantize_nf4(model) -> None:
@@ -142,19 +169,33 @@ def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
     if stack == "peft":
         import peft
 
+        whole = opts.get("compile") == "model"
         if s["checkpointing"]:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+            if whole:
+                drop_input_grad_hooks(model)
         model = peft.get_peft_model(
             model,
             peft.LoraConfig(
                 r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
             ),
         )
-        if opts.get("compile"):
+        if whole:
+            drop_input_grad_hooks(model.base_model.model)
+            # the issue's baseline: the whole PeftModel, which is what the step below calls
+            # (PeftModel -> LoraModel -> LlamaForCausalLM, each through __call__); compile time
+            # falls in the warm-up steps
+            # use_cache off: transformers' "use_cache=True is incompatible with gradient
+            # checkpointing" warning is a graph break inside PEFT's forward-hook context
+            # manager, which makes dynamo run PeftModel's whole forward frame eagerly
+            model.config.use_cache = False
+            model = torch.compile(model, backend=COMPILE_BACKEND)
+            info = "whole-model torch.compile"
+        elif opts.get("compile"):
             for layer in model.base_model.model.model.layers:
-                layer.compile()
+                layer.compile(backend=COMPILE_BACKEND)
             info = "per-layer torch.compile"
     else:
         import lorakit
@@ -175,6 +216,7 @@ def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
             recompute="all" if s["checkpointing"] else "none",
             keep_layers=opts.get("keep_layers", 0),
             compile=opts.get("compile", True),
+            save_intermediates=opts.get("save_intermediates"),
         )
         status = enable_fast_path(model, config)
         if not status.enabled:
@@ -321,6 +363,8 @@ def check() -> dict:
         swiglu_reference,
     )
     from lorakit.kernels.lora_linear import (
+        KEEP_NOTHING,
+        Keep,
         Projection,
         lora_group,
         lora_group_reference,
@@ -422,26 +466,31 @@ def check() -> dict:
     down = mods[0]  # a (D -> D) projection with an adapter, NF4 base
     gg = torch.randn(D, D, device=dev, dtype=bf, requires_grad=True)
     uu = torch.randn(D, D, device=dev, dtype=bf, requires_grad=True)
-    params = [gg, uu, down.lora_a(), down.lora_b()]
     up_g, up_u = gg.detach().float().requires_grad_(), uu.detach().float().requires_grad_()
-    o1, g1 = grads(lambda *_: swiglu_lora(gg, uu, down), params)
-    o2, g2 = grads(lambda *_: swiglu_lora_reference(up_g, up_u, down), [up_g, up_u] + params[2:])
-    results["swiglu_lora_nf4"] = max(
-        [rel(a, b) for a, b in zip(o1, o2, strict=True)]
-        + [rel(a, b) for a, b in zip(g1, g2, strict=True)]
-    )
     hh = torch.randn(D, D, device=dev, dtype=bf, requires_grad=True)
     nw = (1 + 0.1 * torch.randn(D, device=dev)).to(bf).requires_grad_()
-    params = [hh, nw] + [t for p in mods for t in (p.lora_a(), p.lora_b())]
     up_h, up_w = hh.detach().float().requires_grad_(), nw.detach().float().requires_grad_()
-    o1, g1 = grads(lambda *_: norm_lora_group(hh, nw, 1e-5, mods), params)
-    o2, g2 = grads(
-        lambda *_: norm_lora_group_reference(up_h, up_w, 1e-5, mods), [up_h, up_w] + params[2:]
-    )
-    results["norm_lora_group_nf4"] = max(
-        [rel(a, b) for a, b in zip(o1, o2, strict=True)]
-        + [rel(a, b) for a, b in zip(g1, g2, strict=True)]
-    )
+    # "_kept": the normalised x and the SwiGLU product saved rather than recomputed
+    for suffix, keep in (("", KEEP_NOTHING), ("_kept", Keep(activations=True))):
+        params = [gg, uu, down.lora_a(), down.lora_b()]
+        o1, g1 = grads(lambda *_, keep=keep: swiglu_lora(gg, uu, down, keep), params)
+        o2, g2 = grads(
+            lambda *_: swiglu_lora_reference(up_g, up_u, down), [up_g, up_u] + params[2:]
+        )
+        results["swiglu_lora_nf4" + suffix] = max(
+            [rel(a, b) for a, b in zip(o1, o2, strict=True)]
+            + [rel(a, b) for a, b in zip(g1, g2, strict=True)]
+        )
+        params = [hh, nw] + [t for p in mods for t in (p.lora_a(), p.lora_b())]
+        o1, g1 = grads(lambda *_, keep=keep: norm_lora_group(hh, nw, 1e-5, mods, keep), params)
+        o2, g2 = grads(
+            lambda *_: norm_lora_group_reference(up_h, up_w, 1e-5, mods),
+            [up_h, up_w] + params[2:],
+        )
+        results["norm_lora_group_nf4" + suffix] = max(
+            [rel(a, b) for a, b in zip(o1, o2, strict=True)]
+            + [rel(a, b) for a, b in zip(g1, g2, strict=True)]
+        )
     results.update(loss_curves())
     return results
 
@@ -541,8 +590,8 @@ def table(rows: list[dict]) -> str:
 
 
 def dry_run() -> None:
-    global DEVICE, SEQ, VOCAB
-    DEVICE, SEQ, VOCAB = "cpu", 32, 256
+    global DEVICE, SEQ, VOCAB, COMPILE_BACKEND
+    DEVICE, SEQ, VOCAB, COMPILE_BACKEND = "cpu", 32, 256, "aot_eager"
     for shape in SHAPES.values():
         shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2)
 
@@ -556,6 +605,8 @@ def process_group(name: str) -> str:
     if opts.get("liger"):
         return "liger"
     if stack == "peft":
+        if opts.get("compile") == "model":  # one process each: a long compile, its own timeout
+            return f"peft-compile-model-{shape}"
         return "peft-compile" if opts.get("compile") else "peft"
     return "lorakit"
 
@@ -597,7 +648,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument(
-        "--timeout", type=int, default=420, help="seconds per process (a group of cases)"
+        "--timeout",
+        type=int,
+        default=420,
+        help="seconds per process (a group of cases; each *-compile-model case is a group of its "
+        "own, whose whole-model compile runs in its warm-up steps)",
     )
     ap.add_argument(
         "--dry-run", action="store_true", help="tiny shapes on the CPU, to check the script itself"
