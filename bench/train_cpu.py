@@ -8,13 +8,16 @@ r=16, alpha=32, all-linear targets, fp32, AdamW lr 1e-3, batch 8, the same examp
 in the same order. Each side runs in its own process (so peak RSS is its own), and the
 sides alternate for `--rounds` rounds so that load from other processes hits both alike.
 
-- peft:            PEFT's get_peft_model, model(input_ids, attention_mask, labels).loss
-- lorakit:         lorakit train's step: lorakit.inject + compute_loss (output head and
+- peft:            PEFT's get_peft_model, model(input_ids, attention_mask, labels).loss, fp32
+                   (the issue's baseline)
+- peft-bf16:       the same under torch.autocast(bfloat16): what PEFT gets from the same
+                   hardware feature lorakit uses by default on a CPU with native bf16
+- lorakit:         lorakit train's CPU step: lorakit.inject + compute_loss (output head and
                    cross-entropy only at supervised positions, in chunks), batch 8 run in
-                   pieces of at most 256 tokens (its CPU default; the same update)
-- lorakit-packed:  the same, with the examples packed end to end into rows of up to
-                   256 tokens (2-3 examples a row), 4 rows a step
-- lorakit-gc:      lorakit with gradient checkpointing as well (--gradient-checkpointing)
+                   pieces of at most CPU_MAX_TOKENS tokens (the same update), precision
+                   "auto": bf16 autocast on a CPU with native bf16 (frozen weights cast once
+                   per step, attention in fp32; lorakit.precision), fp32 elsewhere
+- lorakit-fp32:    the same with --precision fp32
 
 tokens/s counts real (non-padding) tokens; every side trains on the same tokens. Accuracy:
 the held-out loss after training, which should agree between the sides.
@@ -31,7 +34,7 @@ import time
 
 import torch
 
-SIDES = ("peft", "lorakit", "lorakit-packed", "lorakit-gc")
+SIDES = ("peft", "peft-bf16", "lorakit", "lorakit-fp32")
 
 
 def load(model_dir: str | None, random_init: bool):
@@ -46,10 +49,12 @@ def load(model_dir: str | None, random_init: bool):
     return model.requires_grad_(False).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
-def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, seed: int = 0) -> dict:
+def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, max_tokens: int | None,
+          seed: int = 0) -> dict:
     from lorakit import LoraConfig, inject
     from lorakit.data import as_sequences, collate, load_examples, split_rows
     from lorakit.demo.__main__ import EVAL, TRAIN
+    from lorakit.precision import attention_in_fp32, autocast_dtype_for, frozen_weights_as
     from lorakit.train import CPU_MAX_TOKENS, compute_loss, evaluate
 
     torch.manual_seed(seed)
@@ -59,45 +64,49 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
     held, _ = load_examples(EVAL, tok, 512)
     held_rows = as_sequences(held[:32], 512, False)
     pad = tok.pad_token_id
+    cpu = torch.device("cpu")
+    rows = as_sequences(examples, 512, False)
+    batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
 
-    if side == "peft":
+    if side.startswith("peft"):
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-        rows = as_sequences(examples, 512, False)
-        batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
+        dtype = torch.bfloat16 if side == "peft-bf16" else None
     else:
         inject(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
-        if side == "lorakit-gc":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if side == "lorakit-packed":
-            rows = as_sequences(examples, 256, True)
-            batches = [rows[i : i + 4] for i in range(0, len(rows), 4)]
-        else:
-            rows = as_sequences(examples, 512, False)
-            batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
+        dtype = autocast_dtype_for("fp32" if side == "lorakit-fp32" else "auto", cpu)
+        if dtype is not None:
+            attention_in_fp32(model)
+        max_tokens = max_tokens or CPU_MAX_TOKENS
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     model.train()
 
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def step(seqs) -> tuple[float, int]:
         tokens = int(sum(len(s.input_ids) for s in seqs))
-        if side == "peft":
+        if side.startswith("peft"):
             batch = collate(seqs, pad)
             # The usual loop: padded batch with an attention mask, transformers' loss.
             mask = torch.zeros_like(batch["input_ids"])
             for i, s in enumerate(seqs):
                 mask[i, : len(s.input_ids)] = 1
-            loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
+            with autocast():
+                loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"]).loss
             loss.backward()
         else:
-            pieces = [collate(p, pad) for p in split_rows(seqs, CPU_MAX_TOKENS)]
+            pieces = [collate(p, pad) for p in split_rows(seqs, max_tokens)]
             count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in pieces)
             loss = 0.0
-            for batch in pieces:
-                loss_sum, _ = compute_loss(model, batch)
-                (loss_sum / count).backward()
-                loss += float(loss_sum) / count
+            with frozen_weights_as(model, dtype):
+                for batch in pieces:
+                    with autocast():
+                        loss_sum, _ = compute_loss(model, batch)
+                    (loss_sum / count).backward()
+                    loss += float(loss_sum) / count
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss), tokens
@@ -108,9 +117,10 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
     for seqs in batches[1:]:
         tokens += step(seqs)[1]
     elapsed = time.perf_counter() - start
-    if side == "peft":
-        model = model.base_model.model  # evaluate the same way for both sides
-    eval_loss, _ = evaluate(model, held_rows, 8, pad, torch.device("cpu"))
+    if side.startswith("peft"):
+        model = model.base_model.model  # evaluate the same way for every side: fp32
+    model.set_attn_implementation("sdpa")
+    eval_loss, _ = evaluate(model, held_rows, 8, pad, cpu)
     return {
         "side": side,
         "tokens_per_s": tokens / elapsed,
@@ -119,6 +129,7 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
         "steps": len(batches) - 1,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "eval_loss": eval_loss,
+        "precision": str(dtype or torch.float32).removeprefix("torch."),
     }
 
 
@@ -130,27 +141,36 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--random-init", action="store_true",
                         help="build --model's architecture from its config.json with random weights")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="lorakit's piece size in tokens (default: lorakit train's CPU default)")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.child:
-        print(json.dumps(child(opts.child, opts.examples, opts.model, opts.random_init)))
+        print(json.dumps(child(opts.child, opts.examples, opts.model, opts.random_init, opts.max_tokens)))
         return
 
-    results: dict[str, list[dict]] = {s: [] for s in SIDES}
+    sides = opts.sides.split(",")
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        parser.error(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    results: dict[str, list[dict]] = {s: [] for s in sides}
     for round_ in range(opts.rounds):
-        for side in SIDES:
+        for side in sides:
             command = [sys.executable, __file__, "--child", side, "--examples", str(opts.examples)]
             if opts.threads:
                 command += ["--threads", str(opts.threads)]
+            if opts.max_tokens:
+                command += ["--max-tokens", str(opts.max_tokens)]
             if opts.model:
                 command += ["--model", opts.model] + (["--random-init"] if opts.random_init else [])
             out = subprocess.run(command,
                                  capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             results[side].append(result)
-            print(f"round {round_ + 1} {side:15s} {result['tokens_per_s']:7.1f} tok/s  "
+            print(f"round {round_ + 1} {side:15s} {result['precision']:9s} {result['tokens_per_s']:7.1f} tok/s  "
                   f"peak RSS {result['peak_rss_gb']:.2f} GB  eval loss {result['eval_loss']:.5f}  "
                   f"({result['steps']} steps, {result['seconds']:.0f} s)", flush=True)
 
@@ -159,7 +179,7 @@ def main() -> None:
 
     base_tps, base_rss = best("peft", "tokens_per_s"), best("peft", "peak_rss_gb", min)
     print(f"\n{'side':15s} {'tok/s':>8s} {'x PEFT':>7s} {'peak RSS':>9s} {'x PEFT':>7s} {'eval loss':>9s}")
-    for side in SIDES:
+    for side in sides:
         tps, rss = best(side, "tokens_per_s"), best(side, "peak_rss_gb", min)
         loss = results[side][-1]["eval_loss"]
         print(f"{side:15s} {tps:8.1f} {tps / base_tps:7.2f} {rss:8.2f}G {rss / base_rss:7.2f} {loss:9.5f}")

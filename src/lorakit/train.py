@@ -48,11 +48,11 @@ from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, load_model
+from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, frozen_weights_as
 from .quant import memory_report
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -112,7 +112,8 @@ class TrainArgs:
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value; None disables clipping."""
     precision: str = "auto"
-    """auto (bf16 autocast on a GPU that supports it, fp32 elsewhere), fp32 or bf16."""
+    """auto (bf16 autocast on a GPU or CPU with native bf16 arithmetic, fp32 elsewhere), fp32 or bf16.
+    Adapter weights and optimizer state stay fp32 either way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     seed: int = 0
@@ -264,10 +265,14 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(args.schedule, run.warmup_steps, total))
-    if args.precision == "bf16" or (
-        args.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ):
-        run.autocast_dtype = torch.bfloat16
+    run.autocast_dtype = autocast_dtype_for(args.precision, device)
+    if run.autocast_dtype is None:
+        log("precision: fp32")
+    elif device.type == "cpu":
+        fp32_attention = attention_in_fp32(model)
+        log(f"precision: bf16 autocast (native bf16 on this CPU{'; attention in fp32' if fp32_attention else ''})")
+    else:
+        log("precision: bf16 autocast")
     return run
 
 
@@ -364,6 +369,16 @@ class LossModule(nn.Module):
         return compute_loss(self.model, batch, self.chunk)[0]
 
 
+def cast_weights_once(device: torch.device, dtype: torch.dtype | None, distributed_run: bool) -> torch.dtype | None:
+    """The dtype to hold frozen weights in for a step (`precision.frozen_weights_as`), or None.
+
+    On a CPU, casting them once per step instead of once per micro-batch piece saves a pass over
+    the weights per piece (on a GPU the fast path or bf16 weights make it moot); a multi-process
+    run keeps its parameters as DDP / FSDP2 registered them.
+    """
+    return dtype if device.type == "cpu" and not distributed_run else None
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -380,15 +395,17 @@ def evaluate(model: nn.Module, rows: list[TokenRow], batch_size: int, pad_id: in
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for seqs in eval_batches(rows, batch_size):
-        batch = to_device(collate(seqs, pad_id), device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            if loss_module is not None:
-                loss, n = loss_module(batch), int((batch["labels"][:, 1:] != IGNORE).sum())
-            else:
-                loss, n = compute_loss(model, batch, chunk)
-        total += float(loss)
-        count += n
+    with frozen_weights_as(model, cast_weights_once(device, autocast_dtype, loss_module is not None)):
+        for seqs in eval_batches(rows, batch_size):
+            batch = to_device(collate(seqs, pad_id), device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                if loss_module is not None:
+                    loss, n = loss_module(batch), int((batch["labels"][:, 1:] != IGNORE).sum())
+                else:
+                    loss, n = compute_loss(model, batch, chunk)
+            total += float(loss)
+            count += n
     model.train(was_training)
     return total / max(count, 1), count
 
@@ -568,13 +585,14 @@ def train(args: TrainArgs) -> Path:
             step_count = int(distributed.all_sum([local_count], env)[0])
             step_loss = 0.0
             in_step = True
-            for batch in batches:
-                batch = to_device(batch, run.device)
-                with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
-                                    enabled=run.autocast_dtype is not None):
-                    loss_sum = loss_module(batch)
-                (loss_sum * env.world_size / max(step_count, 1)).backward()
-                step_loss += loss_sum.item()
+            with frozen_weights_as(model, cast_weights_once(run.device, run.autocast_dtype, env.enabled)):
+                for batch in batches:
+                    batch = to_device(batch, run.device)
+                    with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
+                                        enabled=run.autocast_dtype is not None):
+                        loss_sum = loss_module(batch)
+                    (loss_sum * env.world_size / max(step_count, 1)).backward()
+                    step_loss += loss_sum.item()
             step_loss = distributed.all_sum([step_loss], env)[0]
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
