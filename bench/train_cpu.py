@@ -10,17 +10,18 @@ sides alternate for `--rounds` rounds so that load from other processes hits bot
 
 - peft:            PEFT's get_peft_model, model(input_ids, attention_mask, labels).loss, fp32
                    (the issue's baseline)
-- peft-bf16:       the same under torch.autocast(bfloat16): what PEFT gets from the same
-                   hardware feature lorakit uses by default on a CPU with native bf16
+- peft-bf16:       the same on a bf16 base under torch.autocast(bfloat16), fp32 adapter: PEFT
+                   given the same precision as lorakit's default on a CPU with native bf16
 - lorakit:         lorakit train's CPU step: lorakit.inject + compute_loss (output head and
                    cross-entropy only at supervised positions, in chunks), batch 8 run in
-                   pieces of at most CPU_MAX_TOKENS tokens (the same update), precision
-                   "auto": bf16 autocast on a CPU with native bf16 (frozen weights cast once
-                   per step, attention in fp32; lorakit.precision), fp32 elsewhere
+                   pieces of at most cpu_max_tokens(dtype) tokens (the same update), precision
+                   "auto": on a CPU with native bf16 a bf16 base under bf16 autocast with
+                   attention in fp32 (lorakit.precision), fp32 elsewhere
 - lorakit-fp32:    the same with --precision fp32
 
 tokens/s counts real (non-padding) tokens; every side trains on the same tokens. Accuracy:
-the held-out loss after training, which should agree between the sides.
+the held-out loss after training, which should agree between the sides; every side's adapter
+is saved in PEFT's format, loaded onto the fp32 base and evaluated there, the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,34 +39,39 @@ import torch
 SIDES = ("peft", "peft-bf16", "lorakit", "lorakit-fp32")
 
 
-def load(model_dir: str | None, random_init: bool):
+def load(model_dir: str | None, random_init: bool, dtype: torch.dtype = torch.float32):
     from lorakit.models import load_model
 
     if not random_init:
-        return load_model(model_dir, device="cpu")
+        return load_model(model_dir, device="cpu", dtype=dtype)
     # Same architecture, random weights: the same speed and memory, no weights to ship.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    torch.manual_seed(1234)  # the same random base for training and evaluation
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
     return model.requires_grad_(False).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, max_tokens: int | None,
           seed: int = 0) -> dict:
-    from lorakit import LoraConfig, inject
+    from lorakit import LoraConfig, inject, load_adapter, save_adapter
     from lorakit.data import as_sequences, collate, load_examples, split_rows
     from lorakit.demo.__main__ import EVAL, TRAIN
-    from lorakit.precision import attention_in_fp32, autocast_dtype_for, frozen_weights_as
-    from lorakit.train import CPU_MAX_TOKENS, compute_loss, evaluate
+    from lorakit.precision import attention_in_fp32, autocast_dtype_for
+    from lorakit.train import compute_loss, cpu_max_tokens, evaluate
 
+    cpu = torch.device("cpu")
+    if side.startswith("peft"):
+        dtype = torch.bfloat16 if side == "peft-bf16" else None
+    else:
+        dtype = autocast_dtype_for("fp32" if side == "lorakit-fp32" else "auto", cpu)
     torch.manual_seed(seed)
-    model, tok = load(model_dir, random_init)
+    model, tok = load(model_dir, random_init, dtype or torch.float32)
     examples, _ = load_examples(TRAIN, tok, 512)
     examples = examples[:n_examples]
     held, _ = load_examples(EVAL, tok, 512)
     held_rows = as_sequences(held[:32], 512, False)
     pad = tok.pad_token_id
-    cpu = torch.device("cpu")
     rows = as_sequences(examples, 512, False)
     batches = [rows[i : i + 8] for i in range(0, len(rows), 8)]
 
@@ -72,13 +79,11 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-        dtype = torch.bfloat16 if side == "peft-bf16" else None
     else:
         inject(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
-        dtype = autocast_dtype_for("fp32" if side == "lorakit-fp32" else "auto", cpu)
         if dtype is not None:
             attention_in_fp32(model)
-        max_tokens = max_tokens or CPU_MAX_TOKENS
+        max_tokens = max_tokens or cpu_max_tokens(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     model.train()
@@ -101,12 +106,11 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
             pieces = [collate(p, pad) for p in split_rows(seqs, max_tokens)]
             count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in pieces)
             loss = 0.0
-            with frozen_weights_as(model, dtype):
-                for batch in pieces:
-                    with autocast():
-                        loss_sum, _ = compute_loss(model, batch)
-                    (loss_sum / count).backward()
-                    loss += float(loss_sum) / count
+            for batch in pieces:
+                with autocast():
+                    loss_sum, _ = compute_loss(model, batch)
+                (loss_sum / count).backward()
+                loss += float(loss_sum) / count
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss), tokens
@@ -117,17 +121,23 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
     for seqs in batches[1:]:
         tokens += step(seqs)[1]
     elapsed = time.perf_counter() - start
-    if side.startswith("peft"):
-        model = model.base_model.model  # evaluate the same way for every side: fp32
-    model.set_attn_implementation("sdpa")
-    eval_loss, _ = evaluate(model, held_rows, 8, pad, cpu)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # training's peak, before eval
+    # Every side's adapter, in PEFT's file format, on the fp32 base, evaluated the same way.
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        if side.startswith("peft"):
+            model.save_pretrained(adapter_dir)
+        else:
+            save_adapter(model, adapter_dir)
+        base, _ = load(model_dir, random_init)
+        load_adapter(base, adapter_dir)
+    eval_loss, _ = evaluate(base, held_rows, 8, pad, cpu)
     return {
         "side": side,
         "tokens_per_s": tokens / elapsed,
         "seconds": elapsed,
         "tokens": tokens,
         "steps": len(batches) - 1,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": peak_rss,
         "eval_loss": eval_loss,
         "precision": str(dtype or torch.float32).removeprefix("torch."),
     }

@@ -16,6 +16,7 @@ import lorakit
 from conftest import tiny_llama, tiny_llama_for_tokenizer, tiny_tokenizer
 from lorakit import train as recipe
 from lorakit.data import IGNORE, as_sequences, collate, load_examples
+from lorakit.precision import attention_in_fp32
 from lorakit.train import TrainArgs, compute_loss, lr_lambda
 
 
@@ -42,7 +43,8 @@ def base_hash(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" not in name:
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(str(tensor.dtype).encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -123,13 +125,14 @@ def test_training_writes_everything_learns_and_never_touches_the_base(tmp_path, 
         return model, tok
 
     monkeypatch.setattr(recipe, "load_model", keep)
-    # bf16 autocast, as on a GPU or a CPU with native bf16 (the frozen weights are cast for each
-    # step and put back): the base must come out bit for bit as it went in.
+    # bf16, as on a GPU or a CPU with native bf16: a bf16 base under autocast, fp32 adapter.
     out = recipe.train(args_for(tiny_model_dir, chat_data, tmp_path / "run", max_steps=12, lr=2e-2, dropout=0.0,
                                 precision="bf16"))
 
     model, before = held_models[0]
     assert base_hash(model) == before  # training never modifies base weights
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.yaml"):
         assert (out / name).is_file(), name
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -146,7 +149,8 @@ def test_training_writes_everything_learns_and_never_touches_the_base(tmp_path, 
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["lora_alpha"] == 8
     # The saved adapter is the trained one: reloading it onto a fresh base reproduces the model.
-    fresh, _ = original(str(tiny_model_dir), device="cpu")
+    fresh, _ = original(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    attention_in_fp32(fresh)  # as training set up its model on a CPU
     lorakit.load_adapter(fresh, out)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     model.eval()

@@ -1,25 +1,19 @@
-"""Mixed precision on the hardware at hand: when bf16 autocast pays, and how a CPU runs it.
+"""Mixed precision on the hardware at hand: when bf16 pays, and how a CPU runs it.
 
 bf16 matmuls run several times faster than fp32 ones on GPUs and on CPUs with native bf16
-instructions (x86 AVX512-BF16 or AMX, Arm BF16). Training keeps the adapter and its
-optimizer in fp32 and runs the model under `torch.autocast(dtype=bfloat16)`, as on a GPU.
+instructions (x86 AVX512-BF16 or AMX, Arm BF16). There training runs under
+`torch.autocast(dtype=bfloat16)` with the frozen base held in bf16 (half the memory, no
+per-step casts; autocast would round its weights to bf16 for every matmul anyway) and the
+adapter and its optimizer state in fp32, as on a GPU.
 
-On a CPU two things make autocast cheaper without changing its arithmetic:
-
-- `frozen_weights_as(model, bf16)`: autocast casts every frozen fp32 weight to bf16 for
-  each matmul, again for every micro-batch. Casting them once for a whole optimizer step
-  gives the matmuls the same bf16 values (rounding is the same) and skips the repeats; the
-  fp32 weights are put back afterwards, bit for bit.
-- `attention_in_fp32(model)`: PyTorch's CPU attention kernel is slower in bf16 than in
-  fp32 (its backward most of all), so attention takes fp32 inputs; every matmul around it
-  stays in bf16.
+On a CPU, PyTorch's attention kernel is slower in bf16 than in fp32 (its backward most of
+all), so `attention_in_fp32(model)` gives attention fp32 inputs; every matmul around it
+stays in bf16.
 """
 
 from __future__ import annotations
 
-import contextlib
 import platform
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -64,49 +58,6 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
-
-
-def _frozen_matmul_weights(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """Frozen fp32 2-D weights of the model's matmul layers (not embeddings, not tied to one)."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    found = []
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            continue
-        weight = module._parameters.get("weight")
-        if (
-            weight is None
-            or weight.requires_grad
-            or weight.dtype != torch.float32
-            or weight.dim() != 2
-            or id(weight) in embedding_weights  # a tied output head: the lookup stays fp32
-            or id(weight) in seen
-        ):
-            continue
-        seen.add(id(weight))
-        found.append((module, "weight", weight))
-    return found
-
-
-@contextlib.contextmanager
-def frozen_weights_as(model: nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
-    """Hold the model's frozen matmul weights in `dtype` inside the block; yields how many.
-
-    For use under `torch.autocast(dtype=dtype)`, whose matmuls would cast those weights to
-    `dtype` anyway. The original fp32 parameters are restored on exit, even on error.
-    """
-    if dtype is None or dtype == torch.float32:
-        yield 0
-        return
-    swapped = _frozen_matmul_weights(model)
-    try:
-        for module, name, weight in swapped:
-            module._parameters[name] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        yield len(swapped)
-    finally:
-        for module, name, weight in swapped:
-            module._parameters[name] = weight
 
 
 def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -47,12 +47,17 @@ from .distributed import DistEnv
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
-from .models import DEFAULT_HUB_ID, load_model
-from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, frozen_weights_as
+from .models import DEFAULT_HUB_ID, default_device, load_model
+from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for
 from .quant import memory_report
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
+"""Tokens per piece of a micro-batch on a CPU in fp32 (twice as many in bf16: the same activation bytes)."""
+
+
+def cpu_max_tokens(autocast_dtype: torch.dtype | None) -> int:
+    return CPU_MAX_TOKENS if autocast_dtype is None else 2 * CPU_MAX_TOKENS
 
 
 @dataclass
@@ -100,7 +105,7 @@ class TrainArgs:
     """Micro-batches per optimizer step."""
     max_tokens: int | None = None
     """Run each micro-batch in pieces of at most this many (padded) tokens: the same update with
-    a fraction of the activation memory (default: 256 on CPU, whole micro-batches elsewhere)."""
+    a fraction of the activation memory (default on CPU: 256 in fp32, 512 in bf16; elsewhere whole micro-batches)."""
     seq_len: int = 1024
     """Maximum tokens per sequence; longer examples are truncated (and counted in the log)."""
     packing: bool = False
@@ -228,7 +233,11 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     env = distributed.init(args.strategy, device or torch.device("cpu"))
     distributed.check_batch(args.batch_size, env)
-    model, tokenizer = load_model(args.model, device=device, quantize=args.quantize)
+    target = device or default_device()
+    compute_dtype = autocast_dtype_for(args.precision, target)
+    # A CPU holds the frozen base in the compute dtype (a GPU already loads it in bf16).
+    base_dtype = (compute_dtype or torch.float32) if target.type == "cpu" else None
+    model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
     device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(train_stats.summary(f"train data {args.data}"))
@@ -265,12 +274,13 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(args.schedule, run.warmup_steps, total))
-    run.autocast_dtype = autocast_dtype_for(args.precision, device)
+    run.autocast_dtype = compute_dtype
     if run.autocast_dtype is None:
         log("precision: fp32")
     elif device.type == "cpu":
         fp32_attention = attention_in_fp32(model)
-        log(f"precision: bf16 autocast (native bf16 on this CPU{'; attention in fp32' if fp32_attention else ''})")
+        log(f"precision: bf16 base and autocast, fp32 adapter (native bf16 on this CPU"
+            f"{'; attention in fp32' if fp32_attention else ''})")
     else:
         log("precision: bf16 autocast")
     return run
@@ -369,16 +379,6 @@ class LossModule(nn.Module):
         return compute_loss(self.model, batch, self.chunk)[0]
 
 
-def cast_weights_once(device: torch.device, dtype: torch.dtype | None, distributed_run: bool) -> torch.dtype | None:
-    """The dtype to hold frozen weights in for a step (`precision.frozen_weights_as`), or None.
-
-    On a CPU, casting them once per step instead of once per micro-batch piece saves a pass over
-    the weights per piece (on a GPU the fast path or bf16 weights make it moot); a multi-process
-    run keeps its parameters as DDP / FSDP2 registered them.
-    """
-    return dtype if device.type == "cpu" and not distributed_run else None
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -395,17 +395,15 @@ def evaluate(model: nn.Module, rows: list[TokenRow], batch_size: int, pad_id: in
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with frozen_weights_as(model, cast_weights_once(device, autocast_dtype, loss_module is not None)):
-        for seqs in eval_batches(rows, batch_size):
-            batch = to_device(collate(seqs, pad_id), device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                if loss_module is not None:
-                    loss, n = loss_module(batch), int((batch["labels"][:, 1:] != IGNORE).sum())
-                else:
-                    loss, n = compute_loss(model, batch, chunk)
-            total += float(loss)
-            count += n
+    for seqs in eval_batches(rows, batch_size):
+        batch = to_device(collate(seqs, pad_id), device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            if loss_module is not None:
+                loss, n = loss_module(batch), int((batch["labels"][:, 1:] != IGNORE).sum())
+            else:
+                loss, n = compute_loss(model, batch, chunk)
+        total += float(loss)
+        count += n
     model.train(was_training)
     return total / max(count, 1), count
 
@@ -538,7 +536,7 @@ def train(args: TrainArgs) -> Path:
     per_epoch = batches_per_epoch(len(run.train_rows), args.batch_size)
     max_tokens = None
     if not env.enabled:
-        max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
+        max_tokens = args.max_tokens or (cpu_max_tokens(run.autocast_dtype) if run.device.type == "cpu" else None)
 
     state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
     start = 0
@@ -585,14 +583,13 @@ def train(args: TrainArgs) -> Path:
             step_count = int(distributed.all_sum([local_count], env)[0])
             step_loss = 0.0
             in_step = True
-            with frozen_weights_as(model, cast_weights_once(run.device, run.autocast_dtype, env.enabled)):
-                for batch in batches:
-                    batch = to_device(batch, run.device)
-                    with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
-                                        enabled=run.autocast_dtype is not None):
-                        loss_sum = loss_module(batch)
-                    (loss_sum * env.world_size / max(step_count, 1)).backward()
-                    step_loss += loss_sum.item()
+            for batch in batches:
+                batch = to_device(batch, run.device)
+                with torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.float32,
+                                    enabled=run.autocast_dtype is not None):
+                    loss_sum = loss_module(batch)
+                (loss_sum * env.world_size / max(step_count, 1)).backward()
+                step_loss += loss_sum.item()
             step_loss = distributed.all_sum([step_loss], env)[0]
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
