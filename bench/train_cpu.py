@@ -14,7 +14,7 @@ sides alternate for `--rounds` rounds so that load from other processes hits bot
                    given the same precision as lorakit's default on a CPU with native bf16
 - lorakit:         lorakit train's CPU step: lorakit.inject + compute_loss (output head and
                    cross-entropy only at supervised positions, in chunks), batch 8 run in
-                   pieces of at most cpu_max_tokens(dtype) tokens (the same update), precision
+                   pieces of at most CPU_MAX_TOKENS tokens (the same update), precision
                    "auto": on a CPU with native bf16 a bf16 base under bf16 autocast with
                    attention in fp32 (lorakit.precision), fp32 elsewhere
 - lorakit-fp32:    the same with --precision fp32
@@ -58,7 +58,7 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
     from lorakit.data import as_sequences, collate, load_examples, split_rows
     from lorakit.demo.__main__ import EVAL, TRAIN
     from lorakit.precision import attention_in_fp32, autocast_dtype_for
-    from lorakit.train import compute_loss, cpu_max_tokens, evaluate
+    from lorakit.train import CPU_MAX_TOKENS, compute_loss, evaluate
 
     cpu = torch.device("cpu")
     if side.startswith("peft"):
@@ -83,7 +83,7 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
         inject(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
         if dtype is not None:
             attention_in_fp32(model)
-        max_tokens = max_tokens or cpu_max_tokens(dtype)
+        max_tokens = max_tokens or CPU_MAX_TOKENS
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     model.train()
@@ -187,8 +187,9 @@ def main() -> None:
     def best(side: str, key: str, pick=max) -> float:
         return pick(r[key] for r in results[side])
 
-    base_tps, base_rss = best("peft", "tokens_per_s"), best("peft", "peak_rss_gb", min)
-    print(f"\n{'side':15s} {'tok/s':>8s} {'x PEFT':>7s} {'peak RSS':>9s} {'x PEFT':>7s} {'eval loss':>9s}")
+    baseline = "peft" if "peft" in sides else sides[0]
+    base_tps, base_rss = best(baseline, "tokens_per_s"), best(baseline, "peak_rss_gb", min)
+    print(f"\n{'side':15s} {'tok/s':>8s} {'x ' + baseline:>7s} {'peak RSS':>9s} {'x ' + baseline:>7s} {'eval loss':>9s}")
     for side in sides:
         tps, rss = best(side, "tokens_per_s"), best(side, "peak_rss_gb", min)
         loss = results[side][-1]["eval_loss"]
