@@ -54,8 +54,8 @@ def train(root, output, nproc: int, strategy: str = "auto", *extra: str) -> subp
         "--eval-data", str(root / "eval.jsonl"), "--output", str(output), "--rank", "4", "--alpha", "8",
         "--lr", "5e-3", "--batch-size", "4", "--max-steps", "4", "--save-every", "2", "--eval-every", "2",
         "--log-every", "1", "--seq-len", "48", "--device", "cpu", "--keep-checkpoints", "0",
-        "--strategy", strategy, *extra,
-    ]  # fmt: skip
+        "--strategy", strategy, "--precision", "fp32", *extra,
+    ]  # fmt: skip  (fp32: the processes must agree with one process to fp32 rounding)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "lorakit", *args]
