@@ -48,7 +48,7 @@ from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, default_device, load_model
-from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for
+from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -232,8 +232,9 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     distributed.check_batch(args.batch_size, env)
     target = device or default_device()
     compute_dtype = autocast_dtype_for(args.precision, target)
-    # A CPU holds the frozen base in the compute dtype (a GPU already loads it in bf16).
-    base_dtype = (compute_dtype or torch.float32) if target.type == "cpu" else None
+    # The frozen base is held in the compute dtype: fp32, or bf16 under bf16 autocast (on a GPU,
+    # load_model's own default, bf16 where supported).
+    base_dtype = torch.float32 if compute_dtype is None else (compute_dtype if target.type == "cpu" else None)
     model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
     device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
@@ -276,8 +277,8 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         log("precision: fp32")
     elif device.type == "cpu":
         fp32_attention = attention_in_fp32(model)
-        log(f"precision: bf16 base and autocast, fp32 adapter (native bf16 on this CPU"
-            f"{'; attention in fp32' if fp32_attention else ''})")
+        why = "native bf16 on this CPU" if cpu_has_native_bf16() else "--precision bf16; this CPU emulates bf16"
+        log(f"precision: bf16 base and autocast, fp32 adapter ({why}{'; attention in fp32' if fp32_attention else ''})")
     else:
         log("precision: bf16 autocast")
     return run
