@@ -245,3 +245,17 @@ def test_split_rows_respects_the_token_budget():
     assert [r for p in pieces for r in p] == rows
     assert split_rows(rows, None) == [rows]
     assert [len(p) for p in split_rows(rows, 8)] == [1] * 5  # never less than one row
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_sets_the_base_dtype_and_keeps_the_adapter_fp32(tmp_path, tiny_model_dir, chat_data, precision):
+    run = recipe.setup(args_for(tiny_model_dir, chat_data, tmp_path / "p", precision=precision))
+    base = {p.dtype for n, p in run.model.named_parameters() if "lora_" not in n}
+    adapter = {p.dtype for n, p in run.model.named_parameters() if "lora_" in n}
+    if precision == "fp32":
+        assert run.autocast_dtype is None and base == {torch.float32}
+        assert run.model.config._attn_implementation == "sdpa"
+    else:
+        assert run.autocast_dtype is torch.bfloat16 and base == {torch.bfloat16}
+        assert run.model.config._attn_implementation == "lorakit_sdpa_fp32"  # attention in fp32 on a CPU
+    assert adapter == {torch.float32}
