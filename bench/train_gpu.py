@@ -1,6 +1,6 @@
 """LoRA / QLoRA training speed on one GPU: lorakit's fast path against PEFT, side by side.
 
-    python bench/train_gpu.py                 # every case, then the table
+    python bench/train_gpu.py                 # every case (about 20 minutes on an H200), then the table
     python bench/train_gpu.py --cases 8b-peft,8b-lorakit --steps 8 --warmup 3
 
 Random-init Llama-shaped models built on the GPU (nothing is downloaded): 8B (hidden 4096,
