@@ -491,44 +491,8 @@ def check() -> dict:
             [rel(a, b) for a, b in zip(o1, o2, strict=True)]
             + [rel(a, b) for a, b in zip(g1, g2, strict=True)]
         )
-    results.update(nf4_dequantize_check(D, F))
     results.update(loss_curves())
     return results
-
-
-def nf4_dequantize_check(hidden: int, mlp: int) -> dict:
-    """lorakit.kernels.nf4 (compiled) against bitsandbytes' dequantize_4bit: values, and time a call."""
-    import time
-
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    from lorakit.kernels import nf4
-
-    out: dict = {}
-    for rows, cols in ((hidden, hidden), (hidden // 4, hidden), (mlp, hidden), (hidden, mlp)):
-        weight = (torch.randn(rows, cols, device=DEVICE) * 0.02).to(torch.bfloat16)
-        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True, quant_storage=torch.uint8)
-        expected = bnbf.dequantize_4bit(packed, state)
-        got = nf4.dequantize_4bit(packed, state)
-        name = f"nf4_dequantize_{rows}x{cols}"
-        out[name + "_max_abs_diff"] = float((got.float() - expected.float()).abs().max())
-        out[name + "_differing_fraction"] = float((got != expected).float().mean())
-        for label, fn in (("bitsandbytes", bnbf.dequantize_4bit), ("lorakit", nf4.dequantize_4bit)):
-            for _ in range(3):
-                fn(packed, state)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(50):
-                fn(packed, state)
-            host = (time.perf_counter() - start) / 50  # host time per call (launches queue up)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            total = (time.perf_counter() - start) / 50
-            out[f"{name}_{label}_us_host"] = round(host * 1e6, 1)
-            out[f"{name}_{label}_us_total"] = round(total * 1e6, 1)
-    return out
 
 
 def loss_curves(steps: int = 30) -> dict:

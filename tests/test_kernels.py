@@ -494,33 +494,3 @@ def test_save_intermediates_keeps_more_only_where_asked():
 def test_save_intermediates_rejects_other_values():
     with pytest.raises(ValueError, match="save_intermediates .* got 'yes'"):
         FastPathConfig(save_intermediates="yes")
-
-
-# NF4 dequantization (kernels/nf4.py) against bitsandbytes' own --------------------------
-
-
-@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape", [(96, 130), (64, 64), (33, 257)], ids=str)
-def test_nf4_dequantize_equals_bitsandbytes_bit_for_bit(nested, dtype, shape):
-    import bitsandbytes.functional as bnbf
-
-    from lorakit.kernels import nf4
-
-    torch.manual_seed(0)
-    weight = (torch.randn(shape) * 0.02).to(dtype)
-    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested, blocksize=64)
-    expected = bnbf.dequantize_4bit(packed, state)
-    got = nf4.dequantize_4bit(packed, state)
-    assert got.dtype == expected.dtype == dtype and got.shape == expected.shape == shape
-    assert torch.equal(got, expected)
-
-
-def test_nf4_dequantize_refuses_fp4():
-    import bitsandbytes.functional as bnbf
-
-    from lorakit.kernels import nf4
-
-    packed, state = bnbf.quantize_4bit(torch.randn(8, 64), quant_type="fp4")
-    with pytest.raises(ValueError, match="handles nf4 weights, got quant_type 'fp4'"):
-        nf4.dequantize_4bit(packed, state)

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import nf4
 from .elementwise import (
     _rms_norm_bwd,
     _rms_norm_fwd,
@@ -102,14 +101,9 @@ def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if state is not None:
-        # NF4 on CUDA: one compiled kernel (nf4.py). On the CPU bitsandbytes may hold the codes
-        # repacked for its own CPU kernels, so it dequantizes them itself.
-        if state.quant_type == "nf4" and weight.is_cuda:
-            dense = nf4.dequantize_4bit(weight.data, state)
-        else:
-            import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf
 
-            dense = bnbf.dequantize_4bit(weight.data, state)
+        dense = bnbf.dequantize_4bit(weight.data, state)
         return dense.to(dtype) if dense.dtype != dtype else dense
     return weight if weight.dtype == dtype else weight.to(dtype)
 
