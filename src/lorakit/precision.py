@@ -79,6 +79,7 @@ def attention_in_fp32(model: nn.Module) -> bool:
     sdpa); any other model is left as it is.
     """
     config = getattr(model, "config", None)
+    # transformers has no public getter; its attention-interface docs read this property
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     from transformers import AttentionInterface
