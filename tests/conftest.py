@@ -1,6 +1,9 @@
-"""Tiny random-init models built from configs: no downloads, seconds to run."""
+"""Tiny random-init models built from configs, and small chat data: no downloads, seconds to run."""
 
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 import torch
@@ -166,3 +169,24 @@ def make_serve_adapter(directory, seed: int, hidden_size: int = 32):
 def serve_adapter_dirs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serve-adapters")
     return {name: make_serve_adapter(root / name, seed=100 + i) for i, name in enumerate(SERVE_ADAPTERS)}
+
+
+# Chat data for training runs: "a+b" -> the sum, as JSONL files ------------------------
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 60), rng.randint(0, 60)
+        rows.append({"messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": str(a + b)}]})
+    return rows
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(24)))
+    held = tmp_path / "eval.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(8, seed=1)))
+    return train, held

@@ -12,20 +12,10 @@ import torch
 import lorakit
 from lorakit.cli import main, parse
 from lorakit.models import load_model
-from test_train import chat_rows
 
 
-@pytest.fixture
-def data(tmp_path):
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(24)))
-    held = tmp_path / "eval.jsonl"
-    held.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(8, seed=1)))
-    return train, held
-
-
-def test_train_info_generate_eval_merge(tmp_path, tiny_model_dir, data, capsys):
-    train, held = data
+def test_train_info_generate_eval_merge(tmp_path, tiny_model_dir, chat_data, capsys):
+    train, held = chat_data
     out = tmp_path / "adapter"
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(train), "--eval-data", str(held),
                  "--output", str(out), "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj,down_proj",

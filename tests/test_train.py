@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -18,24 +17,6 @@ from lorakit import train as recipe
 from lorakit.data import IGNORE, as_sequences, collate, load_examples
 from lorakit.precision import attention_in_fp32
 from lorakit.train import TrainArgs, compute_loss, lr_lambda
-
-
-def chat_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 60), rng.randint(0, 60)
-        rows.append({"messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": str(a + b)}]})
-    return rows
-
-
-@pytest.fixture
-def chat_data(tmp_path):
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(24)))
-    held = tmp_path / "eval.jsonl"
-    held.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(8, seed=1)))
-    return train, held
 
 
 def base_hash(model) -> str:
