@@ -70,8 +70,8 @@ def test_train_info_generate_eval_merge(tmp_path, tiny_model_dir, chat_data, cap
         assert not torch.allclose(plain(ids).logits, adapted_logits, atol=1e-3)
 
 
-def test_config_file_with_command_line_override(tmp_path, data):
-    train, _ = data
+def test_config_file_with_command_line_override(tmp_path, chat_data):
+    train, _ = chat_data
     config = tmp_path / "run.yaml"
     config.write_text(f"data: {train}\noutput: {tmp_path / 'o'}\nrank: 8\nlr: 0.001\nmax_steps: 5\n")
     name, args = parse(["train", "--config", str(config), "--rank", "2", "--resume"])
