@@ -32,7 +32,7 @@ from torch import nn
 from .. import mixed_batch, read_adapter
 from ..inject import has_adapters
 from ..io import AdapterFiles
-from .adapters import AdapterCache, AdapterMismatch
+from .adapters import AdapterCache
 from .batch import Batch
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
@@ -565,13 +565,4 @@ class _Collector:
         return self.result
 
 
-__all__ = [
-    "AdapterMismatch",
-    "Completion",
-    "Engine",
-    "Event",
-    "PromptTooLong",
-    "QueueFull",
-    "SamplingParams",
-    "UnknownAdapter",
-]
+__all__ = ["Completion", "Engine", "Event", "PromptTooLong", "QueueFull", "UnknownAdapter"]
