@@ -89,6 +89,8 @@ def test_bad_options_are_named():
         TrainArgs(data="d", output="o", batch_size=0)
     with pytest.raises(ValueError, match="--schedule must be one of cosine, linear, constant"):
         TrainArgs(data="d", output="o", schedule="step")
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        TrainArgs(data="d", output="o", precision="fp16")
     with pytest.raises(ValueError, match="LoraConfig.dropout must be in"):
         TrainArgs(data="d", output="o", dropout=1.5)
 
