@@ -578,7 +578,8 @@ def train(args: TrainArgs) -> Path:
             # and sharding both equal one big batch. DDP and FSDP2 average gradients over processes,
             # hence the factor world_size.
             local_count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-            step_count = int(distributed.all_sum([local_count], env)[0])
+            local_tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)  # for tokens/s
+            step_count, step_tokens = (int(v) for v in distributed.all_sum([local_count, local_tokens], env))
             step_loss = 0.0
             in_step = True
             for batch in batches:
@@ -602,7 +603,7 @@ def train(args: TrainArgs) -> Path:
             window_time += time.perf_counter() - t0
             window_loss += step_loss
             window_count += step_count
-            window_tokens += int(distributed.all_sum([sum(int((b["input_ids"] != pad_id).sum()) for b in batches)], env)[0])
+            window_tokens += step_tokens
             tps = window_tokens / max(window_time, 1e-9)
             progress.update(task, completed=step, loss=step_loss / max(step_count, 1), tps=tps)
 
