@@ -135,6 +135,34 @@ def test_lora_group_backward_matches_autograd(ranks, biases):
     _grads_match(fused, reference, params)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_residual_rides_in_the_projection(bias):
+    # y = r + x @ W.T + b + s * x A.T B.T, with r's gradient dy: one projection, then SwiGLU + down
+    (projection,) = _lora_layers((bias,), (3,))
+    x = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    params = [x, r, projection.lora_a(), projection.lora_b()]
+    _grads_match(
+        lambda *_: lora_group(x, [projection], residual=r),
+        lambda *_: lora_group_reference(x, [projection], r),
+        params,
+    )
+    _close(lora_group(x, [projection], residual=r)[0], r + projection.module(x))
+    g = torch.randn(9, 10, dtype=torch.float64, requires_grad=True)
+    _grads_match(
+        lambda *_: swiglu_lora(g, x, projection, Keep(activations=True), residual=r),
+        lambda *_: swiglu_lora_reference(g, x, projection, r),
+        [g] + params,
+    )
+
+
+def test_residual_needs_a_one_projection_group():
+    projections = _lora_layers((False, False), (2, 2))
+    x = torch.randn(3, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one projection's output, not 2"):
+        lora_group(x, projections, residual=torch.zeros(3, 12, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("keep", [KEEP_NOTHING, Keep(activations=True)])
 @pytest.mark.parametrize("rank", [3, 0])
 def test_swiglu_lora_backward_matches_autograd(rank, keep):

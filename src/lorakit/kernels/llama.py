@@ -5,6 +5,7 @@ for a transformers Llama-family model with lorakit adapters, but:
 
 - Q/K/V and gate/up run as grouped fused LoRA functions with the RMSNorm in front fused in
   (`lora_linear.norm_lora_group`), and SwiGLU is fused into the down projection's function;
+  the residual adds are done by the o and down projections' GEMMs;
 - RoPE, the remaining RMSNorms and the loss's softmax are compiled kernels with
   hand-derived backward functions;
 - attention is PyTorch's SDPA with a causal flag (cuDNN / flash attention on Hopper), no mask;
@@ -161,18 +162,18 @@ def decoder_layer(
         enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, S, D)
     o = o.transpose(1, 2).reshape(batch * seq, -1)
-    (o,) = lora_group(o, (_projection(attn.o_proj),), keep)
-    h = h + o.view(batch, seq, d)
+    # the residual adds ride in the o and down projections' GEMMs
+    (h,) = lora_group(o, (_projection(attn.o_proj),), keep, residual=h.view(batch * seq, d))
     norm = layer.post_attention_layernorm
     g, u = norm_lora_group(
-        h.view(batch * seq, d),
+        h,
         norm.weight,
         _eps(norm),
         (_projection(mlp.gate_proj), _projection(mlp.up_proj)),
         keep,
     )
-    y = swiglu_lora(g, u, _projection(mlp.down_proj), keep)
-    return h + y.view(batch, seq, d)
+    h = swiglu_lora(g, u, _projection(mlp.down_proj), keep, residual=h)
+    return h.view(batch, seq, d)
 
 
 def _window_reason(model: nn.Module, seq: int) -> str | None:
@@ -229,6 +230,9 @@ def causal_lm_loss(
     keeping them for every layer would hold a dense copy of the whole base).
     """
     inner = model.model
+    # the supervised positions first: nonzero() waits for the GPU, which is idle here anyway
+    target = labels[:, 1:].reshape(-1)
+    rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     h = inner.embed_tokens(input_ids)
     seq = input_ids.shape[1]
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
@@ -243,8 +247,6 @@ def causal_lm_loss(
             h = checkpoint(decoder_layer, layer, h, cos, sin, KEEP_ALL, use_reentrant=False)
         else:
             h = decoder_layer(layer, h, cos, sin, kept)
-    target = labels[:, 1:].reshape(-1)
-    rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
     hidden = rms_norm(
         hidden, inner.norm.weight, _eps(inner.norm), "final"

@@ -24,6 +24,10 @@ and again in the backward, so the dense weight never outlives one matmul.
 `swiglu_lora` is the down projection with SwiGLU in front, `down(silu(g) * u)`, where the
 (T, intermediate) product is recomputed in the backward rather than saved.
 
+A one-projection group can take the decoder's residual stream r: y = r + x @ W.T + ..., the
+add done by the base GEMM itself (its beta = 1 epilogue) rather than by a separate pass over
+(T, out); r's gradient is dy.
+
 What else a function keeps for its backward is the caller's choice (`Keep`): the
 normalised x and the SwiGLU product (`activations`), and the dequantized 4-bit weights
 (`dense`). Kept or recomputed, the gradients are the same; keeping costs memory from the
@@ -121,9 +125,12 @@ def _group_forward(
     projections: tuple[Projection, ...],
     adapters: Sequence[torch.Tensor],
     keep_dense: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
     """The group's outputs, xa = x @ cat(A).T (None when no projection has an adapter), and,
-    with keep_dense, the dequantized weights of the 4-bit projections (for the backward)."""
+    with keep_dense, the dequantized weights of the 4-bit projections (for the backward).
+
+    `residual` (one-projection groups only) is added to the output by the base GEMM."""
     dtype = x.dtype
     a_list = adapters[0::2]
     xa = x @ torch.cat([a.to(dtype) for a in a_list]).t() if a_list else None  # (T, R)
@@ -136,7 +143,12 @@ def _group_forward(
         weight = dense_weight(p.module, dtype)
         if keep_dense and _quantized(p):
             dense.append(weight)
-        y = torch.nn.functional.linear(x, weight, bias.to(dtype) if bias is not None else None)
+        if residual is not None:
+            y = torch.addmm(residual, x, weight.t())
+            if bias is not None:
+                y.add_(bias.to(dtype))
+        else:
+            y = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
         del weight
         if p.adapter is not None:
             r = p.rank
@@ -210,11 +222,12 @@ class _LoraGroup(torch.autograd.Function):
     def forward(
         ctx,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         keep: Keep,
         projections: tuple[Projection, ...],
         *adapters: torch.Tensor,
     ):
-        outputs, xa, dense = _group_forward(x, projections, adapters, keep.dense)
+        outputs, xa, dense = _group_forward(x, projections, adapters, keep.dense, residual)
         ctx.projections = projections
         ctx.n_adapters = len(adapters)
         ctx.save_for_backward(x, xa, *adapters, *dense)
@@ -227,7 +240,8 @@ class _LoraGroup(torch.autograd.Function):
         dx, adapter_grads = _group_backward(
             x, xa, ctx.projections, adapters, grads, ctx.needs_input_grad[0], dense
         )
-        return (dx, None, None, *adapter_grads)
+        dr = grads[0] if ctx.needs_input_grad[1] else None  # d(residual) = dy
+        return (dx, dr, None, None, *adapter_grads)
 
 
 class _NormLoraGroup(torch.autograd.Function):
@@ -282,12 +296,13 @@ class _SwiGLULora(torch.autograd.Function):
         ctx,
         g: torch.Tensor,
         u: torch.Tensor,
+        residual: torch.Tensor | None,
         keep: Keep,
         projection: Projection,
         *adapters: torch.Tensor,
     ):
         h = _swiglu_fwd_k(g, u)
-        (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense)
+        (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense, residual)
         ctx.projection = projection
         ctx.n_adapters = len(adapters)
         ctx.kept_h = keep.activations
@@ -307,18 +322,25 @@ class _SwiGLULora(torch.autograd.Function):
         dh, adapter_grads = _group_backward(h, xa, (ctx.projection,), adapters, (dy,), True, dense)
         del h
         dg, du = _swiglu_bwd_k(dh, g, u)
-        return (dg, du, None, None, *adapter_grads)
+        dr = dy if ctx.needs_input_grad[2] else None
+        return (dg, du, dr, None, None, *adapter_grads)
 
 
 def swiglu_lora(
-    g: torch.Tensor, u: torch.Tensor, projection: Projection, keep: Keep = KEEP_NOTHING
+    g: torch.Tensor,
+    u: torch.Tensor,
+    projection: Projection,
+    keep: Keep = KEEP_NOTHING,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """projection(silu(g) * u), fused: g, u (T, intermediate) -> (T, out)."""
-    return _SwiGLULora.apply(g, u, keep, projection, *_adapter_tensors((projection,)))
+    """[residual +] projection(silu(g) * u), fused: g, u (T, intermediate) -> (T, out)."""
+    return _SwiGLULora.apply(g, u, residual, keep, projection, *_adapter_tensors((projection,)))
 
 
-def swiglu_lora_reference(g: torch.Tensor, u: torch.Tensor, projection: Projection) -> torch.Tensor:
-    return lora_group_reference(swiglu_reference(g, u), (projection,))[0]
+def swiglu_lora_reference(
+    g: torch.Tensor, u: torch.Tensor, projection: Projection, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    return lora_group_reference(swiglu_reference(g, u), (projection,), residual)[0]
 
 
 def norm_lora_group(
@@ -342,18 +364,24 @@ def norm_lora_group_reference(
 
 
 def lora_group(
-    x: torch.Tensor, projections: Sequence[Projection], keep: Keep = KEEP_NOTHING
+    x: torch.Tensor,
+    projections: Sequence[Projection],
+    keep: Keep = KEEP_NOTHING,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """y_i = x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T for each projection, fused.
 
     x: (T, in) in the compute dtype; returns one (T, out_i) tensor per projection.
+    residual: (T, out), added to the output of a one-projection group.
     """
     projections = tuple(projections)
-    return _LoraGroup.apply(x, keep, projections, *_adapter_tensors(projections))
+    if residual is not None and len(projections) != 1:
+        raise ValueError(f"a residual is added to one projection's output, not {len(projections)}")
+    return _LoraGroup.apply(x, residual, keep, projections, *_adapter_tensors(projections))
 
 
 def lora_group_reference(
-    x: torch.Tensor, projections: Sequence[Projection]
+    x: torch.Tensor, projections: Sequence[Projection], residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     """The same function through plain autograd: the reference for `lora_group`."""
     dtype = x.dtype
@@ -370,4 +398,6 @@ def lora_group_reference(
             b = p.lora_b().to(dtype)
             y = y + ((x @ a.t()) @ b.t()) * p.scaling
         outputs.append(y)
+    if residual is not None:
+        outputs[0] = residual + outputs[0]
     return tuple(outputs)
