@@ -1,7 +1,8 @@
 """LoRA / QLoRA training speed on one GPU: lorakit's fast path against PEFT, side by side.
 
-    python bench/train_gpu.py                 # every case (about 20 minutes on an H200), then the table
+    python bench/train_gpu.py                 # the issue's cases (about 9 minutes on an H200), then the table
     python bench/train_gpu.py --cases 8b-peft,8b-lorakit --steps 8 --warmup 3
+    python bench/train_gpu.py --cases 8b-qlora-lorakit-keep16,profile:8b-qlora-lorakit-keep16 --diagnose
 
 Random-init Llama-shaped models built on the GPU (nothing is downloaded): 8B (hidden 4096,
 MLP 14336, 32 layers, 32/8 heads, vocab 128256; batch 4 x 2048; gradient checkpointing)
@@ -9,14 +10,17 @@ and 1B (hidden 2048, MLP 8192, 16 layers, 32/8 heads; batch 8 x 2048; no checkpo
 LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; bf16 base, AdamW; tokens/s is
 the median over `--steps` steps after `--warmup` steps; peak GiB is
 torch.cuda.max_memory_allocated over the training steps (weights included).
-Cases run in process groups (PEFT eager, PEFT + per-layer compile, each PEFT + whole-model
-compile, Liger, lorakit): Liger patches transformers globally, compile caches stay apart.
-`*-peft-compile` compiles each decoder layer; `*-peft-compile-model` compiles the whole
-PeftModel (`torch.compile(model)`, the issue's baseline; minutes of compile, in the warm-up
-steps). `-keepK`: the last K layers keep their activations; `1b-lorakit-save`: layers keep
-their normalised inputs and SwiGLU product (`FastPathConfig.save_intermediates`).
+Cases run in three processes: PEFT eager then PEFT + Liger (Liger patches transformers
+globally, so it goes last), PEFT + whole-model compile, lorakit (and `check`); the per-layer
+compile cases, when asked for, in a fourth. `*-peft-compile` compiles each decoder layer;
+`*-peft-compile-model` compiles the whole PeftModel (`torch.compile(model)`, the issue's
+baseline; minutes of compile, in the warm-up steps). `-keepK`: the last K layers keep their
+activations; `1b-lorakit-nosave`: layers recompute their normalised inputs and SwiGLU
+product in the backward (`FastPathConfig.save_intermediates=False`).
 `--cases check` compares the fused GPU kernels with their PyTorch references and the
-loss curve of the fast path with lorakit's generic path.
+loss curve of the fast path with lorakit's generic path; `profile:<case>` profiles two
+steps of a case; `--diagnose` adds, per case, the host's time to issue a step, the
+allocator's device allocations and frees, and the synchronizing calls of one step.
 """
 
 from __future__ import annotations
@@ -51,10 +55,11 @@ CASES = {
     "8b-peft-compile-model": ("8b", "peft", False, {"compile": "model"}),
     "8b-peft-liger": ("8b", "peft", False, {"liger": True}),
     "8b-lorakit-eager": ("8b", "lorakit", False, {"compile": False}),
-    "8b-lorakit": ("8b", "lorakit", False, {"profile": True}),
+    "8b-lorakit": ("8b", "lorakit", False, {}),
     "8b-lorakit-keep1": ("8b", "lorakit", False, {"keep_layers": 1}),
     "8b-lorakit-keep6": ("8b", "lorakit", False, {"keep_layers": 6}),
     "8b-lorakit-keep8": ("8b", "lorakit", False, {"keep_layers": 8}),
+    "8b-lorakit-keep9": ("8b", "lorakit", False, {"keep_layers": 9}),
     "8b-lorakit-keep10": ("8b", "lorakit", False, {"keep_layers": 10}),
     "8b-lorakit-keep14": ("8b", "lorakit", False, {"keep_layers": 14}),
     "8b-qlora-peft": ("8b", "peft", True, {}),
@@ -66,13 +71,33 @@ CASES = {
     "1b-peft": ("1b", "peft", False, {}),
     "1b-peft-compile": ("1b", "peft", False, {"compile": True}),
     "1b-peft-compile-model": ("1b", "peft", False, {"compile": "model"}),
-    # 1b-lorakit and -eager pin the earlier behaviour (intermediates recomputed), so their rows
-    # stay comparable with earlier runs; -save keeps them (FastPathConfig's default with
-    # recompute off)
-    "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False, "save_intermediates": False}),
-    "1b-lorakit": ("1b", "lorakit", False, {"profile": True, "save_intermediates": False}),
-    "1b-lorakit-save": ("1b", "lorakit", False, {"save_intermediates": True}),
+    "1b-lorakit-eager": ("1b", "lorakit", False, {"compile": False}),
+    # FastPathConfig's default with checkpointing off keeps the normalised inputs and the
+    # SwiGLU product; -nosave recomputes them in the backward (less memory)
+    "1b-lorakit": ("1b", "lorakit", False, {}),
+    "1b-lorakit-nosave": ("1b", "lorakit", False, {"save_intermediates": False}),
 }
+
+# `--cases all`: the issue's stacks, the lorakit rows the bars pick (the fastest within each
+# stack's memory) and the kernel check; about 9 minutes on an H200. The other cases
+# (per-layer compile, eager lorakit, keep 0 and other keeps) run by name.
+ALL = [
+    "8b-peft",
+    "8b-peft-liger",
+    "8b-qlora-peft",
+    "8b-qlora-peft-liger",
+    "1b-peft",
+    "8b-peft-compile-model",
+    "1b-peft-compile-model",
+    "8b-lorakit-keep1",
+    "8b-lorakit-keep8",
+    "8b-lorakit-keep9",
+    "8b-lorakit-keep14",
+    "8b-qlora-lorakit-keep1",
+    "8b-qlora-lorakit-keep16",
+    "1b-lorakit",
+    "check",
+]
 
 # (lorakit rows, the stack compared with, the bar)
 BARS = [
@@ -159,7 +184,9 @@ def quantize_nf4(model) -> None:
     torch.cuda.empty_cache()
 
 
-def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
+def run_case(
+    name: str, steps: int, warmup: int, profile: bool = False, diagnose: bool = False
+) -> dict:
     import torch
 
     shape, stack, quantized, opts = CASES[name]
@@ -227,53 +254,97 @@ def run_case(name: str, steps: int, warmup: int, profile: bool = False) -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(1)
     ids = torch.randint(0, VOCAB, (s["batch"], SEQ), device=DEVICE, generator=g)
     cuda = DEVICE == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step() -> torch.Tensor:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, issued, losses = [], [], []
+    for i in range(warmup + steps):
+        if i == warmup and cuda:
+            stats0 = torch.cuda.memory_stats()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step()
+        issued.append(time.perf_counter() - t0)  # the host has queued the whole step
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    step = statistics.median(times[warmup:])
+    step_s = statistics.median(times[warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    if profile:
-        write_profile(name, model, ids, opt)
-    return {
+    result = {
         "case": name,
-        "tokens_per_s": s["batch"] * SEQ / step,
+        "tokens_per_s": s["batch"] * SEQ / step_s,
         "peak_gib": peak,
-        "step_s": step,
+        "step_s": step_s,
+        "host_s": statistics.median(issued[warmup:]),
         "first_step_s": times[0],
         "loss0": losses[0],
         "losses": losses,
         "trainable": sum(p.numel() for p in trainable),
         "info": info,
     }
+    if diagnose and cuda:
+        stats1 = torch.cuda.memory_stats()
+        for key in ("num_device_alloc", "num_device_free", "num_alloc_retries"):
+            result[key] = stats1.get(key, 0) - stats0.get(key, 0)
+        result["sync_sites"] = sync_sites(step)
+    if profile:
+        write_profile(name, step)
+    return result
 
 
-def write_profile(name: str, model, ids, opt) -> None:
-    """Two steps under the profiler: kernels by total GPU time, and time per kind of kernel."""
+def sync_sites(step) -> dict[str, int]:
+    """Where one step makes the host wait for the GPU: call sites of synchronizing CUDA calls."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return dict(
+        Counter(
+            f"{Path(w.filename).name}:{w.lineno}"
+            for w in caught
+            if "synchroniz" in str(w.message).lower()
+        )
+    )
+
+
+def write_profile(name: str, step) -> None:
+    """Two steps under the profiler: kernels by total GPU time, time per kind of kernel, and
+    how much of the steps' wall time the GPU was busy."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        for _ in range(2):
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = max(sum(e.self_device_time_total for e in events), 1)
     kinds: dict[str, float] = {}
@@ -295,7 +366,10 @@ def write_profile(name: str, model, ids, opt) -> None:
             else "other"
         )
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
-    lines = [f"profile of {name}: 2 steps, {total / 2e3:.1f} ms GPU time per step"]
+    lines = [
+        f"profile of {name}: 2 steps, {total / 2e3:.1f} ms GPU time per step in "
+        f"{wall * 500:.1f} ms of wall time per step (profiled)"
+    ]
     lines += [
         f"  {k:28s} {v / 2e3:8.1f} ms/step  {100 * v / total:5.1f}%"
         for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
@@ -552,18 +626,19 @@ def loss_curves(steps: int = 30) -> dict:
 def table(rows: list[dict]) -> str:
     by = {r["case"]: r for r in rows if "tokens_per_s" in r}
     lines = [
-        "| case | tokens/s | peak GiB | step s | loss0 | vs PEFT |",
-        "|---|---|---|---|---|---|",
+        "| case | tokens/s | peak GiB | step s | host s | loss0 | vs PEFT |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | | |")
             continue
         shape = r["case"].split("-")[0]
         base = by.get(f"{shape}-qlora-peft" if "qlora" in r["case"] else f"{shape}-peft")
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         lines.append(
-            f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['step_s']:.3f} | {r['loss0']:.4f} | {ratio} |"
+            f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['step_s']:.3f} "
+            f"| {r.get('host_s', float('nan')):.3f} | {r['loss0']:.4f} | {ratio} |"
         )
     lines += [
         "",
@@ -597,26 +672,37 @@ def dry_run() -> None:
 
 
 def process_group(name: str) -> str:
-    """Cases that may share one process: Liger patches transformers globally, and the
-    compiled PEFT cases keep their compile caches to themselves."""
+    """Which process runs a case. PEFT eager and PEFT + Liger share one (Liger patches
+    transformers for the rest of the process, so its cases run last there); the compiled PEFT
+    cases run apart from everything else, so their compile caches start empty."""
     if name in ("check", "attention") or name.startswith("profile:"):
         return "lorakit"
     shape, stack, quantized, opts = CASES[name]
-    if opts.get("liger"):
-        return "liger"
     if stack == "peft":
-        if opts.get("compile") == "model":  # one process each: a long compile, its own timeout
-            return f"peft-compile-model-{shape}"
+        if opts.get("compile") == "model":
+            return "peft-compile-model"
         return "peft-compile" if opts.get("compile") else "peft"
     return "lorakit"
 
 
-def run_in_this_process(names: list[str], steps: int, warmup: int) -> None:
+def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: bool) -> None:
     import gc
     import traceback
 
+    last_shape = None
     for name in names:
         t0 = time.time()
+        case = name.split(":", 1)[1] if name.startswith("profile:") else name
+        shape = CASES[case][0] if case in CASES else case
+        if shape != last_shape and DEVICE == "cuda":
+            # torch.compile remembers the sizes it has seen per function, and compiles a
+            # function it sees at new sizes again for any size (slower, dynamic-shape
+            # kernels): a 1B case after an 8B one, or the small models of `check`, would run
+            # such kernels. Each model shape starts from empty compile caches instead.
+            import torch
+
+            torch._dynamo.reset()
+        last_shape = shape
         try:
             if name == "check":
                 result = check()
@@ -625,7 +711,7 @@ def run_in_this_process(names: list[str], steps: int, warmup: int) -> None:
             elif name.startswith("profile:"):
                 result = run_case(name.split(":", 1)[1], 1, 2, profile=True)
             else:
-                result = run_case(name, steps, warmup, profile=CASES[name][3].get("profile", False))
+                result = run_case(name, steps, warmup, diagnose=diagnose)
         except Exception as exc:  # one failing case must not hide the others' numbers
             traceback.print_exc()
             result = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -657,18 +743,25 @@ def main() -> None:
     ap.add_argument(
         "--dry-run", action="store_true", help="tiny shapes on the CPU, to check the script itself"
     )
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="per case: allocator device allocations/frees and the synchronizing call sites of one step",
+    )
     args = ap.parse_args()
     if args.dry_run:
         dry_run()
     out_dir = Path(os.environ.get("OUT", "bench/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.one:
-        run_in_this_process(args.one.split(","), args.steps, args.warmup)
+        run_in_this_process(args.one.split(","), args.steps, args.warmup, args.diagnose)
         return
-    names = (list(CASES) + ["check"]) if args.cases == "all" else args.cases.split(",")
+    names = ALL if args.cases == "all" else args.cases.split(",")
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(process_group(name), []).append(name)
+    for members in groups.values():  # Liger last in its process (stable otherwise)
+        members.sort(key=lambda n: n in CASES and CASES[n][3].get("liger", False))
     rows = []
     for group, members in groups.items():
         cmd = [
@@ -682,6 +775,7 @@ def main() -> None:
             str(args.warmup),
         ]
         cmd += ["--dry-run"] if args.dry_run else []
+        cmd += ["--diagnose"] if args.diagnose else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             stdout, stderr = proc.stdout, proc.stderr
