@@ -519,6 +519,34 @@ def test_save_intermediates_keeps_more_only_where_asked():
     assert keep1[None] == keep1[False]  # with checkpointing on, auto does not
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+def test_recompute_skips_the_down_projection_and_changes_no_gradient(nf4, monkeypatch):
+    # checkpoint's recompute rebuilds what the backward reads; the down projection's output
+    # is not among it, so its matmul (and its dequantization's use) runs once per layer, in
+    # the forward only, while the gradients equal those of a run that recomputes nothing
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    from lorakit.kernels import lora_linear
+
+    calls = {"down": 0}
+    forward = lora_linear._group_forward
+
+    def counting(x, projections, *args, **kwargs):
+        if projections[0].module.out_features == 32 and x.shape[1] == 64:  # (T, inter) -> d
+            calls["down"] += 1
+        return forward(x, projections, *args, **kwargs)
+
+    monkeypatch.setattr(lora_linear, "_group_forward", counting)
+    plain_loss, plain_grads = _fast_path_run(FastPathConfig(recompute="none"), nf4)
+    assert calls["down"] == 2  # two layers
+    calls["down"] = 0
+    loss, grads = _fast_path_run(FastPathConfig(recompute="all"), nf4)
+    assert calls["down"] == 2  # not four: the recompute skipped them
+    assert torch.equal(loss, plain_loss)
+    for name, grad in plain_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
 def test_save_intermediates_rejects_other_values():
     with pytest.raises(ValueError, match="save_intermediates .* got 'yes'"):
         FastPathConfig(save_intermediates="yes")

@@ -11,7 +11,8 @@ for a transformers Llama-family model with lorakit adapters, but:
 - attention is PyTorch's SDPA with a causal flag (cuDNN / flash attention on Hopper), no mask;
 - the loss is a chunked linear + cross-entropy over the supervised positions only;
 - each decoder layer is recomputed in the backward (activation checkpointing) when asked,
-  keeping only its input; `keep_layers` of the last layers keep their activations;
+  keeping only its input; the recompute rebuilds only what the backward reads (not the down
+  projection's output); `keep_layers` of the last layers keep their activations;
 - a layer that is not recomputed recomputes the cheap intermediates of its fused functions
   (normalised inputs, SwiGLU product) in the backward, or keeps them with
   `save_intermediates` (more memory, less work).
@@ -131,8 +132,12 @@ def decoder_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     keep: Keep = KEEP_NOTHING,
+    output: bool = True,
 ) -> torch.Tensor:
-    """One decoder layer: h (B, S, d) -> (B, S, d); `keep`: what its fused functions save."""
+    """One decoder layer: h (B, S, d) -> (B, S, d); `keep`: what its fused functions save.
+
+    output=False: only the tensors saved for the backward are wanted (the returned values are
+    unset), so the down projection's matmuls, whose result nothing saves, are skipped."""
     batch, seq, d = h.shape
     attn = layer.self_attn
     mlp = layer.mlp
@@ -172,8 +177,24 @@ def decoder_layer(
         (_projection(mlp.gate_proj), _projection(mlp.up_proj)),
         keep,
     )
-    h = swiglu_lora(g, u, _projection(mlp.down_proj), keep, residual=h)
+    h = swiglu_lora(g, u, _projection(mlp.down_proj), keep, residual=h, output=output)
     return h.view(batch, seq, d)
+
+
+class _Checkpointed:
+    """A decoder layer under activation checkpointing (`torch.utils.checkpoint`), which calls
+    it twice: in the forward, and in the backward to rebuild the tensors the backward reads.
+    The second call's output is discarded, so that call skips the down projection's matmuls
+    (about a fifth of a layer's forward work)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.calls = 0
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        # KEEP_ALL in both calls: the recompute must save what the first call would have
+        return decoder_layer(self.layer, h, cos, sin, KEEP_ALL, output=self.calls == 1)
 
 
 def _window_reason(model: nn.Module, seq: int) -> str | None:
@@ -242,9 +263,8 @@ def causal_lm_loss(
     kept = Keep(activations=save_intermediates)
     for i, layer in enumerate(layers):
         if recompute and i < first_kept and torch.is_grad_enabled():
-            # KEEP_ALL in both the first forward (whose saved tensors checkpoint discards) and
-            # the recompute, which must save the same tensors; held for one layer at a time
-            h = checkpoint(decoder_layer, layer, h, cos, sin, KEEP_ALL, use_reentrant=False)
+            # what a checkpointed layer keeps (KEEP_ALL) is held for one layer at a time
+            h = checkpoint(_Checkpointed(layer), h, cos, sin, use_reentrant=False)
         else:
             h = decoder_layer(layer, h, cos, sin, kept)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)

@@ -132,8 +132,7 @@ def _group_forward(
 
     `residual` (one-projection groups only) is added to the output by the base GEMM."""
     dtype = x.dtype
-    a_list = adapters[0::2]
-    xa = x @ torch.cat([a.to(dtype) for a in a_list]).t() if a_list else None  # (T, R)
+    xa = _xa(x, adapters)
     outputs = []
     dense: list[torch.Tensor] = []
     offset = 0
@@ -158,6 +157,12 @@ def _group_forward(
             offset += r
         outputs.append(y)
     return outputs, xa, dense
+
+
+def _xa(x: torch.Tensor, adapters: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """x @ cat(A).T, (T, R); None when no projection has an adapter."""
+    a_list = adapters[0::2]
+    return x @ torch.cat([a.to(x.dtype) for a in a_list]).t() if a_list else None
 
 
 def _quantized(p: Projection) -> bool:
@@ -289,6 +294,8 @@ class _SwiGLULora(torch.autograd.Function):
     Saves g, u and xa: the (T, intermediate) product h = silu(g) * u is formed in the
     forward for the matmul and again in the backward for dA and dh -> (dg, du); with
     `keep.activations`, h is saved instead (one (T, intermediate) tensor more, one pass less).
+    Without `output`, the matmuls that form y are skipped and y is left unset: what is saved
+    for the backward, and so the gradients, are the same.
     """
 
     @staticmethod
@@ -298,11 +305,17 @@ class _SwiGLULora(torch.autograd.Function):
         u: torch.Tensor,
         residual: torch.Tensor | None,
         keep: Keep,
+        output: bool,
         projection: Projection,
         *adapters: torch.Tensor,
     ):
         h = _swiglu_fwd_k(g, u)
-        (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense, residual)
+        if output:
+            (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense, residual)
+        else:
+            xa = _xa(h, adapters)
+            dense = [dense_weight(projection.module, h.dtype)] if keep.dense and _quantized(projection) else []
+            y = h.new_empty(h.shape[0], projection.module.out_features)
         ctx.projection = projection
         ctx.n_adapters = len(adapters)
         ctx.kept_h = keep.activations
@@ -323,7 +336,7 @@ class _SwiGLULora(torch.autograd.Function):
         del h
         dg, du = _swiglu_bwd_k(dh, g, u)
         dr = dy if ctx.needs_input_grad[2] else None
-        return (dg, du, dr, None, None, *adapter_grads)
+        return (dg, du, dr, None, None, None, *adapter_grads)
 
 
 def swiglu_lora(
@@ -332,9 +345,16 @@ def swiglu_lora(
     projection: Projection,
     keep: Keep = KEEP_NOTHING,
     residual: torch.Tensor | None = None,
+    output: bool = True,
 ) -> torch.Tensor:
-    """[residual +] projection(silu(g) * u), fused: g, u (T, intermediate) -> (T, out)."""
-    return _SwiGLULora.apply(g, u, residual, keep, projection, *_adapter_tensors((projection,)))
+    """[residual +] projection(silu(g) * u), fused: g, u (T, intermediate) -> (T, out).
+
+    output=False: the caller discards the result (activation checkpointing's recompute, which
+    only rebuilds what the backward reads), so its matmuls are skipped and its values are unset.
+    """
+    return _SwiGLULora.apply(
+        g, u, residual, keep, output, projection, *_adapter_tensors((projection,))
+    )
 
 
 def swiglu_lora_reference(
