@@ -756,7 +756,7 @@ def main() -> None:
     if args.one:
         run_in_this_process(args.one.split(","), args.steps, args.warmup, args.diagnose)
         return
-    names = ALL if args.cases == "all" else args.cases.split(",")
+    names = [n for name in args.cases.split(",") for n in (ALL if name == "all" else [name])]
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(process_group(name), []).append(name)
