@@ -17,6 +17,8 @@ compile cases, when asked for, in a fourth. `*-peft-compile` compiles each decod
 baseline; minutes of compile, in the warm-up steps). `-keepK`: the last K layers keep their
 activations; `1b-lorakit-nosave`: layers recompute their normalised inputs and SwiGLU
 product in the backward (`FastPathConfig.save_intermediates=False`).
+`8b-lorakit-keep9-varlen` warms up on shorter batches first, as training on rows of
+varied length does, so its compiled kernels are the ones compiled for any length.
 `--cases check` compares the fused GPU kernels with their PyTorch references and the
 loss curve of the fast path with lorakit's generic path; `profile:<case>` profiles two
 steps of a case; `--diagnose` adds, per case, the host's time to issue a step, the
@@ -62,6 +64,7 @@ CASES = {
     "8b-lorakit-keep9": ("8b", "lorakit", False, {"keep_layers": 9}),
     "8b-lorakit-keep10": ("8b", "lorakit", False, {"keep_layers": 10}),
     "8b-lorakit-keep14": ("8b", "lorakit", False, {"keep_layers": 14}),
+    "8b-lorakit-keep9-varlen": ("8b", "lorakit", False, {"keep_layers": 9, "varlen": True}),
     "8b-qlora-peft": ("8b", "peft", True, {}),
     "8b-qlora-peft-liger": ("8b", "peft", True, {"liger": True}),
     "8b-qlora-lorakit": ("8b", "lorakit", True, {}),
@@ -255,8 +258,8 @@ def run_case(
     ids = torch.randint(0, VOCAB, (s["batch"], SEQ), device=DEVICE, generator=g)
     cuda = DEVICE == "cuda"
 
-    def step() -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
+    def step(length: int = SEQ) -> torch.Tensor:
+        loss = model(input_ids=ids[:, :length], labels=ids[:, :length]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -273,7 +276,11 @@ def run_case(
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = step()
+        # -varlen: the warm-up steps see other lengths first, as batches padded to their
+        # longest row do; the compiled kernels then serve any length
+        varied = opts.get("varlen") and i < warmup
+        length = max(SEQ // 2, SEQ - 32 * (warmup - i)) if varied else SEQ
+        loss = step(length)
         issued.append(time.perf_counter() - t0)  # the host has queued the whole step
         if cuda:
             torch.cuda.synchronize()
@@ -694,6 +701,8 @@ def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: boo
         t0 = time.time()
         case = name.split(":", 1)[1] if name.startswith("profile:") else name
         shape = CASES[case][0] if case in CASES else case
+        if case in CASES and CASES[case][3].get("varlen"):
+            shape += "-varlen"  # from empty caches, so that its own warm-up decides the kernels
         if shape != last_shape and DEVICE == "cuda":
             # torch.compile remembers the sizes it has seen per function, and compiles a
             # function it sees at new sizes again for any size (slower, dynamic-shape
