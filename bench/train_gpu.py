@@ -1,6 +1,6 @@
 """LoRA / QLoRA training speed on one GPU: lorakit's fast path against PEFT, side by side.
 
-    python bench/train_gpu.py                 # the issue's cases (about 9 minutes on an H200), then the table
+    python bench/train_gpu.py                 # the issue's cases (about 7 minutes on an H200), then the table
     python bench/train_gpu.py --cases 8b-peft,8b-lorakit --steps 8 --warmup 3
     python bench/train_gpu.py --cases 8b-qlora-lorakit-keep16,profile:8b-qlora-lorakit-keep16 --diagnose
 
@@ -82,7 +82,7 @@ CASES = {
 }
 
 # `--cases all`: the issue's stacks, the lorakit rows the bars pick (the fastest within each
-# stack's memory) and the kernel check; about 9 minutes on an H200. The other cases
+# stack's memory) and the kernel check; about 7 minutes on an H200. The other cases
 # (per-layer compile, eager lorakit, keep 0 and other keeps) run by name.
 ALL = [
     "8b-peft",

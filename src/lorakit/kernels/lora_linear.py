@@ -314,7 +314,9 @@ class _SwiGLULora(torch.autograd.Function):
             (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense, residual)
         else:
             xa = _xa(h, adapters)
-            dense = [dense_weight(projection.module, h.dtype)] if keep.dense and _quantized(projection) else []
+            dense = []
+            if keep.dense and _quantized(projection):
+                dense.append(dense_weight(projection.module, h.dtype))
             y = h.new_empty(h.shape[0], projection.module.out_features)
         ctx.projection = projection
         ctx.n_adapters = len(adapters)
