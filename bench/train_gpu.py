@@ -699,7 +699,7 @@ def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: boo
     last_shape = None
     for name in names:
         t0 = time.time()
-        case = name.split(":", 1)[1] if name.startswith("profile:") else name
+        case = name.removeprefix("profile:")
         shape = CASES[case][0] if case in CASES else case
         if case in CASES and CASES[case][3].get("varlen"):
             shape += "-varlen"  # from empty caches, so that its own warm-up decides the kernels
@@ -717,8 +717,8 @@ def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: boo
                 result = check()
             elif name == "attention":
                 result = attention_backends()
-            elif name.startswith("profile:"):
-                result = run_case(name.split(":", 1)[1], 1, 2, profile=True)
+            elif name != case:  # profile:<case>
+                result = run_case(case, 1, 2, profile=True)
             else:
                 result = run_case(name, steps, warmup, diagnose=diagnose)
         except Exception as exc:  # one failing case must not hide the others' numbers
@@ -766,6 +766,16 @@ def main() -> None:
         run_in_this_process(args.one.split(","), args.steps, args.warmup, args.diagnose)
         return
     names = [n for name in args.cases.split(",") for n in (ALL if name == "all" else [name])]
+    unknown = [
+        n
+        for n in names
+        if n not in ("check", "attention") and n.removeprefix("profile:") not in CASES
+    ]
+    if unknown:
+        ap.error(
+            f"unknown case(s) {', '.join(unknown)}; known: all, check, attention, "
+            f"profile:<case>, {', '.join(CASES)}"
+        )
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(process_group(name), []).append(name)
