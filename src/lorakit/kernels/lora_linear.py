@@ -126,22 +126,29 @@ def _group_forward(
     adapters: Sequence[torch.Tensor],
     keep_dense: bool = False,
     residual: torch.Tensor | None = None,
+    output: bool = True,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
     """The group's outputs, xa = x @ cat(A).T (None when no projection has an adapter), and,
     with keep_dense, the dequantized weights of the 4-bit projections (for the backward).
 
-    `residual` (one-projection groups only) is added to the output by the base GEMM."""
+    `residual` (one-projection groups only) is added to the output by the base GEMM. Without
+    `output` the outputs are left unset (their matmuls skipped); xa and the weights are not."""
     dtype = x.dtype
-    xa = _xa(x, adapters)
+    a_list = adapters[0::2]
+    xa = x @ torch.cat([a.to(dtype) for a in a_list]).t() if a_list else None  # (T, R)
     outputs = []
     dense: list[torch.Tensor] = []
     offset = 0
     b_iter = iter(adapters[1::2])
     for p in projections:
         bias = getattr(p.module, "bias", None)
-        weight = dense_weight(p.module, dtype)
-        if keep_dense and _quantized(p):
-            dense.append(weight)
+        kept = keep_dense and _quantized(p)
+        if kept:
+            dense.append(dense_weight(p.module, dtype))
+        if not output:
+            outputs.append(x.new_empty(x.shape[0], p.module.out_features))
+            continue
+        weight = dense[-1] if kept else dense_weight(p.module, dtype)
         if residual is not None:
             y = torch.addmm(residual, x, weight.t())
             if bias is not None:
@@ -157,12 +164,6 @@ def _group_forward(
             offset += r
         outputs.append(y)
     return outputs, xa, dense
-
-
-def _xa(x: torch.Tensor, adapters: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """x @ cat(A).T, (T, R); None when no projection has an adapter."""
-    a_list = adapters[0::2]
-    return x @ torch.cat([a.to(x.dtype) for a in a_list]).t() if a_list else None
 
 
 def _quantized(p: Projection) -> bool:
@@ -310,14 +311,9 @@ class _SwiGLULora(torch.autograd.Function):
         *adapters: torch.Tensor,
     ):
         h = _swiglu_fwd_k(g, u)
-        if output:
-            (y,), xa, dense = _group_forward(h, (projection,), adapters, keep.dense, residual)
-        else:
-            xa = _xa(h, adapters)
-            dense = []
-            if keep.dense and _quantized(projection):
-                dense.append(dense_weight(projection.module, h.dtype))
-            y = h.new_empty(h.shape[0], projection.module.out_features)
+        (y,), xa, dense = _group_forward(
+            h, (projection,), adapters, keep.dense, residual, output
+        )
         ctx.projection = projection
         ctx.n_adapters = len(adapters)
         ctx.kept_h = keep.activations
