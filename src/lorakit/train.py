@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed
+from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
     IGNORE,
@@ -50,6 +50,7 @@ from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, default_device, load_model
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
+from .runlog import format_record, log, plot_losses, progress_bar
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
@@ -213,14 +214,6 @@ class Run:
     env: DistEnv = field(default_factory=DistEnv)
     loss_module: nn.Module | None = None
     """What the loop calls: LossModule(model), wrapped in DDP or sharded by FSDP2 under torchrun."""
-
-
-def log(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # one process speaks for a multi-process run
-        return
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False).print(message)
 
 
 def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
@@ -406,91 +399,7 @@ def evaluate(model: nn.Module, rows: list[TokenRow], batch_size: int, pad_id: in
     return total / max(count, 1), count
 
 
-# checkpoints ------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(output: Path) -> list[Path]:
-    """Checkpoints in `output`, oldest first."""
-    found = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def save_checkpoint(run: Run, output: Path, step: int, state: dict[str, Any], rng: dict[str, Any], keep: int) -> Path:
-    """Adapter, optimizer, scheduler, RNG states (as of the start of `step`) and the data position.
-
-    Written to a temporary directory and renamed, so an interrupted save never leaves a
-    checkpoint that looks complete.
-    """
-    final = output / f"checkpoint-{step}"
-    tmp = output / f".checkpoint-{step}.tmp"
-    main = run.env.is_main
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # Collectives under FSDP: every process gathers, one writes. The optimizer state is keyed by
-    # parameter name and whole, so a checkpoint resumes on any number of processes.
-    save_adapter(run.model, tmp, write=main)
-    optimizer_state = distributed.full_optimizer_state(run.model, run.optimizer)
-    if not main:
-        distributed.barrier(run.env)
-        return final
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng, tmp / "rng_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    if keep:
-        for old in checkpoint_dirs(output)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier(run.env)
-    return final
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(run: Run, path: Path) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG from `path` (the adapter was loaded in setup)."""
-    distributed.load_optimizer_state(run.model, run.optimizer, torch.load(path / "optimizer.pt", weights_only=False))
-    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
-
-
 # outputs ----------------------------------------------------------------------------------
-
-
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def write_config(args: TrainArgs, run: Run, path: Path) -> None:
@@ -556,7 +465,7 @@ def train(args: TrainArgs) -> Path:
     step = start
     window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
     stop_reason = "done"
-    progress = _progress(enabled=env.is_main)
+    progress = progress_bar(enabled=env.is_main)
     task = progress.add_task("train", total=run.total_steps, completed=start, loss=float("nan"), tps=0.0)
     progress.start()
     rng_at_step = rng_state()  # a checkpoint at `step` restarts from exactly this state
@@ -631,7 +540,7 @@ def train(args: TrainArgs) -> Path:
                           "lr": lr_used, **record}
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                progress.console.print(_format(record, run.total_steps))
+                progress.console.print(format_record(record, run.total_steps))
             stopping = (evaluated and args.early_stopping is not None
                         and state["evals_without_improvement"] >= args.early_stopping)
             if step % save_every == 0 or step == run.total_steps or stopping:
@@ -659,39 +568,3 @@ def train(args: TrainArgs) -> Path:
     distributed.barrier(env)
     distributed.cleanup(env)
     return output
-
-
-def _progress(enabled: bool = True):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        transient=False,
-        disable=not enabled,
-    )
-
-
-def _format(record: dict[str, Any], total: int) -> str:
-    parts = [f"step {record['step']}/{total}", f"epoch {record['epoch']:.2f}"]
-    if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}")
-    if "eval_loss" in record:
-        parts.append(f"eval_loss {record['eval_loss']:.4f}")
-    parts.append(f"lr {record['lr']:.2e}")
-    if "tokens_per_s" in record:
-        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
-    return "  ".join(parts)
