@@ -198,4 +198,4 @@ class AdapterSlots:
                         continue
                     r = module.r[name]
                     a[slot, j * rank : j * rank + r] = module.lora_A[name].weight.to(self.dtype)
-                    b[slot, :, :r] = (module.lora_B[name].weight.float() * module.scaling[name]).to(self.dtype)
+                    b[slot, :, :r] = (module.lora_B[name].weight * module.scaling[name]).to(self.dtype)
