@@ -108,6 +108,9 @@ class FastDecoder:
         self.lora = AdapterSlots(self.decoder.layers, max_adapters, self.dtype, self.device)
         self.batch: SlotBatch = SlotBatch(self.cache)
         self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
+        self.pad_to_buckets = self.graphs_enabled
+        """Run each step over a batch bucket's rows and a key length rounded up to `key_block`
+        (what a graph replays; on by itself with graphs, and testable without them)."""
         self.buckets = batch_buckets(max_batch)
         self._graphs: dict[tuple[int, int, bool], _StepGraph] = {}
         self._graph_layout = self.lora.layout
@@ -194,22 +197,23 @@ class FastDecoder:
         span = self.cache.span
         greedy = all(p.greedy for p in batch.params)
         longest = max(batch.positions) + 1
-        if self.graphs_enabled:
+        if self.pad_to_buckets:
             rows = next(b for b in self.buckets if b >= span)
             key_length = min(-(-longest // self.key_block) * self.key_block, self.context_length)
         else:
             rows, key_length = span, longest
-        ints = torch.zeros((5, rows), dtype=torch.long)  # token, position, adapter slot, seed, top_k
-        floats = torch.zeros((2, rows), dtype=torch.float32)  # temperature, top_p
-        ints[2] = self.lora.none
-        floats[1] = 1.0
+        # slot-ordered inputs; idle slots decode token 0 at position 0 of their own slot, unseen
+        token, position, adapter, seed, top_k = [0] * rows, [0] * rows, [self.lora.none] * rows, [0] * rows, [0] * rows
+        temperature, top_p = [0.0] * rows, [1.0] * rows
         index = self.lora.index(batch.adapters)
         for i, slot in enumerate(batch.slots):
             p = batch.params[i]
-            ints[:, slot] = torch.tensor([batch.last[i], batch.positions[i], index[i], batch.seeds[i] & 0xFFFFFFFF, p.top_k])
-            floats[:, slot] = torch.tensor([p.temperature, p.top_p])
-        tokens = self._run_step(rows, key_length, greedy, ints, floats)
-        out = [int(tokens[slot]) for slot in batch.slots]
+            token[slot], position[slot], adapter[slot] = batch.last[i], batch.positions[i], index[i]
+            seed[slot], top_k[slot], temperature[slot], top_p[slot] = batch.seeds[i] & 0xFFFFFFFF, p.top_k, p.temperature, p.top_p
+        ints = torch.tensor([token, position, adapter, seed, top_k], dtype=torch.long)
+        floats = torch.tensor([temperature, top_p], dtype=torch.float32)
+        tokens = self._run_step(rows, key_length, greedy, ints, floats).tolist()
+        out = [tokens[slot] for slot in batch.slots]
         for i, slot in enumerate(batch.slots):
             batch.positions[i] += 1
             batch.last[i] = out[i]
@@ -228,7 +232,7 @@ class FastDecoder:
                     self.graphs_enabled = False
                     self._graphs.clear()
                     torch.cuda.synchronize(self.device)
-                    return self._run_step(rows, min(key_length, self.context_length), greedy, ints, floats)
+                    return self._run_step(rows, key_length, greedy, ints, floats)
             return graph.replay(ints, floats)
         ints, floats = ints.to(self.device), floats.to(self.device)
         return self.step(rows, key_length, greedy, ints, floats).cpu()
