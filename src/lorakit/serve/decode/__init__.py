@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...layers import LoraLayer
+from ...inject import get_state
 from .llama import decode_reason
 from .lora import PROJECTIONS
 from .runner import FastDecoder, SlotBatch
@@ -49,7 +49,7 @@ def choose_path(
 
 def adapter_reason(model: nn.Module, name: str) -> str | None:
     """Why adapter `name`, attached to `model`, cannot run on the fast path (None when it can)."""
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and name in module.r and path.rsplit(".", 1)[-1] not in PROJECTIONS:
+    for path in get_state(model).targets[name]:
+        if path.rsplit(".", 1)[-1] not in PROJECTIONS:
             return f"it adapts {path}; the fast decode path runs adapters on {', '.join(PROJECTIONS)} only"
     return None
