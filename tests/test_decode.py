@@ -68,15 +68,16 @@ def test_batch_buckets() -> None:
 # the batched LoRA op ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("shape", [(6,), (6, 5)])
-def test_batched_lora_equals_the_per_row_loop(shape) -> None:
+def test_batched_lora_equals_the_per_row_loop(shape, dense) -> None:
     g = torch.Generator().manual_seed(0)
     slots, rank, d_in, outs = 4, 8, 12, (10, 6, None)
     a = torch.randn(slots, 3 * rank, d_in, generator=g, dtype=torch.float64)
-    bs = [torch.randn(slots, o, rank, generator=g, dtype=torch.float64) if o else None for o in outs]
+    bs = [torch.randn(slots, rank, o, generator=g, dtype=torch.float64) if o else None for o in outs]
     x = torch.randn(*shape, d_in, generator=g, dtype=torch.float64)
     index = torch.tensor([3, 0, 2, 0, 1, 3])
-    got = batched_lora(x, a, bs, index)
+    got = batched_lora(x, a, bs, index, dense)
     if len(shape) == 1:
         want = batched_lora_reference(x, a, bs, index)
     else:  # the reference takes one token per row: run it per position
@@ -121,6 +122,7 @@ def test_adapter_slots_match_each_layer_and_follow_loads_and_evictions() -> None
         index = torch.tensor(slots.index(names))
         attn = layers[1].self_attn
         got = batched_lora(x, slots.a[1][0], slots.b[1][0], index)
+        dense = batched_lora(x, slots.a[1][0], slots.b[1][0], index, dense=True)
         for j, module in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
             for i, name in enumerate(names):
                 want = torch.zeros(module.out_features, dtype=torch.float64)
@@ -128,6 +130,7 @@ def test_adapter_slots_match_each_layer_and_follow_loads_and_evictions() -> None
                     lorakit.set_adapter(model, name)
                     want = module(x[i : i + 1])[0] - module.base_forward(x[i : i + 1])[0]
                 torch.testing.assert_close(got[j][i], want, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(dense[j][i], want, rtol=1e-10, atol=1e-12)
 
     check(["a", "b", None, "a"])
     a_tensor = slots.a[1][0]

@@ -83,7 +83,9 @@ class DecoderModel:
         outs = [_base(getattr(owner, p), x) for p in projs]
         if lora is None or index is None or not lora.active or lora.a[i][g] is None:
             return outs
-        deltas = batched_lora(x, lora.a[i][g], lora.b[i][g], index)
+        # one token per row and a batch not much smaller than the slots: read every slot once
+        dense = x.dim() == 3 and x.shape[1] == 1 and 2 * x.shape[0] >= lora.capacity + 1
+        deltas = batched_lora(x, lora.a[i][g], lora.b[i][g], index, dense)
         return [y if d is None else y + d.to(y.dtype) for y, d in zip(outs, deltas, strict=True)]
 
     def forward(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...layers import LoraLinear
@@ -29,32 +30,55 @@ PROJECTIONS = tuple(name for _, names in GROUPS for name in names)
 
 
 def batched_lora(
-    x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor | None], index: torch.Tensor
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bs: Sequence[torch.Tensor | None],
+    index: torch.Tensor,
+    dense: bool = False,
 ) -> list[torch.Tensor | None]:
     """The LoRA updates of a projection group whose rows use different adapters, in one op.
 
     Exact semantics, for every row i, with r = a.shape[1] // len(bs) and projection j:
 
         h[i] = x[i] @ A[index[i]].T                            # (G*r,), the grouped shrink
-        y_j[i] = h[i, j*r:(j+1)*r] @ B_j[index[i]].T             # (out_j,), the expand
+        y_j[i] = h[i, j*r:(j+1)*r] @ B_j[index[i]]               # (out_j,), the expand
 
     x: (batch, in) or (batch, seq, in); A: (slots, G*r, in), projection j's A in rows
-    j*r..(j+1)*r; B_j: (slots, out_j, r) with the adapter's scaling folded in, or None for
-    a projection no resident adapter targets (its y_j is None); index: (batch,) int64.
-    An adapter of rank below r is zero-padded, which adds exact zeros. Returns the y_j
-    with x's leading shape, in A's dtype. Gathered bmm: fixed shapes, no host sync, so a
-    CUDA graph can hold it (Punica's BGMV computes the same without the gather copies).
+    j*r..(j+1)*r; B_j: (slots, r, out_j) (B transposed, the adapter's scaling folded in),
+    or None for a projection no resident adapter targets (its y_j is None); index: (batch,)
+    int64. An adapter of rank below r is zero-padded, which adds exact zeros. Returns the
+    y_j with x's leading shape, in A's dtype. Fixed shapes, no host sync: a CUDA graph can
+    hold it. Two ways to the same numbers:
+
+    dense=False  gather each row's A and B (`index_select`) and run batched matmuls: the
+                 work and traffic grow with the batch (Punica's BGMV does this without the
+                 gather copies);
+    dense=True   run x against every slot's A in one matmul, zero all but each row's own
+                 slot, and expand with every slot's B in one matmul: each resident adapter
+                 is read once per step whatever the batch, the better deal when the batch
+                 is not much smaller than the number of slots.
     """
     squeeze = x.dim() == 2
-    xs = x.unsqueeze(1) if squeeze else x  # (batch, seq, in)
-    h = torch.bmm(xs.to(a.dtype), a.index_select(0, index).transpose(1, 2))  # (batch, seq, G*r)
-    r = a.shape[1] // len(bs)
+    xs = (x.unsqueeze(1) if squeeze else x).to(a.dtype)  # (batch, seq, in)
+    batch, seq, _ = xs.shape
+    slots, width, d_in = a.shape
+    r = width // len(bs)
+    if dense:
+        own = (index.unsqueeze(1) == torch.arange(slots, device=index.device)).to(a.dtype)  # (batch, slots)
+        h = F.linear(xs, a.view(slots * width, d_in)).view(batch, seq, slots, width)
+        h = h * own.view(batch, 1, slots, 1)  # other slots' products become exact zeros
+    else:
+        h = torch.bmm(xs, a.index_select(0, index).transpose(1, 2))  # (batch, seq, G*r)
     out: list[torch.Tensor | None] = []
     for j, b in enumerate(bs):
         if b is None:
             out.append(None)
             continue
-        y = torch.bmm(h[..., j * r : (j + 1) * r], b.index_select(0, index).transpose(1, 2))
+        if dense:
+            hj = h[..., j * r : (j + 1) * r].reshape(batch, seq, slots * r)
+            y = hj @ b.view(slots * r, b.shape[2])  # (batch, seq, out)
+        else:
+            y = torch.bmm(h[..., j * r : (j + 1) * r], b.index_select(0, index))
         out.append(y.squeeze(1) if squeeze else y)
     return out
 
@@ -73,7 +97,7 @@ def batched_lora_reference(
         for i in range(x.shape[0]):
             slot = int(index[i])
             h = x[i].to(a.dtype) @ a[slot, j * r : (j + 1) * r].T
-            rows.append(h @ b[slot].T)
+            rows.append(h @ b[slot])
         out.append(torch.stack(rows))
     return out
 
@@ -82,7 +106,7 @@ class AdapterSlots:
     """The stacked A/B tensors of every resident adapter, slot by slot.
 
     `a[layer][group]`: (capacity + 1, G*rank, in); `b[layer][group][j]`: (capacity + 1,
-    out_j, rank) or None. Slot `capacity` stays zero (rows without an adapter).
+    rank, out_j) or None. Slot `capacity` stays zero (rows without an adapter).
     """
 
     def __init__(self, layers: Sequence[nn.Module], capacity: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -161,7 +185,7 @@ class AdapterSlots:
                 in_features = first.in_features
                 a_row.append(torch.zeros(count, len(projs) * rank, in_features, dtype=self.dtype, device=self.device))
                 b_row.append([
-                    torch.zeros(count, self._module(i, parent, p).out_features, rank, dtype=self.dtype, device=self.device)
+                    torch.zeros(count, rank, self._module(i, parent, p).out_features, dtype=self.dtype, device=self.device)
                     if on else None
                     for p, on in zip(projs, present, strict=True)
                 ])
@@ -198,4 +222,4 @@ class AdapterSlots:
                         continue
                     r = module.r[name]
                     a[slot, j * rank : j * rank + r] = module.lora_A[name].weight.to(self.dtype)
-                    b[slot, :, :r] = (module.lora_B[name].weight * module.scaling[name]).to(self.dtype)
+                    b[slot, :r] = (module.lora_B[name].weight * module.scaling[name]).T.to(self.dtype)
