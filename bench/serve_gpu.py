@@ -11,8 +11,8 @@ exists, so a run cut short keeps what it measured):
     online-1b                        Poisson arrivals at 80% of fast-1b-b32-32's capacity:
                                      p50/p99 time to first token and time per output token
     fast-1b-b128-pool256             batch 128, 128 distinct adapters of a pool of 256
-    hf-static-1b / hf-static-peft-1b transformers generate, static cache (compiled), base /
-                                     one PEFT adapter; batch 32
+    hf-static-peft-1b / hf-static-1b transformers generate, static cache (compiled), one
+                                     PEFT adapter / the base; batch 32
     peft-mixed-1b                    PEFT generate(adapter_names=...) with 32 adapters
     fast-8b-b32-32 / hf-static-8b    8B, batch 32, 32 distinct adapters / the base, static cache
 
@@ -36,7 +36,7 @@ from lorakit.serve import Engine, SamplingParams
 
 CASES = (
     "fast-1b-b32-1", "fast-1b-b32-32", "agreement-1b", "online-1b", "fast-1b-b128-pool256",
-    "hf-static-1b", "hf-static-peft-1b", "peft-mixed-1b", "fast-8b-b32-32", "hf-static-8b",
+    "hf-static-peft-1b", "peft-mixed-1b", "hf-static-1b", "fast-8b-b32-32", "hf-static-8b",
 )
 
 
@@ -70,12 +70,12 @@ class Suite:
         the same tensors' shapes filled with other random numbers (quick for a pool of 256)."""
         first = self.make_adapters(model, 1, self.args.rank)["a0"]
         out = {"a0": first}
-        g = torch.Generator(device="cpu").manual_seed(1)
+        g = torch.Generator(device=self.device).manual_seed(1)
         for i in range(1, count):
             tensors = {}
             for key, t in first.tensors.items():
                 scale = 0.01 if "lora_B" in key else 1.0 / t.shape[1] ** 0.5
-                tensors[key] = (torch.randn(t.shape, generator=g) * scale).to(t.dtype)
+                tensors[key] = torch.randn(t.shape, generator=g, device=self.device, dtype=t.dtype) * scale
             out[f"a{i}"] = AdapterFiles(Path(f"<memory>/a{i}"), first.config, first.raw_config, tensors)
         return out
 
@@ -157,8 +157,6 @@ class Suite:
         base = lorakit.unload(model) if hasattr(model, "lora_state") else model
         ids = torch.tensor(prompts[:32], device=self.device)
         with torch.no_grad():
-            if self.wanted("hf-static-1b"):
-                self.record("hf-static-1b", tokens_per_s=self.timed_generate(base, ids, self.args.new_tokens, cache_implementation="static"))
             peft = self.peft_model(base, first32)
             if fast_tokens is not None and slow is not None:
                 peft_tokens = self.peft_greedy(peft, prompts[:32])
@@ -170,6 +168,9 @@ class Suite:
             if self.wanted("peft-mixed-1b"):
                 tps = self.timed_generate(peft, ids, self.args.peft_tokens, adapter_names=names[:32])
                 self.record("peft-mixed-1b", tokens_per_s=tps, new_tokens=self.args.peft_tokens)
+            base = peft.unload()  # the plain base again
+            if self.wanted("hf-static-1b"):
+                self.record("hf-static-1b", tokens_per_s=self.timed_generate(base, ids, self.args.new_tokens, cache_implementation="static"))
         del peft, base, model, first32
         gc.collect()
         torch.cuda.empty_cache()

@@ -467,11 +467,11 @@ class Engine:
     def _decode(self) -> None:
         if self.decoder is not None:
             self.decoder.sync_adapters(self.adapters.on_device)
-            tokens = self.decoder.decode()
+            rows, tokens = self.decoder.decode()  # pipelined: the rows the step ran for
             self.stats.decode_steps += 1
-            self.stats.batch_rows += len(self._batch)
-            self.stats.last_batch_size = len(self._batch)
-            self._emit(list(self._batch.rows), tokens)
+            self.stats.batch_rows += len(rows)
+            self.stats.last_batch_size = len(rows)
+            self._emit(rows, tokens)
             return
         batch = self._batch
         out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})

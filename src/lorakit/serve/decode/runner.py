@@ -111,11 +111,14 @@ class FastDecoder:
         self.pad_to_buckets = self.graphs_enabled
         """Run each step over a batch bucket's rows and a key length rounded up to `key_block`
         (what a graph replays; on by itself with graphs, and testable without them)."""
+        self.pipelined = self.graphs_enabled
+        """Launch the next step before the engine has handed out this one's tokens (see decode)."""
         self.buckets = batch_buckets(max_batch)
         self._graphs: dict[tuple[int, int, bool], _StepGraph] = {}
         self._graph_layout = self.lora.layout
         self._pool = None
         self.graph_error: str | None = None
+        self._inflight: _Launched | None = None
 
     def describe(self) -> str:
         mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager"
@@ -125,6 +128,7 @@ class FastDecoder:
         )
 
     def new_batch(self) -> SlotBatch:
+        self._inflight = None
         self.batch.clear()
         self.batch = SlotBatch(self.cache)
         return self.batch
@@ -132,6 +136,8 @@ class FastDecoder:
     def sync_adapters(self, resident: Mapping[str, object]) -> None:
         self.lora.sync(resident)
         if self.lora.layout != self._graph_layout:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # an in-flight step may still run an old graph
             self._graphs.clear()
             self._graph_layout = self.lora.layout
 
@@ -191,8 +197,37 @@ class FastDecoder:
     # decoding --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self) -> list[int]:
-        """One token for every running row, in row order."""
+    def decode(self) -> tuple[list, list[int]]:
+        """Tokens of one decoding step: (the rows it ran for that are still running, their tokens).
+
+        With `pipelined` (on with CUDA graphs), once a step's tokens are back the next step
+        for every running row is launched before this returns, so the device computes it
+        while the engine hands out these tokens. A row that finishes on them wastes its part
+        of that step; a row that joins meanwhile (its own prefill) enters the step after.
+        """
+        where = {id(r): i for i, r in enumerate(self.batch.rows)}
+        if self._inflight is None or not any(id(r) in where for r in self._inflight.rows):
+            self._inflight = self._launch()
+        step = self._inflight
+        self._inflight = None
+        tokens = step.tokens()
+        rows, out = [], []
+        for row, slot in zip(step.rows, step.slots, strict=True):
+            i = where.get(id(row))
+            if i is None:  # left the batch after this step was launched
+                continue
+            token = int(tokens[slot])
+            self.batch.positions[i] += 1
+            self.batch.last[i] = token
+            self.cache.lengths[slot] = self.batch.positions[i]
+            rows.append(row)
+            out.append(token)
+        if self.pipelined:
+            self._inflight = self._launch()
+        return rows, out
+
+    def _launch(self) -> _Launched:
+        """Start one step for every running row; its tokens are read later."""
         batch = self.batch
         span = self.cache.span
         greedy = all(p.greedy for p in batch.params)
@@ -212,15 +247,10 @@ class FastDecoder:
             seed[slot], top_k[slot], temperature[slot], top_p[slot] = batch.seeds[i] & 0xFFFFFFFF, p.top_k, p.temperature, p.top_p
         ints = torch.tensor([token, position, adapter, seed, top_k], dtype=torch.long)
         floats = torch.tensor([temperature, top_p], dtype=torch.float32)
-        tokens = self._run_step(rows, key_length, greedy, ints, floats).tolist()
-        out = [tokens[slot] for slot in batch.slots]
-        for i, slot in enumerate(batch.slots):
-            batch.positions[i] += 1
-            batch.last[i] = out[i]
-            self.cache.lengths[slot] = batch.positions[i]
-        return out
+        return _Launched(list(batch.rows), list(batch.slots), self._run_step(rows, key_length, greedy, ints, floats))
 
-    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor):
+        """The step's tokens: a CPU tensor, or a graph's pending copy (`_Pending`)."""
         if self.graphs_enabled:
             key = (rows, key_length, greedy)
             graph = self._graphs.get(key)
@@ -233,7 +263,7 @@ class FastDecoder:
                     self._graphs.clear()
                     torch.cuda.synchronize(self.device)
                     return self._run_step(rows, key_length, greedy, ints, floats)
-            return graph.replay(ints, floats)
+            return graph.launch(ints, floats)
         ints, floats = ints.to(self.device), floats.to(self.device)
         return self.step(rows, key_length, greedy, ints, floats).cpu()
 
@@ -259,6 +289,8 @@ class _StepGraph:
         self.ints = ints.to(device)
         self.floats = floats.to(device)
         self.host = torch.empty(rows, dtype=torch.long, pin_memory=True)
+        self.host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
+        self.host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
 
         def run() -> torch.Tensor:
             return owner.step(rows, key_length, greedy, self.ints, self.floats)
@@ -276,10 +308,39 @@ class _StepGraph:
             self.out = run()
         owner._pool = self.graph.pool()
 
-    def replay(self, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-        self.ints.copy_(ints, non_blocking=True)
-        self.floats.copy_(floats, non_blocking=True)
+    def launch(self, ints: torch.Tensor, floats: torch.Tensor) -> _Pending:
+        """Copy the inputs in, replay, start copying the tokens out; nothing waits here."""
+        self.host_ints.copy_(ints)
+        self.host_floats.copy_(floats)
+        self.ints.copy_(self.host_ints, non_blocking=True)
+        self.floats.copy_(self.host_floats, non_blocking=True)
         self.graph.replay()
         self.host.copy_(self.out, non_blocking=True)
-        torch.cuda.current_stream(self.out.device).synchronize()
+        done = torch.cuda.Event()
+        done.record()
+        return _Pending(self.host, done)
+
+
+class _Pending:
+    """A graph step's tokens on their way to the host."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event) -> None:
+        self.host = host
+        self.done = done
+
+    def wait(self) -> torch.Tensor:
+        self.done.synchronize()
         return self.host
+
+
+class _Launched:
+    """A launched step: the rows it runs for, their slots, and its tokens (or their promise)."""
+
+    def __init__(self, rows: list, slots: list[int], tokens: torch.Tensor | _Pending) -> None:
+        self.rows = rows
+        self.slots = slots
+        self._tokens = tokens
+
+    def tokens(self) -> list[int]:
+        tokens = self._tokens.wait() if isinstance(self._tokens, _Pending) else self._tokens
+        return tokens.tolist()
