@@ -39,7 +39,7 @@ class ServeArgs:
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
     decode_path: str = "auto"
-    """auto, fast or generic. fast: the Llama-family decode path (slot KV cache, batched LoRA, CUDA graphs); auto takes it on a CUDA GPU for a model it covers."""
+    """auto, fast or generic. fast: the Llama-family decode path (slot KV cache, batched LoRA, CUDA graphs on a GPU); auto runs generic for now."""
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
 

@@ -10,9 +10,16 @@ On CUDA each decoding step is a CUDA graph, captured on first use for its bucket
 rows run over slots 0..span-1 with span rounded up to a batch bucket, attention reads a
 key length rounded up to a multiple of `key_block`, and greedy-only steps skip the
 sampling sort. Inputs go in with two small host-to-device copies and the tokens come
-back with one device-to-host copy; nothing else crosses. Adapter slots written in place
-need no recapture; reallocated ones (a larger rank, a newly targeted projection) drop
-the graphs. Anywhere else (the CPU) the same step runs eagerly.
+back with one device-to-host copy; nothing else crosses. Steps are pipelined: the next
+one is launched before the engine hands out the last one's tokens (`decode`). Adapter
+slots written in place need no recapture; reallocated ones (a larger rank, a newly
+targeted projection) drop the graphs. Anywhere else (the CPU) the same step runs eagerly,
+one at a time; `pad_to_buckets` and `pipelined` switch the graph-shaped steps on there
+too, which is how the tests check them without a GPU.
+
+Prefill is batched (the admitted requests right-padded together) and chunked, but it is
+not interleaved with decoding: the engine's `max_prefill_tokens` bounds how long one
+admission holds the running rows.
 """
 
 from __future__ import annotations
