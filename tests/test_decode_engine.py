@@ -5,6 +5,7 @@ HTTP tests run again with `decode_path="fast"`, against the same references
 from __future__ import annotations
 
 import inspect
+import time
 
 import httpx
 import pytest
@@ -155,3 +156,45 @@ def test_bucketed_pipelined_steps_give_the_same_tokens(serve_adapter_dirs, refer
     for (prompt, adapter, n), out in zip(cases, got, strict=True):
         assert out.token_ids == reference(prompt, adapter, n)
     assert crowd[3].token_ids == alone.token_ids
+
+
+def test_lorakit_serve_fast_path_process(tiny_model_dir, tmp_path) -> None:
+    """`lorakit serve --decode-path fast`: the startup log and /health name the path, and it serves."""
+    import subprocess
+    import sys
+
+    from conftest import make_serve_adapter
+    from lorakit.serve.command import ServeArgs
+    from test_serve_command import free_port
+
+    with pytest.raises(ValueError, match="--decode-path must be auto, fast or generic, got 'quick'"):
+        ServeArgs(decode_path="quick")
+    adapter = make_serve_adapter(tmp_path / "demo", seed=5)
+    port = free_port()
+    code = (
+        "from lorakit.serve.command import ServeArgs, run_serve; "
+        f"run_serve(ServeArgs(model={str(tiny_model_dir)!r}, adapter=['demo={adapter}'], port={port}, "
+        "device='cpu', decode_path='fast', log_level='warning'))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, f"lorakit serve exited: {proc.stdout.read()}"
+            try:
+                health = httpx.get(url + "/health", timeout=1)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "lorakit serve did not come up"
+            time.sleep(0.2)
+        assert health.json()["decode_path"].startswith("fast (slot KV cache 32 x ")
+        reply = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "lorakit serve: decode path: fast (slot KV cache" in log
