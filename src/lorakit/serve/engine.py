@@ -438,9 +438,7 @@ class Engine:
         if self.decoder is not None:
             self.decoder.sync_adapters(self.adapters.on_device)
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-            prompts, params = [r.prompt_ids for r in requests], [r.params for r in requests]
-            tokens = self.decoder.prefill(requests, prompts, params, [r.adapter for r in requests])
-            self._emit(requests, tokens)
+            self._emit(requests, self.decoder.prefill(requests))
             return
         length = max(len(r.prompt_ids) for r in requests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

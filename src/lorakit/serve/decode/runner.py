@@ -151,9 +151,12 @@ class FastDecoder:
     # prefill ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, requests: Sequence[Row], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-                adapters: Sequence[str | None]) -> list[int]:
-        """Take a slot for each request, run its prompt, add it to the batch; its first tokens."""
+    def prefill(self, requests: Sequence) -> list[int]:
+        """Take a slot for each request (its `prompt_ids`, `params`, `adapter`), run its
+        prompt, add it to the batch; returns each one's first token."""
+        prompts = [r.prompt_ids for r in requests]
+        params: list[SamplingParams] = [r.params for r in requests]
+        adapters: list[str | None] = [r.adapter for r in requests]
         slots = [self.cache.allocate() for _ in requests]
         try:
             seeds = [p.seed if p.seed is not None else random.getrandbits(32) for p in params]
