@@ -168,7 +168,7 @@ class FastDecoder:
                 ids[i, : len(prompt)] = torch.tensor(prompt)
             ids = ids.to(self.device)
             slot_t = torch.tensor(slots, device=self.device)
-            last = torch.zeros(len(requests), dtype=torch.long, device=self.device) + torch.tensor(lengths, device=self.device) - 1
+            last = torch.tensor(lengths, device=self.device) - 1  # each row's last prompt position
             final: torch.Tensor | None = None
             for start in range(0, longest, self.prefill_chunk):
                 end = min(start + self.prefill_chunk, longest)
