@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "loss and perplexity of a model (with or without an adapter) on a data file, as JSON",
     "merge": "fold an adapter into the base weights and save a plain transformers model",
     "info": "describe a saved adapter",
+    "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
 }
 
@@ -99,6 +100,30 @@ class MergeArgs:
     """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
 
 
+@dataclass
+class DataArgs:
+    """Show the first rows of a data file as training renders them, supervised tokens marked."""
+
+    data: str
+    """Data file or datasets directory (the formats and shapes `train` accepts)."""
+    preview: int = 5
+    """How many rows to show."""
+    model: str | None = None
+    """Base model whose tokenizer renders the rows; omitted: the bundled SmolLM2-135M-Instruct."""
+    adapter: str | None = None
+    """Render with the chat template saved beside this adapter instead of the base model's."""
+    seq_len: int = 1024
+    """Maximum tokens per example (longer ones are truncated, as in training)."""
+    loss_on: str = "completion"
+    """completion: loss on completions / assistant turns only; all: on every token."""
+
+    def __post_init__(self) -> None:
+        if self.preview <= 0:
+            raise ValueError(f"--preview must be a positive number of rows, got {self.preview}")
+        if self.loss_on not in ("completion", "all"):
+            raise ValueError(f"--loss-on must be completion or all, got {self.loss_on!r}")
+
+
 # the commands -----------------------------------------------------------------------------
 
 
@@ -108,13 +133,19 @@ def run_train(args: Any) -> None:
     train(args)
 
 
-def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None):
+def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None,
+          warn: bool = True):
+    """Base model and tokenizer, with the adapter and the chat template saved beside it."""
     from .io import load_adapter
     from .models import load_model
+    from .templates import use_adapter_template
 
     base, tokenizer = load_model(model, device=device, quantize=quantize)
     if adapter is not None:
         load_adapter(base, adapter)
+        warning = use_adapter_template(tokenizer, adapter)
+        if warning and warn:
+            print(f"warning: {warning}", file=sys.stderr)
     return base, tokenizer
 
 
@@ -148,7 +179,7 @@ def run_eval(args: EvalArgs) -> None:
     from .data import as_sequences, load_examples
     from .train import evaluate, log
 
-    model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize)
+    model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize, warn=False)
     device = next(model.parameters()).device
     examples, stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(stats.summary(args.data))
@@ -160,7 +191,7 @@ def run_eval(args: EvalArgs) -> None:
 def run_merge(args: MergeArgs) -> None:
     from .inject import merge_and_unload
 
-    model, tokenizer = _load(args.model, args.adapter, "cpu")
+    model, tokenizer = _load(args.model, args.adapter, "cpu", warn=False)
     merged = merge_and_unload(model)
     out = Path(args.output)
     merged.save_pretrained(out, safe_serialization=True)
@@ -184,12 +215,36 @@ def run_info(adapter: str) -> None:
         "scaling": f"{config.scaling_for(''):g}",
         "dropout": config.dropout,
         "dora": config.use_dora,
+        "chat template": _template_summary(adapter),
         "parameters": f"{files.num_parameters:,}",
         "file size": f"{size / 1e6:.2f} MB ({size:,} bytes; config in {CONFIG_NAME})",
     }
     width = max(map(len, lines))
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _template_summary(adapter: str) -> str:
+    from .templates import TEMPLATE_FILE, saved_chat_template
+
+    template = saved_chat_template(adapter)
+    if template is None:
+        return "(not saved; the base model's is used)"
+    first = template.strip().splitlines()[0] if template.strip() else ""
+    return f"{TEMPLATE_FILE} ({len(template)} chars): {first[:60]}{'...' if len(first) > 60 else ''}"
+
+
+def run_data(args: DataArgs) -> None:
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model
+    from .preview import run_preview
+    from .templates import use_adapter_template
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    if args.adapter is not None:
+        use_adapter_template(tokenizer, args.adapter)
+    run_preview(args.data, tokenizer, args.preview, args.seq_len, args.loss_on)
 
 
 # parsing ----------------------------------------------------------------------------------
@@ -209,6 +264,8 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return MergeArgs, run_merge
     if name == "info":
         return None, run_info
+    if name == "data":
+        return DataArgs, run_data
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve

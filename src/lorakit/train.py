@@ -51,6 +51,7 @@ from .models import DEFAULT_HUB_ID, default_device, load_model
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
 from .runlog import format_record, log, plot_losses, progress_bar
+from .templates import save_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
@@ -561,6 +562,8 @@ def train(args: TrainArgs) -> Path:
         progress.stop()
 
     save_adapter(model, output, write=env.is_main)
+    if env.is_main:  # the template travels with the adapter (lorakit.templates)
+        save_tokenizer(run.tokenizer, output)
     log(str(memory_report(model, optimizer)))
     if metrics_path.exists() and env.is_main:
         plot_losses(metrics_path, output / "loss.png")

@@ -71,6 +71,7 @@ def run_serve(args: ServeArgs) -> None:
     import uvicorn
 
     from ..models import DEFAULT_MODEL_NAME, load_model
+    from ..templates import template_warning
     from .adapters import AdapterMismatch
     from .api import create_app
     from .engine import Engine
@@ -90,6 +91,9 @@ def run_serve(args: ServeArgs) -> None:
             engine.load_adapter(name, path)
         except (OSError, ValueError, AdapterMismatch) as err:
             raise SystemExit(f"lorakit serve: cannot load adapter {name!r} from {path}: {err}") from None
+        warning = template_warning(tokenizer, path)
+        if warning:
+            print(f"lorakit serve: warning: adapter {name!r}: {warning}", file=sys.stderr)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     key = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY")
     app = create_app(engine, model_name=name, api_key=key or None)
