@@ -25,6 +25,8 @@ COMMANDS = {
     "eval": "loss and perplexity of a model (with or without an adapter) on a data file, as JSON",
     "merge": "fold an adapter into the base weights and save a plain transformers model",
     "info": "describe a saved adapter",
+    "check": "will vLLM, SGLang, llama.cpp, PEFT load this adapter and act on it? a verdict per target",
+    "export": "write an adapter for llama.cpp / Ollama: --format gguf-lora, gguf (merged) or ollama",
     "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
 }
@@ -122,6 +124,52 @@ class DataArgs:
             raise ValueError(f"--preview must be a positive number of rows, got {self.preview}")
         if self.loss_on not in ("completion", "all"):
             raise ValueError(f"--loss-on must be completion or all, got {self.loss_on!r}")
+
+
+@dataclass
+class CheckArgs:
+    """A verdict per serving target (loads and acts / loads with warnings / refused), with reasons."""
+
+    adapter: str
+    """Adapter directory (also accepted as the first argument: lorakit check ADAPTER)."""
+    target: str = "all"
+    """vllm, sglang, llama.cpp, peft, a comma-separated list of them, or all."""
+    model: str | None = None
+    """Base model to check against (default: the one recorded in adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        from .export.check import parse_targets
+
+        parse_targets(self.target)
+
+
+EXPORT_FORMATS = ("gguf-lora", "gguf", "ollama")
+
+
+@dataclass
+class ExportArgs:
+    """Write an adapter for llama.cpp or Ollama, through the gguf library."""
+
+    adapter: str
+    """Adapter directory (also accepted as the first argument: lorakit export ADAPTER)."""
+    format: str
+    """gguf-lora: a llama.cpp LoRA adapter (llama-server --lora FILE); gguf: base + adapter merged into
+    one GGUF; ollama: a merged GGUF and a Modelfile whose TEMPLATE and stops come from the adapter's chat template."""
+    output: str | None = None
+    """File (gguf-lora, gguf) or directory (ollama); default: beside the adapter, ADAPTER.gguf,
+    ADAPTER-DTYPE.gguf or ADAPTER-ollama/."""
+    dtype: str | None = None
+    """gguf-lora: f32 (default) or f16; gguf and ollama: q8_0 (default), f16 or bf16."""
+    model: str | None = None
+    """Base model (default: the one recorded in adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        accepted = ("f32", "f16") if self.format == "gguf-lora" else ("q8_0", "f16", "bf16")
+        self.dtype = self.dtype or accepted[0]
+        if self.dtype not in accepted:
+            raise ValueError(f"--dtype for --format {self.format} must be one of {', '.join(accepted)}, got {self.dtype!r}")
 
 
 # the commands -----------------------------------------------------------------------------
@@ -234,6 +282,33 @@ def _template_summary(adapter: str) -> str:
     return f"{TEMPLATE_FILE} ({len(template)} chars): {first[:60]}{'...' if len(first) > 60 else ''}"
 
 
+def run_check(args: CheckArgs) -> int:
+    from .export.check import REFUSED, check, format_verdicts, parse_targets, read_facts
+
+    verdicts = check(read_facts(args.adapter, args.model), parse_targets(args.target))
+    print(format_verdicts(verdicts))
+    return 1 if any(v.verdict == REFUSED for v in verdicts) else 0
+
+
+def run_export(args: ExportArgs) -> None:
+    stem = str(Path(args.adapter)).rstrip("/")
+    if args.format == "gguf-lora":
+        from .export.gguf_lora import write_gguf_lora
+
+        path = write_gguf_lora(args.adapter, args.output or f"{stem}.gguf", args.model, args.dtype or "f32")
+        print(f"llama.cpp LoRA adapter written to {path} (llama-server -m BASE.gguf --lora {path})")
+    elif args.format == "gguf":
+        from .export.gguf_model import write_gguf_model
+
+        path = write_gguf_model(args.adapter, args.output or f"{stem}-{args.dtype}.gguf", args.model, args.dtype or "q8_0")
+        print(f"merged model written to {path} (llama-cli -m {path})")
+    else:
+        from .export.ollama import write_ollama
+
+        path = write_ollama(args.adapter, args.output or f"{stem}-ollama", args.model, args.dtype or "q8_0")
+        print(f"Ollama model written to {path} (cd {path} && ollama create NAME -f Modelfile)")
+
+
 def run_data(args: DataArgs) -> None:
     from transformers import AutoTokenizer
 
@@ -266,6 +341,10 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return None, run_info
     if name == "data":
         return DataArgs, run_data
+    if name == "check":
+        return CheckArgs, run_check
+    if name == "export":
+        return ExportArgs, run_export
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve
@@ -354,7 +433,10 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
         raise SystemExit(2)
     cls, _ = _command(name)
     parser = build_parser(name)
-    cfg = parser.parse_args(normalize_argv(list(argv[1:]), cls))
+    rest = list(argv[1:])
+    if name in ("check", "export") and rest and not rest[0].startswith("-"):
+        rest = ["--adapter", *rest]  # lorakit check ADAPTER ...
+    cfg = parser.parse_args(normalize_argv(rest, cls))
     if cls is None:
         return name, cfg.adapter
     values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
@@ -370,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, args = parse(argv)
     _, handler = _command(name)
     try:
-        handler(args)
+        code = handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -378,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"lorakit {name}: error: {message}", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from .data import (
     split_rows,
 )
 from .distributed import DistEnv
+from .export.check import vllm_verdict_for_training
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
@@ -249,6 +250,8 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         config = args.lora_config()
         config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
         inject(model, config)
+        if env.is_main and (verdict := vllm_verdict_for_training(model)):
+            log(verdict)  # said before the run, not after it
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fast_path and device.type == "cuda":
