@@ -26,6 +26,7 @@ COMMANDS = {
     "merge": "fold an adapter into the base weights and save a plain transformers model",
     "info": "describe a saved adapter",
     "check": "will vLLM, SGLang, llama.cpp, PEFT load this adapter and act on it? a verdict per target",
+    "convert": "rewrite an adapter as plain LoRA (one rank and alpha, no DoRA or modules_to_save) that every target accepts",
     "export": "write an adapter for llama.cpp / Ollama: --format gguf-lora, gguf (merged) or ollama",
     "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
@@ -141,6 +142,32 @@ class CheckArgs:
         from .export.check import parse_targets
 
         parse_targets(self.target)
+
+
+@dataclass
+class ConvertArgs:
+    """Rewrite an adapter as plain LoRA, reporting the error per module and the greedy-token agreement."""
+
+    adapter: str
+    """Adapter directory (also accepted as the first argument: lorakit convert ADAPTER)."""
+    to: str = "plain-lora"
+    """What to convert to: plain-lora (one rank and alpha for every module, no DoRA, no modules_to_save)."""
+    rank: int | None = None
+    """The common rank (default: the adapter's largest); DoRA and modules_to_save go through a rank-R SVD."""
+    max_error: float = 0.05
+    """Refuse (and write nothing) when a module's relative error ||dW' - dW|| / ||dW|| is above this."""
+    output: str | None = None
+    """Directory for the converted adapter (default: ADAPTER-plain beside it)."""
+    model: str | None = None
+    """Base model (default: the one recorded in adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        if self.to != "plain-lora":
+            raise ValueError(f"--to must be plain-lora, got {self.to!r}")
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+        if not self.max_error >= 0:
+            raise ValueError(f"--max-error must be >= 0, got {self.max_error}")
 
 
 EXPORT_FORMATS = ("gguf-lora", "gguf", "ollama")
@@ -290,6 +317,20 @@ def run_check(args: CheckArgs) -> int:
     return 1 if any(v.verdict == REFUSED for v in verdicts) else 0
 
 
+def run_convert(args: ConvertArgs) -> None:
+    from .export.convert import convert_to_plain
+
+    output = args.output or f"{str(Path(args.adapter)).rstrip('/')}-plain"
+    result = convert_to_plain(args.adapter, output, args.model, args.rank, args.max_error)
+    errors = sorted(result.errors.items(), key=lambda kv: -kv[1])
+    width = max(len(p) for p, _ in errors)
+    print("relative error per module (||dW' - dW||_F / ||dW||_F), largest first:")
+    for path, error in errors:
+        print(f"  {path:<{width}}  {error:.2e}")
+    print(f"greedy-token agreement with the original: {result.agreement:.1%}")
+    print(f"plain LoRA (rank {result.rank}, alpha {result.alpha:g}) written to {result.output}")
+
+
 def run_export(args: ExportArgs) -> None:
     stem = str(Path(args.adapter)).rstrip("/")
     if args.format == "gguf-lora":
@@ -345,6 +386,8 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return CheckArgs, run_check
     if name == "export":
         return ExportArgs, run_export
+    if name == "convert":
+        return ConvertArgs, run_convert
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve
@@ -434,7 +477,7 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
     cls, _ = _command(name)
     parser = build_parser(name)
     rest = list(argv[1:])
-    if name in ("check", "export") and rest and not rest[0].startswith("-"):
+    if name in ("check", "export", "convert") and rest and not rest[0].startswith("-"):
         rest = ["--adapter", *rest]  # lorakit check ADAPTER ...
     cfg = parser.parse_args(normalize_argv(rest, cls))
     if cls is None:
