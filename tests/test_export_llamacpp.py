@@ -87,6 +87,17 @@ def test_llama_cpp_runs_the_exported_adapter_like_lorakit(demo_adapter, tmp_path
           f"llama.cpp base alone == lorakit + adapter on {sum(a == b for a, b in zip(ours, plain, strict=True))}/{NOTES}")
     assert matches == NOTES, texts
     assert all(a != b for a, b in zip(ours, plain, strict=True))
+    # The merged GGUF (lorakit's own writer: llama metadata, tokenizer, template) runs in llama.cpp too.
+    merged = tmp_path / "demo-f16.gguf"
+    assert main(["export", str(demo_adapter), "--format", "gguf", "--dtype", "f16", "--output", str(merged)]) == 0
+    merged_llm = llama_cpp.Llama(model_path=str(merged), n_ctx=1024, n_threads=2, seed=0, verbose=False)
+    assert merged_llm.tokenize(b"call w/ Dana Reyes", add_bos=False, special=False) == \
+        tokenizer("call w/ Dana Reyes", add_special_tokens=False)["input_ids"]
+    merged_matches = sum(a == llama_greedy(merged_llm, p) for a, p in zip(ours, prompts, strict=True))
+    print(f"llama.cpp on the merged F16 GGUF == lorakit on {merged_matches}/{NOTES} held-out notes")
+    for llm in (with_adapter, without, merged_llm):
+        llm.close()  # now, not in a finaliser at interpreter exit
+    assert merged_matches == NOTES
     # And the adapter did learn the task: its output parses as the notes' JSON.
     assert sum(json.loads(r["messages"][-1]["content"]) == _json(t) for r, (t, _) in zip(rows, texts, strict=True)) >= NOTES // 2
 
