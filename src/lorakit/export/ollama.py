@@ -86,17 +86,18 @@ def turn_pieces(template: str, tokenizer: Any) -> TurnPieces:
 
 
 def go_template(p: TurnPieces) -> str:
-    """Ollama's TEMPLATE text for the pieces."""
+    """Ollama's TEMPLATE text for the pieces. Plain `{{` actions only: Go's `{{-` would trim the
+    newlines the pieces end with."""
     for piece in vars(p).values():
         if '"""' in piece or "{{" in piece:
             raise ValueError(f"the chat template's text {piece!r} cannot be quoted in a Modelfile")
     return (
-        f"{{{{- if .System }}}}{p.system_prefix}{{{{ .System }}}}{p.system_suffix}"
-        f"{{{{- else }}}}{p.default_system}{{{{- end }}}}"
-        f"{{{{- range .Messages }}}}"
-        f'{{{{- if eq .Role "user" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}'
-        f'{{{{- else if eq .Role "assistant" }}}}{{{{ .Content }}}}{p.assistant_suffix}'
-        f"{{{{- end }}}}{{{{- end }}}}"
+        f"{{{{ if .System }}}}{p.system_prefix}{{{{ .System }}}}{p.system_suffix}"
+        f"{{{{ else }}}}{p.default_system}{{{{ end }}}}"
+        f"{{{{ range .Messages }}}}"
+        f'{{{{ if eq .Role "user" }}}}{p.user_prefix}{{{{ .Content }}}}{p.user_suffix}'
+        f'{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}{p.assistant_suffix}'
+        f"{{{{ end }}}}{{{{ end }}}}"
     )
 
 
