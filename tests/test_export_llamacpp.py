@@ -4,14 +4,16 @@ demo's held-out notes, and the base without the adapter does not.
 
 llama-cpp-python is built from source (PyPI ships no wheel for this platform), which takes long
 on a small machine, so it is not part of `make test`: `make test-llamacpp` builds it and runs
-this file. Set LORAKIT_DEMO_ADAPTER to an adapter trained by `python -m lorakit.demo` to skip
-training one here (about a minute on an idle 2-core CPU).
+this file. The demo adapter is trained once (about a minute on an idle 2-core CPU) and kept in
+lorakit's cache; LORAKIT_DEMO_ADAPTER=DIR uses an adapter trained by `python -m lorakit.demo`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,17 +28,26 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def demo_adapter(tmp_path_factory) -> Path:
+def demo_adapter() -> Path:
+    """The demo adapter: $LORAKIT_DEMO_ADAPTER, else trained once (the demo's settings) into
+    lorakit's cache and reused by later runs."""
     given = os.environ.get("LORAKIT_DEMO_ADAPTER")
     if given:
         return Path(given)
     from lorakit.demo.__main__ import EVAL, TRAIN
+    from lorakit.models import cache_dir
     from lorakit.train import TrainArgs, train
 
-    out = tmp_path_factory.mktemp("llamacpp") / "demo"
-    # The demo's own settings (python -m lorakit.demo).
-    train(TrainArgs(data=str(TRAIN), eval_data=str(EVAL), output=str(out), max_steps=30, lr=1e-3, batch_size=8,
-                    seq_len=512, rank=16, alpha=32, device="cpu"))
+    out = cache_dir() / "test-demo-adapter"
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    staging = Path(tempfile.mkdtemp(prefix=".test-demo-adapter.", dir=cache_dir()))
+    try:
+        train(TrainArgs(data=str(TRAIN), eval_data=str(EVAL), output=str(staging), max_steps=30, lr=1e-3,
+                        batch_size=8, seq_len=512, rank=16, alpha=32, device="cpu"))
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
