@@ -23,7 +23,7 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed; `make test-llamacpp` builds it and runs this test"
 )
 
-NOTES = 8
+NOTES = 4
 NEW_TOKENS = 48
 
 
@@ -86,9 +86,9 @@ def test_llama_cpp_runs_the_exported_adapter_like_lorakit(demo_adapter, tmp_path
         return tokens
 
     base_gguf = str(default_gguf_path())
-    with_adapter = llama_cpp.Llama(model_path=base_gguf, lora_path=str(exported), n_ctx=1024, n_threads=2,
+    with_adapter = llama_cpp.Llama(model_path=base_gguf, lora_path=str(exported), n_ctx=1024, n_threads=1,
                                    seed=0, verbose=False)
-    without = llama_cpp.Llama(model_path=base_gguf, n_ctx=1024, n_threads=2, seed=0, verbose=False)
+    without = llama_cpp.Llama(model_path=base_gguf, n_ctx=1024, n_threads=1, seed=0, verbose=False)
     ours = [lorakit_greedy(p) for p in prompts]
     theirs = [llama_greedy(with_adapter, p) for p in prompts]
     plain = [llama_greedy(without, p) for p in prompts]
@@ -101,7 +101,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_lorakit(demo_adapter, tmp_path
     # The merged GGUF (lorakit's own writer: llama metadata, tokenizer, template) runs in llama.cpp too.
     merged = tmp_path / "demo-f16.gguf"
     assert main(["export", str(demo_adapter), "--format", "gguf", "--dtype", "f16", "--output", str(merged)]) == 0
-    merged_llm = llama_cpp.Llama(model_path=str(merged), n_ctx=1024, n_threads=2, seed=0, verbose=False)
+    merged_llm = llama_cpp.Llama(model_path=str(merged), n_ctx=1024, n_threads=1, seed=0, verbose=False)
     assert merged_llm.tokenize(b"call w/ Dana Reyes", add_bos=False, special=False) == \
         tokenizer("call w/ Dana Reyes", add_special_tokens=False)["input_ids"]
     merged_matches = sum(a == llama_greedy(merged_llm, p) for a, p in zip(ours, prompts, strict=True))
