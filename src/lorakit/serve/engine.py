@@ -57,6 +57,10 @@ class PromptTooLong(ValueError):
     """The prompt does not fit the model's context."""
 
 
+class InvalidPrompt(ValueError):
+    """The prompt holds token ids this model does not have."""
+
+
 @dataclass
 class Event:
     """New output of one request. `finish_reason` is set on the last event only."""
@@ -137,6 +141,7 @@ class Engine:
         config = getattr(model, "config", None)
         self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
+        self.vocab_size = _vocab_size(model, tokenizer)
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
         self.adapters = AdapterCache(model, max_adapters_on_device, max_adapters_on_cpu, self._wake)
@@ -261,11 +266,14 @@ class Engine:
     ) -> Request:
         """Queue a request; `notify` receives its events on the engine thread.
 
-        Raises UnknownAdapter, PromptTooLong or QueueFull, with nothing queued.
+        Raises UnknownAdapter, InvalidPrompt, PromptTooLong or QueueFull, with nothing queued.
         """
         if adapter is not None and adapter not in self.adapters.paths:
             raise UnknownAdapter(adapter, self.adapters.names)
         ids = list(prompt_ids)
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidPrompt(f"prompt token id {bad!r} is outside this model's vocabulary (ids 0..{self.vocab_size - 1})")
         if not ids:
             bos = getattr(self.tokenizer, "bos_token_id", None)
             if bos is None:
@@ -359,7 +367,19 @@ class Engine:
         admitted = self._admit()
         if admitted:
             self._admitting = admitted
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as err:
+                # The running batch is untouched until a prefill succeeds: end only the rows that
+                # fail, trying each admitted request alone when several were prefilled together.
+                if len(admitted) == 1:
+                    self._finish(admitted[0], "error", f"{type(err).__name__}: {err}")
+                for request in admitted if len(admitted) > 1 else []:
+                    self._admitting = [request]
+                    try:
+                        self._prefill([request])
+                    except Exception as alone:
+                        self._finish(request, "error", f"{type(alone).__name__}: {alone}")
             self._admitting = []
         ran = bool(admitted or self._batch.rows)
         if self._batch.rows:
@@ -428,7 +448,6 @@ class Engine:
             ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, length - len(r.prompt_ids) :] = 1
             r.generator = make_generator(r.params.seed, self.device)
-            self.stats.prompt_tokens += len(r.prompt_ids)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(
@@ -440,6 +459,7 @@ class Engine:
         )
         tokens = sample(out.logits[:, -1], [r.params for r in requests], [r.generator for r in requests])
         self._batch.merge(requests, out.get(self._cache_arg), mask, tokens)
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self._emit(requests, tokens.tolist())
 
     def _decode(self) -> None:
@@ -515,6 +535,16 @@ class Engine:
             pass
 
 
+def _vocab_size(model: nn.Module, tokenizer) -> int:
+    """Rows of the input embedding: the ids the model can take (the tokenizer's count as a fallback)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+    return int(rows)
+
+
 class _Reply:
     """A result handed from the engine thread back to a caller."""
 
@@ -565,4 +595,4 @@ class _Collector:
         return self.result
 
 
-__all__ = ["Completion", "Engine", "Event", "PromptTooLong", "QueueFull", "UnknownAdapter"]
+__all__ = ["Completion", "Engine", "Event", "InvalidPrompt", "PromptTooLong", "QueueFull", "UnknownAdapter"]
