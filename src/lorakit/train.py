@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed
-from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
     IGNORE,
@@ -50,6 +50,7 @@ from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, default_device, load_model
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
+from .rundir import prepare_output, settings
 from .runlog import format_record, log, plot_losses, progress_bar
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -132,7 +133,9 @@ class TrainArgs:
     early_stopping: int | None = None
     """Stop after this many evaluations without a better eval_loss."""
     resume: bool = False
-    """Continue from the latest checkpoint in the output directory."""
+    """Continue from the latest checkpoint in the output directory (its settings must match these)."""
+    overwrite: bool = False
+    """Replace the run already in the output directory (a non-empty directory is refused otherwise)."""
     quantize: str | None = None
     """Quantize the frozen base while loading: nf4 (4-bit NormalFloat, QLoRA) or int8 (bitsandbytes, CPU or GPU)."""
     device: str | None = None
@@ -169,6 +172,8 @@ class TrainArgs:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            raise ValueError(f"--max-grad-norm must be > 0 (or None to disable clipping), got {self.max_grad_norm!r}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
@@ -423,15 +428,12 @@ def write_config(args: TrainArgs, run: Run, path: Path) -> None:
 def train(args: TrainArgs) -> Path:
     """Run the whole recipe; returns the output directory (which holds the final adapter)."""
     output = Path(args.output)
+    resume_from, run_id = prepare_output(args)  # one run per directory (rundir.py)
     output.mkdir(parents=True, exist_ok=True)
-    resume_from = None
-    if args.resume:
-        found = checkpoint_dirs(output)
-        if found:
-            resume_from = found[-1]
-            log(f"resuming from {resume_from}")
-        else:
-            log(f"--resume: no checkpoint in {output}; starting from scratch")
+    if resume_from is not None:
+        log(f"resuming from {resume_from}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {output}; starting from scratch")
 
     run = setup(args, resume_from)
     model, optimizer, scheduler, env = run.model, run.optimizer, run.scheduler, run.env
@@ -445,7 +447,8 @@ def train(args: TrainArgs) -> Path:
     if not env.enabled:
         max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
 
-    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
+    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0,
+                             "run_id": run_id, "settings": settings(args)}
     start = 0
     metrics_path = output / "metrics.jsonl"
     if resume_from is not None:

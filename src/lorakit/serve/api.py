@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
+from ..inject import check_adapter_name
 from .adapters import AdapterMismatch
 from .engine import Engine, Event, InvalidPrompt, PromptTooLong, QueueFull, UnknownAdapter
 from .guards import (
@@ -421,6 +422,10 @@ def create_app(
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterBody):
         check_text(body)
+        try:
+            check_adapter_name(body.name)
+        except ValueError as err:
+            raise ApiError(422, str(err), param="name") from None
         if body.name == model_name or body.name in engine.adapter_names():
             raise ApiError(409, f"the name {body.name!r} is taken; unload it first or pick another", param="name")
         try:

@@ -30,11 +30,14 @@ import torch
 from torch import nn
 
 from .. import mixed_batch, read_adapter
-from ..inject import has_adapters
+from ..inject import check_adapter_name, has_adapters
 from ..io import AdapterFiles
 from .adapters import AdapterCache
 from .batch import Batch
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
+
+STOP_TIMEOUT_S = 10.0
+"""How long `Engine.stop` waits for the step in flight."""
 
 
 class UnknownAdapter(KeyError):
@@ -184,7 +187,8 @@ class Engine:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            # A step in flight finishes first; a daemon thread stuck past that does not hold the process.
+            self._thread.join(timeout=STOP_TIMEOUT_S)
             self._thread = None
         self.adapters.close()
 
@@ -211,8 +215,7 @@ class Engine:
         files and AdapterMismatch when the adapter does not fit the base model; the
         engine keeps serving either way.
         """
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
-            raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+        check_adapter_name(name)
         files = path if isinstance(path, AdapterFiles) else read_adapter(path)
         self._call(lambda: self._register(name, files))
 
@@ -357,6 +360,11 @@ class Engine:
                     self._admitting = []
             for request in [*self._batch.rows, *self._waiting]:
                 self._finish(request, "cancelled")
+            with self._cond:
+                commands = list(self._commands)
+                self._commands.clear()
+            for _, reply in commands:
+                reply.fail(RuntimeError("the engine stopped"))
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and len(self._batch) < self.max_batch
