@@ -164,3 +164,65 @@ def test_item9_a_client_that_leaves_stops_its_generation(serve_adapter_dirs) -> 
             time.sleep(0.01)
         assert engine.stats.requests.get("cancelled") == 1
         assert engine.stats.requests.get("length", 0) == 0
+
+
+def test_item7_zero_cpu_adapters_and_other_bad_numbers_are_refused(serve_adapter_dirs, tmp_path) -> None:
+    from lorakit.serve.command import ServeArgs
+    from lorakit.train import TrainArgs
+
+    for options, text in [
+        ({"max_adapters_on_cpu": 0}, "--max-adapters-on-cpu must be an integer >= 1, got 0"),
+        ({"max_request_bytes": 0}, "--max-request-bytes must be an integer >= 1, got 0"),
+        ({"context_length": 1}, "--context-length must be an integer >= 2"),
+        ({"adapter_root": [str(tmp_path / "none")]}, "--adapter-root .*none is not a directory"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            ServeArgs(**options)
+    with pytest.raises(ValueError, match="max_adapters_on_cpu must be >= 1, got 0"):
+        make_engine(serve_adapter_dirs, max_adapters_on_cpu=0)
+    for options, text in [
+        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0, got -0.1"),
+        ({"loraplus_ratio": 0}, "--loraplus-ratio must be a finite number > 0, got 0"),
+        ({"max_grad_norm": float("inf")}, "--max-grad-norm must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            TrainArgs(data="d", output="o", **options)
+
+
+def test_item7_sigterm_stops_the_server_with_a_stream_open(tiny_model_dir) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from test_serve_command import free_port
+
+    port = free_port()
+    code = (
+        "from lorakit.serve.command import ServeArgs, run_serve; "
+        f"run_serve(ServeArgs(model={str(tiny_model_dir)!r}, port={port}, device='cpu', log_level='warning', max_batch=1))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "lorakit serve did not come up"
+            time.sleep(0.2)
+        body = {"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 250, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as reply:
+            next(reply.iter_lines())
+            proc.send_signal(signal.SIGTERM)
+            start = time.time()
+            proc.wait(timeout=15)
+        assert time.time() - start < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
