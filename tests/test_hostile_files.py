@@ -189,7 +189,7 @@ def test_item8_a_clashing_adapter_name_changes_nothing(tmp_path, name):
 
 
 def test_item9_negative_max_grad_norm_is_refused():
-    with pytest.raises(ValueError, match=r"--max-grad-norm must be > 0 \(or None to disable clipping\), got -1"):
+    with pytest.raises(ValueError, match=r"--max-grad-norm must be a finite number > 0, got -1"):
         recipe.TrainArgs(data="d", output="o", max_grad_norm=-1)
 
 

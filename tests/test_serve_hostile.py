@@ -184,7 +184,7 @@ def test_item7_zero_cpu_adapters_and_other_bad_numbers_are_refused(serve_adapter
         ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
         ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0, got -0.1"),
         ({"loraplus_ratio": 0}, "--loraplus-ratio must be a finite number > 0, got 0"),
-        ({"max_grad_norm": float("inf")}, "--max-grad-norm must be > 0"),
+        ({"max_grad_norm": float("inf")}, "--max-grad-norm must be a finite number > 0, got inf"),
     ]:
         with pytest.raises(ValueError, match=text):
             TrainArgs(data="d", output="o", **options)

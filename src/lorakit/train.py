@@ -52,6 +52,7 @@ from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_ha
 from .quant import memory_report
 from .rundir import prepare_output, settings
 from .runlog import format_record, log, plot_losses, progress_bar
+from .threads import tuner_for
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
@@ -158,14 +159,14 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}")
-        for name in ("epochs", "lr", "loraplus_ratio"):
+        rules = {"epochs": "> 0", "lr": "> 0", "loraplus_ratio": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0", "alpha": ""}
+        for name, rule in rules.items():
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
-            raise ValueError(f"--alpha must be a finite number, got {self.alpha!r}")
+            if name == "max_grad_norm" and value is None:
+                continue  # no clipping
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or (rule == "> 0" and value <= 0) or (rule == ">= 0" and value < 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {rule}".rstrip() + f", got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
@@ -176,10 +177,6 @@ class TrainArgs:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
-        if self.max_grad_norm is not None and not (
-            isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
-        ):
-            raise ValueError(f"--max-grad-norm must be > 0 (or None to disable clipping), got {self.max_grad_norm!r}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
@@ -497,6 +494,7 @@ def train(args: TrainArgs) -> Path:
     progress.start()
     rng_at_step = rng_state()  # a checkpoint at `step` restarts from exactly this state
     in_step = False
+    tuner = tuner_for(run.device, env.enabled, log)  # CPU threads by measurement (threads.py)
     try:
         while step < run.total_steps:
             t0 = time.perf_counter()
@@ -536,7 +534,9 @@ def train(args: TrainArgs) -> Path:
             in_step = False
             step += 1
             rng_at_step = rng_state()  # nothing below draws random numbers before the next step
-            window_time += time.perf_counter() - t0
+            window_time += (elapsed := time.perf_counter() - t0)
+            if tuner is not None:
+                tuner.after_step(step_tokens, elapsed)
             window_loss += step_loss
             window_count += step_count
             window_tokens += step_tokens

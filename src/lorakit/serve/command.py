@@ -98,6 +98,10 @@ def run_serve(args: ServeArgs) -> None:
     from .engine import Engine
 
     model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
+    if next(model.parameters()).device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        from ..threads import serving_threads
+
+        serving_threads(log=lambda line: print(f"lorakit serve: {line}", file=sys.stderr))
     engine = Engine(
         model,
         tokenizer,
