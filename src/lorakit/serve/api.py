@@ -193,15 +193,18 @@ def create_app(
         if field is not None:
             raise ApiError(400, f"{field} is not valid Unicode text (it holds a lone surrogate, such as \\ud800)", param=field)
 
-    async def encode(text: str, param: str = "prompt", special: bool = True) -> list[int]:
-        """Token ids of `text`, tokenized on a worker thread once its length could fit the context."""
-        if len(text) > char_limit:
+    def check_length(chars: int, param: str) -> None:
+        if chars > char_limit:
             raise ApiError(
                 400,
-                f"the {param} has {len(text)} characters; no text over {char_limit} characters fits this "
+                f"the {param} has {chars} characters; no text over {char_limit} characters fits this "
                 f"model's context of {engine.context_length} tokens",
                 param=param,
             )
+
+    async def encode(text: str, param: str = "prompt", special: bool = True) -> list[int]:
+        """Token ids of `text`, tokenized on a worker thread once its length could fit the context."""
+        check_length(len(text), param)
         if special:
             return await asyncio.to_thread(engine.encode, text)
         return await asyncio.to_thread(lambda: list(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
@@ -370,9 +373,7 @@ def create_app(
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
         if getattr(engine.tokenizer, "chat_template", None) is None:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > char_limit:
-            await encode("x" * chars, param="messages")  # refused by length, never tokenized
+        check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = await asyncio.to_thread(
                 engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False

@@ -34,10 +34,10 @@ from ..inject import check_adapter_name, has_adapters
 from ..io import AdapterFiles
 from .adapters import AdapterCache
 from .batch import Batch
+from .guards import vocab_size
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
-STOP_TIMEOUT_S = 10.0
-"""How long `Engine.stop` waits for the step in flight."""
+STOP_TIMEOUT_S = 10.0  # how long `Engine.stop` waits for the step in flight
 
 
 class UnknownAdapter(KeyError):
@@ -144,7 +144,7 @@ class Engine:
         config = getattr(model, "config", None)
         self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
-        self.vocab_size = _vocab_size(model, tokenizer)
+        self.vocab_size = vocab_size(model, tokenizer)
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
         self.adapters = AdapterCache(model, max_adapters_on_device, max_adapters_on_cpu, self._wake)
@@ -541,16 +541,6 @@ class Engine:
             )
         except Exception:  # a broken listener must not stop the batch
             pass
-
-
-def _vocab_size(model: nn.Module, tokenizer) -> int:
-    """Rows of the input embedding: the ids the model can take (the tokenizer's count as a fallback)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    embedding = getter() if callable(getter) else None
-    rows = getattr(embedding, "num_embeddings", None)
-    if rows is None:
-        rows = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-    return int(rows)
 
 
 class _Reply:

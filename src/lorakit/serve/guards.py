@@ -4,6 +4,7 @@
   whether or not the client sends Content-Length, before anything parses it;
 - `bad_text`: the first string in a parsed body that is not encodable text (a lone
   surrogate such as "\\ud800" decodes from JSON but cannot reach a tokenizer);
+- `vocab_size`: the token ids a prompt may hold;
 - `prompt_char_limit`: the most characters a prompt that fits the context can have, so
   an oversized prompt is refused before it is tokenized;
 - `adapter_path`: where `POST /v1/adapters` may read from (`--adapter-root`).
@@ -119,6 +120,16 @@ def bad_text(value: Any, path: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def vocab_size(model: Any, tokenizer: Any) -> int:
+    """Rows of the input embedding: the token ids the model can take (else the config's or tokenizer's count)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+    return int(rows)
 
 
 def prompt_char_limit(tokenizer: Any, context_length: int) -> int:
