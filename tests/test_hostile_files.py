@@ -157,6 +157,18 @@ def test_item4_oversized_headers_and_configs_are_refused_unparsed(tmp_path):
         read_adapter(path)
 
 
+def test_item4_non_finite_adapter_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = adapter_dir(tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{key} holds NaN or infinite values"):
+        read_adapter(path)
+
+
 # 8: a failed load changes nothing ----------------------------------------------------------
 
 

@@ -215,6 +215,10 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights_path} is truncated or corrupt: {err}") from None
+    for key, tensor in tensors.items():
+        # A NaN or infinity would poison every output of the adapter (and a sampled batch with it).
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{weights_path}: {key} holds NaN or infinite values")
     return AdapterFiles(directory, config, raw, tensors)
 
 
