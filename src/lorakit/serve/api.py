@@ -436,8 +436,9 @@ def create_app(
             raise ApiError(400, str(err), param="path") from None
         except AdapterMismatch as err:
             raise ApiError(422, f"adapter {body.name!r} does not fit this base model: {err}", param="path") from None
-        except FileNotFoundError:  # removed between the check and the read
-            raise ApiError(400, str(AdapterPathRefused(f"path {body.path!r} is not an adapter directory under the server's adapter roots")), param="path") from None
+        except FileNotFoundError:  # removed between the check and the read: the same answer
+            message = f"path {body.path!r} is not an adapter directory under the server's adapter roots"
+            raise ApiError(400, message, param="path") from None
         except ValueError as err:
             message = str(err)
             status = 409 if "already" in message else 422

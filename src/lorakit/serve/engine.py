@@ -378,13 +378,14 @@ class Engine:
             try:
                 self._prefill(admitted)
             except Exception as err:
-                # The running batch is untouched until a prefill succeeds: end only the rows that
-                # fail, trying each admitted request alone when several were prefilled together.
-                if len(admitted) == 1:
-                    self._finish(admitted[0], "error", f"{type(err).__name__}: {err}")
-                for request in admitted if len(admitted) > 1 else []:
+                # The running batch is untouched until a prefill merges into it: end only the
+                # requests that fail, prefilling each alone when several went together.
+                pending = [r for r in admitted if r not in self._batch.rows]
+                for request in pending:
                     self._admitting = [request]
                     try:
+                        if len(pending) == 1:
+                            raise err
                         self._prefill([request])
                     except Exception as alone:
                         self._finish(request, "error", f"{type(alone).__name__}: {alone}")
