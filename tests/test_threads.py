@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorakit.threads import ThreadTuner, available_cpus, candidates, matmul_probe, tuner_for
@@ -72,15 +73,22 @@ def test_ties_go_to_fewer_threads():
     assert tuner.choose() == 1
 
 
-def test_environment_pins_the_count(monkeypatch):
+def test_environment_pins_the_count_and_close_restores_it(monkeypatch):
     before = torch.get_num_threads()
     lines: list[str] = []
     monkeypatch.setenv("LORAKIT_THREADS", "1")
+    tuner = tuner_for(torch.device("cpu"), False, lines.append)
     try:
-        assert tuner_for(torch.device("cpu"), False, lines.append) is None
-        assert torch.get_num_threads() == 1 and lines == ["CPU threads: 1 (set by the environment)"]
+        assert tuner is not None and tuner.threads == 1 and torch.get_num_threads() == 1
+        assert lines == ["CPU threads: 1 (set by the environment)"]
+        tuner.after_step(10, 100.0)  # far slower: a pinned count is never re-probed
+        assert torch.get_num_threads() == 1 and len(lines) == 1
     finally:
-        torch.set_num_threads(before)
+        tuner.close()
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("LORAKIT_THREADS", "two")
+    with pytest.raises(ValueError, match="LORAKIT_THREADS must be a positive integer, got 'two'"):
+        tuner_for(torch.device("cpu"), False, lines.append)
     assert tuner_for(torch.device("meta"), False, lines.append) is None
 
 

@@ -84,8 +84,11 @@ class ThreadTuner:
         set_threads: Callable[[int], None] = torch.set_num_threads,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] | None = None,
+        fixed: int | None = None,
     ) -> None:
         self.cpus = cpus or available_cpus()
+        self.fixed = fixed  # a count the user pinned: set once, never probed
+        self._original = torch.get_num_threads()
         self.candidates = candidates(self.cpus)
         self.interval_s = interval_s
         self.slowdown = slowdown
@@ -97,6 +100,12 @@ class ThreadTuner:
 
     def choose(self, reason: str = "start") -> int:
         """Probe every candidate and switch to the fastest; returns the thread count."""
+        if self.fixed is not None:
+            self.threads = self.fixed
+            self._set(self.fixed)
+            if self._log is not None:
+                self._log(f"CPU threads: {self.fixed} (set by the environment)")
+            return self.fixed
         rates = {n: self._probe(n) for n in self.candidates}
         best = max(rates, key=lambda n: (rates[n], -n))  # ties go to fewer threads
         changed = best != self.threads
@@ -113,7 +122,7 @@ class ThreadTuner:
 
     def after_step(self, tokens: int, seconds: float) -> None:
         """Re-probe every `interval_s`, or at once when steps run `slowdown` times slower than before."""
-        if seconds <= 0:
+        if seconds <= 0 or self.fixed is not None:
             return
         rate = tokens / seconds
         now = self._clock()
@@ -125,20 +134,24 @@ class ThreadTuner:
             self._best_rate = max(rate, self._best_rate or 0.0)
 
 
+    def close(self) -> None:
+        """Give torch back the thread count it had before."""
+        self._set(self._original)
+
+
 def tuner_for(device: torch.device, distributed: bool, log: Callable[[str], None]) -> ThreadTuner | None:
-    """A started tuner for a single-process CPU run; None elsewhere (GPU runs, torchrun, or when
-    the user pinned the count with LORAKIT_THREADS or OMP_NUM_THREADS)."""
+    """A started tuner for a single-process CPU run (None for GPU runs and torchrun). A count
+    pinned with LORAKIT_THREADS or OMP_NUM_THREADS is used as it is, and never changed.
+
+    The thread count changes how a float sum is split, so only a pinned count makes two runs
+    (an interrupted one and its resumption, say) agree to the last bit."""
     if device.type != "cpu" or distributed:
         return None
     pinned = os.environ.get("LORAKIT_THREADS")
-    if pinned:
-        if not pinned.isdigit() or int(pinned) < 1:
-            raise ValueError(f"LORAKIT_THREADS must be a positive integer, got {pinned!r}")
-        torch.set_num_threads(int(pinned))
-    if pinned or os.environ.get("OMP_NUM_THREADS"):
-        log(f"CPU threads: {torch.get_num_threads()} (set by the environment)")
-        return None
-    tuner = ThreadTuner(log=log)
+    if pinned is not None and (not pinned.isdigit() or int(pinned) < 1):
+        raise ValueError(f"LORAKIT_THREADS must be a positive integer, got {pinned!r}")
+    fixed = int(pinned) if pinned else (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None)
+    tuner = ThreadTuner(log=log, fixed=fixed)
     tuner.choose()
     return tuner
 

@@ -586,6 +586,8 @@ def train(args: TrainArgs) -> Path:
         raise
     finally:
         progress.stop()
+        if tuner is not None:
+            tuner.close()
 
     save_adapter(model, output, write=env.is_main)
     log(str(memory_report(model, optimizer)))
