@@ -86,4 +86,7 @@ async function connect() {
   }
 }
 
-start();
+start().catch((err) => {
+  document.getElementById("base-name").textContent = `cannot reach the server: ${err.message || err}`;
+  document.getElementById("base-name").classList.add("error");
+});
