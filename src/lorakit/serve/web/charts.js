@@ -2,6 +2,12 @@
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
 
+// 0.0003 rather than uPlot's rounding to 0; 2.5 rather than 2.5000000001.
+function tick(v) {
+  if (v === 0 || v === null) return v;
+  return Math.abs(v) < 0.01 ? v.toExponential(1) : String(Number(v.toPrecision(4)));
+}
+
 export class LineChart {
   // `series`: the y keys to draw; a key missing from a row leaves a gap that the line spans.
   constructor(container, title, series, { xLabel = "step", points = false } = {}) {
@@ -10,14 +16,15 @@ export class LineChart {
     this.figure.className = "chart";
     this.figure.dataset.title = title;
     container.append(this.figure);
-    const width = Math.max(280, Math.min(560, container.clientWidth - 16 || 480));
+    // Two charts a row where the page is wide enough.
+    const width = Math.max(320, Math.min(640, Math.floor((container.clientWidth || 1000) / 2) - 24));
     this.plot = new uPlot(
       {
         title,
         width,
         height: 220,
         scales: { x: { time: false } },
-        axes: [{ label: xLabel }, { size: 60 }],
+        axes: [{ label: xLabel }, { size: 64, values: (u, splits) => splits.map(tick) }],
         series: [
           { label: xLabel },
           ...series.map((key, i) => ({

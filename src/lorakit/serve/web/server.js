@@ -34,7 +34,7 @@ export class Server {
   show() {
     if (!this.chart) {
       const box = document.getElementById("server-charts");
-      this.chart = new LineChart(box, "tokens/s and batch size", ["tokens/s", "batch size"], { xLabel: "seconds ago" });
+      this.chart = new LineChart(box, "tokens/s and batch size", ["tokens/s", "batch size"], { xLabel: "seconds (0 is now)" });
     }
     this.tick();
   }
