@@ -138,6 +138,12 @@ def test_compare_streams_three_columns_in_one_batch(server, page: Page) -> None:
     page.fill("#max-tokens", "32")
     page.fill("#temperature", "0")
     page.fill("#prompt", PROMPT)
+    # Record every length each answer passes through: a streamed answer grows in steps.
+    page.evaluate(
+        "() => { window.seen = {}; new MutationObserver(() => { for (const a of document.querySelectorAll('#columns .answer')) {"
+        " const m = a.closest('.column').dataset.model; (window.seen[m] ||= new Set()).add(a.textContent.length); } })"
+        ".observe(document.getElementById('columns'), {subtree: true, childList: true, characterData: true}); }"
+    )
     before = metrics(server.url)
     page.click("#send")
     answers = page.locator("#columns .answer")
@@ -147,6 +153,8 @@ def test_compare_streams_three_columns_in_one_batch(server, page: Page) -> None:
     after = metrics(server.url)
     texts = [a.text_content() for a in answers.all()]
     assert all(texts) and len(set(texts)) == 3, texts
+    lengths = page.evaluate("() => Object.fromEntries(Object.entries(window.seen).map(([m, s]) => [m, s.size]))")
+    assert set(lengths) == {"tiny-base", "alpha", "beta"} and min(lengths.values()) >= 4, lengths
 
     # The base column is what /v1/completions answers for the base; each adapter's likewise.
     for model, text in zip(["tiny-base", "alpha", "beta"], texts, strict=True):
