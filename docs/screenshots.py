@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent), help="where the PNG files go")
     parser.add_argument("--system", default=SYSTEM)
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--max-tokens", type=int, default=64)
     opts = parser.parse_args()
     out = Path(opts.out)
     with sync_playwright() as p:
@@ -34,10 +35,10 @@ def main() -> None:
         page.goto(opts.url + "/#compare")
         expect(page.locator("#columns .column").first).to_be_visible()
         page.fill("#system", opts.system)
-        page.fill("#max-tokens", "80")
+        page.fill("#max-tokens", str(opts.max_tokens))
         page.fill("#prompt", opts.prompt)
         page.click("#send")
-        expect(page.locator("#send")).to_be_enabled(timeout=300_000)
+        expect(page.locator("#send")).to_be_enabled(timeout=1_800_000)
         page.screenshot(path=str(out / "playground-compare.png"))
 
         page.goto(opts.url + "/#adapters")
