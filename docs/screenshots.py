@@ -26,35 +26,41 @@ def main() -> None:
     parser.add_argument("--system", default=SYSTEM)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--views", default="compare,adapters,runs,server", help="which pictures to take")
     opts = parser.parse_args()
     out = Path(opts.out)
+    views = opts.views.split(",")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 760})
 
-        page.goto(opts.url + "/#compare")
-        expect(page.locator("#columns .column").first).to_be_visible()
-        page.fill("#system", opts.system)
-        page.fill("#max-tokens", str(opts.max_tokens))
-        page.fill("#prompt", opts.prompt)
-        page.click("#send")
-        expect(page.locator("#send")).to_be_enabled(timeout=1_800_000)
-        page.screenshot(path=str(out / "playground-compare.png"))
-
-        page.goto(opts.url + "/#adapters")
-        expect(page.locator("#adapter-table tbody tr").first).to_be_visible()
-        page.locator("#adapter-table details").first.evaluate("d => d.open = false")
-        page.screenshot(path=str(out / "playground-adapters.png"))
-
-        page.goto(opts.url + "/#runs")
-        expect(page.locator("figure.chart").first).to_be_visible()
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "playground-runs.png"))
-
-        page.goto(opts.url + "/#server")
-        page.wait_for_timeout(4500)  # two samples: a rate needs a difference
-        page.screenshot(path=str(out / "playground-server.png"))
+        if "compare" in views:
+            compare(page, opts, out)
+        if "adapters" in views:
+            page.goto(opts.url + "/#adapters")
+            expect(page.locator("#adapter-table tbody tr").first).to_be_visible()
+            page.screenshot(path=str(out / "playground-adapters.png"))
+        if "runs" in views:
+            page.goto(opts.url + "/#runs")
+            expect(page.locator("figure.chart").first).to_be_visible()
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out / "playground-runs.png"))
+        if "server" in views:
+            page.goto(opts.url + "/#server")
+            page.wait_for_timeout(4500)  # two samples: a rate needs a difference
+            page.screenshot(path=str(out / "playground-server.png"))
         browser.close()
+
+
+def compare(page, opts: argparse.Namespace, out: Path) -> None:
+    page.goto(opts.url + "/#compare")
+    expect(page.locator("#columns .column").first).to_be_visible()
+    page.fill("#system", opts.system)
+    page.fill("#max-tokens", str(opts.max_tokens))
+    page.fill("#prompt", opts.prompt)
+    page.click("#send")
+    expect(page.locator("#send")).to_be_enabled(timeout=1_800_000)
+    page.screenshot(path=str(out / "playground-compare.png"))
 
 
 if __name__ == "__main__":

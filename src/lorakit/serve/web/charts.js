@@ -2,10 +2,13 @@
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
 
-// 0.0003 rather than uPlot's rounding to 0; 2.5 rather than 2.5000000001.
+const COMPACT = new Intl.NumberFormat("en", { notation: "compact", maximumSignificantDigits: 3 });
+
+// 3.0e-4 rather than uPlot's rounding to 0; 19.5M bytes rather than a clipped 19500000.
 function tick(v) {
   if (v === 0 || v === null) return v;
-  return Math.abs(v) < 0.01 ? v.toExponential(1) : String(Number(v.toPrecision(4)));
+  if (Math.abs(v) < 0.01) return v.toExponential(1);
+  return Math.abs(v) >= 1e4 ? COMPACT.format(v) : String(Number(v.toPrecision(4)));
 }
 
 export class LineChart {
