@@ -91,7 +91,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def server(files):
     running = Serve("--model", str(files["model"]), "--served-model-name", "tiny-base",
                     "--adapter", f"alpha={files['alpha']}", "--adapter", f"beta={files['beta']}",
-                    "--runs", str(files["runs"]))
+                    "--runs", str(files["runs"]), "--adapter-root", str(files["gamma"].parent))
     yield running
     running.close()
 
@@ -213,7 +213,7 @@ def test_load_and_unload_an_adapter_from_the_page(server, files, page: Page) -> 
 
     # A bad directory: the server's message is shown and nothing changes.
     page.fill("#load-name", "broken")
-    page.fill("#load-path", str(files["runs"] / "nothing-here"))
+    page.fill("#load-path", str(files["gamma"].parent / "nothing-here"))
     page.click("#load")
     expect(page.locator("#adapter-status")).to_contain_text("Could not load broken")
     assert model_ids(server.url) == ["tiny-base", "alpha", "beta", "gamma"]
@@ -273,7 +273,8 @@ def test_server_view_shows_the_metrics(server, page: Page) -> None:
 
 def test_api_key_is_asked_for_and_adapter_actions_need_it(files, browser) -> None:
     server = Serve("--model", str(files["model"]), "--served-model-name", "tiny-base",
-                   "--adapter", f"alpha={files['alpha']}", "--api-key", KEY)
+                   "--adapter", f"alpha={files['alpha']}", "--adapter-root", str(files["gamma"].parent),
+                   "--api-key", KEY)
     context = browser.new_context()
     try:
         page = context.new_page()
