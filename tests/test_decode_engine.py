@@ -39,10 +39,11 @@ def reference(serve_adapter_dirs) -> engine_tests.Reference:
 
 
 @pytest.fixture(scope="module")
-def server(serve_adapter_dirs):
+def server(serve_adapter_dirs, tmp_path_factory):
     engine = fast_engine(serve_adapter_dirs, max_batch=16)
-    with api_tests.Server(create_app(engine, model_name=api_tests.BASE)) as running:
-        running.engine = engine
+    root = tmp_path_factory.mktemp("adapter-root")
+    with api_tests.Server(create_app(engine, model_name=api_tests.BASE, adapter_roots=[root])) as running:
+        running.engine, running.root = engine, root
         yield running
 
 
