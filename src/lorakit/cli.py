@@ -267,7 +267,7 @@ def normalize_argv(argv: list[str], cls: type | None) -> list[str]:
             out.extend([f"--{name}+", given] if eq else [f"--{name}+"])
             continue
         out.append(f"--{name}{eq}{value}")
-        is_bool = known[name] in (bool, "bool")
+        is_bool = known[name] in (bool, "bool", "bool | None")
         if is_bool and not eq and (following is None or following.lower() not in ("true", "false")):
             out.append("true")
     return out

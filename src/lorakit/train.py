@@ -48,6 +48,7 @@ from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, default_device, load_model
+from .packing import layout
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
 from .runlog import format_record, log, plot_losses, progress_bar
@@ -106,8 +107,12 @@ class TrainArgs:
     a fraction of the activation memory (default: 256 on CPU, whole micro-batches elsewhere)."""
     seq_len: int = 1024
     """Maximum tokens per sequence; longer examples are truncated (and counted in the log)."""
-    packing: bool = False
-    """Pack short examples end to end into sequences of up to seq_len tokens (they never attend to each other)."""
+    packing: bool | None = None
+    """Pack examples end to end (they never attend to each other); default: on where the model runs
+    packed rows padding-free (the CUDA fast path) and the lengths vary."""
+    tokens_per_batch: int | None = None
+    """With packing on the CUDA fast path: each micro-batch is one padding-free row of whole examples,
+    up to this many tokens (default batch_size * seq_len), instead of batch_size padded rows."""
     loss_on: str = "completion"
     """completion: loss on completions / assistant turns only; all: on every token."""
     skip_bad: bool = False
@@ -151,7 +156,7 @@ class TrainArgs:
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_every", "save_every", "early_stopping", "max_tokens"):
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping", "max_tokens", "tokens_per_batch"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}")
@@ -214,6 +219,8 @@ class Run:
     env: DistEnv = field(default_factory=DistEnv)
     loss_module: nn.Module | None = None
     """What the loop calls: LossModule(model), wrapped in DDP or sharded by FSDP2 under torchrun."""
+    rows_per_batch: int = 1
+    """Rows of train_rows per micro-batch (batch_size, or one packed row per process)."""
 
 
 def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
@@ -232,9 +239,6 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(train_stats.summary(f"train data {args.data}"))
-    train_rows = as_sequences(train_examples, args.seq_len, args.packing)
-    if args.packing:
-        log(f"packed {len(train_examples)} examples into {len(train_rows)} sequences of up to {args.seq_len} tokens")
     eval_rows = None
     if args.eval_data:
         eval_examples, eval_stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
@@ -250,15 +254,24 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         inject(model, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast = False
     if args.fast_path and device.type == "cuda":
         status = enable_fast_path(model)
+        fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
+    # padding-free token-budget batches where the fast path runs packed rows (lorakit.packing)
+    plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,
+                  batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled, world_size=env.world_size)
+    train_rows = plan.rows
+    if plan.message:
+        log(plan.message)
 
-    per_epoch = batches_per_epoch(len(train_rows), args.batch_size)
+    per_epoch = batches_per_epoch(len(train_rows), plan.rows_per_batch)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
-    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env)
+    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
+              rows_per_batch=plan.rows_per_batch)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
     run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
     if env.enabled:
@@ -440,7 +453,7 @@ def train(args: TrainArgs) -> Path:
     pad_id = run.tokenizer.pad_token_id
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
-    per_epoch = batches_per_epoch(len(run.train_rows), args.batch_size)
+    per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch)
     max_tokens = None
     if not env.enabled:
         max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
@@ -480,7 +493,7 @@ def train(args: TrainArgs) -> Path:
             # per token on a CPU. Sharded runs keep whole micro-batches (same backward count per rank).
             batches = [collate(piece, pad_id)
                        for k in range(args.grad_accum)
-                       for piece in split_rows(distributed.shard(micro_batch(run.train_rows, args.batch_size, args.seed,
+                       for piece in split_rows(distributed.shard(micro_batch(run.train_rows, run.rows_per_batch, args.seed,
                                                                              step * args.grad_accum + k), env),
                                                max_tokens)]
             # Normalise by the supervised tokens of the whole step on all processes, so accumulation
