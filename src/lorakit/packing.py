@@ -94,6 +94,7 @@ def layout(
     seed: int,
     padding_free: bool,
     world_size: int = 1,
+    budget_cap: int | None = None,
 ) -> Layout:
     """The training rows and micro-batch size for the options given.
 
@@ -102,6 +103,7 @@ def layout(
     where padding-free) makes each micro-batch one packed row of up to that many tokens per
     process; without one, examples are packed into rows of up to seq_len tokens, batch_size
     rows per micro-batch (the generic path attends through a block-diagonal mask instead).
+    `budget_cap`: the most tokens per micro-batch that fit the device's memory (lorakit.memory).
     """
     lengths = [len(e.input_ids) for e in examples]
     if packing is None:
@@ -113,6 +115,9 @@ def layout(
             raise ValueError("--tokens-per-batch needs packing; drop it or pass --packing true")
         return Layout(as_sequences(examples, seq_len, False), batch_size)
     budget = tokens_per_batch or (batch_size * seq_len if padding_free else None)
+    capped = budget is not None and budget_cap is not None and budget_cap < budget
+    if capped:
+        budget = budget_cap
     if budget is None:
         rows = as_sequences(examples, seq_len, True)
         return Layout(rows, batch_size, f"packed {len(examples)} examples into {len(rows)} sequences of up to {seq_len} tokens")
@@ -121,5 +126,5 @@ def layout(
     rows = pack_to_budget(examples, budget, seed)
     fill = sum(lengths) / (len(rows) * budget)
     message = (f"packed {len(examples)} examples into {len(rows)} padding-free batches of up to {budget} tokens "
-               f"({100 * fill:.1f}% full; budget: {'--tokens-per-batch' if tokens_per_batch else '--batch-size x --seq-len'})")
+               f"({100 * fill:.1f}% full; budget: {'memory auto' if capped else '--tokens-per-batch' if tokens_per_batch else '--batch-size x --seq-len'})")
     return Layout(rows, world_size, message)

@@ -46,7 +46,8 @@ from .data import (
 from .distributed import DistEnv
 from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
-from .kernels import enable_fast_path, fused_loss_sum
+from .kernels import FastPathConfig, enable_fast_path, fused_loss_sum
+from .memory import MODES, MemoryFit, after_first_step, fit_for_training
 from .models import DEFAULT_HUB_ID, default_device, load_model
 from .packing import layout
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
@@ -149,6 +150,11 @@ class TrainArgs:
     sharded across processes) or auto (ddp). batch_size is the global batch, split across processes."""
     fast_path: bool = True
     """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
+    memory: str = "auto"
+    """On the CUDA fast path: auto picks the layers to recompute and the micro-batch size from the free
+    device memory (or --memory-limit), checked on the first step; off: recompute as --gradient-checkpointing says."""
+    memory_limit: float | None = None
+    """GiB the run may allocate on the device with --memory auto (default: what is free)."""
 
     def __post_init__(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -174,6 +180,10 @@ class TrainArgs:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
+        if self.memory not in MODES:
+            raise ValueError(f"--memory must be one of {', '.join(MODES)}, got {self.memory!r}")
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            raise ValueError(f"--memory-limit must be a positive number of GiB, got {self.memory_limit!r}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
@@ -221,6 +231,9 @@ class Run:
     """What the loop calls: LossModule(model), wrapped in DDP or sharded by FSDP2 under torchrun."""
     rows_per_batch: int = 1
     """Rows of train_rows per micro-batch (batch_size, or one packed row per process)."""
+    memory: MemoryFit | None = None
+    """What --memory auto chose, and from what (lorakit.memory); fast_config holds its settings."""
+    fast_config: FastPathConfig | None = None
 
 
 def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
@@ -254,15 +267,18 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         inject(model, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fast = False
+    fast, fitted, fast_config = False, None, None
     if args.fast_path and device.type == "cuda":
-        status = enable_fast_path(model)
+        fitted, fast_config = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
+                                               args.tokens_per_batch or args.batch_size * args.seq_len, args.seq_len)
+        status = enable_fast_path(model, fast_config)
         fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
     # padding-free token-budget batches where the fast path runs packed rows (lorakit.packing)
     plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,
-                  batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled, world_size=env.world_size)
+                  batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled, world_size=env.world_size,
+                  budget_cap=fitted.choice.tokens if fitted else None)
     train_rows = plan.rows
     if plan.message:
         log(plan.message)
@@ -271,7 +287,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
-              rows_per_batch=plan.rows_per_batch)
+              rows_per_batch=plan.rows_per_batch, memory=fitted, fast_config=fast_config)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
     run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
     if env.enabled:
@@ -457,6 +473,8 @@ def train(args: TrainArgs) -> Path:
     max_tokens = None
     if not env.enabled:
         max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
+        if run.memory is not None and run.memory.choice.tokens < args.batch_size * args.seq_len:
+            max_tokens = min(max_tokens or run.memory.choice.tokens, run.memory.choice.tokens)
 
     state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
     start = 0
@@ -512,6 +530,8 @@ def train(args: TrainArgs) -> Path:
                 (loss_sum * env.world_size / max(step_count, 1)).backward()
                 step_loss += loss_sum.item()
             step_loss = distributed.all_sum([step_loss], env)[0]
+            if run.memory is not None and step == start:  # --memory auto: measured, chosen again
+                after_first_step(run.memory, run.fast_config, run.device, max(b["input_ids"].numel() for b in batches))
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                args.max_grad_norm)
