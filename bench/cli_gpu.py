@@ -89,7 +89,7 @@ def packed(expect: float | None, out: Path) -> None:
             LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(tmp / "model")
         tok.save_pretrained(tmp / "model")
         torch.cuda.empty_cache()
-        stats = longtail.write_jsonl(tmp / "longtail.jsonl", 780)
+        stats = longtail.write_jsonl(tmp / "longtail.jsonl", 540)
         print("data:", json.dumps(stats), flush=True)
         command = [sys.executable, "-m", "lorakit", "train", "--model", str(tmp / "model"), "--data",
                    str(tmp / "longtail.jsonl"), "--output", str(tmp / "run"), "--seq-len", "4096",

@@ -376,7 +376,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
     s = SHAPES[shape]
     cuda = DEVICE == "cuda"
     model = build_model(shape, False, False)
-    measure = {"8b": 240, "1b": 720}[shape] if cuda else 12
+    measure = {"8b": 240, "1b": 480}[shape] if cuda else 12
     if opts.get("data"):
         examples = longtail.token_examples(60 + measure, DATA_SEED, VOCAB, clip=2 * SEQ)  # 4096 on the GPU
         warm, timed = examples[:60], examples[60:]
@@ -977,7 +977,7 @@ def process_group(name: str) -> str:
     """Which process runs a case. PEFT eager and PEFT + Liger share one (Liger patches
     transformers for the rest of the process, so its cases run last there); the compiled PEFT
     cases run apart from everything else, so their compile caches start empty."""
-    if name in ("check", "attention") or name.startswith("profile:"):
+    if name in ("check", "packed-check", "attention") or name.startswith("profile:"):
         return "lorakit"
     shape, stack, quantized, opts = CASES[name]
     if stack == "peft":
@@ -1010,6 +1010,8 @@ def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: boo
         try:
             if name == "check":
                 result = check()
+            elif name == "packed-check":
+                result = packed_checks()
             elif name == "attention":
                 result = attention_backends()
             elif name != case:  # profile:<case>
@@ -1064,11 +1066,11 @@ def main() -> None:
     unknown = [
         n
         for n in names
-        if n not in ("check", "attention") and n.removeprefix("profile:") not in CASES
+        if n not in ("check", "packed-check", "attention") and n.removeprefix("profile:") not in CASES
     ]
     if unknown:
         ap.error(
-            f"unknown case(s) {', '.join(unknown)}; known: all, check, attention, "
+            f"unknown case(s) {', '.join(unknown)}; known: all, check, packed-check, attention, "
             f"profile:<case>, {', '.join(CASES)}"
         )
     groups: dict[str, list[str]] = {}

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 GiB = 2**30
 ADAM_BYTES = 12
 """fp32 gradient + two fp32 AdamW moments per trainable parameter (the parameter itself is in `fixed`)."""
+HEADROOM = 0.98
+"""Plan for this share of the budget: the estimate is within a few percent (the first step corrects it)."""
 LOSS_CHUNK_BYTES = 3 * 2**28
 """The fused loss's fp32 logit chunk (256 MiB), its gradient and the softmax's temporary."""
 MODES = ("auto", "off")
@@ -95,11 +97,13 @@ def choose(shape: Shape, tokens: int, fixed: int, budget: int, *, min_tokens: in
         dynamic = activation_bytes(shape, n, keep, element) + transient_bytes(shape, n, element)
         return fixed + int(scale * dynamic)
 
+    budget_in = budget
+    budget = int(HEADROOM * budget)
     n = tokens
     while peak(0, n) > budget:
         if n // 2 < min_tokens:
             raise ValueError(
-                f"the memory budget {budget / GiB:.1f} GiB is too small: the weights, adapter and optimizer "
+                f"the memory budget {budget_in / GiB:.1f} GiB is too small: the weights, adapter and optimizer "
                 f"take {fixed / GiB:.1f} GiB and {n} tokens per micro-batch need {peak(0, n) / GiB:.1f} GiB "
                 f"with every layer recomputed; raise --memory-limit, quantize the base (--quantize nf4) "
                 f"or lower --seq-len"

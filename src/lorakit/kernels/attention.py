@@ -107,11 +107,21 @@ def packed_attention(
         kwargs["window_size"] = (-1, 0)
     else:
         kwargs["is_causal"] = True
+    cu = segments.cu_seqlens
     if q.shape[1] != k.shape[1]:
         if gqa:
             kwargs["enable_gqa"] = True
-        else:  # older versions want as many key/value heads as query heads
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    cu = segments.cu_seqlens
+        elif _native_gqa[0]:
+            # torch 2.10-2.12 have no enable_gqa flag, but FlashAttention takes fewer key/value
+            # heads as they are (checked against the reference in bench/train_gpu.py's check)
+            try:
+                return varlen_attn(q, k, v, cu, cu, segments.max_len, segments.max_len, **kwargs)
+            except (RuntimeError, ValueError):
+                _native_gqa[0] = False
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     return varlen_attn(q, k, v, cu, cu, segments.max_len, segments.max_len, **kwargs)
+
+
+_native_gqa = [True]
+"""Whether this torch's varlen_attn without an enable_gqa flag accepts fewer key/value heads."""
