@@ -354,7 +354,8 @@ def peft_model(model, checkpointing: bool, whole_compile: bool):
     if whole_compile:
         drop_input_grad_hooks(model.base_model.model)
         model.config.use_cache = False
-        model = torch.compile(model, backend=COMPILE_BACKEND)
+        # dynamic shapes from the start: padded batches come in many widths
+        model = torch.compile(model, backend=COMPILE_BACKEND, dynamic=True)
     return model
 
 
