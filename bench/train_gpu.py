@@ -425,7 +425,8 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         fast_config = None
         if cuda:
             torch.cuda.empty_cache()
-            fitted, fast_config = fit_for_training(model, torch.device(DEVICE), "auto", opts.get("memory_limit"), tokens, SEQ)
+            fitted = fit_for_training(model, torch.device(DEVICE), "auto", opts.get("memory_limit"), tokens, SEQ)
+            fast_config = fitted.config
         status = enable_fast_path(model, fast_config)
         if not status.enabled:
             raise SystemExit(f"fast path refused: {status.reason}")
@@ -465,7 +466,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         if i == 0:
             first_step_s = time.perf_counter() - t_first
             if fitted is not None:
-                after_first_step(fitted, fast_config, torch.device(DEVICE), batch["input_ids"].numel())
+                after_first_step(fitted, torch.device(DEVICE), batch["input_ids"].numel())
     if cuda:
         torch.cuda.synchronize()
     real = sum(len(e.input_ids) for e in timed)

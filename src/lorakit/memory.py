@@ -137,6 +137,10 @@ class MemoryFit:
     source: str
     """Where the budget comes from, for the log."""
     scale: float = 1.0
+    requested_tokens: int = 0
+    """The tokens per micro-batch asked for (choice.tokens is lower when those do not fit)."""
+    config: FastPathConfig | None = None
+    """The fast path's settings this fit drives (keep_layers follows `choice`)."""
 
     @property
     def fixed(self) -> int:
@@ -190,29 +194,47 @@ def fit(model: nn.Module, device: torch.device, tokens: int, limit_gib: float | 
     fixed = weights + ADAM_BYTES * trainable
     choice = choose(shape, tokens, fixed, budget, min_tokens=min_tokens)
     torch.cuda.reset_peak_memory_stats(device)  # the first step's peak, not the loading's
-    return MemoryFit(shape, budget, weights, trainable, choice, source)
+    return MemoryFit(shape, budget, weights, trainable, choice, source, requested_tokens=tokens)
+
+
+def check_memory_args(mode: str, limit_gib: float | None) -> None:
+    """Validate --memory and --memory-limit."""
+    if mode not in MODES:
+        raise ValueError(f"--memory must be one of {', '.join(MODES)}, got {mode!r}")
+    if limit_gib is not None and (isinstance(limit_gib, bool) or not limit_gib > 0):
+        raise ValueError(f"--memory-limit must be a positive number of GiB, got {limit_gib!r}")
 
 
 def fit_for_training(model: nn.Module, device: torch.device, mode: str, limit_gib: float | None,
-                     tokens: int, min_tokens: int) -> tuple[MemoryFit | None, FastPathConfig | None]:
-    """--memory auto on the CUDA fast path: the fit, logged, and the fast-path settings it picked
-    (None, None where the fast path cannot run this model or with --memory off)."""
+                     tokens: int, min_tokens: int) -> MemoryFit | None:
+    """--memory auto on the CUDA fast path: the fit, logged, with the fast-path settings it
+    picked in `config` (None where the fast path cannot run this model, or with --memory off)."""
     from .kernels import FastPathConfig, supported
     from .runlog import log
 
     if mode != "auto" or supported(model) is not None:
-        return None, None
+        return None
     fitted = fit(model, device, tokens, limit_gib, min_tokens)
+    fitted.config = FastPathConfig(recompute="all", keep_layers=fitted.choice.keep_layers)
     log(fitted.summary())
-    return fitted, FastPathConfig(recompute="all", keep_layers=fitted.choice.keep_layers)
+    return fitted
 
 
-def after_first_step(fitted: MemoryFit, config: FastPathConfig, device: torch.device, tokens: int) -> None:
+def piece_tokens(fitted: MemoryFit | None, max_tokens: int | None) -> int | None:
+    """The most (padded) tokens per piece of a micro-batch: --max-tokens, lowered to what the
+    fit found to fit where it had to lower the token budget."""
+    if fitted is None or fitted.choice.tokens >= fitted.requested_tokens:
+        return max_tokens
+    return min(max_tokens or fitted.choice.tokens, fitted.choice.tokens)
+
+
+def after_first_step(fitted: MemoryFit, device: torch.device, tokens: int) -> None:
     """Correct the fit by the first step's measured peak (`tokens`: its largest micro-batch) and
     apply what it chooses then to the fast path's settings."""
     from .runlog import log
 
     note = fitted.adjust(torch.cuda.max_memory_allocated(device), tokens)
-    config.keep_layers = fitted.choice.keep_layers
+    if fitted.config is not None:
+        fitted.config.keep_layers = fitted.choice.keep_layers
     if note:
         log(note)

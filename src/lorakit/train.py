@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed
+from . import distributed, sharded
 from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -45,10 +45,10 @@ from .data import (
 )
 from .distributed import DistEnv
 from .inject import inject, trainable_parameters
-from .io import load_adapter, save_adapter
-from .kernels import FastPathConfig, enable_fast_path, fused_loss_sum
-from .memory import MODES, MemoryFit, after_first_step, fit_for_training
-from .models import DEFAULT_HUB_ID, default_device, load_model
+from .io import load_adapter, read_adapter, save_adapter
+from .kernels import enable_fast_path, fused_loss_sum
+from .memory import MemoryFit, after_first_step, check_memory_args, fit_for_training, piece_tokens
+from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
 from .packing import layout
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
@@ -109,11 +109,9 @@ class TrainArgs:
     seq_len: int = 1024
     """Maximum tokens per sequence; longer examples are truncated (and counted in the log)."""
     packing: bool | None = None
-    """Pack examples end to end (they never attend to each other); default: on where the model runs
-    packed rows padding-free (the CUDA fast path) and the lengths vary."""
+    """Pack examples end to end, never attending to each other (default: on the CUDA fast path, when lengths vary)."""
     tokens_per_batch: int | None = None
-    """With packing on the CUDA fast path: each micro-batch is one padding-free row of whole examples,
-    up to this many tokens (default batch_size * seq_len), instead of batch_size padded rows."""
+    """Packed on the CUDA fast path: micro-batches of whole examples up to this many tokens, padding-free (batch_size * seq_len)."""
     loss_on: str = "completion"
     """completion: loss on completions / assistant turns only; all: on every token."""
     skip_bad: bool = False
@@ -151,8 +149,7 @@ class TrainArgs:
     fast_path: bool = True
     """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
     memory: str = "auto"
-    """On the CUDA fast path: auto picks the layers to recompute and the micro-batch size from the free
-    device memory (or --memory-limit), checked on the first step; off: recompute as --gradient-checkpointing says."""
+    """CUDA fast path: auto fits the recomputed layers and micro-batch to free memory (or --memory-limit); off: as --gradient-checkpointing."""
     memory_limit: float | None = None
     """GiB the run may allocate on the device with --memory auto (default: what is free)."""
 
@@ -180,10 +177,7 @@ class TrainArgs:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
-        if self.memory not in MODES:
-            raise ValueError(f"--memory must be one of {', '.join(MODES)}, got {self.memory!r}")
-        if self.memory_limit is not None and not self.memory_limit > 0:
-            raise ValueError(f"--memory-limit must be a positive number of GiB, got {self.memory_limit!r}")
+        check_memory_args(self.memory, self.memory_limit)
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
@@ -232,8 +226,7 @@ class Run:
     rows_per_batch: int = 1
     """Rows of train_rows per micro-batch (batch_size, or one packed row per process)."""
     memory: MemoryFit | None = None
-    """What --memory auto chose, and from what (lorakit.memory); fast_config holds its settings."""
-    fast_config: FastPathConfig | None = None
+    """What --memory auto chose, and from what (lorakit.memory)."""
 
 
 def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
@@ -248,8 +241,17 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     # The frozen base is held in the compute dtype: fp32, or bf16 under bf16 autocast (on a GPU,
     # load_model's own default, bf16 where supported).
     base_dtype = torch.float32 if compute_dtype is None else (compute_dtype if target.type == "cpu" else None)
-    model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
-    device = next(model.parameters()).device
+    # Under FSDP2 a model directory is read shard by shard into a model built on the meta device.
+    start_config = read_adapter(resume_from).config if resume_from is not None else args.lora_config()
+    lazy_source, why = sharded.choose(args.model, env, start_config, args.quantize)
+    if env.strategy == "fsdp":
+        log(f"FSDP2: {why}")
+    if lazy_source is not None:
+        model, tokenizer = sharded.build_meta(lazy_source, base_dtype or default_dtype(target))
+        device = target
+    else:
+        model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
+        device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(train_stats.summary(f"train data {args.data}"))
     eval_rows = None
@@ -259,37 +261,44 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         eval_rows = as_sequences(eval_examples, args.seq_len, False)
 
     torch.manual_seed(args.seed)
-    if resume_from is not None:
+    start_adapter: dict[str, torch.Tensor] = {}  # whole tensors for a shard-by-shard load
+    if resume_from is not None and lazy_source is not None:
+        inject(model, start_config)
+        start_adapter = sharded.checkpoint_adapter(read_adapter(resume_from))
+    elif resume_from is not None:
         load_adapter(model, resume_from, trainable=True)
     else:
-        config = args.lora_config()
-        config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
-        inject(model, config)
+        start_config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
+        inject(model, start_config)
+        if lazy_source is not None:
+            start_adapter = sharded.initial_adapter(model, start_config, args.seed, device,
+                                                    next(model.parameters()).dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fast, fitted, fast_config = False, None, None
+    fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.memory)
     if args.fast_path and device.type == "cuda":
-        fitted, fast_config = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
-                                               args.tokens_per_batch or args.batch_size * args.seq_len, args.seq_len)
-        status = enable_fast_path(model, fast_config)
+        fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
+                                  args.tokens_per_batch or args.batch_size * args.seq_len, args.seq_len)
+        status = enable_fast_path(model, fitted.config if fitted else None)
         fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
-    # padding-free token-budget batches where the fast path runs packed rows (lorakit.packing)
-    plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,
+    plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,  # padding-free
                   batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled, world_size=env.world_size,
                   budget_cap=fitted.choice.tokens if fitted else None)
     train_rows = plan.rows
     if plan.message:
         log(plan.message)
-
     per_epoch = batches_per_epoch(len(train_rows), plan.rows_per_batch)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
-              rows_per_batch=plan.rows_per_batch, memory=fitted, fast_config=fast_config)
+              rows_per_batch=plan.rows_per_batch, memory=fitted)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
     run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
+    if lazy_source is not None:
+        held = sharded.materialize(model, lazy_source, env, device, start_adapter)
+        log(f"FSDP2: this process holds {held:,} of the model's {sum(p.numel() for p in model.parameters()):,} values")
     if env.enabled:
         log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
@@ -472,9 +481,7 @@ def train(args: TrainArgs) -> Path:
     per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch)
     max_tokens = None
     if not env.enabled:
-        max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
-        if run.memory is not None and run.memory.choice.tokens < args.batch_size * args.seq_len:
-            max_tokens = min(max_tokens or run.memory.choice.tokens, run.memory.choice.tokens)
+        max_tokens = piece_tokens(run.memory, args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None))
 
     state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
     start = 0
@@ -531,7 +538,7 @@ def train(args: TrainArgs) -> Path:
                 step_loss += loss_sum.item()
             step_loss = distributed.all_sum([step_loss], env)[0]
             if run.memory is not None and step == start:  # --memory auto: measured, chosen again
-                after_first_step(run.memory, run.fast_config, run.device, max(b["input_ids"].numel() for b in batches))
+                after_first_step(run.memory, run.device, max(b["input_ids"].numel() for b in batches))
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                args.max_grad_norm)
