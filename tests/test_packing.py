@@ -243,3 +243,31 @@ def test_layout_packs_by_default_only_where_padding_free():
         layout(examples, packing=False, padding_free=True, **{**common, "tokens_per_batch": 64})
     with pytest.raises(ValueError, match="--tokens-per-batch 8 must be at least --seq-len 16"):
         layout(examples, packing=True, padding_free=True, **{**common, "tokens_per_batch": 8})
+
+
+def test_generic_path_on_packed_rows_equals_each_sequence_alone():
+    """The recipe's loss off the fast path (the CPU, other models) masks packed examples apart."""
+    from lorakit.train import compute_loss
+
+    model = _adapted_llama()
+    reference = copy.deepcopy(model)
+    examples = _examples([7, 2, 11, 5, 9, 4])
+    ref_loss, ref_grads = _alone(reference, examples)
+    batch = collate(pack_to_budget(examples, 22, seed=1), pad_id=0)
+    assert batch["input_ids"].shape[0] == 2  # two packed rows, one right-padded
+    loss, count = compute_loss(model, batch)
+    loss.backward()
+    assert count == sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples)
+    assert _rel(loss, ref_loss) < 1e-6
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert _rel(p.grad, ref_grads[name]) < 1e-5, name
+
+
+def test_packed_mask_is_none_for_plain_rows():
+    from lorakit.packing import packed_mask
+
+    assert packed_mask(torch.arange(5).repeat(3, 1)) is None
+    mask = packed_mask(torch.tensor([[0, 1, 0, 1, 2]]))
+    assert mask.shape == (1, 1, 5, 5)
+    assert mask[0, 0].tolist()[3] == [False, False, True, True, False]

@@ -128,3 +128,19 @@ def layout(
     message = (f"packed {len(examples)} examples into {len(rows)} padding-free batches of up to {budget} tokens "
                f"({100 * fill:.1f}% full; budget: {'memory auto' if capped else '--tokens-per-batch' if tokens_per_batch else '--batch-size x --seq-len'})")
     return Layout(rows, world_size, message)
+
+
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The (B, 1, S, S) boolean attention mask of packed rows for a model's own attention:
+    causal within each example (position ids restart at 0 for each), nothing across them.
+    None when every row is one sequence (the model's causal attention needs no mask).
+
+    The fast path never builds this (it runs variable-length attention); transformers'
+    SDPA attention would otherwise let packed examples see the ones before them."""
+    starts = position_ids == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    example = starts.long().cumsum(1)  # (B, S): which example of its row each token belongs to
+    width = position_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal).unsqueeze(1)

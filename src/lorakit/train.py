@@ -49,7 +49,7 @@ from .io import load_adapter, read_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
 from .memory import MemoryFit, after_first_step, check_memory_args, fit_for_training, piece_tokens
 from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
-from .packing import layout
+from .packing import layout, packed_mask
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
 from .runlog import format_record, log, plot_losses, progress_bar
@@ -381,10 +381,11 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 
     if fused is not None:  # the GPU fast path is on for this model and this batch (lorakit.kernels)
         return fused, count
     body, head = _body_and_head(model)
+    blocks = packed_mask(batch["position_ids"])  # packed rows: attention within each example only
     if body is None:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), count
-    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)[0]
+    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False)[0]
     selected = hidden[:, :-1][mask]  # (N, d)
     wanted = targets[mask]  # (N,)
     if count <= chunk:
