@@ -26,6 +26,7 @@ COMMANDS = {
     "merge": "fold an adapter into the base weights and save a plain transformers model",
     "info": "describe a saved adapter",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
+    "plan": "predict a training run's GPU memory and time per epoch, without loading weights",
 }
 
 
@@ -168,6 +169,12 @@ def run_merge(args: MergeArgs) -> None:
     print(f"merged model written to {out}")
 
 
+def run_plan(args: Any) -> None:
+    from .plan import plan, report
+
+    print(report(plan(args)))
+
+
 def run_info(adapter: str) -> None:
     from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
@@ -209,6 +216,10 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return MergeArgs, run_merge
     if name == "info":
         return None, run_info
+    if name == "plan":
+        from .plan import PlanArgs
+
+        return PlanArgs, run_plan
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve
