@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, generate, eval, merge, info, serve.
+"""The `lorakit` command line: train, generate, eval, merge, info, serve, compare.
 
 Each subcommand's options are the fields of a dataclass; the field docstrings are the
 `--help` text. Every option can come from a YAML file (`--config run.yaml`) and be
@@ -26,6 +26,7 @@ COMMANDS = {
     "merge": "fold an adapter into the base weights and save a plain transformers model",
     "info": "describe a saved adapter",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
+    "compare": "what adapters learned and forgot: KL, perplexity and agreement against the base, task metric, report.html",
 }
 
 
@@ -209,6 +210,10 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return MergeArgs, run_merge
     if name == "info":
         return None, run_info
+    if name == "compare":
+        from .compare.command import CompareArgs, run_compare
+
+        return CompareArgs, run_compare
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve
