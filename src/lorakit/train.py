@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed, watch
+from . import distributed, sharded, watch
 from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -45,9 +45,9 @@ from .data import (
 )
 from .distributed import DistEnv
 from .inject import inject, trainable_parameters
-from .io import load_adapter, save_adapter
+from .io import load_adapter, read_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
-from .models import DEFAULT_HUB_ID, default_device, load_model
+from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
 from .runlog import format_record, log, plot_losses, progress_bar
@@ -241,8 +241,17 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     # The frozen base is held in the compute dtype: fp32, or bf16 under bf16 autocast (on a GPU,
     # load_model's own default, bf16 where supported).
     base_dtype = torch.float32 if compute_dtype is None else (compute_dtype if target.type == "cpu" else None)
-    model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
-    device = next(model.parameters()).device
+    # Under FSDP2 a model directory is read shard by shard into a model built on the meta device.
+    start_config = read_adapter(resume_from).config if resume_from is not None else args.lora_config()
+    lazy_source, why = sharded.choose(args.model, env, start_config, args.quantize)
+    if env.strategy == "fsdp":
+        log(f"FSDP2: {why}")
+    if lazy_source is not None:
+        model, tokenizer = sharded.build_meta(lazy_source, base_dtype or default_dtype(target))
+        device = target
+    else:
+        model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
+        device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(train_stats.summary(f"train data {args.data}"))
     train_rows = as_sequences(train_examples, args.seq_len, args.packing)
@@ -255,12 +264,18 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         eval_rows = as_sequences(eval_examples, args.seq_len, False)
 
     torch.manual_seed(args.seed)
-    if resume_from is not None:
+    start_adapter: dict[str, torch.Tensor] = {}  # whole tensors for a shard-by-shard load
+    if resume_from is not None and lazy_source is not None:
+        inject(model, start_config)
+        start_adapter = sharded.checkpoint_adapter(read_adapter(resume_from))
+    elif resume_from is not None:
         load_adapter(model, resume_from, trainable=True)
     else:
-        config = args.lora_config()
-        config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
-        inject(model, config)
+        start_config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
+        inject(model, start_config)
+        if lazy_source is not None:
+            start_adapter = sharded.initial_adapter(model, start_config, args.seed, device,
+                                                    next(model.parameters()).dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fast_path and device.type == "cuda":
@@ -274,6 +289,9 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
     run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
+    if lazy_source is not None:
+        held = sharded.materialize(model, lazy_source, env, device, start_adapter)
+        log(f"FSDP2: this process holds {held:,} of the model's {sum(p.numel() for p in model.parameters()):,} values")
     if env.enabled:
         log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
