@@ -17,6 +17,7 @@ Where things go, unless the tracker's own environment variables say otherwise:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -155,6 +156,8 @@ class Trackers:
         except Exception:
             self.close(failed=True)
             raise
+        # A run that ends in an exception or Ctrl-C is closed as failed when the process exits.
+        atexit.register(self.close, None, True)
 
     def describe(self) -> str:
         where = []
@@ -174,6 +177,7 @@ class Trackers:
 
     def close(self, adapter: Path | None = None, failed: bool = False) -> None:
         """Log the adapter (if given) and end each run; a second call does nothing."""
+        atexit.unregister(self.close)
         trackers, self.open = self.open, []
         for tracker in trackers:
             tracker.finish(adapter, failed)

@@ -590,10 +590,6 @@ def train(args: TrainArgs) -> Path:
         if step > start or resume_from is None:
             path = save_checkpoint(run, output, step, state, rng_at_step, args.keep_checkpoints)
             log(f"interrupted at step {step}: saved {path}; continue with --resume")
-        watcher.close(failed=True)
-        raise
-    except BaseException:
-        watcher.close(failed=True)
         raise
     finally:
         progress.stop()
