@@ -158,3 +158,29 @@ def test_compare_refuses_bad_input_and_writes_nothing(tmp_path, tiny_model_dir, 
     assert str(missing) in capsys.readouterr().err
     assert sorted(p.name for p in adapter.iterdir()) == before  # no report written anywhere
     assert not missing.exists()
+
+
+def test_compare_on_the_users_reference_file(tmp_path, tiny_model_dir, capsys):
+    from lorakit.compare.measure import file_reference
+    from lorakit.data import load_examples
+    from lorakit.models import load_model
+
+    reference = tmp_path / "general.jsonl"
+    rows = [{"prompt": "The sky is ", "completion": "blue."}, {"text": "Water boils at 100 degrees."}]
+    reference.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapter = _adapter(tmp_path / "a", seed=7, scale=0.1)
+    assert main(["compare", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--reference", str(reference),
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    report = json.loads((adapter / "report.json").read_text())  # beside the adapter by default
+    assert report["generations"] == [] and report["task"] is None
+    # Measured where train puts the loss: the completion (with EOS) and every token of the text row.
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    examples, _ = load_examples(reference, tok, 1024)
+    ref = file_reference(reference, tok, 1024)
+    assert [r.labels for r in ref.rows] == [e.labels for e in examples]
+    lorakit.load_adapter(model, adapter)
+    [div] = divergence(model, ref.rows, ["default"], tok.pad_token_id)
+    [entry] = report["adapters"]
+    assert entry["tokens"] == div.tokens == sum(e.supervised for e in examples) - 1  # a text row's first token has no prediction
+    assert entry["kl_mean"] == div.kl_mean and entry["agreement"] == div.agreement
