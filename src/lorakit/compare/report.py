@@ -45,9 +45,10 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_xlabel("forgetting: mean KL(base || adapted) on the base's text (nats/token)")
         ax.set_ylabel(f"learning: task {task['metric_name']}")
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlim(left=-0.02 * max([threshold] + [a["kl_mean"] for a in adapters]))
+        widest = max([threshold] + [a["kl_mean"] for a in adapters])
+        ax.set_xlim(-0.03 * widest, 1.25 * widest)  # room for the labels right of the points
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
         fig.tight_layout()
         out.append(("The learning-forgetting plane: up is better on the task, left is closer to the base.", _png(fig)))
         plt.close(fig)
