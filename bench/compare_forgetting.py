@@ -1,12 +1,12 @@
 """Learning vs forgetting on the bundled model and task: a gentle adapter and an over-trained one.
 
 Trains the demo's adapter (30 steps of 8 notes, lr 1e-3) and an over-trained one (10x the
-learning rate, more steps) with `--metric exact --save-best exact`, then runs `lorakit
+learning rate; --over-steps for more steps) with `--metric exact --save-best exact`, then runs `lorakit
 compare` on both against the bundled SmolLM2-135M-Instruct: KL from the base on the base's
 own continuations of the general prompts, and exact match on the held-out notes.
 
-    python bench/compare_forgetting.py                      # gentle 30 @ 1e-3, over 90 @ 1e-2
-    python bench/compare_forgetting.py --over-steps 300     # the full 10x steps
+    python bench/compare_forgetting.py                      # gentle 30 @ 1e-3, over 30 @ 1e-2 (10x lr)
+    python bench/compare_forgetting.py --over-steps 300     # 10x the steps as well
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/forgetting")
     parser.add_argument("--gentle-steps", type=int, default=30)
     parser.add_argument("--gentle-lr", type=float, default=1e-3)
-    parser.add_argument("--over-steps", type=int, default=90)
+    parser.add_argument("--over-steps", type=int, default=30)
     parser.add_argument("--over-lr", type=float, default=1e-2)
     parser.add_argument("--held-out", type=int, default=32, help="held-out notes for exact match")
     opts = parser.parse_args()

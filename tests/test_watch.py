@@ -205,3 +205,15 @@ def test_watching_options_are_refused_with_reasons(tmp_path, tiny_model_dir, cha
             main(base + extra)
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(tmp_path):
+    from lorakit.watch import _drop_after
+
+    path = tmp_path / "samples.jsonl"
+    lines = [json.dumps({"step": s, "prompt": "p", "reference": "r", "output": "o"}) for s in (2, 2, 4, 6)]
+    path.write_text("".join(line + "\n" for line in lines))
+    _drop_after(path, 4)  # resumed from checkpoint-4: the step-6 samples were logged after it
+    assert path.read_text() == "".join(line + "\n" for line in lines[:3])
+    _drop_after(path, 0)  # a fresh run in the same directory starts the file anew
+    assert not path.exists()
