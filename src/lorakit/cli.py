@@ -160,7 +160,13 @@ def run_eval(args: EvalArgs) -> None:
 
 def run_merge(args: MergeArgs) -> None:
     from .inject import merge_and_unload
+    from .models import DEFAULT_MODEL_NAME, cache_dir
 
+    out_real = Path(args.output).resolve()
+    base = Path(args.model) if args.model else cache_dir() / DEFAULT_MODEL_NAME
+    for option, path in (("the base model's", base), ("the adapter's", Path(args.adapter))):
+        if path.exists() and path.resolve() == out_real:
+            raise ValueError(f"--output {args.output} is {option} directory; merging there would overwrite it; pick another")
     model, tokenizer = _load(args.model, args.adapter, "cpu")
     merged = merge_and_unload(model)
     out = Path(args.output)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed, sharded, watch
-from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
     IGNORE,
@@ -50,7 +50,9 @@ from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
+from .rundir import prepare_output, settings
 from .runlog import format_record, log, plot_losses, progress_bar
+from .threads import tuner_for
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
@@ -144,7 +146,9 @@ class TrainArgs:
     report_to: str | None = None
     """Trackers fed with every record: tensorboard, mlflow, wandb (comma-separated; lorakit[track])."""
     resume: bool = False
-    """Continue from the latest checkpoint in the output directory."""
+    """Continue from the latest checkpoint in the output directory (its settings must match these)."""
+    overwrite: bool = False
+    """Replace the run already in the output directory (a non-empty directory is refused otherwise)."""
     quantize: str | None = None
     """Quantize the frozen base while loading: nf4 (4-bit NormalFloat, QLoRA) or int8 (bitsandbytes, CPU or GPU)."""
     device: str | None = None
@@ -167,10 +171,14 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}")
-        if self.epochs <= 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs!r}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        rules = {"epochs": "> 0", "lr": "> 0", "loraplus_ratio": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0", "alpha": ""}
+        for name, rule in rules.items():
+            value = getattr(self, name)
+            if name == "max_grad_norm" and value is None:
+                continue  # no clipping
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or (rule == "> 0" and value <= 0) or (rule == ">= 0" and value < 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {rule}".rstrip() + f", got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
@@ -454,15 +462,12 @@ def write_config(args: TrainArgs, run: Run, path: Path) -> None:
 def train(args: TrainArgs) -> Path:
     """Run the whole recipe; returns the output directory (which holds the final adapter)."""
     output = Path(args.output)
+    resume_from, run_id = prepare_output(args)  # one run per directory (rundir.py)
     output.mkdir(parents=True, exist_ok=True)
-    resume_from = None
-    if args.resume:
-        found = checkpoint_dirs(output)
-        if found:
-            resume_from = found[-1]
-            log(f"resuming from {resume_from}")
-        else:
-            log(f"--resume: no checkpoint in {output}; starting from scratch")
+    if resume_from is not None:
+        log(f"resuming from {resume_from}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {output}; starting from scratch")
 
     run = setup(args, resume_from)
     model, optimizer, scheduler, env = run.model, run.optimizer, run.scheduler, run.env
@@ -476,7 +481,8 @@ def train(args: TrainArgs) -> Path:
     if not env.enabled:
         max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
 
-    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
+    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0,
+                             "run_id": run_id, "settings": settings(args)}
     start = 0
     metrics_path = output / "metrics.jsonl"
     if resume_from is not None:
@@ -502,6 +508,7 @@ def train(args: TrainArgs) -> Path:
     progress.start()
     rng_at_step = rng_state()  # a checkpoint at `step` restarts from exactly this state
     in_step = False
+    tuner = tuner_for(run.device, env.enabled, log)  # CPU threads by measurement (threads.py)
     try:
         while step < run.total_steps:
             t0 = time.perf_counter()
@@ -541,7 +548,9 @@ def train(args: TrainArgs) -> Path:
             in_step = False
             step += 1
             rng_at_step = rng_state()  # nothing below draws random numbers before the next step
-            window_time += time.perf_counter() - t0
+            window_time += (elapsed := time.perf_counter() - t0)
+            if tuner is not None:
+                tuner.after_step(step_tokens, elapsed)
             window_loss += step_loss
             window_count += step_count
             window_tokens += step_tokens
@@ -593,6 +602,8 @@ def train(args: TrainArgs) -> Path:
         raise
     finally:
         progress.stop()
+        if tuner is not None:
+            tuner.close()
 
     save_adapter(model, output, write=env.is_main)
     log(str(memory_report(model, optimizer)))
