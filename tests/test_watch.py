@@ -217,3 +217,23 @@ def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(tmp_path):
     assert path.read_text() == "".join(line + "\n" for line in lines[:3])
     _drop_after(path, 0)  # a fresh run in the same directory starts the file anew
     assert not path.exists()
+
+
+def test_overwrite_removes_the_previous_runs_samples_best_and_report(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit.rundir import prepare_output
+
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "adapter_model.safetensors").write_bytes(b"old")
+    for name in ("samples.jsonl", "report.json", "report.html", "metrics.jsonl"):
+        (out / name).write_text("old\n")
+    (out / "notes.txt").write_text("the user's own file\n")
+    args = SimpleNamespace(output=str(out), resume=False, overwrite=False)
+    with pytest.raises(ValueError, match="already holds files"):
+        prepare_output(args)
+    assert (out / "best" / "adapter_model.safetensors").exists()  # refused: nothing removed
+    args.overwrite = True
+    prepare_output(args)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
