@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
 from ..inject import check_adapter_name
+from ..templates import saved_chat_template
 from .adapters import AdapterMismatch
 from .engine import Engine, Event, InvalidPrompt, PromptTooLong, QueueFull, UnknownAdapter
 from .guards import (
@@ -371,12 +372,17 @@ def create_app(
         adapter = resolve(body.model)
         params = params_of(body, body.max_completion_tokens or body.max_tokens)
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
-        if getattr(engine.tokenizer, "chat_template", None) is None:
+        # An adapter's own chat template (saved beside it by `lorakit train`) wins over the base model's.
+        path = engine.adapters.paths.get(adapter) if adapter is not None else None
+        template = saved_chat_template(path) if path is not None else None
+        template = template or getattr(engine.tokenizer, "chat_template", None)
+        if template is None:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = await asyncio.to_thread(
-                engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
+                engine.tokenizer.apply_chat_template, messages, chat_template=template, add_generation_prompt=True,
+                tokenize=False,
             )
         except Exception as err:  # a template may reject a role order, say
             raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
