@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, generate, eval, merge, info, serve.
+"""The `lorakit` command line: train, generate, eval, merge, info, serve, compare.
 
 Each subcommand's options are the fields of a dataclass; the field docstrings are the
 `--help` text. Every option can come from a YAML file (`--config run.yaml`) and be
@@ -31,6 +31,7 @@ COMMANDS = {
     "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
     "plan": "predict a training run's GPU memory and time per epoch, without loading weights",
+    "compare": "what adapters learned and forgot: KL, perplexity and agreement against the base, task metric, report.html",
 }
 
 
@@ -405,6 +406,10 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return ExportArgs, run_export
     if name == "convert":
         return ConvertArgs, run_convert
+    if name == "compare":
+        from .compare.command import CompareArgs, run_compare
+
+        return CompareArgs, run_compare
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed, sharded
+from . import distributed, sharded, watch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -139,6 +139,18 @@ class TrainArgs:
     """How many checkpoints to keep (oldest are deleted); 0 keeps all."""
     early_stopping: int | None = None
     """Stop after this many evaluations without a better eval_loss."""
+    eval_samples: int = 0
+    """At each eval, greedy answers to the first N held-out prompts: samples.jsonl and a console table."""
+    metric: str | None = None
+    """Task metric on held-out answers at each eval: exact, json, regex:PATTERN or MODULE:FUNCTION."""
+    metric_rows: int | None = None
+    """Held-out rows --metric answers at each eval (default: all)."""
+    save_best: str | None = None
+    """Keep the adapter of the best eval in OUTPUT/best/: eval_loss, the --metric's name, or kl."""
+    track_forgetting: bool = False
+    """At each eval, KL to the base (adapter disabled) on the base's own text for general prompts."""
+    report_to: str | None = None
+    """Trackers fed with every record: tensorboard, mlflow, wandb (comma-separated; lorakit[track])."""
     resume: bool = False
     """Continue from the latest checkpoint in the output directory (its settings must match these)."""
     overwrite: bool = False
@@ -191,6 +203,7 @@ class TrainArgs:
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
+        watch.check_args(self)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(
@@ -509,6 +522,7 @@ def train(args: TrainArgs) -> Path:
         metrics_path.unlink()
     if env.is_main:
         write_config(args, run, output / "train_config.yaml")
+    watcher = watch.Watch(args, run, output, start)  # samples, task metric, forgetting, best/, trackers
 
     model.train()
     step = start
@@ -584,6 +598,7 @@ def train(args: TrainArgs) -> Path:
                                         run.autocast_dtype, args.loss_chunk,
                                         loss_module=loss_module if env.enabled else None)
                 record["eval_loss"] = eval_loss
+                record.update(watcher.evaluate(step, progress.console))
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
                     state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
@@ -595,6 +610,7 @@ def train(args: TrainArgs) -> Path:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.console.print(format_record(record, run.total_steps))
+                watcher.logged(record, state)
             stopping = (evaluated and args.early_stopping is not None
                         and state["evals_without_improvement"] >= args.early_stopping)
             if step % save_every == 0 or step == run.total_steps or stopping:
@@ -621,7 +637,8 @@ def train(args: TrainArgs) -> Path:
         save_tokenizer(run.tokenizer, output)
     log(str(memory_report(model, optimizer)))
     if metrics_path.exists() and env.is_main:
-        plot_losses(metrics_path, output / "loss.png")
+        plot_losses(metrics_path, output / "loss.png", watcher.plotted)
+    watcher.close(adapter=output)
     log(f"{stop_reason} at step {step}: adapter saved to {output}")
     distributed.barrier(env)
     distributed.cleanup(env)
