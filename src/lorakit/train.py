@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed
+from . import distributed, objectives
 from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -48,7 +48,9 @@ from .inject import inject, trainable_parameters
 from .io import load_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
 from .models import DEFAULT_HUB_ID, default_device, load_model
+from .objectives import PreferenceConfig, PreferenceLoss, body_and_head
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
+from .prefdata import Pair
 from .quant import memory_report
 from .runlog import format_record, log, plot_losses, progress_bar
 
@@ -144,6 +146,18 @@ class TrainArgs:
     sharded across processes) or auto (ddp). batch_size is the global batch, split across processes."""
     fast_path: bool = True
     """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
+    objective: str = "sft"
+    """sft (supervised), or preference tuning on {"prompt", "chosen", "rejected"} rows: dpo (against a
+    reference model) or orpo (odds ratio plus SFT, no reference)."""
+    beta: float = 0.1
+    """DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term."""
+    label_smoothing: float = 0.0
+    """DPO: the assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    init_adapter: str | None = None
+    """Start from this adapter directory (e.g. an SFT run's output) instead of a fresh adapter."""
+    reference: str = "auto"
+    """DPO's reference: base (the model with its adapter disabled), init (a frozen copy of
+    --init-adapter) or auto (init when --init-adapter is given, else base)."""
 
     def __post_init__(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -171,7 +185,13 @@ class TrainArgs:
             raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
+        objectives.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
+                                         self.label_smoothing, self.packing)
         self.lora_config()  # validates rank, alpha, dropout and targets early
+
+    def preference_config(self) -> PreferenceConfig:
+        reference = self.reference if self.reference != "auto" else ("init" if self.init_adapter else "base")
+        return PreferenceConfig(self.objective, self.beta, self.label_smoothing, reference, self.loss_chunk)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(
@@ -204,8 +224,8 @@ class Run:
     model: nn.Module
     tokenizer: Any
     device: torch.device
-    train_rows: list[TokenRow]
-    eval_rows: list[TokenRow] | None
+    train_rows: list[TokenRow] | list[Pair]
+    eval_rows: list[TokenRow] | list[Pair] | None
     total_steps: int
     warmup_steps: int
     optimizer: torch.optim.Optimizer | None = None
@@ -230,27 +250,36 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     base_dtype = torch.float32 if compute_dtype is None else (compute_dtype if target.type == "cpu" else None)
     model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
     device = next(model.parameters()).device
-    train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
-    log(train_stats.summary(f"train data {args.data}"))
-    train_rows = as_sequences(train_examples, args.seq_len, args.packing)
+    preference = args.objective != "sft"
+    if preference:  # pairs in place of rows: micro_batch and the loop treat them alike
+        train_rows, eval_rows = objectives.load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len,
+                                                                args.skip_bad)
+    else:
+        train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
+        log(train_stats.summary(f"train data {args.data}"))
+        train_rows, eval_rows = as_sequences(train_examples, args.seq_len, args.packing), None
     if args.packing:
         log(f"packed {len(train_examples)} examples into {len(train_rows)} sequences of up to {args.seq_len} tokens")
-    eval_rows = None
-    if args.eval_data:
+    if args.eval_data and not preference:
         eval_examples, eval_stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
         log(eval_stats.summary(f"eval data {args.eval_data}"))
         eval_rows = as_sequences(eval_examples, args.seq_len, False)
 
     torch.manual_seed(args.seed)
-    if resume_from is not None:
-        load_adapter(model, resume_from, trainable=True)
+    if resume_from is not None or args.init_adapter:
+        load_adapter(model, resume_from or args.init_adapter, trainable=True)
     else:
         config = args.lora_config()
         config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
         inject(model, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.fast_path and device.type == "cuda":
+    reference = objectives.setup_reference(model, args.objective, args.preference_config().reference, args.init_adapter)
+    if reference:
+        log(reference)
+    if args.fast_path and device.type == "cuda" and preference:
+        log(f"GPU fast path off: {args.objective} needs per-sequence log-probabilities (the generic path runs)")
+    elif args.fast_path and device.type == "cuda":
         status = enable_fast_path(model)
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
@@ -260,7 +289,8 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
-    run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
+    loss_module = PreferenceLoss(model, args.preference_config()) if preference else LossModule(model, args.loss_chunk)
+    run.loss_module = distributed.wrap(loss_module, env, device)
     if env.enabled:
         log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
@@ -307,21 +337,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 # the loss ---------------------------------------------------------------------------------
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The transformer body and the output head of a transformers causal LM, when separable.
-
-    Models that post-process their logits (soft-capping, scaling) take the plain path.
-    """
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None, None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    if head is None or body is None or body is model:
-        return None, None
-    return body, head
-
-
 def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     # (N, vocab) logits only for the N supervised positions; fp32 for the softmax.
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
@@ -342,7 +357,7 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 
     fused = fused_loss_sum(model, batch["input_ids"], labels, batch.get("position_ids"))
     if fused is not None:  # the GPU fast path is on for this model and this batch (lorakit.kernels)
         return fused, count
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     if body is None:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), count
@@ -438,6 +453,7 @@ def train(args: TrainArgs) -> Path:
     loss_module = run.loss_module
     assert optimizer is not None and scheduler is not None and loss_module is not None
     pad_id = run.tokenizer.pad_token_id
+    preference = args.objective != "sft"
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
     per_epoch = batches_per_epoch(len(run.train_rows), args.batch_size)
@@ -478,17 +494,24 @@ def train(args: TrainArgs) -> Path:
             # On one CPU process each micro-batch runs in pieces of at most max_tokens tokens (same
             # update, a fraction of the activation memory); GEMMs of a few hundred rows are as fast
             # per token on a CPU. Sharded runs keep whole micro-batches (same backward count per rank).
-            batches = [collate(piece, pad_id)
-                       for k in range(args.grad_accum)
-                       for piece in split_rows(distributed.shard(micro_batch(run.train_rows, args.batch_size, args.seed,
-                                                                             step * args.grad_accum + k), env),
-                                               max_tokens)]
+            if preference:  # pairs: the same (seed, index) order, normalised by the step's pairs
+                batches = objectives.step_batches(run.train_rows, args.batch_size, args.seed, step * args.grad_accum,
+                                       args.grad_accum, env, pad_id, max_tokens, args.loss_on == "all")
+            else:
+                batches = [collate(piece, pad_id)
+                           for k in range(args.grad_accum)
+                           for piece in split_rows(distributed.shard(micro_batch(run.train_rows, args.batch_size,
+                                                                                 args.seed, step * args.grad_accum + k),
+                                                                     env), max_tokens)]
             # Normalise by the supervised tokens of the whole step on all processes, so accumulation
             # and sharding both equal one big batch. DDP and FSDP2 average gradients over processes,
             # hence the factor world_size.
-            local_count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            local_count = sum(b["input_ids"].shape[0] // 2 if preference else int((b["labels"][:, 1:] != IGNORE).sum())
+                              for b in batches)
             local_tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)  # for tokens/s
             step_count, step_tokens = (int(v) for v in distributed.all_sum([local_count, local_tokens], env))
+            if args.objective == "orpo":
+                objectives.set_nll_scale(batches, step_count, env)
             step_loss = 0.0
             in_step = True
             for batch in batches:
@@ -519,17 +542,25 @@ def train(args: TrainArgs) -> Path:
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == run.total_steps:
                 record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
+                if preference:
+                    sums = distributed.all_sum(distributed.unwrap(loss_module).pop_stats().tolist(), env)
+                    record.update(objectives.stats_record(sums))
                 memory = memory_report(model, optimizer)
                 record.update(memory.as_dict())
                 if step - start <= args.log_every and env.is_main:
                     progress.console.print(str(memory))
                 window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
             evaluated = run.eval_rows is not None and (step % eval_every == 0 or step == run.total_steps)
-            if evaluated:
+            if evaluated and preference:
+                record.update(objectives.evaluate_pairs(loss_module, run.eval_rows, args.batch_size, pad_id, run.device,
+                                             run.autocast_dtype, args.loss_on == "all"))
+                eval_loss = record["eval_loss"]
+            elif evaluated:
                 eval_loss, _ = evaluate(model, run.eval_rows, args.batch_size, pad_id, run.device,
                                         run.autocast_dtype, args.loss_chunk,
                                         loss_module=loss_module if env.enabled else None)
                 record["eval_loss"] = eval_loss
+            if evaluated:
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
                     state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
