@@ -218,8 +218,8 @@ class PreferenceLoss(nn.Module):
             total = losses.sum()
         else:
             counts = answer.sum(-1).clamp(min=1)
-            losses, chosen_rewards, rejected_rewards = orpo_losses(chosen / counts[:pairs], rejected / counts[pairs:],
-                                                                   cfg.beta)
+            chosen, rejected = chosen / counts[:pairs], rejected / counts[pairs:]  # per-token averages
+            losses, chosen_rewards, rejected_rewards = orpo_losses(chosen, rejected, cfg.beta)
             nll = -logps[:pairs].sum()  # every scored chosen token: the answers, or all with sft_labels
             total = losses.sum() + nll * batch["nll_scale"].to(nll.dtype)
         margins = chosen_rewards - rejected_rewards
