@@ -23,7 +23,12 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    preference = any("rewards/margins" in r or "eval_rewards/margins" in r for r in rows)
+    if preference:  # DPO / ORPO: the loss, and beside it the reward margin and accuracy
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4))
+        _plot_rewards(right, rows)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if train:
@@ -31,12 +36,33 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss (per pair)" if preference else "loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def _plot_rewards(ax, rows: list[dict[str, Any]]) -> None:
+    for key, style, label in (("rewards/margins", "-", "train margin"), ("eval_rewards/margins", "o-", "eval margin")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin (chosen - rejected)")
+    ax.grid(alpha=0.3)
+    share = ax.twinx()
+    for key, style, label in (("rewards/accuracies", "--", "train accuracy"),
+                              ("eval_rewards/accuracies", "s--", "eval accuracy")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            share.plot(*zip(*points, strict=True), style, color="gray" if key.startswith("r") else "black", label=label)
+    share.set_ylim(0, 1.05)
+    share.set_ylabel("preference accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = share.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
 
 
 def progress_bar(enabled: bool = True):
@@ -67,8 +93,12 @@ def format_record(record: dict[str, Any], total: int) -> str:
     parts = [f"step {record['step']}/{total}", f"epoch {record['epoch']:.2f}"]
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
+    if "rewards/margins" in record:
+        parts.append(f"margin {record['rewards/margins']:.3f}  acc {record['rewards/accuracies']:.0%}")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    if "eval_rewards/margins" in record:
+        parts.append(f"eval margin {record['eval_rewards/margins']:.3f}  eval acc {record['eval_rewards/accuracies']:.0%}")
     parts.append(f"lr {record['lr']:.2e}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:.0f} tok/s")
