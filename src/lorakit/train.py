@@ -66,7 +66,8 @@ class TrainArgs:
 
     data: str
     """Training data: a .jsonl/.json/.csv/.parquet file or a datasets directory, with rows
-    {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}."""
+    {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}; with --objective
+    dpo|orpo: {"prompt", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}."""
     output: str
     """Output directory: adapter, metrics.jsonl, loss.png, train_config.yaml, checkpoints."""
     model: str | None = None
