@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -218,3 +219,31 @@ def test_optimizer_state_for_another_model_is_refused() -> None:
     two_groups = {"state": {}, "param_groups": [{"lr": 1.0}, {"lr": 2.0}]}
     with pytest.raises(ValueError, match="checkpoint optimizer has 2 parameter groups, this run has 1"):
         distributed.load_optimizer_state(model, optimizer, two_groups)
+
+
+def test_fsdp_reads_only_its_shard(setup_dir, single) -> None:
+    """Under FSDP2 the model is built on the meta device and each process reads only its rows."""
+    out = setup_dir / "fsdp-shard"
+    result = train(setup_dir, out, 2, "fsdp")
+    ok(result)
+    assert "FSDP2: built on the meta device; each process reads only its own rows" in result.stderr
+    held, total = (int(n.replace(",", "")) for n in re.search(
+        r"this process holds ([\d,]+) of the model's ([\d,]+) values", result.stderr).groups())
+    model, _ = tiny_llama_for_tokenizer()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    assert total == sum(p.numel() for p in model.parameters())
+    # Every tensor's rows split in two (the tiny model's row counts are all even).
+    assert held == total // 2
+
+
+def test_single_process_checkpoint_resumes_on_three_shards(setup_dir) -> None:
+    """A 1-process checkpoint resumes under FSDP2 on 3 processes (uneven shards: 32 rows = 11 + 11 + 10),
+    read shard by shard, and ends with the uninterrupted single-process adapter."""
+    reference, out = setup_dir / "six-1", setup_dir / "six-3"
+    ok(train(setup_dir, reference, 1, "auto", "--batch-size", "6"))
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    result = train(setup_dir, out, 3, "fsdp", "--batch-size", "6", "--resume")
+    ok(result)
+    assert "each process reads only its own rows" in result.stderr
+    for key, value in tensors(reference).items():
+        torch.testing.assert_close(tensors(out)[key], value, atol=2e-5, rtol=1e-3)

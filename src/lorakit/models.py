@@ -102,6 +102,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on a CPU; bf16 on a GPU that supports it, fp16 on an older one."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -121,11 +128,7 @@ def load_model(
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")
     device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
+    dtype = dtype or default_dtype(device)
     source = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,15 +144,27 @@ def reference_mode(model: nn.Module, reference: str) -> Iterator[None]:
         set_adapter(model, active)
 
 
-def setup_reference(model: nn.Module, objective: str, reference: str, init_adapter: str | None) -> str:
-    """For DPO with `reference == "init"`, load the starting adapter a second time, frozen, under the
-    name "reference" (adapter weights only); returns a line for the log."""
-    if objective != "dpo":
-        return ""
-    if reference == "init":
-        load_adapter(model, init_adapter, adapter_name=REFERENCE_ADAPTER, trainable=False)
-        return f"DPO reference: {init_adapter}, frozen (a second copy of the adapter only, not of the model)"
-    return "DPO reference: the base model, i.e. this model with its adapter disabled (no second copy)"
+def preference_config(args: Any) -> PreferenceConfig:
+    """The preference options of `train.TrainArgs`, with `--reference auto` resolved."""
+    reference = args.reference if args.reference != "auto" else ("init" if args.init_adapter else "base")
+    return PreferenceConfig(args.objective, args.beta, args.label_smoothing, reference, args.loss_chunk)
+
+
+def second_adapter(args: Any) -> bool:
+    """Whether the run holds a frozen copy of the starting adapter as DPO's reference."""
+    return args.objective == "dpo" and preference_config(args).reference == "init"
+
+
+def setup_reference(model: nn.Module, args: Any) -> None:
+    """For DPO against the starting adapter, load it a second time, frozen, under the name
+    "reference" (adapter weights only); say which reference the run uses."""
+    if args.objective != "dpo":
+        return
+    if second_adapter(args):
+        load_adapter(model, args.init_adapter, adapter_name=REFERENCE_ADAPTER, trainable=False)
+        log(f"DPO reference: {args.init_adapter}, frozen (a second copy of the adapter only, not of the model)")
+    else:
+        log("DPO reference: the base model, i.e. this model with its adapter disabled (no second copy)")
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -251,13 +264,15 @@ def stats_record(sums: list[float] | torch.Tensor, prefix: str = "") -> dict[str
 # the loop's pieces ----------------------------------------------------------------------------
 
 
-def step_batches(pairs: list[Pair], batch_size: int, seed: int, first: int, grad_accum: int, env: DistEnv,
-                 pad_id: int, max_tokens: int | None, sft_on_all: bool) -> list[dict[str, torch.Tensor]]:
-    """This process's batches of one optimizer step: micro-batches `first .. first + grad_accum - 1`
-    (a function of (seed, index), as for SFT), its own pairs of each, in pieces of `max_tokens`."""
-    return [collate_pairs(piece, pad_id, sft_on_all)
-            for k in range(grad_accum)
-            for piece in split_pairs(distributed.shard(micro_batch(pairs, batch_size, seed, first + k), env),
+def step_batches(pairs: list[Pair], args: Any, step: int, env: DistEnv, pad_id: int,
+                 max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """This process's batches of optimizer step `step` (`args`: a `train.TrainArgs`): micro-batches
+    `step * grad_accum ...` (a function of (seed, index), as for SFT), its own pairs of each, in
+    pieces of at most `max_tokens`."""
+    first = step * args.grad_accum
+    return [collate_pairs(piece, pad_id, args.loss_on == "all")
+            for k in range(args.grad_accum)
+            for piece in split_pairs(distributed.shard(micro_batch(pairs, args.batch_size, args.seed, first + k), env),
                                      max_tokens)]
 
 

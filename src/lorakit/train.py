@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed, objectives
+from . import distributed, objectives, sharded
 from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -45,10 +45,10 @@ from .data import (
 )
 from .distributed import DistEnv
 from .inject import inject, trainable_parameters
-from .io import load_adapter, save_adapter
+from .io import load_adapter, read_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
-from .models import DEFAULT_HUB_ID, default_device, load_model
-from .objectives import PreferenceConfig, PreferenceLoss, body_and_head
+from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
+from .objectives import PreferenceLoss, body_and_head
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .prefdata import Pair
 from .quant import memory_report
@@ -148,8 +148,7 @@ class TrainArgs:
     fast_path: bool = True
     """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
     objective: str = "sft"
-    """sft (supervised), or preference tuning on {"prompt", "chosen", "rejected"} rows: dpo (against a
-    reference model) or orpo (odds ratio plus SFT, no reference)."""
+    """sft, or preference tuning on chosen/rejected pairs: dpo (against a reference) or orpo (no reference)."""
     beta: float = 0.1
     """DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term."""
     label_smoothing: float = 0.0
@@ -189,10 +188,6 @@ class TrainArgs:
         objectives.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
                                          self.label_smoothing, self.packing)
         self.lora_config()  # validates rank, alpha, dropout and targets early
-
-    def preference_config(self) -> PreferenceConfig:
-        reference = self.reference if self.reference != "auto" else ("init" if self.init_adapter else "base")
-        return PreferenceConfig(self.objective, self.beta, self.label_smoothing, reference, self.loss_chunk)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(
@@ -249,8 +244,20 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     # The frozen base is held in the compute dtype: fp32, or bf16 under bf16 autocast (on a GPU,
     # load_model's own default, bf16 where supported).
     base_dtype = torch.float32 if compute_dtype is None else (compute_dtype if target.type == "cpu" else None)
-    model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
-    device = next(model.parameters()).device
+    # Under FSDP2 a model directory is read shard by shard into a model built on the meta device.
+    start_from = resume_from or (Path(args.init_adapter) if args.init_adapter else None)
+    start_config = read_adapter(start_from).config if start_from is not None else args.lora_config()
+    lazy_source, why = sharded.choose(args.model, env, start_config, args.quantize)
+    if lazy_source is not None and objectives.second_adapter(args):
+        lazy_source, why = None, "loading the whole model in every process: --reference init holds a second adapter"
+    if env.strategy == "fsdp":
+        log(f"FSDP2: {why}")
+    if lazy_source is not None:
+        model, tokenizer = sharded.build_meta(lazy_source, base_dtype or default_dtype(target))
+        device = target
+    else:
+        model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
+        device = next(model.parameters()).device
     preference = args.objective != "sft"
     if preference:  # pairs in place of rows: micro_batch and the loop treat them alike
         train_rows, eval_rows = objectives.load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len,
@@ -267,17 +274,21 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         eval_rows = as_sequences(eval_examples, args.seq_len, False)
 
     torch.manual_seed(args.seed)
-    if resume_from is not None or args.init_adapter:
-        load_adapter(model, resume_from or args.init_adapter, trainable=True)
+    start_adapter: dict[str, torch.Tensor] = {}  # whole tensors for a shard-by-shard load
+    if start_from is not None and lazy_source is not None:
+        inject(model, start_config)
+        start_adapter = sharded.checkpoint_adapter(read_adapter(start_from))
+    elif start_from is not None:
+        load_adapter(model, start_from, trainable=True)
     else:
-        config = args.lora_config()
-        config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
-        inject(model, config)
+        start_config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
+        inject(model, start_config)
+        if lazy_source is not None:
+            start_adapter = sharded.initial_adapter(model, start_config, args.seed, device,
+                                                    next(model.parameters()).dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = objectives.setup_reference(model, args.objective, args.preference_config().reference, args.init_adapter)
-    if reference:
-        log(reference)
+    objectives.setup_reference(model, args)
     if args.fast_path and device.type == "cuda" and preference:
         log(f"GPU fast path off: {args.objective} needs per-sequence log-probabilities (the generic path runs)")
     elif args.fast_path and device.type == "cuda":
@@ -290,8 +301,11 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
-    loss_module = PreferenceLoss(model, args.preference_config()) if preference else LossModule(model, args.loss_chunk)
+    loss_module = PreferenceLoss(model, objectives.preference_config(args)) if preference else LossModule(model, args.loss_chunk)
     run.loss_module = distributed.wrap(loss_module, env, device)
+    if lazy_source is not None:
+        held = sharded.materialize(model, lazy_source, env, device, start_adapter)
+        log(f"FSDP2: this process holds {held:,} of the model's {sum(p.numel() for p in model.parameters()):,} values")
     if env.enabled:
         log(f"{env.strategy} across {env.world_size} processes: {args.batch_size // env.world_size} sequences each per micro-batch")
     run.optimizer = make_optimizer(model, args)
@@ -496,8 +510,7 @@ def train(args: TrainArgs) -> Path:
             # update, a fraction of the activation memory); GEMMs of a few hundred rows are as fast
             # per token on a CPU. Sharded runs keep whole micro-batches (same backward count per rank).
             if preference:  # pairs: the same (seed, index) order, normalised by the step's pairs
-                batches = objectives.step_batches(run.train_rows, args.batch_size, args.seed, step * args.grad_accum,
-                                       args.grad_accum, env, pad_id, max_tokens, args.loss_on == "all")
+                batches = objectives.step_batches(run.train_rows, args, step, env, pad_id, max_tokens)
             else:
                 batches = [collate(piece, pad_id)
                            for k in range(args.grad_accum)
@@ -507,7 +520,7 @@ def train(args: TrainArgs) -> Path:
             # Normalise by the supervised tokens of the whole step on all processes, so accumulation
             # and sharding both equal one big batch. DDP and FSDP2 average gradients over processes,
             # hence the factor world_size.
-            local_count = sum(b["input_ids"].shape[0] // 2 if preference else int((b["labels"][:, 1:] != IGNORE).sum())
+            local_count = sum(len(b["input_ids"]) // 2 if preference else int((b["labels"][:, 1:] != IGNORE).sum())
                               for b in batches)
             local_tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)  # for tokens/s
             step_count, step_tokens = (int(v) for v in distributed.all_sum([local_count, local_tokens], env))
