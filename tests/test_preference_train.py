@@ -145,6 +145,7 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny_model
         (["--objective", "dpo", "--reference", "init"], "--reference init needs --init-adapter DIR"),
         (["--objective", "dpo", "--reference", "sft"], "--reference must be one of auto, base, init, got 'sft'"),
         (["--objective", "orpo", "--packing"], "--packing applies to --objective sft only"),
+        (["--objective", "orpo", "--label-smoothing", "0.1"], "--label-smoothing applies to --objective dpo only"),
     ]
     for extra, message in cases:
         out = tmp_path / "never"

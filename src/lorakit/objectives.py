@@ -67,6 +67,8 @@ def check_preference_args(objective: str, reference: str, init_adapter: str | No
         raise ValueError(f"--beta must be > 0, got {beta!r}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and objective != "dpo":
+        raise ValueError(f"--label-smoothing applies to --objective dpo only, got --objective {objective}")
     if objective != "sft" and packing:
         raise ValueError(f"--packing applies to --objective sft only; {objective} scores whole pairs, got --packing")
 
