@@ -36,7 +36,7 @@ def main() -> None:
         command = [sys.executable, "-m", "lorakit", "train", "--data", str(TRAIN), "--eval-data", str(EVAL),
                    "--output", args.output, "--quantize", "nf4", "--max-steps", str(args.steps), "--lr", "1e-3",
                    "--batch-size", "8", "--seq-len", "512", "--rank", "16", "--alpha", "32", "--log-every", "10",
-                   "--eval-every", str(max(1, args.steps // 2)), "--device", "cpu"]
+                   "--eval-every", str(max(1, args.steps // 2)), "--device", "cpu", "--overwrite"]
         print(" ".join(command[1:]), file=sys.stderr)
         t0 = time.perf_counter()
         subprocess.run(command, check=True)

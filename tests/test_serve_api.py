@@ -49,10 +49,11 @@ def reference(serve_adapter_dirs) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def server(serve_adapter_dirs):
+def server(serve_adapter_dirs, tmp_path_factory):
     engine = make_engine(serve_adapter_dirs, max_batch=16)
-    with Server(create_app(engine, model_name=BASE)) as running:
-        running.engine = engine
+    root = tmp_path_factory.mktemp("adapter-root")
+    with Server(create_app(engine, model_name=BASE, adapter_roots=[root])) as running:
+        running.engine, running.root = engine, root
         yield running
 
 
@@ -122,8 +123,8 @@ def test_fifty_concurrent_requests_over_mixed_adapters(server, reference) -> Non
     assert stats.decode_steps - steps_before < sum(c[2] for c in cases) / 2
 
 
-def test_load_and_unload_adapters_at_run_time(server, reference, tmp_path) -> None:
-    path = make_serve_adapter(tmp_path / "delta", seed=42)
+def test_load_and_unload_adapters_at_run_time(server, reference) -> None:
+    path = make_serve_adapter(server.root / "delta", seed=42)
     http = httpx.Client(base_url=server.url, timeout=60)
     made = http.post("/v1/adapters", json={"name": "delta", "path": str(path)})
     assert made.status_code == 201, made.text
@@ -161,11 +162,11 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, tmp_path) -> 
     with pytest.raises(openai.BadRequestError, match="context is 256 tokens"):
         api.completions.create(model="alpha", prompt="y" * 300, max_tokens=2)
 
-    misfit = make_serve_adapter(tmp_path / "wide", seed=3, hidden_size=48)
+    misfit = make_serve_adapter(server.root / "wide", seed=3, hidden_size=48)
     wrong = http.post("/v1/adapters", json={"name": "wide", "path": str(misfit)})
     assert wrong.status_code == 422 and "shape" in wrong.json()["error"]["message"]
-    missing = http.post("/v1/adapters", json={"name": "gone", "path": str(tmp_path / "nothing")})
-    assert missing.status_code == 400 and "does not exist" in missing.json()["error"]["message"]
+    missing = http.post("/v1/adapters", json={"name": "gone", "path": "nothing"})
+    assert missing.status_code == 400 and "not an adapter directory" in missing.json()["error"]["message"]
     assert {m.id for m in api.models.list().data} == {BASE, *SERVE_ADAPTERS}
 
     ok = api.completions.create(model="alpha", prompt="still here", max_tokens=3, temperature=0)

@@ -78,5 +78,7 @@ def test_cli_parses_repeated_adapter_options() -> None:
     assert name == "serve" and args.adapter == ["a=/x", "b=/y"] and args.max_batch == 4
     assert parse(["serve", "--adapter=a=/x"])[1].adapters() == {"a": Path("/x")}
     assert parse(["serve", "--adapter", "[a=/x, b=/y]"])[1].adapter == ["a=/x", "b=/y"]
+    args = parse(["serve", "--adapter-root", "/", "--max-request-bytes", "1000", "--max-adapters-on-cpu", "2"])[1]
+    assert args.adapter_root == ["/"] and args.max_request_bytes == 1000 and args.max_adapters_on_cpu == 2
     with pytest.raises(SystemExit):
         parse(["serve", "--adapter", "no-name-here"])

@@ -25,6 +25,10 @@ COMMANDS = {
     "eval": "loss and perplexity of a model (with or without an adapter) on a data file, as JSON",
     "merge": "fold an adapter into the base weights and save a plain transformers model",
     "info": "describe a saved adapter",
+    "check": "will vLLM, SGLang, llama.cpp, PEFT load this adapter and act on it? a verdict per target",
+    "convert": "rewrite an adapter as plain LoRA (one rank and alpha, no DoRA or modules_to_save) that every target accepts",
+    "export": "write an adapter for llama.cpp / Ollama: --format gguf-lora, gguf (merged) or ollama",
+    "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
 }
 
@@ -99,6 +103,102 @@ class MergeArgs:
     """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
 
 
+@dataclass
+class DataArgs:
+    """Show the first rows of a data file as training renders them, supervised tokens marked."""
+
+    data: str
+    """Data file or datasets directory (the formats and shapes `train` accepts)."""
+    preview: int = 5
+    """How many rows to show."""
+    model: str | None = None
+    """Base model whose tokenizer renders the rows; omitted: the bundled SmolLM2-135M-Instruct."""
+    adapter: str | None = None
+    """Render with the chat template saved beside this adapter instead of the base model's."""
+    seq_len: int = 1024
+    """Maximum tokens per example (longer ones are truncated, as in training)."""
+    loss_on: str = "completion"
+    """completion: loss on completions / assistant turns only; all: on every token."""
+
+    def __post_init__(self) -> None:
+        if self.preview <= 0:
+            raise ValueError(f"--preview must be a positive number of rows, got {self.preview}")
+        if self.loss_on not in ("completion", "all"):
+            raise ValueError(f"--loss-on must be completion or all, got {self.loss_on!r}")
+
+
+@dataclass
+class CheckArgs:
+    """A verdict per serving target (loads and acts / loads with warnings / refused), with reasons."""
+
+    adapter: str
+    """Adapter directory (also accepted as the first argument: lorakit check ADAPTER)."""
+    target: str = "all"
+    """vllm, sglang, llama.cpp, peft, a comma-separated list of them, or all."""
+    model: str | None = None
+    """Base model to check against (default: the one recorded in adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        from .export.check import parse_targets
+
+        parse_targets(self.target)
+
+
+@dataclass
+class ConvertArgs:
+    """Rewrite an adapter as plain LoRA, reporting the error per module and the greedy-token agreement."""
+
+    adapter: str
+    """Adapter directory (also accepted as the first argument: lorakit convert ADAPTER)."""
+    to: str = "plain-lora"
+    """What to convert to: plain-lora (one rank and alpha for every module, no DoRA, no modules_to_save)."""
+    rank: int | None = None
+    """The common rank (default: the adapter's largest); DoRA and modules_to_save go through a rank-R SVD."""
+    max_error: float = 0.05
+    """Refuse (and write nothing) when a module's relative error ||dW' - dW|| / ||dW|| is above this."""
+    output: str | None = None
+    """Directory for the converted adapter (default: ADAPTER-plain beside it)."""
+    model: str | None = None
+    """Base model (default: the one recorded in adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        if self.to != "plain-lora":
+            raise ValueError(f"--to must be plain-lora, got {self.to!r}")
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+        if not self.max_error >= 0:
+            raise ValueError(f"--max-error must be >= 0, got {self.max_error}")
+
+
+EXPORT_FORMATS = ("gguf-lora", "gguf", "ollama")
+
+
+@dataclass
+class ExportArgs:
+    """Write an adapter for llama.cpp or Ollama, through the gguf library."""
+
+    adapter: str
+    """Adapter directory (also accepted as the first argument: lorakit export ADAPTER)."""
+    format: str
+    """gguf-lora: a llama.cpp LoRA adapter (llama-server --lora FILE); gguf: base + adapter merged into
+    one GGUF; ollama: a merged GGUF and a Modelfile whose TEMPLATE and stops come from the adapter's chat template."""
+    output: str | None = None
+    """File (gguf-lora, gguf) or directory (ollama); default: beside the adapter, ADAPTER.gguf,
+    ADAPTER-DTYPE.gguf or ADAPTER-ollama/."""
+    dtype: str | None = None
+    """gguf-lora: f32 (default) or f16; gguf and ollama: q8_0 (default), f16 or bf16."""
+    model: str | None = None
+    """Base model (default: the one recorded in adapter_config.json)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        accepted = ("f32", "f16") if self.format == "gguf-lora" else ("q8_0", "f16", "bf16")
+        self.dtype = self.dtype or accepted[0]
+        if self.dtype not in accepted:
+            raise ValueError(f"--dtype for --format {self.format} must be one of {', '.join(accepted)}, got {self.dtype!r}")
+
+
 # the commands -----------------------------------------------------------------------------
 
 
@@ -108,13 +208,19 @@ def run_train(args: Any) -> None:
     train(args)
 
 
-def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None):
+def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None,
+          warn: bool = True):
+    """Base model and tokenizer, with the adapter and the chat template saved beside it."""
     from .io import load_adapter
     from .models import load_model
+    from .templates import use_adapter_template
 
     base, tokenizer = load_model(model, device=device, quantize=quantize)
     if adapter is not None:
         load_adapter(base, adapter)
+        warning = use_adapter_template(tokenizer, adapter)
+        if warning and warn:
+            print(f"warning: {warning}", file=sys.stderr)
     return base, tokenizer
 
 
@@ -148,7 +254,7 @@ def run_eval(args: EvalArgs) -> None:
     from .data import as_sequences, load_examples
     from .train import evaluate, log
 
-    model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize)
+    model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize, warn=False)
     device = next(model.parameters()).device
     examples, stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(stats.summary(args.data))
@@ -159,8 +265,14 @@ def run_eval(args: EvalArgs) -> None:
 
 def run_merge(args: MergeArgs) -> None:
     from .inject import merge_and_unload
+    from .models import DEFAULT_MODEL_NAME, cache_dir
 
-    model, tokenizer = _load(args.model, args.adapter, "cpu")
+    out_real = Path(args.output).resolve()
+    base = Path(args.model) if args.model else cache_dir() / DEFAULT_MODEL_NAME
+    for option, path in (("the base model's", base), ("the adapter's", Path(args.adapter))):
+        if path.exists() and path.resolve() == out_real:
+            raise ValueError(f"--output {args.output} is {option} directory; merging there would overwrite it; pick another")
+    model, tokenizer = _load(args.model, args.adapter, "cpu", warn=False)
     merged = merge_and_unload(model)
     out = Path(args.output)
     merged.save_pretrained(out, safe_serialization=True)
@@ -184,12 +296,77 @@ def run_info(adapter: str) -> None:
         "scaling": f"{config.scaling_for(''):g}",
         "dropout": config.dropout,
         "dora": config.use_dora,
+        "chat template": _template_summary(adapter),
         "parameters": f"{files.num_parameters:,}",
         "file size": f"{size / 1e6:.2f} MB ({size:,} bytes; config in {CONFIG_NAME})",
     }
     width = max(map(len, lines))
     for key, value in lines.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _template_summary(adapter: str) -> str:
+    from .templates import TEMPLATE_FILE, saved_chat_template
+
+    template = saved_chat_template(adapter)
+    if template is None:
+        return "(not saved; the base model's is used)"
+    first = template.strip().splitlines()[0] if template.strip() else ""
+    return f"{TEMPLATE_FILE} ({len(template)} chars): {first[:60]}{'...' if len(first) > 60 else ''}"
+
+
+def run_check(args: CheckArgs) -> int:
+    from .export.check import REFUSED, check, format_verdicts, parse_targets, read_facts
+
+    verdicts = check(read_facts(args.adapter, args.model), parse_targets(args.target))
+    print(format_verdicts(verdicts))
+    return 1 if any(v.verdict == REFUSED for v in verdicts) else 0
+
+
+def run_convert(args: ConvertArgs) -> None:
+    from .export.convert import convert_to_plain
+
+    output = args.output or f"{str(Path(args.adapter)).rstrip('/')}-plain"
+    result = convert_to_plain(args.adapter, output, args.model, args.rank, args.max_error)
+    errors = sorted(result.errors.items(), key=lambda kv: -kv[1])
+    width = max(len(p) for p, _ in errors)
+    print("relative error per module (||dW' - dW||_F / ||dW||_F), largest first:")
+    for path, error in errors:
+        print(f"  {path:<{width}}  {error:.2e}")
+    print(f"greedy-token agreement with the original: {result.agreement:.1%}")
+    print(f"plain LoRA (rank {result.rank}, alpha {result.alpha:g}) written to {result.output}")
+
+
+def run_export(args: ExportArgs) -> None:
+    stem = str(Path(args.adapter)).rstrip("/")
+    if args.format == "gguf-lora":
+        from .export.gguf_lora import write_gguf_lora
+
+        path = write_gguf_lora(args.adapter, args.output or f"{stem}.gguf", args.model, args.dtype or "f32")
+        print(f"llama.cpp LoRA adapter written to {path} (llama-server -m BASE.gguf --lora {path})")
+    elif args.format == "gguf":
+        from .export.gguf_model import write_gguf_model
+
+        path = write_gguf_model(args.adapter, args.output or f"{stem}-{args.dtype}.gguf", args.model, args.dtype or "q8_0")
+        print(f"merged model written to {path} (llama-cli -m {path})")
+    else:
+        from .export.ollama import write_ollama
+
+        path = write_ollama(args.adapter, args.output or f"{stem}-ollama", args.model, args.dtype or "q8_0")
+        print(f"Ollama model written to {path} (cd {path} && ollama create NAME -f Modelfile)")
+
+
+def run_data(args: DataArgs) -> None:
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model
+    from .preview import run_preview
+    from .templates import use_adapter_template
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    if args.adapter is not None:
+        use_adapter_template(tokenizer, args.adapter)
+    run_preview(args.data, tokenizer, args.preview, args.seq_len, args.loss_on)
 
 
 # parsing ----------------------------------------------------------------------------------
@@ -209,6 +386,14 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return MergeArgs, run_merge
     if name == "info":
         return None, run_info
+    if name == "data":
+        return DataArgs, run_data
+    if name == "check":
+        return CheckArgs, run_check
+    if name == "export":
+        return ExportArgs, run_export
+    if name == "convert":
+        return ConvertArgs, run_convert
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve
@@ -297,7 +482,10 @@ def parse(argv: Sequence[str]) -> tuple[str, Any]:
         raise SystemExit(2)
     cls, _ = _command(name)
     parser = build_parser(name)
-    cfg = parser.parse_args(normalize_argv(list(argv[1:]), cls))
+    rest = list(argv[1:])
+    if name in ("check", "export", "convert") and rest and not rest[0].startswith("-"):
+        rest = ["--adapter", *rest]  # lorakit check ADAPTER ...
+    cfg = parser.parse_args(normalize_argv(rest, cls))
     if cls is None:
         return name, cfg.adapter
     values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
@@ -313,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, args = parse(argv)
     _, handler = _command(name)
     try:
-        handler(args)
+        code = handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -321,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"lorakit {name}: error: {message}", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -7,14 +7,21 @@ both ways.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import re2
+import regex
 
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 """Initialisations `LoraConfig.init` accepts."""
 
 ALL_LINEAR = "all-linear"
+
+REGEX_TIMEOUT_S = 0.5
+"""Longest a regex that RE2 cannot run (lookaround, backreferences) may take on one module name."""
 
 
 @dataclass
@@ -172,8 +179,13 @@ class LoraConfig:
             raise ValueError(f"{source}: target_modules is missing")
         if isinstance(targets, (set, tuple)):
             targets = list(targets)
+        r = data.get("r", 8)
+        if isinstance(r, float) and r.is_integer():
+            r = int(r)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
         return cls(
-            r=int(data.get("r", 8)),
+            r=r,
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             target_modules=targets,
@@ -227,7 +239,7 @@ def _pattern_value(patterns: dict[str, Any] | None, module_name: str, default: A
     if not patterns:
         return default
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
+        if _fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name, pattern):
             return value
     return default
 
@@ -235,5 +247,31 @@ def _pattern_value(patterns: dict[str, Any] | None, module_name: str, default: A
 def matches(selector: list[str] | str, module_name: str) -> bool:
     """Whether `module_name` is selected: list = exact name or dotted suffix, str = regex full match."""
     if isinstance(selector, str):
-        return re.fullmatch(selector, module_name) is not None
+        return _fullmatch(selector, module_name, selector)
     return any(module_name == s or module_name.endswith("." + s) for s in selector)
+
+
+@functools.lru_cache(maxsize=512)
+def _linear_time(pattern: str) -> Any:
+    """RE2 (time linear in the name's length, whatever the pattern), or `regex` for the
+    patterns RE2 does not accept, which then run under a time limit."""
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error:
+        return regex.compile(pattern)
+
+
+def _fullmatch(pattern: str, name: str, shown: str) -> bool:
+    """A regex file or option may come from anyone: no pattern may stall the caller."""
+    compiled = _linear_time(pattern)
+    if isinstance(compiled, regex.Pattern):
+        try:
+            return compiled.fullmatch(name, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise ValueError(
+                f"regex {shown!r} took over {REGEX_TIMEOUT_S} s on module name {name!r} (catastrophic "
+                "backtracking); write it without nested repetition"
+            ) from None
+    return compiled.fullmatch(name) is not None

@@ -19,6 +19,7 @@ so the model's prediction at t-1 is scored against it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -116,10 +117,24 @@ def read_rows(path: str | Path) -> list[Row]:
     return rows
 
 
+def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """`raw` decoded as UTF-8, or a DataError naming the file, the line and the bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -131,7 +146,7 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 
 def _read_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = _utf8(path.read_bytes(), path)
     if not text.strip():
         return []
     try:
@@ -146,7 +161,8 @@ def _read_json(path: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
+    text = _utf8(path.read_bytes(), path)
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         # Line numbers count the header as line 1, so they match what an editor shows.
         return [Row(dict(r), str(path), reader.line_num) for r in reader]
@@ -331,33 +347,37 @@ def load_examples(
     loss_on: str = "completion",
     skip_bad: bool = False,
 ) -> tuple[list[Example], DataStats]:
-    """Read a file and tokenize it. With `skip_bad`, rows that are not JSON are skipped too."""
+    """Read a file and tokenize it. With `skip_bad`, JSONL lines that are not JSON or not UTF-8 are skipped too."""
     if skip_bad and Path(path).suffix.lower() == ".jsonl":
         rows, bad = _read_jsonl_lenient(Path(path))
     else:
-        rows, bad = read_rows(path), 0
+        rows, bad = read_rows(path), {}
     examples, stats = tokenize_rows(rows, tokenizer, seq_len, loss_on, skip_bad)
-    if bad:
-        stats.skipped += bad
-        stats.skip_reasons["not valid JSON"] = stats.skip_reasons.get("not valid JSON", 0) + bad
-        stats.rows += bad
+    for reason, n in bad.items():
+        stats.skipped += n
+        stats.skip_reasons[reason] = stats.skip_reasons.get(reason, 0) + n
+        stats.rows += n
     return examples, stats
 
 
-def _read_jsonl_lenient(path: Path) -> tuple[list[Row], int]:
+def _read_jsonl_lenient(path: Path) -> tuple[list[Row], dict[str, int]]:
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    rows, bad = [], 0
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    rows, bad = [], {"not valid JSON": 0, "not valid UTF-8": 0}
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                rows.append(Row(json.loads(line), str(path), number))
+                rows.append(Row(json.loads(raw.decode("utf-8")), str(path), number))
             except json.JSONDecodeError:
-                bad += 1
+                bad["not valid JSON"] += 1
+            except UnicodeDecodeError:
+                bad["not valid UTF-8"] += 1
+    bad = {reason: n for reason, n in bad.items() if n}
     if not rows:
-        raise DataError(f"{path}: the file has no examples" + (f" ({bad} lines are not JSON)" if bad else ""))
+        reasons = "; ".join(f"{n} lines {reason}" for reason, n in bad.items())
+        raise DataError(f"{path}: the file has no examples" + (f" ({reasons})" if bad else ""))
     return rows, bad
 
 

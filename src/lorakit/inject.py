@@ -192,6 +192,22 @@ def _check_name(state: AdapterState, name: str) -> None:
         raise KeyError(f"no adapter named {name!r}; adapters on this model: {known}")
 
 
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
+"""Attributes of the dicts that hold adapters by name (`eval`, `training`, `forward`, ...):
+an adapter under one of these names would clash with, or hide, the attribute."""
+
+
+def check_adapter_name(name: object) -> str:
+    """Refuse an adapter name the layers cannot hold, before anything changes."""
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+    if name in _RESERVED_NAMES:
+        raise ValueError(
+            f"adapter name {name!r} is the name of a module attribute (like eval, training, forward); pick another"
+        )
+    return name
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -210,6 +226,7 @@ def attach(
     trainable: bool = True,
 ) -> None:
     """Add adapter `name` (default-initialised) on exactly `module_names`; no targeting, no init."""
+    check_adapter_name(name)
     state = getattr(model, "lora_state", None)
     if not isinstance(state, AdapterState):
         state = AdapterState()
@@ -269,8 +286,7 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     """Add a trainable adapter `name` beside the existing ones (it is not made active)."""
     from .init import initialise
 
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    check_adapter_name(name)
     if has_adapters(model) and name in get_state(model).configs:
         raise ValueError(
             f"an adapter named {name!r} already exists; delete it first or pick another name"

@@ -7,12 +7,15 @@ embeddings, and `base_model.model.<module path>.<param>` for modules_to_save.
 
 Files are written under a temporary name and renamed. Loading reads and checks
 everything before the model is touched, so a bad file leaves the model as it was.
+Reading is bounded: a config over `MAX_CONFIG_BYTES`, or a safetensors header over
+`MAX_HEADER_BYTES` or `MAX_TENSORS` tensors, is refused before it is parsed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from .init import olora, pissa
 from .inject import (
     ModulesToSave,
     attach,
+    check_adapter_name,
     find_saved,
     find_targets,
     get_state,
@@ -38,6 +42,11 @@ from .inject import (
 )
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_dtype
 
+MAX_CONFIG_BYTES = 2**20
+"""adapter_config.json is a few KB; a rank_pattern over every module of a large model stays under 1 MiB."""
+MAX_HEADER_BYTES = 16 * 2**20
+"""A safetensors header is ~100 bytes a tensor: 16 MiB is over 100,000 tensors."""
+MAX_TENSORS = 100_000
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -119,9 +128,25 @@ def save_adapter(
 
 
 def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write adapter tensors and config, each file under a temporary name and then renamed."""
+    """Write adapter tensors and config, each file under a temporary name and then renamed.
+
+    A new directory is written whole under a temporary name and renamed into place. In an
+    existing one the old config goes first and the new one comes last, so an interrupted
+    write leaves an adapter without a config (refused when read), never a config beside
+    weights it does not describe.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            write_adapter(tmp, tensors, config)
+            os.rename(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    (directory / CONFIG_NAME).unlink(missing_ok=True)
     _atomic_write(
         directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
@@ -174,6 +199,10 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
         raise FileNotFoundError(
             f"{weights_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{config_path} is {config_path.stat().st_size} bytes; an adapter config is at most {MAX_CONFIG_BYTES}"
+        )
     try:
         raw = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -181,11 +210,36 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
     config = LoraConfig.from_peft_dict(raw, source=str(config_path))
+    check_safetensors_header(weights_path)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights_path} is truncated or corrupt: {err}") from None
+    for key, tensor in tensors.items():
+        # A NaN or infinity would poison every output of the adapter (and a sampled batch with it).
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{weights_path}: {key} holds NaN or infinite values")
     return AdapterFiles(directory, config, raw, tensors)
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a safetensors file whose header is too large or lists too many tensors, unparsed."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is truncated or corrupt: {size} bytes, shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length > MAX_HEADER_BYTES or length > size - 8:
+            raise ValueError(
+                f"{path} declares a {length}-byte header (file: {size} bytes; at most {MAX_HEADER_BYTES} "
+                "accepted); it is corrupt or not an adapter"
+            )
+        header = f.read(length)
+    # Each tensor entry holds one "dtype" key; counting them bounds the work before JSON parsing.
+    count = header.count(b'"dtype"')
+    if count > MAX_TENSORS:
+        raise ValueError(f"{path} lists {count} tensors; an adapter has at most {MAX_TENSORS}")
 
 
 # loading --------------------------------------------------------------------------------
@@ -263,7 +317,14 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
         for suffix, shape in shapes.items():
             if suffix not in parts:
                 raise ValueError(f"{weights_path}: missing key {PREFIX}{path}{suffix}")
-            if tuple(parts[suffix].shape) != shape:
+            got = tuple(parts[suffix].shape)
+            rank_axis = 0 if suffix in (".lora_A.weight", ".lora_embedding_A") else 1
+            if len(got) == 2 and len(shape) == 2 and got[1 - rank_axis] == shape[1 - rank_axis] and got != shape:
+                raise ValueError(
+                    f"{weights_path}: {PREFIX}{path}{suffix} has rank {got[rank_axis]}, but {CONFIG_NAME} "
+                    f"says r={r} for this module; the config and the weights do not belong together"
+                )
+            if got != shape:
                 raise ValueError(
                     f"{weights_path}: {PREFIX}{path}{suffix} has shape {tuple(parts[suffix].shape)}, "
                     f"this model needs {shape} (rank {r}); the adapter was made for a different base model"
@@ -324,7 +385,7 @@ def load_adapter(
     active one; further adapters are added inactive (use `set_adapter`). Everything
     is checked before the model changes: a bad file raises and leaves it as it was.
     """
-    name = adapter_name or "default"
+    name = check_adapter_name(adapter_name or "default")
     if has_adapters(model) and name in get_state(model).configs:
         raise ValueError(
             f"an adapter named {name!r} is already loaded; delete it or choose another adapter_name"

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import distributed, objectives, sharded
-from .checkpoint import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
     IGNORE,
@@ -44,6 +44,7 @@ from .data import (
     split_rows,
 )
 from .distributed import DistEnv
+from .export.check import vllm_verdict_for_training
 from .inject import inject, trainable_parameters
 from .io import load_adapter, read_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
@@ -52,7 +53,10 @@ from .objectives import PreferenceLoss, body_and_head
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .prefdata import Pair
 from .quant import memory_report
+from .rundir import prepare_output, settings
 from .runlog import format_record, log, plot_losses, progress_bar
+from .templates import save_tokenizer
+from .threads import tuner_for
 
 SCHEDULES = ("cosine", "linear", "constant")
 CPU_MAX_TOKENS = 256
@@ -135,7 +139,9 @@ class TrainArgs:
     early_stopping: int | None = None
     """Stop after this many evaluations without a better eval_loss."""
     resume: bool = False
-    """Continue from the latest checkpoint in the output directory."""
+    """Continue from the latest checkpoint in the output directory (its settings must match these)."""
+    overwrite: bool = False
+    """Replace the run already in the output directory (a non-empty directory is refused otherwise)."""
     quantize: str | None = None
     """Quantize the frozen base while loading: nf4 (4-bit NormalFloat, QLoRA) or int8 (bitsandbytes, CPU or GPU)."""
     device: str | None = None
@@ -169,10 +175,14 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}")
-        if self.epochs <= 0:
-            raise ValueError(f"--epochs must be > 0, got {self.epochs!r}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        rules = {"epochs": "> 0", "lr": "> 0", "loraplus_ratio": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0", "alpha": ""}
+        for name, rule in rules.items():
+            value = getattr(self, name)
+            if name == "max_grad_norm" and value is None:
+                continue  # no clipping
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or (rule == "> 0" and value <= 0) or (rule == ">= 0" and value < 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {rule}".rstrip() + f", got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
@@ -283,6 +293,8 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     else:
         start_config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
         inject(model, start_config)
+        if env.is_main and (verdict := vllm_verdict_for_training(model)):
+            log(verdict)  # said before the run, not after it
         if lazy_source is not None:
             start_adapter = sharded.initial_adapter(model, start_config, args.seed, device,
                                                     next(model.parameters()).dtype)
@@ -453,15 +465,12 @@ def write_config(args: TrainArgs, run: Run, path: Path) -> None:
 def train(args: TrainArgs) -> Path:
     """Run the whole recipe; returns the output directory (which holds the final adapter)."""
     output = Path(args.output)
+    resume_from, run_id = prepare_output(args)  # one run per directory (rundir.py)
     output.mkdir(parents=True, exist_ok=True)
-    resume_from = None
-    if args.resume:
-        found = checkpoint_dirs(output)
-        if found:
-            resume_from = found[-1]
-            log(f"resuming from {resume_from}")
-        else:
-            log(f"--resume: no checkpoint in {output}; starting from scratch")
+    if resume_from is not None:
+        log(f"resuming from {resume_from}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {output}; starting from scratch")
 
     run = setup(args, resume_from)
     model, optimizer, scheduler, env = run.model, run.optimizer, run.scheduler, run.env
@@ -476,7 +485,8 @@ def train(args: TrainArgs) -> Path:
     if not env.enabled:
         max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
 
-    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0}
+    state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0,
+                             "run_id": run_id, "settings": settings(args)}
     start = 0
     metrics_path = output / "metrics.jsonl"
     if resume_from is not None:
@@ -501,6 +511,7 @@ def train(args: TrainArgs) -> Path:
     progress.start()
     rng_at_step = rng_state()  # a checkpoint at `step` restarts from exactly this state
     in_step = False
+    tuner = tuner_for(run.device, env.enabled, log)  # CPU threads by measurement (threads.py)
     try:
         while step < run.total_steps:
             t0 = time.perf_counter()
@@ -546,7 +557,9 @@ def train(args: TrainArgs) -> Path:
             in_step = False
             step += 1
             rng_at_step = rng_state()  # nothing below draws random numbers before the next step
-            window_time += time.perf_counter() - t0
+            window_time += (elapsed := time.perf_counter() - t0)
+            if tuner is not None:
+                tuner.after_step(step_tokens, elapsed)
             window_loss += step_loss
             window_count += step_count
             window_tokens += step_tokens
@@ -604,8 +617,12 @@ def train(args: TrainArgs) -> Path:
         raise
     finally:
         progress.stop()
+        if tuner is not None:
+            tuner.close()
 
     save_adapter(model, output, write=env.is_main)
+    if env.is_main:  # the template travels with the adapter (lorakit.templates)
+        save_tokenizer(run.tokenizer, output)
     log(str(memory_report(model, optimizer)))
     if metrics_path.exists() and env.is_main:
         plot_losses(metrics_path, output / "loss.png")

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         output=opts.output, max_steps=opts.steps, lr=opts.lr, batch_size=8, seq_len=512, rank=16, alpha=32,
         log_every=10 if not preference else 5, eval_every=max(1, opts.steps // 2), device="cpu",
         objective=opts.objective, beta=opts.beta,
+        overwrite=True,  # the demo's directory holds the demo's last run, if any
     )
     del model  # training loads its own copy; two at once would double the peak memory
     t0 = time.perf_counter()

@@ -1,7 +1,15 @@
 """Serving one base model with many LoRA adapters: the batching engine and its HTTP API."""
 
 from .adapters import AdapterMismatch
-from .engine import Completion, Engine, Event, PromptTooLong, QueueFull, UnknownAdapter
+from .engine import (
+    Completion,
+    Engine,
+    Event,
+    InvalidPrompt,
+    PromptTooLong,
+    QueueFull,
+    UnknownAdapter,
+)
 from .sampling import SamplingParams
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "Completion",
     "Engine",
     "Event",
+    "InvalidPrompt",
     "PromptTooLong",
     "QueueFull",
     "SamplingParams",

@@ -49,9 +49,13 @@ class AdapterCache:
     def __init__(self, model: nn.Module, max_on_device: int, max_on_cpu: int, wake: Callable[[], None]) -> None:
         if max_on_device < 1:
             raise ValueError(f"max_adapters_on_device must be >= 1, got {max_on_device}")
+        if max_on_cpu < 1:
+            # An adapter read from disk waits in the CPU tier until a device slot takes it: with no
+            # room there, it would be dropped as soon as it is read, and read again, forever.
+            raise ValueError(f"max_adapters_on_cpu must be >= 1, got {max_on_cpu}")
         self.model = model
         self.max_on_device = max_on_device
-        self.max_on_cpu = max(max_on_cpu, 0)
+        self.max_on_cpu = max_on_cpu
         self.paths: dict[str, Path] = {}
         self.on_device: OrderedDict[str, AdapterFiles] = OrderedDict()  # least recently used first
         self.on_cpu: OrderedDict[str, AdapterFiles] = OrderedDict()

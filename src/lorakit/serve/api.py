@@ -12,8 +12,12 @@ The `model` field of a request names an adapter, or the base model's name for th
 alone. Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and
 name the offending field or value: 400 bad input (malformed JSON, a prompt longer than the
 context), 401 a wrong or missing API key, 404 an unknown adapter (the message lists the
-loaded ones), 409 a name already taken, 422 a field out of range or an adapter that does
-not fit the base model, 429 a full queue.
+loaded ones), 409 a name already taken, 413 a body over the size limit, 422 a field out of
+range or an adapter that does not fit the base model, 429 a full queue.
+
+Every request is checked before it reaches the engine (token ids in the vocabulary, a
+64-bit seed, encodable text, a prompt short enough to tokenize), prompts are tokenized off
+the event loop, and `POST /v1/adapters` reads only inside the `adapter_roots` directories.
 """
 
 from __future__ import annotations
@@ -24,16 +28,30 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.routing import Match
 
+from ..inject import check_adapter_name
+from ..templates import saved_chat_template
 from .adapters import AdapterMismatch
-from .engine import Engine, Event, PromptTooLong, QueueFull, UnknownAdapter
+from .engine import Engine, Event, InvalidPrompt, PromptTooLong, QueueFull, UnknownAdapter
+from .guards import (
+    DEFAULT_MAX_BODY_BYTES,
+    AdapterPathRefused,
+    BodyLimit,
+    adapter_path,
+    bad_text,
+    client_gone,
+    prompt_char_limit,
+)
+from .metrics import CONTENT_TYPE, ServerMetrics
 from .sampling import SamplingParams
 
 # request bodies ---------------------------------------------------------------------------
@@ -48,7 +66,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -107,15 +125,22 @@ def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
 # the app --------------------------------------------------------------------------------
 
 
-class _Metrics:
-    def __init__(self) -> None:
-        self.http: dict[tuple[str, int], int] = {}
-        self.rejected: dict[str, int] = {}
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    adapter_roots: Sequence[str | Path] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The HTTP app. It starts the engine when it starts, unless the engine already runs.
 
-
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The HTTP app. It starts the engine when it starts, unless the engine already runs."""
-    metrics = _Metrics()
+    `adapter_roots`: the directories `POST /v1/adapters` may load from (none: loading by
+    path is off). `max_body_bytes`: larger request bodies get 413 before they are parsed.
+    """
+    metrics = ServerMetrics(engine)
+    roots = [Path(r) for r in adapter_roots]
+    char_limit = prompt_char_limit(engine.tokenizer, engine.context_length)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,18 +166,49 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         return _error(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
 
+    def route_of(request: Request) -> str | None:
+        """The template of the route this request matches (a bounded set), None for none."""
+        for route in app.router.routes:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                return getattr(route, "path", None)
+        return None
+
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next):
         if api_key is not None and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                metrics.http[(request.url.path, 401)] = metrics.http.get((request.url.path, 401), 0) + 1
+                metrics.count_http(route_of(request), 401)
                 return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error")
         response = await call_next(request)
-        path = "/v1/adapters/{name}" if request.url.path.startswith("/v1/adapters/") else request.url.path
-        metrics.http[(path, response.status_code)] = metrics.http.get((path, response.status_code), 0) + 1
+        metrics.count_http(route_of(request), response.status_code)
         return response
+
+    # Outermost: an oversized body is refused before anything reads it.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    def check_text(body: BaseModel) -> None:
+        field = bad_text(body.model_dump())
+        if field is not None:
+            raise ApiError(400, f"{field} is not valid Unicode text (it holds a lone surrogate, such as \\ud800)", param=field)
+
+    def check_length(chars: int, param: str) -> None:
+        if chars > char_limit:
+            raise ApiError(
+                400,
+                f"the {param} has {chars} characters; no text over {char_limit} characters fits this "
+                f"model's context of {engine.context_length} tokens",
+                param=param,
+            )
+
+    async def encode(text: str, param: str = "prompt", special: bool = True) -> list[int]:
+        """Token ids of `text`, tokenized on a worker thread once its length could fit the context."""
+        check_length(len(text), param)
+        if special:
+            return await asyncio.to_thread(engine.encode, text)
+        return await asyncio.to_thread(lambda: list(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     def resolve(model: str) -> str | None:
         if model == model_name:
@@ -190,13 +246,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         try:
             for i, ids in enumerate(prompts):
                 requests.append(engine.submit(ids, adapter, params, listener(i)))
-        except (QueueFull, PromptTooLong, UnknownAdapter) as err:
+        except (QueueFull, PromptTooLong, InvalidPrompt, UnknownAdapter) as err:
             for r in requests:
                 engine.cancel(r)
             if isinstance(err, QueueFull):
-                metrics.rejected["queue_full"] = metrics.rejected.get("queue_full", 0) + 1
+                metrics.count_rejected()
                 raise ApiError(429, str(err), kind="rate_limit_error") from None
-            if isinstance(err, PromptTooLong):
+            if isinstance(err, (PromptTooLong, InvalidPrompt)):
                 raise ApiError(400, str(err), param="prompt") from None
             raise ApiError(404, str(err), param="model", kind="not_found_error") from None
         return queue, requests
@@ -205,13 +261,19 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
         texts = [[] for _ in requests]
         reasons: list[str | None] = [None] * len(requests)
         prompt_tokens = completion_tokens = 0
+        checked = time.monotonic()
         try:
             while any(r is None for r in reasons):
                 try:
-                    index, event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await http.is_disconnected():
+                    index, event = -1, None
+                # A client that left stops its generation, whether or not tokens keep coming.
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if client_gone(http.scope) or await http.is_disconnected():
                         return [], [], 0, 0
+                if event is None:
                     continue
                 texts[index].append(event.text)
                 if event.finish_reason is not None:
@@ -266,15 +328,16 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request):
+        check_text(body)
         adapter = resolve(body.model)
         params = params_of(body, body.max_tokens)
         prompt = body.prompt
         if isinstance(prompt, str):
-            prompts = [engine.encode(prompt)]
+            prompts = [await encode(prompt)]
         elif prompt and all(isinstance(p, int) for p in prompt):
             prompts = [list(prompt)]
         elif prompt:
-            prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+            prompts = [await encode(p) if isinstance(p, str) else list(p) for p in prompt]
         else:
             raise ApiError(400, "prompt is empty", param="prompt")
         queue, requests = start(prompts, adapter, params)
@@ -305,16 +368,25 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: Request):
+        check_text(body)
         adapter = resolve(body.model)
         params = params_of(body, body.max_completion_tokens or body.max_tokens)
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
-        if getattr(engine.tokenizer, "chat_template", None) is None:
+        # An adapter's own chat template (saved beside it by `lorakit train`) wins over the base model's.
+        path = engine.adapters.paths.get(adapter) if adapter is not None else None
+        template = saved_chat_template(path) if path is not None else None
+        template = template or getattr(engine.tokenizer, "chat_template", None)
+        if template is None:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = await asyncio.to_thread(
+                engine.tokenizer.apply_chat_template, messages, chat_template=template, add_generation_prompt=True,
+                tokenize=False,
+            )
         except Exception as err:  # a template may reject a role order, say
             raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
-        ids = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = await encode(text, param="messages", special=False)
         queue, requests = start([ids], adapter, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -356,14 +428,23 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     @app.post("/v1/adapters")
     async def load_adapter(body: AdapterBody):
+        check_text(body)
+        try:
+            check_adapter_name(body.name)
+        except ValueError as err:
+            raise ApiError(422, str(err), param="name") from None
         if body.name == model_name or body.name in engine.adapter_names():
             raise ApiError(409, f"the name {body.name!r} is taken; unload it first or pick another", param="name")
         try:
-            await asyncio.to_thread(engine.load_adapter, body.name, body.path)
+            path = adapter_path(body.path, roots)
+            await asyncio.to_thread(engine.load_adapter, body.name, path)
+        except AdapterPathRefused as err:
+            raise ApiError(400, str(err), param="path") from None
         except AdapterMismatch as err:
             raise ApiError(422, f"adapter {body.name!r} does not fit this base model: {err}", param="path") from None
-        except FileNotFoundError as err:
-            raise ApiError(400, str(err), param="path") from None
+        except FileNotFoundError:  # removed between the check and the read: the same answer
+            message = f"path {body.path!r} is not an adapter directory under the server's adapter roots"
+            raise ApiError(400, message, param="path") from None
         except ValueError as err:
             message = str(err)
             status = 409 if "already" in message else 422
@@ -388,7 +469,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(_prometheus(engine, metrics), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 
@@ -402,39 +483,3 @@ def _content_text(content: str | list[dict[str, Any]] | None) -> str:
             raise ApiError(400, f"only text message parts are supported, got type {part.get('type')!r}", param="messages")
         parts.append(str(part.get("text", "")))
     return "".join(parts)
-
-
-def _prometheus(engine: Engine, metrics: _Metrics) -> str:
-    stats, cache = engine.stats, engine.adapters
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP lorakit_{name} {help_text}")
-        lines.append(f"# TYPE lorakit_{name} {kind}")
-        lines.extend(f"lorakit_{name}{labels} {value}" for labels, value in samples)
-
-    metric(
-        "requests_total",
-        "counter",
-        "Finished generation requests by finish reason.",
-        [(f'{{finish_reason="{k}"}}', v) for k, v in sorted(stats.requests.items())] or [('{finish_reason="stop"}', 0)],
-    )
-    metric(
-        "http_requests_total",
-        "counter",
-        "HTTP requests by path and status.",
-        [(f'{{path="{p}",status="{s}"}}', v) for (p, s), v in sorted(metrics.http.items())],
-    )
-    metric("rejected_requests_total", "counter", "Requests refused because the queue was full.", [("", metrics.rejected.get("queue_full", 0))])
-    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prompt_tokens)])
-    metric("generation_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
-    metric("queue_depth", "gauge", "Requests waiting to join the batch.", [("", engine.queue_depth)])
-    metric("batch_size", "gauge", "Requests in the running batch.", [("", engine.running)])
-    metric("decode_steps_total", "counter", "Decode steps run.", [("", stats.decode_steps)])
-    metric("decode_rows_total", "counter", "Sum of batch sizes over decode steps (divide by steps for the mean).", [("", stats.batch_rows)])
-    metric("adapter_cache_hits_total", "counter", "Requests whose adapter was on the device.", [("", cache.hits)])
-    metric("adapter_cache_misses_total", "counter", "Requests whose adapter had to be loaded.", [("", cache.misses)])
-    metric("adapter_cache_evictions_total", "counter", "Adapters moved off the device.", [("", cache.evictions)])
-    metric("adapters_on_device", "gauge", "Adapters resident on the compute device.", [("", len(cache.on_device))])
-    metric("adapters_loaded", "gauge", "Adapters this server knows.", [("", len(cache.paths))])
-    return "\n".join(lines) + "\n"

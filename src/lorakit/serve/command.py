@@ -7,6 +7,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .guards import DEFAULT_MAX_BODY_BYTES
+
+SHUTDOWN_GRACE_S = 3
+"""On SIGTERM / Ctrl-C, open connections get this long to finish before the server stops anyway."""
+
 
 @dataclass
 class ServeArgs:
@@ -31,27 +36,51 @@ class ServeArgs:
     max_adapters_on_device: int = 32
     """Adapters kept on the compute device at once; the least recently used go back to CPU memory."""
     max_adapters_on_cpu: int = 128
-    """Adapters kept read in CPU memory; the rest are read from disk again when needed."""
+    """Adapters kept read in CPU memory (at least 1); the rest are read from disk again when needed."""
     context_length: int | None = None
     """Longest prompt + output in tokens (default: the model's max_position_embeddings)."""
+    adapter_root: list[str] = field(default_factory=list)
+    """Directories POST /v1/adapters may load from (repeat the option); paths outside them, symlinks
+    included, are refused. Omitted: loading by path over HTTP is off."""
+    max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body accepted; larger ones get 413 before they are read."""
     api_key: str | None = None
     """Require 'Authorization: Bearer KEY' on /v1/ routes (default: $LORAKIT_API_KEY, else no key)."""
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
+    runs: list[str] = field(default_factory=list)
+    """Training output directories to show in the page's Runs view (a run directory, or a directory of runs; repeatable)."""
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in ("nf4", "int8"):
             raise ValueError(f"--quantize must be nf4 or int8, got {self.quantize!r}")
-        for option in ("max_batch", "max_queue", "max_adapters_on_device"):
-            if getattr(self, option) < 1:
-                raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(self, option)}")
+        for option in ("max_batch", "max_queue", "max_adapters_on_device", "max_adapters_on_cpu", "max_request_bytes"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{option.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.context_length is not None and (
+            isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 2
+        ):
+            raise ValueError(
+                f"--context-length must be an integer >= 2 (a prompt token and one to generate), got {self.context_length!r}"
+            )
+        if isinstance(self.adapter_root, str):
+            self.adapter_root = [self.adapter_root]
+        for root in self.adapter_root:
+            if not Path(root).is_dir():
+                raise ValueError(f"--adapter-root {root} is not a directory")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if isinstance(self.adapter, str):
             self.adapter = [self.adapter]
         self.adapters()  # reject a malformed NAME=DIR now
+        if isinstance(self.runs, str):
+            self.runs = [self.runs]
+        for run in self.runs:
+            if not Path(run).is_dir():
+                raise ValueError(f"--runs takes a training output directory (or a directory of them); {run!r} is not a directory")
 
     def adapters(self) -> dict[str, Path]:
         """--adapter NAME=DIR options as {name: directory}."""
@@ -71,11 +100,17 @@ def run_serve(args: ServeArgs) -> None:
     import uvicorn
 
     from ..models import DEFAULT_MODEL_NAME, load_model
+    from ..templates import template_warning
     from .adapters import AdapterMismatch
     from .api import create_app
     from .engine import Engine
+    from .ui import mount_ui
 
     model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
+    if next(model.parameters()).device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        from ..threads import serving_threads
+
+        serving_threads(log=lambda line: print(f"lorakit serve: {line}", file=sys.stderr))
     engine = Engine(
         model,
         tokenizer,
@@ -90,9 +125,16 @@ def run_serve(args: ServeArgs) -> None:
             engine.load_adapter(name, path)
         except (OSError, ValueError, AdapterMismatch) as err:
             raise SystemExit(f"lorakit serve: cannot load adapter {name!r} from {path}: {err}") from None
+        warning = template_warning(tokenizer, path)
+        if warning:
+            print(f"lorakit serve: warning: adapter {name!r}: {warning}", file=sys.stderr)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     key = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY")
-    app = create_app(engine, model_name=name, api_key=key or None)
+    app = create_app(engine, model_name=name, api_key=key or None, adapter_roots=args.adapter_root,
+                     max_body_bytes=args.max_request_bytes)
+    mount_ui(app, engine, model_name=name, runs=[Path(r) for r in args.runs])
     adapters = ", ".join(engine.adapter_names()) or "(none)"
-    print(f"lorakit serve: base {name!r}, adapters: {adapters}; http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"lorakit serve: base {name!r}, adapters: {adapters}; http://{args.host}:{args.port}/v1, "
+          f"playground http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

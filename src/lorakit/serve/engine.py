@@ -30,11 +30,14 @@ import torch
 from torch import nn
 
 from .. import mixed_batch, read_adapter
-from ..inject import has_adapters
+from ..inject import check_adapter_name, has_adapters
 from ..io import AdapterFiles
 from .adapters import AdapterCache
 from .batch import Batch
+from .guards import vocab_size
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
+
+STOP_TIMEOUT_S = 10.0  # how long `Engine.stop` waits for the step in flight
 
 
 class UnknownAdapter(KeyError):
@@ -55,6 +58,10 @@ class QueueFull(RuntimeError):
 
 class PromptTooLong(ValueError):
     """The prompt does not fit the model's context."""
+
+
+class InvalidPrompt(ValueError):
+    """The prompt holds token ids this model does not have."""
 
 
 @dataclass
@@ -137,6 +144,7 @@ class Engine:
         config = getattr(model, "config", None)
         self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
+        self.vocab_size = vocab_size(model, tokenizer)
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
         self.adapters = AdapterCache(model, max_adapters_on_device, max_adapters_on_cpu, self._wake)
@@ -179,7 +187,8 @@ class Engine:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            # A step in flight finishes first; a daemon thread stuck past that does not hold the process.
+            self._thread.join(timeout=STOP_TIMEOUT_S)
             self._thread = None
         self.adapters.close()
 
@@ -206,8 +215,7 @@ class Engine:
         files and AdapterMismatch when the adapter does not fit the base model; the
         engine keeps serving either way.
         """
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
-            raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+        check_adapter_name(name)
         files = path if isinstance(path, AdapterFiles) else read_adapter(path)
         self._call(lambda: self._register(name, files))
 
@@ -261,11 +269,14 @@ class Engine:
     ) -> Request:
         """Queue a request; `notify` receives its events on the engine thread.
 
-        Raises UnknownAdapter, PromptTooLong or QueueFull, with nothing queued.
+        Raises UnknownAdapter, InvalidPrompt, PromptTooLong or QueueFull, with nothing queued.
         """
         if adapter is not None and adapter not in self.adapters.paths:
             raise UnknownAdapter(adapter, self.adapters.names)
         ids = list(prompt_ids)
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidPrompt(f"prompt token id {bad!r} is outside this model's vocabulary (ids 0..{self.vocab_size - 1})")
         if not ids:
             bos = getattr(self.tokenizer, "bos_token_id", None)
             if bos is None:
@@ -349,6 +360,11 @@ class Engine:
                     self._admitting = []
             for request in [*self._batch.rows, *self._waiting]:
                 self._finish(request, "cancelled")
+            with self._cond:
+                commands = list(self._commands)
+                self._commands.clear()
+            for _, reply in commands:
+                reply.fail(RuntimeError("the engine stopped"))
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and len(self._batch) < self.max_batch
@@ -359,7 +375,20 @@ class Engine:
         admitted = self._admit()
         if admitted:
             self._admitting = admitted
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as err:
+                # The running batch is untouched until a prefill merges into it: end only the
+                # requests that fail, prefilling each alone when several went together.
+                pending = [r for r in admitted if r not in self._batch.rows]
+                for request in pending:
+                    self._admitting = [request]
+                    try:
+                        if len(pending) == 1:
+                            raise err
+                        self._prefill([request])
+                    except Exception as alone:
+                        self._finish(request, "error", f"{type(alone).__name__}: {alone}")
             self._admitting = []
         ran = bool(admitted or self._batch.rows)
         if self._batch.rows:
@@ -428,7 +457,6 @@ class Engine:
             ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, length - len(r.prompt_ids) :] = 1
             r.generator = make_generator(r.params.seed, self.device)
-            self.stats.prompt_tokens += len(r.prompt_ids)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(
@@ -440,6 +468,7 @@ class Engine:
         )
         tokens = sample(out.logits[:, -1], [r.params for r in requests], [r.generator for r in requests])
         self._batch.merge(requests, out.get(self._cache_arg), mask, tokens)
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self._emit(requests, tokens.tolist())
 
     def _decode(self) -> None:
@@ -565,4 +594,4 @@ class _Collector:
         return self.result
 
 
-__all__ = ["Completion", "Engine", "Event", "PromptTooLong", "QueueFull", "UnknownAdapter"]
+__all__ = ["Completion", "Engine", "Event", "InvalidPrompt", "PromptTooLong", "QueueFull", "UnknownAdapter"]

@@ -1,0 +1,228 @@
+"""Hostile and careless requests against a live server: each is refused with a clear error and
+harms no other request (outputs are checked against transformers' generate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import make_serve_adapter
+from lorakit.serve import SamplingParams
+from lorakit.serve.api import create_app
+from test_serve_api import BASE, Server, expected_text
+from test_serve_engine import PROMPTS, Reference, make_engine
+
+
+@pytest.fixture(scope="module")
+def reference(serve_adapter_dirs) -> Reference:
+    return Reference(serve_adapter_dirs)
+
+
+@pytest.fixture(scope="module")
+def server(serve_adapter_dirs, tmp_path_factory):
+    engine = make_engine(serve_adapter_dirs, max_batch=16)
+    root = tmp_path_factory.mktemp("adapter-root")
+    with Server(create_app(engine, model_name=BASE, adapter_roots=[root], max_body_bytes=2**20)) as running:
+        running.engine, running.root = engine, root
+        yield running
+
+
+def post_raw(url: str, body: dict, path: str = "/v1/completions") -> httpx.Response:
+    # json.dumps escapes a lone surrogate as \ud800, as a hostile client would send it.
+    return httpx.post(url + path, content=json.dumps(body).encode(), headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_item1_a_bad_request_fails_alone(server, reference) -> None:
+    good = [("alpha", PROMPTS[1], 20), ("beta", PROMPTS[3], 20), (BASE, PROMPTS[0], 20)]
+    results: dict[int, httpx.Response] = {}
+
+    def send(i: int, model: str, prompt: str, n: int) -> None:
+        results[i] = post_raw(server.url, {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0})
+
+    threads = [threading.Thread(target=send, args=(i, *case)) for i, case in enumerate(good)]
+    for t in threads:
+        t.start()
+    bad = [
+        ({"model": "alpha", "prompt": [999999]}, 400, "prompt", "999999 is outside this model's vocabulary"),
+        ({"model": "alpha", "prompt": [-1]}, 400, "prompt", "-1 is outside this model's vocabulary"),
+        ({"model": "alpha", "prompt": "x", "seed": 2**70}, 422, "seed", "less than 18446744073709551616"),
+        ({"model": "alpha", "prompt": "\ud800"}, 400, "prompt", "lone surrogate"),
+        ({"model": "alpha", "prompt": "x", "stop": ["\ud800"]}, 400, "stop.0", "lone surrogate"),
+    ]
+    for body, status, param, text in bad:
+        reply = post_raw(server.url, body)
+        assert reply.status_code == status, (body, reply.text)
+        assert reply.json()["error"]["param"] == param and text in reply.json()["error"]["message"], reply.text
+    for t in threads:
+        t.join()
+    for i, (model, prompt, n) in enumerate(good):
+        assert results[i].status_code == 200, results[i].text
+        adapter = None if model == BASE else model
+        assert results[i].json()["choices"][0]["text"] == expected_text(reference, prompt, adapter, n)
+
+
+def test_item1_a_failing_row_inside_the_engine_ends_only_itself(serve_adapter_dirs, reference) -> None:
+    # A seed past 64 bits that reached the engine (SamplingParams is mutable) fails in prefill;
+    # the two requests prefilled with it finish exactly as they would alone.
+    bad = SamplingParams(max_tokens=8, temperature=0)
+    bad.seed = 2**70
+    ok = SamplingParams(max_tokens=8, temperature=0)
+    with make_engine(serve_adapter_dirs, max_batch=8) as engine:
+        out = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], ["alpha", "beta", "alpha"], [ok, bad, ok])
+    assert out[1].finish_reason == "error" and "Overflow" in out[1].text
+    assert out[0].token_ids == reference(PROMPTS[0], "alpha", 8)
+    assert out[2].token_ids == reference(PROMPTS[2], "alpha", 8)
+
+
+def test_item4_bodies_and_prompts_are_bounded_before_the_work(server) -> None:
+    # Over the body limit: 413 before parsing, with and without Content-Length.
+    big = {"model": "alpha", "prompt": "x" * (2 * 2**20)}
+    reply = post_raw(server.url, big)
+    assert reply.status_code == 413 and "over 1048576 bytes" in reply.json()["error"]["message"]
+
+    def chunked():
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 65536):
+            yield payload[i : i + 65536]
+
+    reply = httpx.post(server.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"}, timeout=60)
+    assert reply.status_code == 413
+    # Under the body limit but too long to fit the context: refused by length, never tokenized.
+    calls = []
+    engine = server.engine
+    original = engine.encode
+    engine.encode = lambda text: calls.append(len(text)) or original(text)
+    try:
+        long = post_raw(server.url, {"model": "alpha", "prompt": "y" * 900_000})
+        chat = post_raw(server.url, {"model": "alpha", "messages": [{"role": "user", "content": "y" * 900_000}]},
+                        path="/v1/chat/completions")
+    finally:
+        engine.encode = original
+    assert long.status_code == 400 and "900000 characters" in long.json()["error"]["message"]
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    assert calls == []
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_item5_adapters_load_only_from_inside_the_roots(server, tmp_path) -> None:
+    outside = make_serve_adapter(tmp_path / "outside", seed=9)
+    (server.root / "escape").symlink_to(outside)
+    (server.root / "emptydir").mkdir()
+    errors = set()
+    for path in [str(outside), "../outside", "escape", "emptydir", "nothing-here", str(tmp_path), "/etc"]:
+        reply = httpx.post(server.url + "/v1/adapters", json={"name": "x", "path": path}, timeout=60)
+        assert reply.status_code == 400, (path, reply.text)
+        errors.add(reply.json()["error"]["message"].replace(repr(path), "PATH"))
+    assert errors == {"path PATH is not an adapter directory under the server's adapter roots"}
+    assert "x" not in server.engine.adapter_names()
+    inside = make_serve_adapter(server.root / "inside", seed=10)
+    assert httpx.post(server.url + "/v1/adapters", json={"name": "inside", "path": "inside"}).status_code == 201
+    assert httpx.delete(server.url + "/v1/adapters/inside").status_code == 200
+    assert inside.is_dir()
+
+
+def test_item5_loading_by_path_is_off_without_roots(serve_adapter_dirs) -> None:
+    engine = make_engine(serve_adapter_dirs)
+    with Server(create_app(engine, model_name=BASE)) as running:
+        path = str(next(iter(serve_adapter_dirs.values())))
+        reply = httpx.post(running.url + "/v1/adapters", json={"name": "again", "path": path})
+        assert reply.status_code == 400 and "--adapter-root" in reply.json()["error"]["message"]
+
+
+def test_item6_metrics_labels_are_route_templates_and_escaped(server) -> None:
+    injected = '/x"} 1\nlorakit_fake_total 9\n#'
+    with httpx.Client(base_url=server.url) as http:
+        http.get(injected.replace('"', "%22").replace("\n", "%0A").replace(" ", "%20").replace("}", "%7D"))
+        for i in range(100):
+            http.get(f"/random/{os.urandom(8).hex()}/{i}")
+        http.delete("/v1/adapters/no-such-adapter")
+        text = http.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the reference parser
+    assert "lorakit_fake" not in families
+    routes = {(s.labels["path"], s.labels["status"]): s.value for s in families["lorakit_http_requests"].samples
+              if s.name.endswith("_total")}
+    assert routes[("unmatched", "404")] >= 101
+    assert ("/v1/adapters/{name}", "404") in routes
+    assert all(p in ("unmatched", "/health", "/metrics") or p.startswith("/v1/") for p, _ in routes)
+    assert len(text) < 8000
+
+
+def test_item9_a_client_that_leaves_stops_its_generation(serve_adapter_dirs) -> None:
+    engine = make_engine(serve_adapter_dirs, max_batch=1)
+    with Server(create_app(engine, model_name=BASE)) as running:
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 250, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.url + "/v1/completions", json=body, timeout=0.3)
+        deadline = time.time() + 20
+        while engine.stats.requests.get("cancelled", 0) == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.requests.get("cancelled") == 1
+        assert engine.stats.requests.get("length", 0) == 0
+
+
+def test_item7_zero_cpu_adapters_and_other_bad_numbers_are_refused(serve_adapter_dirs, tmp_path) -> None:
+    from lorakit.serve.command import ServeArgs
+    from lorakit.train import TrainArgs
+
+    for options, text in [
+        ({"max_adapters_on_cpu": 0}, "--max-adapters-on-cpu must be an integer >= 1, got 0"),
+        ({"max_request_bytes": 0}, "--max-request-bytes must be an integer >= 1, got 0"),
+        ({"context_length": 1}, "--context-length must be an integer >= 2"),
+        ({"adapter_root": [str(tmp_path / "none")]}, "--adapter-root .*none is not a directory"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            ServeArgs(**options)
+    with pytest.raises(ValueError, match="max_adapters_on_cpu must be >= 1, got 0"):
+        make_engine(serve_adapter_dirs, max_adapters_on_cpu=0)
+    for options, text in [
+        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0, got -0.1"),
+        ({"loraplus_ratio": 0}, "--loraplus-ratio must be a finite number > 0, got 0"),
+        ({"max_grad_norm": float("inf")}, "--max-grad-norm must be a finite number > 0, got inf"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            TrainArgs(data="d", output="o", **options)
+
+
+def test_item7_sigterm_stops_the_server_with_a_stream_open(tiny_model_dir) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from test_serve_command import free_port
+
+    port = free_port()
+    code = (
+        "from lorakit.serve.command import ServeArgs, run_serve; "
+        f"run_serve(ServeArgs(model={str(tiny_model_dir)!r}, port={port}, device='cpu', log_level='warning', max_batch=1))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "lorakit serve did not come up"
+            time.sleep(0.2)
+        body = {"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 250, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as reply:
+            next(reply.iter_lines())
+            proc.send_signal(signal.SIGTERM)
+            start = time.time()
+            proc.wait(timeout=15)
+        assert time.time() - start < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
