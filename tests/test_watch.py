@@ -199,6 +199,8 @@ def test_watching_options_are_refused_with_reasons(tmp_path, tiny_model_dir, cha
          "--report-to: unknown tracker 'comet'; accepted: tensorboard, mlflow, wandb (comma-separated) or none"),
         (["--eval-data", str(held), "--eval-samples", "-1"], "--eval-samples must be an integer >= 0, got -1"),
         (["--eval-data", str(held), "--metric", "regex:[", "--eval-samples", "2"], "not a valid regular expression"),
+        (["--eval-data", str(held), "--objective", "dpo", "--eval-samples", "2"],
+         "--eval-samples and --metric generate from prompt/completion eval rows; --objective dpo evaluates pairs"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit):

@@ -26,7 +26,9 @@ def plot_losses(metrics_path: Path, png: Path, panels: Sequence[str] = ()) -> No
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     panels = [key for key in panels if any(r.get(key) is not None for r in rows)]
-    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2.2 * len(panels)), sharex=True, squeeze=False)
+    preference = any("rewards/margins" in r or "eval_rewards/margins" in r for r in rows)
+    count = 1 + len(panels) + preference  # DPO / ORPO: a panel of reward margin and accuracy
+    fig, axes = plt.subplots(count, 1, figsize=(7, 4 + 2.2 * (count - 1)), sharex=True, squeeze=False)
     ax = axes[0][0]
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
@@ -34,18 +36,41 @@ def plot_losses(metrics_path: Path, png: Path, panels: Sequence[str] = ()) -> No
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss (per pair)" if preference else "loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    for key, (panel,) in zip(panels, axes[1:], strict=True):
+    for key, (panel,) in zip(panels, axes[1 : 1 + len(panels)], strict=True):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         panel.plot(*zip(*points, strict=True), "o-", color="tab:green" if key != "kl" else "tab:red")
         panel.set_ylabel("KL to the base (nats/token)" if key == "kl" else f"task metric: {key}")
         panel.grid(alpha=0.3)
+    if preference:
+        _plot_rewards(axes[-1][0], rows)
     axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def _plot_rewards(ax, rows: list[dict[str, Any]]) -> None:
+    for key, style, label in (("rewards/margins", "-", "train margin"), ("eval_rewards/margins", "o-", "eval margin")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin (chosen - rejected)")
+    ax.grid(alpha=0.3)
+    share = ax.twinx()
+    for key, style, label in (("rewards/accuracies", "--", "train accuracy"),
+                              ("eval_rewards/accuracies", "s--", "eval accuracy")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            share.plot(*zip(*points, strict=True), style, color="gray" if key.startswith("r") else "black", label=label)
+    share.set_ylim(0, 1.05)
+    share.set_ylabel("preference accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = share.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
 
 
 def progress_bar(enabled: bool = True):
@@ -76,8 +101,12 @@ def format_record(record: dict[str, Any], total: int) -> str:
     parts = [f"step {record['step']}/{total}", f"epoch {record['epoch']:.2f}"]
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
+    if "rewards/margins" in record:
+        parts.append(f"margin {record['rewards/margins']:.3f}  acc {record['rewards/accuracies']:.0%}")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    if "eval_rewards/margins" in record:
+        parts.append(f"eval margin {record['eval_rewards/margins']:.3f}  eval acc {record['eval_rewards/accuracies']:.0%}")
     parts.append(f"lr {record['lr']:.2e}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:.0f} tok/s")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed, sharded, watch
+from . import distributed, objectives, sharded, watch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -50,8 +50,10 @@ from .io import load_adapter, read_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
 from .memory import MemoryFit, after_first_step, check_memory_args, fit_for_training, piece_tokens
 from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
+from .objectives import PreferenceLoss, body_and_head
 from .packing import layout, packed_mask
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
+from .prefdata import Pair
 from .quant import memory_report
 from .rundir import prepare_output, settings
 from .runlog import format_record, log, plot_losses, progress_bar
@@ -70,7 +72,8 @@ class TrainArgs:
 
     data: str
     """Training data: a .jsonl/.json/.csv/.parquet file or a datasets directory, with rows
-    {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}."""
+    {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}; with --objective
+    dpo|orpo: {"prompt", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}."""
     output: str
     """Output directory: adapter, metrics.jsonl, loss.png, train_config.yaml, checkpoints."""
     model: str | None = None
@@ -170,6 +173,17 @@ class TrainArgs:
     """CUDA fast path: auto fits the recomputed layers and micro-batch to free memory (or --memory-limit); off: as --gradient-checkpointing."""
     memory_limit: float | None = None
     """GiB the run may allocate on the device with --memory auto (default: what is free)."""
+    objective: str = "sft"
+    """sft, or preference tuning on chosen/rejected pairs: dpo (against a reference) or orpo (no reference)."""
+    beta: float = 0.1
+    """DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term."""
+    label_smoothing: float = 0.0
+    """DPO: the assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    init_adapter: str | None = None
+    """Start from this adapter directory (e.g. an SFT run's output) instead of a fresh adapter."""
+    reference: str = "auto"
+    """DPO's reference: base (the model with its adapter disabled), init (a frozen copy of
+    --init-adapter) or auto (init when --init-adapter is given, else base)."""
 
     def __post_init__(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -202,6 +216,8 @@ class TrainArgs:
         check_memory_args(self.memory, self.memory_limit)
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
+        objectives.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
+                                         self.label_smoothing, self.packing)
         self.lora_config()  # validates rank, alpha, dropout and targets early
         watch.check_args(self)
 
@@ -236,8 +252,8 @@ class Run:
     model: nn.Module
     tokenizer: Any
     device: torch.device
-    train_rows: list[TokenRow]
-    eval_rows: list[TokenRow] | None
+    train_rows: list[TokenRow] | list[Pair]
+    eval_rows: list[TokenRow] | list[Pair] | None
     total_steps: int
     warmup_steps: int
     optimizer: torch.optim.Optimizer | None = None
@@ -265,8 +281,11 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     # load_model's own default, bf16 where supported).
     base_dtype = torch.float32 if compute_dtype is None else (compute_dtype if target.type == "cpu" else None)
     # Under FSDP2 a model directory is read shard by shard into a model built on the meta device.
-    start_config = read_adapter(resume_from).config if resume_from is not None else args.lora_config()
+    start_from = resume_from or (Path(args.init_adapter) if args.init_adapter else None)
+    start_config = read_adapter(start_from).config if start_from is not None else args.lora_config()
     lazy_source, why = sharded.choose(args.model, env, start_config, args.quantize)
+    if lazy_source is not None and objectives.second_adapter(args):
+        lazy_source, why = None, "loading the whole model in every process: --reference init holds a second adapter"
     if env.strategy == "fsdp":
         log(f"FSDP2: {why}")
     if lazy_source is not None:
@@ -275,21 +294,27 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     else:
         model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
         device = next(model.parameters()).device
-    train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
-    log(train_stats.summary(f"train data {args.data}"))
+    preference = args.objective != "sft"
+    train_examples: list = []
     eval_rows = None
-    if args.eval_data:
+    if preference:  # pairs in place of rows: micro_batch and the loop treat them alike
+        pairs, eval_rows = objectives.load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len,
+                                                           args.skip_bad)
+    else:
+        train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
+        log(train_stats.summary(f"train data {args.data}"))
+    if args.eval_data and not preference:
         eval_examples, eval_stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
         log(eval_stats.summary(f"eval data {args.eval_data}"))
         eval_rows = as_sequences(eval_examples, args.seq_len, False)
 
     torch.manual_seed(args.seed)
     start_adapter: dict[str, torch.Tensor] = {}  # whole tensors for a shard-by-shard load
-    if resume_from is not None and lazy_source is not None:
+    if start_from is not None and lazy_source is not None:
         inject(model, start_config)
-        start_adapter = sharded.checkpoint_adapter(read_adapter(resume_from))
-    elif resume_from is not None:
-        load_adapter(model, resume_from, trainable=True)
+        start_adapter = sharded.checkpoint_adapter(read_adapter(start_from))
+    elif start_from is not None:
+        load_adapter(model, start_from, trainable=True)
     else:
         start_config.base_model_name_or_path = args.model or DEFAULT_HUB_ID
         inject(model, start_config)
@@ -300,27 +325,34 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
                                                     next(model.parameters()).dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    objectives.setup_reference(model, args)
     fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.memory)
-    if args.fast_path and device.type == "cuda":
+    if args.fast_path and device.type == "cuda" and preference:
+        log(f"GPU fast path off: {args.objective} needs per-sequence log-probabilities (the generic path runs)")
+    elif args.fast_path and device.type == "cuda":
         fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
                                   args.tokens_per_batch or args.batch_size * args.seq_len, args.seq_len)
         status = enable_fast_path(model, fitted.config if fitted else None)
         fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
-    plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,  # padding-free
-                  batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled, world_size=env.world_size,
-                  budget_cap=fitted.choice.tokens if fitted else None)
-    train_rows = plan.rows
-    if plan.message:
-        log(plan.message)
-    per_epoch = batches_per_epoch(len(train_rows), plan.rows_per_batch)
+    if preference:
+        train_rows, rows_per_batch = pairs, args.batch_size
+    else:
+        plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,
+                      batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled,
+                      world_size=env.world_size, budget_cap=fitted.choice.tokens if fitted else None)
+        train_rows, rows_per_batch = plan.rows, plan.rows_per_batch
+        if plan.message:
+            log(plan.message)
+    per_epoch = batches_per_epoch(len(train_rows), rows_per_batch)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
-              rows_per_batch=plan.rows_per_batch, memory=fitted)
+              rows_per_batch=rows_per_batch, memory=fitted)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
-    run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
+    loss_module = PreferenceLoss(model, objectives.preference_config(args)) if preference else LossModule(model, args.loss_chunk)
+    run.loss_module = distributed.wrap(loss_module, env, device)
     if lazy_source is not None:
         held = sharded.materialize(model, lazy_source, env, device, start_adapter)
         log(f"FSDP2: this process holds {held:,} of the model's {sum(p.numel() for p in model.parameters()):,} values")
@@ -370,21 +402,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 # the loss ---------------------------------------------------------------------------------
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The transformer body and the output head of a transformers causal LM, when separable.
-
-    Models that post-process their logits (soft-capping, scaling) take the plain path.
-    """
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None, None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    if head is None or body is None or body is model:
-        return None, None
-    return body, head
-
-
 def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     # (N, vocab) logits only for the N supervised positions; fp32 for the softmax.
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
@@ -405,7 +422,7 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 
     fused = fused_loss_sum(model, batch["input_ids"], labels, batch.get("position_ids"))
     if fused is not None:  # the GPU fast path is on for this model and this batch (lorakit.kernels)
         return fused, count
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     blocks = packed_mask(batch["position_ids"])  # packed rows: attention within each example only
     if body is None:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False).logits
@@ -499,6 +516,7 @@ def train(args: TrainArgs) -> Path:
     loss_module = run.loss_module
     assert optimizer is not None and scheduler is not None and loss_module is not None
     pad_id = run.tokenizer.pad_token_id
+    preference = args.objective != "sft"
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
     per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch)
@@ -542,17 +560,23 @@ def train(args: TrainArgs) -> Path:
             # On one CPU process each micro-batch runs in pieces of at most max_tokens tokens (same
             # update, a fraction of the activation memory); GEMMs of a few hundred rows are as fast
             # per token on a CPU. Sharded runs keep whole micro-batches (same backward count per rank).
-            batches = [collate(piece, pad_id)
-                       for k in range(args.grad_accum)
-                       for piece in split_rows(distributed.shard(micro_batch(run.train_rows, run.rows_per_batch, args.seed,
-                                                                             step * args.grad_accum + k), env),
-                                               max_tokens)]
+            if preference:  # pairs: the same (seed, index) order, normalised by the step's pairs
+                batches = objectives.step_batches(run.train_rows, args, step, env, pad_id, max_tokens)
+            else:
+                batches = [collate(piece, pad_id)
+                           for k in range(args.grad_accum)
+                           for piece in split_rows(distributed.shard(micro_batch(run.train_rows, run.rows_per_batch,
+                                                                                 args.seed, step * args.grad_accum + k),
+                                                                     env), max_tokens)]
             # Normalise by the supervised tokens of the whole step on all processes, so accumulation
             # and sharding both equal one big batch. DDP and FSDP2 average gradients over processes,
             # hence the factor world_size.
-            local_count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            local_count = sum(len(b["input_ids"]) // 2 if preference else int((b["labels"][:, 1:] != IGNORE).sum())
+                              for b in batches)
             local_tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)  # for tokens/s
             step_count, step_tokens = (int(v) for v in distributed.all_sum([local_count, local_tokens], env))
+            if args.objective == "orpo":
+                objectives.set_nll_scale(batches, step_count, env)
             step_loss = 0.0
             in_step = True
             for batch in batches:
@@ -587,17 +611,25 @@ def train(args: TrainArgs) -> Path:
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == run.total_steps:
                 record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
+                if preference:
+                    sums = distributed.all_sum(distributed.unwrap(loss_module).pop_stats().tolist(), env)
+                    record.update(objectives.stats_record(sums))
                 memory = memory_report(model, optimizer)
                 record.update(memory.as_dict())
                 if step - start <= args.log_every and env.is_main:
                     progress.console.print(str(memory))
                 window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
             evaluated = run.eval_rows is not None and (step % eval_every == 0 or step == run.total_steps)
-            if evaluated:
+            if evaluated and preference:
+                record.update(objectives.evaluate_pairs(loss_module, run.eval_rows, args.batch_size, pad_id, run.device,
+                                             run.autocast_dtype, args.loss_on == "all"))
+                eval_loss = record["eval_loss"]
+            elif evaluated:
                 eval_loss, _ = evaluate(model, run.eval_rows, args.batch_size, pad_id, run.device,
                                         run.autocast_dtype, args.loss_chunk,
                                         loss_module=loss_module if env.enabled else None)
                 record["eval_loss"] = eval_loss
+            if evaluated:
                 record.update(watcher.evaluate(step, progress.console))
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:

@@ -47,6 +47,9 @@ def check_args(args: TrainArgs) -> None:
         if args.save_best not in accepted:
             raise ValueError(f"--save-best {args.save_best!r} is not logged by this run; accepted: "
                              f"{', '.join(accepted)} (a task metric needs --metric, kl needs --track-forgetting)")
+    if args.objective != "sft" and (args.eval_samples or metric):
+        raise ValueError(f"--eval-samples and --metric generate from prompt/completion eval rows; "
+                         f"--objective {args.objective} evaluates pairs (its rewards and accuracy are logged)")
     needs_eval = [o for o, on in (("--eval-samples", args.eval_samples), ("--metric", metric),
                                   ("--save-best", args.save_best), ("--track-forgetting", args.track_forgetting)) if on]
     if needs_eval and not args.eval_data:

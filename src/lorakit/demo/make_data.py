@@ -1,6 +1,6 @@
 """Generate the bundled demo task: free-text sales-call notes -> one fixed JSON schema.
 
-    python -m lorakit.demo.make_data      # rewrites train.jsonl and eval.jsonl beside this file
+    python -m lorakit.demo.make_data      # rewrites train.jsonl, eval.jsonl and the *_pairs.jsonl beside this file
 
 The notes are terse and varied (abbreviated weekdays, "$1,250" / "1250 USD" / "12k",
 people and companies in any order); the answer is always the same five keys in the same
@@ -8,6 +8,10 @@ order, with the amount as an integer number of dollars and the weekday spelled o
 A small instruct model does not produce this schema on its own; a LoRA adapter learns it
 from a few hundred examples. The held-out split uses names and companies that never
 appear in training, so exact match there measures the format, not memorised people.
+
+The preference pairs (train_pairs.jsonl, eval_pairs.jsonl) take the same notes and prefer the
+exact schema over a plausible wrong answer: extra keys, prose around the JSON, or one wrong
+field (an abbreviated weekday, the amount as a string, the first name only).
 """
 
 from __future__ import annotations
@@ -78,6 +82,40 @@ def generate(train_size: int = 800, eval_size: int = 32, seed: int = 0) -> tuple
     return train, held
 
 
+def rejected_answer(rng: random.Random, answer: dict) -> str:
+    """A plausible wrong answer: extra keys, prose around the JSON, or one wrong field."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        extra = dict(answer)
+        extra[rng.choice(["notes", "status", "priority", "currency"])] = rng.choice(["open", "high", "USD", "call back"])
+        return json.dumps(extra)
+    if kind == 1:
+        before = rng.choice(["Here is the JSON:", "Sure! Here you go:", "Extracted data:", "```json"])
+        after = rng.choice(["", " Let me know if you need anything else.", "\n```", " Hope this helps!"])
+        return f"{before} {json.dumps(answer)}{after}".strip()
+    wrong = dict(answer)
+    field = rng.choice(["follow_up", "amount_usd", "contact"])
+    if field == "follow_up":
+        wrong["follow_up"] = answer["follow_up"][:3]
+    elif field == "amount_usd":
+        wrong["amount_usd"] = f"${answer['amount_usd']:,}"
+    else:
+        wrong["contact"] = answer["contact"].split()[0]
+    return json.dumps(wrong)
+
+
+def preference_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Chat preference rows: the exact schema chosen, a plausible wrong answer rejected (shared prompt turns)."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        prompt, good = row["messages"][:-1], row["messages"][-1]["content"]
+        bad = rejected_answer(rng, json.loads(good))
+        pairs.append({"chosen": [*prompt, {"role": "assistant", "content": good}],
+                      "rejected": [*prompt, {"role": "assistant", "content": bad}]})
+    return pairs
+
+
 def write(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -88,6 +126,10 @@ def main() -> None:
     write(train, here / "train.jsonl")
     write(held, here / "eval.jsonl")
     print(f"wrote {len(train)} training and {len(held)} held-out examples to {here}")
+    # Preference pairs for `--objective dpo|orpo` on the same notes (the held-out pairs on held-out notes).
+    write(preference_pairs(train[:400], seed=1), here / "train_pairs.jsonl")
+    write(preference_pairs(held, seed=2), here / "eval_pairs.jsonl")
+    print(f"wrote 400 training and {len(held)} held-out preference pairs to {here}")
 
 
 if __name__ == "__main__":
