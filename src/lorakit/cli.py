@@ -383,7 +383,7 @@ def run_data(args: DataArgs) -> None:
 def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
     """The options dataclass and the handler of a subcommand, imported on demand."""
     if name == "train":
-        from .train import TrainArgs
+        from .train_args import TrainArgs
 
         return TrainArgs, run_train
     if name == "generate":

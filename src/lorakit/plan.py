@@ -89,7 +89,7 @@ def meta_model(args: PlanArgs) -> torch.nn.Module:
 
     from .inject import inject
     from .models import resolve_model
-    from .train import parse_targets
+    from .train_args import parse_targets
 
     config = AutoConfig.from_pretrained(resolve_model(args.model))
     with torch.device("meta"):
