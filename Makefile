@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU machine gets the CPU wheel; a CUDA machine can override: make TORCH_SPEC='torch>=2.4' ...
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-llamacpp lint clean
+.PHONY: install demo test test-browser test-llamacpp lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: install lint
 test-llamacpp: install
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[llamacpp]"
 	$(PY) -m pytest -p no:cacheprovider -s tests/test_export_llamacpp.py
+
+# The playground's browser tests in Debian's chromium (installed here when missing; run as root,
+# as CI does). playwright drives it by path: playwright's own browser download is never used.
+test-browser: install
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+	LORAKIT_REQUIRE_BROWSER=1 $(PY) -m pytest -p no:cacheprovider tests/test_browser.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

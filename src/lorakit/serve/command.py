@@ -48,6 +48,8 @@ class ServeArgs:
     """Require 'Authorization: Bearer KEY' on /v1/ routes (default: $LORAKIT_API_KEY, else no key)."""
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
+    runs: list[str] = field(default_factory=list)
+    """Training output directories to show in the page's Runs view (a run directory, or a directory of runs; repeatable)."""
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
 
@@ -74,6 +76,11 @@ class ServeArgs:
         if isinstance(self.adapter, str):
             self.adapter = [self.adapter]
         self.adapters()  # reject a malformed NAME=DIR now
+        if isinstance(self.runs, str):
+            self.runs = [self.runs]
+        for run in self.runs:
+            if not Path(run).is_dir():
+                raise ValueError(f"--runs takes a training output directory (or a directory of them); {run!r} is not a directory")
 
     def adapters(self) -> dict[str, Path]:
         """--adapter NAME=DIR options as {name: directory}."""
@@ -97,6 +104,7 @@ def run_serve(args: ServeArgs) -> None:
     from .adapters import AdapterMismatch
     from .api import create_app
     from .engine import Engine
+    from .ui import mount_ui
 
     model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
     if next(model.parameters()).device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
@@ -124,7 +132,9 @@ def run_serve(args: ServeArgs) -> None:
     key = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY")
     app = create_app(engine, model_name=name, api_key=key or None, adapter_roots=args.adapter_root,
                      max_body_bytes=args.max_request_bytes)
+    mount_ui(app, engine, model_name=name, runs=[Path(r) for r in args.runs])
     adapters = ", ".join(engine.adapter_names()) or "(none)"
-    print(f"lorakit serve: base {name!r}, adapters: {adapters}; http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"lorakit serve: base {name!r}, adapters: {adapters}; http://{args.host}:{args.port}/v1, "
+          f"playground http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -1,0 +1,83 @@
+// Adapters: what is loaded (rank, targets, size, base model, saved chat template); load one
+// from a directory on the server and unload it through POST / DELETE /v1/adapters.
+
+import { api, el, formatBytes } from "./api.js";
+
+export class Adapters {
+  constructor(models) {
+    this.models = models;
+    this.status = document.getElementById("adapter-status");
+    document.getElementById("load-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.load();
+    });
+    models.listeners.push(() => this.refresh());
+  }
+
+  say(text, error = false) {
+    this.status.textContent = text;
+    this.status.classList.toggle("error", error);
+  }
+
+  async refresh() {
+    let data;
+    try {
+      data = await api("/v1/adapters");
+    } catch (err) {
+      this.say(`Could not list adapters: ${err.message}`, true);
+      return;
+    }
+    const body = document.querySelector("#adapter-table tbody");
+    body.replaceChildren(...data.data.map((a) => this.row(a)));
+    document.getElementById("adapter-empty").hidden = data.data.length > 0;
+  }
+
+  row(adapter) {
+    const unload = el("button", { type: "button", class: "quiet danger", text: "Unload", "data-unload": adapter.id });
+    unload.addEventListener("click", () => this.unload(adapter.id));
+    const targets = Array.isArray(adapter.target_modules) ? adapter.target_modules.join(", ") : adapter.target_modules ?? "";
+    const template = adapter.chat_template
+      ? el("details", {}, el("summary", { text: "saved" }), el("pre", { text: adapter.chat_template }))
+      : el("span", { class: "muted", text: "none saved" });
+    const cells = [
+      el("td", {}, el("strong", { text: adapter.id }), el("div", { class: "muted small", text: adapter.path })),
+      el("td", { text: String(adapter.r ?? "") }),
+      el("td", { text: String(adapter.lora_alpha ?? "") }),
+      el("td", { class: "small", text: targets }),
+      el("td", { text: formatBytes(adapter.size_bytes) }),
+      el("td", { class: "small", text: adapter.base_model ?? "" }),
+      el("td", {}, template),
+      el("td", {}, unload),
+    ];
+    return el("tr", { "data-adapter": adapter.id }, ...cells);
+  }
+
+  async load() {
+    const name = document.getElementById("load-name").value.trim();
+    const path = document.getElementById("load-path").value.trim();
+    const button = document.getElementById("load");
+    button.disabled = true;
+    this.say(`Loading ${name} ...`);
+    try {
+      await api("/v1/adapters", { method: "POST", body: { name, path } });
+      this.say(`Loaded ${name}.`);
+      document.getElementById("load-name").value = "";
+      await this.models.refresh();
+    } catch (err) {
+      this.say(`Could not load ${name}: ${err.message}`, true);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async unload(name) {
+    this.say(`Unloading ${name} ...`);
+    try {
+      await api(`/v1/adapters/${encodeURIComponent(name)}`, { method: "DELETE" });
+      this.say(`Unloaded ${name}.`);
+      await this.models.refresh();
+    } catch (err) {
+      this.say(`Could not unload ${name}: ${err.message}`, true);
+    }
+  }
+}
