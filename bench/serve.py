@@ -11,6 +11,9 @@ PEFT has no continuous batching: its numbers are one static batch of 32 requests
 
     python bench/serve.py --device cpu                 # small Llama-shaped model, minutes on 2 cores
     python bench/serve.py --device cuda --size 1b      # Llama-3.2-1B-shaped, random init, bf16
+    python bench/serve.py --suite gpu --out r.jsonl    # the fast decode path's GPU suite (serve_gpu.py)
+
+`--decode-path` picks the engine's path (auto: fast on a GPU, generic on the CPU).
 
 Prints a table and writes JSON with --out.
 """
@@ -32,12 +35,14 @@ import lorakit
 from lorakit.inject import delete_adapter
 from lorakit.io import AdapterFiles, adapter_config_dict, adapter_state_dict
 from lorakit.serve import Engine, SamplingParams
+from serve_gpu import CASES, Suite, bars
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
     "small": (256, 688, 4, 8, 4, 4096),
     "135m": (576, 1536, 30, 9, 3, 49152),  # SmolLM2-135M's shape
     "1b": (2048, 8192, 16, 32, 8, 128256),
+    "8b": (4096, 14336, 32, 32, 8, 128256),  # Llama-3-8B's shape
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,7 +66,7 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype):
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-        tie_word_embeddings=size != "small", pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        tie_word_embeddings=size in ("135m", "1b"), pad_token_id=0, bos_token_id=None, eos_token_id=None,
     )
     torch.manual_seed(0)
     with device:
@@ -148,7 +153,8 @@ def poisson_run(engine: Engine, prompts: list[list[int]], adapters: list[str | N
 
 
 def engine_cases(model, tok, adapters, args, prompts) -> tuple[list[Result], float]:
-    engine = Engine(model, tok, max_batch=32, max_queue=100000, max_adapters_on_device=len(adapters), context_length=4096)
+    engine = Engine(model, tok, max_batch=32, max_queue=100000, max_adapters_on_device=len(adapters), context_length=4096,
+                    decode_path=args.decode_path)
     engine.eos_ids = set()  # random weights: decode exactly max_tokens
     for name, files in adapters.items():
         engine.load_adapter(name, files)
@@ -243,7 +249,25 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--decode-path", choices=["auto", "fast", "generic"], default="auto", help="the engine's decode path")
+    parser.add_argument("--suite", choices=["online", "gpu"], default="online",
+                        help="online: the Poisson cases above; gpu: serve_gpu.py's offline, anchor and online cases")
+    parser.add_argument("--cases", default=",".join(CASES), help="gpu suite: comma-separated cases to run")
+    parser.add_argument("--new-tokens", type=int, default=128, help="gpu suite: tokens generated per request")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="gpu suite: prompt length")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="gpu suite: start no case after this many seconds")
     args = parser.parse_args()
+    if args.suite == "gpu":
+        args.cases = args.cases.split(",")
+        unknown = [c for c in args.cases if c not in CASES]
+        if unknown:
+            parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+        suite = Suite(args, build_model, byte_tokenizer, make_adapters)
+        try:
+            suite.run()
+        finally:
+            print("\n".join(bars(suite.results)))
+        return
 
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

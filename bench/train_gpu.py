@@ -79,6 +79,23 @@ CASES = {
     # SwiGLU product; -nosave recomputes them in the backward (less memory)
     "1b-lorakit": ("1b", "lorakit", False, {}),
     "1b-lorakit-nosave": ("1b", "lorakit", False, {"save_intermediates": False}),
+    # Long-tailed chat lengths (bench/longtail.py), loss on replies, tokens/s counting real
+    # tokens only. PEFT: a plain loop over padded batches of `batch` random examples (right
+    # padding, attention mask); -compile-model pads to a multiple of 256 (fewer recompiles).
+    # lorakit: `lorakit train`'s own path: padding-free token-budget batches (lorakit.packing),
+    # settings from --memory auto under `memory_limit` GiB (lorakit.memory), the recipe's loss.
+    "8b-peft-padded-b2": ("8b", "peft", False, {"data": "longtail", "batch": 2}),
+    "8b-peft-padded-b4": ("8b", "peft", False, {"data": "longtail", "batch": 4}),
+    "8b-peft-padded-b8": ("8b", "peft", False, {"data": "longtail", "batch": 8}),
+    "8b-peft-compile-model-padded-b4": ("8b", "peft", False, {"data": "longtail", "batch": 4, "compile": "model"}),
+    "8b-lorakit-packed": ("8b", "lorakit", False, {"data": "longtail", "memory_limit": 24.0, "tokens": 8192}),
+    "8b-lorakit-packed-16k": ("8b", "lorakit", False, {"data": "longtail", "memory_limit": 24.0, "tokens": 16384}),
+    # the fixed-length case (4 x 2048) with --memory auto under PEFT's 31.3 GiB
+    "8b-lorakit-auto": ("8b", "lorakit", False, {"memory_limit": 31.3}),
+    "1b-peft-padded-b4": ("1b", "peft", False, {"data": "longtail", "batch": 4}),
+    "1b-peft-padded-b8": ("1b", "peft", False, {"data": "longtail", "batch": 8}),
+    "1b-peft-padded-b16": ("1b", "peft", False, {"data": "longtail", "batch": 16}),
+    "1b-lorakit-packed": ("1b", "lorakit", False, {"data": "longtail", "tokens": 16384}),
 }
 
 # `--cases all`: the issue's stacks, the lorakit rows the bars pick (the fastest within each
@@ -114,6 +131,14 @@ BARS = [
     ("1b-lorakit", "1b-peft-compile", 1.4),
     ("1b-lorakit", "1b-peft-compile-model", 1.4),
 ]
+# the long-tailed data's bars: (lorakit row, PEFT rows (the best within `limit` GiB), bar, limit)
+DATA_BARS = [
+    ("8b-lorakit-packed", "8b-peft-padded-b", 3.0, 40.0),
+    ("8b-lorakit-packed", "8b-peft-compile-model-padded-b", 2.0, 40.0),
+    ("8b-lorakit-auto", "8b-peft", 2.0, None),
+    ("1b-lorakit-packed", "1b-peft-padded-b", 2.5, None),
+]
+DATA_SEED = 0
 
 
 def build_model(shape: str, quantized: bool, liger: bool):
@@ -193,6 +218,8 @@ def run_case(
     import torch
 
     shape, stack, quantized, opts = CASES[name]
+    if opts.get("data") or opts.get("memory_limit"):
+        return run_data_case(name, warmup, diagnose)
     s = SHAPES[shape]
     model = build_model(shape, quantized and stack == "peft", opts.get("liger", False))
     info = ""
@@ -308,6 +335,171 @@ def run_case(
     if profile:
         write_profile(name, step)
     return result
+
+
+def peft_model(model, checkpointing: bool, whole_compile: bool):
+    """PEFT as its documentation sets it up: bf16 base, fp32 adapters, non-reentrant
+    gradient checkpointing (which makes PEFT call enable_input_require_grads)."""
+    import peft
+    import torch
+
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if whole_compile:
+            drop_input_grad_hooks(model)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
+    if whole_compile:
+        drop_input_grad_hooks(model.base_model.model)
+        model.config.use_cache = False
+        # dynamic shapes from the start: padded batches come in many widths
+        model = torch.compile(model, backend=COMPILE_BACKEND, dynamic=True)
+    return model
+
+
+def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
+    """A case on long-tailed chat lengths (or, with only `memory_limit`, the fixed-length
+    batch under --memory auto): warm-up batches from one draw of examples, then every batch of
+    another draw, timed as a whole; tokens/s counts real (non-pad) tokens."""
+    import torch
+
+    import longtail
+    import lorakit
+    from lorakit.data import collate
+    from lorakit.kernels import enable_fast_path
+    from lorakit.memory import after_first_step, fit_for_training
+    from lorakit.packing import layout
+    from lorakit.train import compute_loss
+
+    shape, stack, _quantized, opts = CASES[name]
+    s = SHAPES[shape]
+    cuda = DEVICE == "cuda"
+    model = build_model(shape, False, False)
+    measure = {"8b": 240, "1b": 480}[shape] if cuda else 12
+    if opts.get("data"):
+        # every stack times the same examples (draws 60 .. 60 + measure) after warming up on the
+        # first 60; lorakit on 140 more: its compiled kernels settle on dynamic shapes after a
+        # few distinct batch lengths
+        extra = 140 if stack == "lorakit" else 0
+        examples = longtail.token_examples(60 + measure + extra, DATA_SEED, VOCAB, clip=2 * SEQ)  # 4096 on the GPU
+        timed, warm = examples[60 : 60 + measure], examples[:60] + examples[60 + measure :]
+    else:  # the fixed-length batch: rows of SEQ tokens, all supervised
+        from lorakit.data import Example
+
+        g = torch.Generator().manual_seed(1)
+        rows = [torch.randint(0, VOCAB, (SEQ,), generator=g).tolist() for _ in range(s["batch"] * (warmup + 8))]
+        examples = [Example(r, list(r)) for r in rows]
+        warm, timed = examples[: s["batch"] * warmup], examples[s["batch"] * warmup :]
+    fitted = None
+    if stack == "peft":
+        whole = opts.get("compile") == "model"
+        model = peft_model(model, s["checkpointing"], whole)
+        info = "PEFT" + (" + whole-model torch.compile" if whole else "") + (", checkpointing" if s["checkpointing"] else "")
+        multiple = 256 if whole else 1
+
+        def batches(exs):
+            b = opts["batch"]
+            for i in range(0, len(exs), b):
+                group = [lorakit.data.TokenRow(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in exs[i : i + b]]
+                width = -(-max(len(r.input_ids) for r in group) // multiple) * multiple
+                batch = collate(group, pad_id=0)
+                pad = width - batch["input_ids"].shape[1]
+                mask = torch.zeros((len(group), width), dtype=torch.long)
+                for j, r in enumerate(group):
+                    mask[j, : len(r.input_ids)] = 1
+                ids = torch.nn.functional.pad(batch["input_ids"], (0, pad))
+                labels = torch.nn.functional.pad(batch["labels"], (0, pad), value=-100)
+                yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+        def step(batch):
+            batch = {k: v.to(DEVICE, non_blocking=True) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+    else:
+        model.requires_grad_(False)
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS))
+        tokens = opts.get("tokens", s["batch"] * SEQ)
+        fast_config = None
+        if cuda:
+            torch.cuda.empty_cache()
+            fitted = fit_for_training(model, torch.device(DEVICE), "auto", opts.get("memory_limit"), tokens, SEQ)
+            fast_config = fitted.config
+        status = enable_fast_path(model, fast_config)
+        if not status.enabled:
+            raise SystemExit(f"fast path refused: {status.reason}")
+        info = status.reason + (f"; {fitted.summary()}" if fitted else "")
+        packed = bool(opts.get("data"))
+        cap = fitted.choice.tokens if fitted else None
+
+        def batches(exs):
+            if not packed:
+                for i in range(0, len(exs), s["batch"]):
+                    group = exs[i : i + s["batch"]]
+                    yield collate([lorakit.data.TokenRow(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in group], 0)
+                return
+            plan = layout(exs, packing=None, tokens_per_batch=tokens, seq_len=SEQ * 2, batch_size=1, seed=DATA_SEED,
+                          padding_free=True, budget_cap=cap)
+            for row in plan.rows:
+                yield collate([row], 0)
+
+        def step(batch):
+            batch = {k: v.to(DEVICE, non_blocking=True) for k, v in batch.items()}
+            loss_sum, count = compute_loss(model, batch)
+            loss = loss_sum / max(count, 1)
+            loss.backward()
+            return loss
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def optimizer_step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    losses, t_first = [], time.perf_counter()
+    for i, batch in enumerate(batches(warm)):
+        losses.append(float(step(batch)))
+        optimizer_step()
+        if i == 0:
+            first_step_s = time.perf_counter() - t_first
+            if fitted is not None:
+                after_first_step(fitted, torch.device(DEVICE), batch["input_ids"].numel())
+    if cuda:
+        torch.cuda.synchronize()
+    real = sum(len(e.input_ids) for e in timed)
+    supervised = sum(sum(1 for x in e.labels[1:] if x != -100) for e in timed)
+    padded = 0
+    t0 = time.perf_counter()
+    n = 0
+    for batch in batches(timed):
+        padded += batch["input_ids"].numel()
+        losses.append(float(step(batch)))
+        optimizer_step()
+        n += 1
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return {
+        "case": name,
+        "tokens_per_s": real / wall,
+        "peak_gib": peak,
+        "step_s": wall / max(n, 1),
+        "steps": n,
+        "real_tokens": real,
+        "supervised_tokens": supervised,
+        "padded_tokens": padded,
+        "first_step_s": first_step_s,
+        "loss0": losses[0],
+        "losses": losses,
+        "trainable": sum(p.numel() for p in trainable),
+        "keep_layers": fitted.choice.keep_layers if fitted else None,
+        "tokens_per_batch": fitted.choice.tokens if fitted else None,
+        "info": info,
+    }
 
 
 def sync_sites(step) -> dict[str, int]:
@@ -572,8 +764,81 @@ def check() -> dict:
             [rel(a, b) for a, b in zip(o1, o2, strict=True)]
             + [rel(a, b) for a, b in zip(g1, g2, strict=True)]
         )
+    results.update(packed_checks())
     results.update(loss_curves())
     return results
+
+
+def packed_checks() -> dict:
+    """Packed attention on the device (varlen FlashAttention where available) against each
+    sequence alone (fp32 on upcast inputs), and the fast path's loss and adapter gradients on a
+    packed row against the model run on each sequence alone (bf16 both, relative to fp32 noise)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import longtail
+    import lorakit
+    from lorakit.data import collate
+    from lorakit.kernels import FastPathConfig, enable_fast_path, fused_loss_sum
+    from lorakit.kernels.attention import (
+        Segments,
+        backend,
+        packed_attention,
+        packed_attention_reference,
+    )
+    from lorakit.packing import pack_to_budget
+
+    out: dict = {"packed_backend": backend(torch.device(DEVICE))}
+    lengths = [700, 3, 1200, 45, 2000, 148] if DEVICE == "cuda" else [7, 3, 12, 5]
+    total = sum(lengths)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    seg = Segments(cu, tuple(lengths))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(total, 32, 128, device=DEVICE, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, 8, 128, device=DEVICE, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, 8, 128, device=DEVICE, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(total, 32, 128, device=DEVICE, generator=g)
+    o = packed_attention(q, k, v, seg, 0.088)
+    grads = torch.autograd.grad((o.float() * w).sum(), (q, k, v))
+    up = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    o_ref = packed_attention_reference(*up, seg, 0.088)
+    grads_ref = torch.autograd.grad((o_ref * w).sum(), up)
+
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm())
+
+    out["packed_attention"] = max([rel(o, o_ref)] + [rel(a, b) for a, b in zip(grads, grads_ref, strict=True)])
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    torch.manual_seed(1)
+    lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=16, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    examples = longtail.token_examples(12, 3, 32000, clip=2048 if DEVICE == "cuda" else 24)
+
+    alone = 0
+    for ex in examples:  # the unpatched model, one sequence at a time
+        ids = torch.tensor([ex.input_ids], device=DEVICE)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        alone = alone + F.cross_entropy(logits, torch.tensor(ex.labels[1:], device=DEVICE), reduction="sum")
+    ref_grads = torch.autograd.grad(alone, [p for p in model.parameters() if p.requires_grad])
+    assert enable_fast_path(model, FastPathConfig(recompute="all", keep_layers=1)).enabled
+    batch = {k: t.to(DEVICE) for k, t in collate(pack_to_budget(examples, 16384), 0).items()}
+    loss = fused_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    out["packed_loss_vs_alone"] = abs(float(loss) - float(alone)) / abs(float(alone))
+    out["packed_grads_vs_alone"] = max(rel(a, b) for a, b in zip(got, ref_grads, strict=True))
+    out["packed_tokens"] = int(batch["input_ids"].numel())
+    return out
 
 
 def loss_curves(steps: int = 30) -> dict:
@@ -671,6 +936,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def best_rate(rows: list[dict]) -> float:
+    return max(r["tokens_per_s"] for r in rows)
+
+
+def data_table(rows: list[dict]) -> str:
+    """The long-tailed data's rows and bars (real tokens/s; PEFT's best batch within the limit)."""
+    by = {r["case"]: r for r in rows if "tokens_per_s" in r}
+    lines = [
+        "| case | real tokens/s | peak GiB | steps | real / padded tokens | keep_layers | tokens per batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["case"] in CASES and (CASES[r["case"]][3].get("data") or CASES[r["case"]][3].get("memory_limit")):
+            if "error" in r:
+                lines.append(f"| {r['case']} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            lines.append(
+                f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {r['steps']} "
+                f"| {r['real_tokens'] / max(r['padded_tokens'], 1):.2f} | {r.get('keep_layers')} | {r.get('tokens_per_batch')} |"
+            )
+    lines += ["", "| bar | lorakit | PEFT (best within the limit) | ratio | needed | met |", "|---|---|---|---|---|---|"]
+    for row, ref, need, limit in DATA_BARS:
+        peft = [r for c, r in by.items() if (c.startswith(ref) if ref.endswith("-b") else c == ref)
+                and (limit is None or r["peak_gib"] <= limit)]
+        if row not in by or not peft or not best_rate(peft):
+            continue
+        best = max(peft, key=lambda r: r["tokens_per_s"])
+        ratio = by[row]["tokens_per_s"] / best["tokens_per_s"]
+        lines.append(
+            f"| {row} vs {ref}* | {by[row]['tokens_per_s']:,.0f} at {by[row]['peak_gib']:.1f} GiB "
+            f"| {best['case']}: {best['tokens_per_s']:,.0f} at {best['peak_gib']:.1f} GiB | {ratio:.2f}x | {need}x "
+            f"| {'yes' if ratio >= need else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def dry_run() -> None:
     global DEVICE, SEQ, VOCAB, COMPILE_BACKEND
     DEVICE, SEQ, VOCAB, COMPILE_BACKEND = "cpu", 32, 256, "aot_eager"
@@ -682,7 +983,7 @@ def process_group(name: str) -> str:
     """Which process runs a case. PEFT eager and PEFT + Liger share one (Liger patches
     transformers for the rest of the process, so its cases run last there); the compiled PEFT
     cases run apart from everything else, so their compile caches start empty."""
-    if name in ("check", "attention") or name.startswith("profile:"):
+    if name in ("check", "packed-check", "attention") or name.startswith("profile:"):
         return "lorakit"
     shape, stack, quantized, opts = CASES[name]
     if stack == "peft":
@@ -715,6 +1016,8 @@ def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: boo
         try:
             if name == "check":
                 result = check()
+            elif name == "packed-check":
+                result = packed_checks()
             elif name == "attention":
                 result = attention_backends()
             elif name != case:  # profile:<case>
@@ -769,11 +1072,11 @@ def main() -> None:
     unknown = [
         n
         for n in names
-        if n not in ("check", "attention") and n.removeprefix("profile:") not in CASES
+        if n not in ("check", "packed-check", "attention") and n.removeprefix("profile:") not in CASES
     ]
     if unknown:
         ap.error(
-            f"unknown case(s) {', '.join(unknown)}; known: all, check, attention, "
+            f"unknown case(s) {', '.join(unknown)}; known: all, check, packed-check, attention, "
             f"profile:<case>, {', '.join(CASES)}"
         )
     groups: dict[str, list[str]] = {}
@@ -823,7 +1126,8 @@ def main() -> None:
     order = {n: i for i, n in enumerate(CASES)}
     timed = sorted((r for r in rows if r["case"] in CASES), key=lambda r: order[r["case"]])
     if timed:
-        print(table(timed))
+        print(table([r for r in timed if not (CASES[r["case"]][3].get("data") or CASES[r["case"]][3].get("memory_limit"))]))
+        print(data_table(timed))
 
 
 if __name__ == "__main__":

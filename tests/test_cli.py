@@ -101,7 +101,7 @@ def test_bad_option_values_are_refused(tmp_path, capsys):
 def test_python_dash_m_and_help_text_from_docstrings():
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True, check=True)
     assert "--max-steps" in out.stdout and "--eval-data" in out.stdout
-    assert "Pack short examples end to end" in out.stdout  # a field docstring
+    assert "Pack examples end to end" in out.stdout  # a field docstring
     top = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True)
-    for command in ("train", "generate", "eval", "merge", "info", "serve"):
+    for command in ("train", "generate", "eval", "merge", "info", "serve", "plan"):
         assert f"  {command}" in top.stdout

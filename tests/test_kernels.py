@@ -387,17 +387,20 @@ def test_training_loss_sum_matches_generic_path():
     labels[labels == -100] = IGNORE
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    ref_sum, ref_count = compute_loss(copy.deepcopy(model), batch)
+    reference = copy.deepcopy(model)
+    ref_sum, ref_count = compute_loss(reference, batch)
     assert enable_fast_path(model).enabled
     got_sum, got_count = compute_loss(model, batch)
     assert got_count == ref_count
     _close(got_sum, ref_sum, 1e-6)
+    # packed rows: the fast path's variable-length attention, the generic path's block mask
     packed = dict(batch, position_ids=torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5]).expand_as(ids))
     from lorakit.kernels import fused_loss_sum
 
-    assert (
-        fused_loss_sum(model, ids, labels, packed["position_ids"]) is None
-    )  # packed rows: generic path
+    ref_packed, _ = compute_loss(reference, packed)
+    got_packed = fused_loss_sum(model, ids, labels, packed["position_ids"])
+    _close(got_packed, ref_packed, 1e-6)
+    assert float((got_packed - got_sum).abs()) > 1e-3  # the packing changed the loss
 
 
 _FSDP_SCRIPT = """

@@ -171,7 +171,7 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, tmp_path) -> 
 
     ok = api.completions.create(model="alpha", prompt="still here", max_tokens=3, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
-    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/health").json() == {"status": "ok", "decode_path": server.engine.decode_path}
 
 
 def test_metrics_count_requests_tokens_and_cache(server) -> None:

@@ -107,7 +107,7 @@ def test_item4_bodies_and_prompts_are_bounded_before_the_work(server) -> None:
     assert long.status_code == 400 and "900000 characters" in long.json()["error"]["message"]
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
     assert calls == []
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "decode_path": server.engine.decode_path}
 
 
 def test_item5_adapters_load_only_from_inside_the_roots(server, tmp_path) -> None:

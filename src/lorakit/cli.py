@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, generate, eval, merge, info, serve.
+"""The `lorakit` command line: train, generate, eval, merge, info, serve, compare.
 
 Each subcommand's options are the fields of a dataclass; the field docstrings are the
 `--help` text. Every option can come from a YAML file (`--config run.yaml`) and be
@@ -30,6 +30,8 @@ COMMANDS = {
     "export": "write an adapter for llama.cpp / Ollama: --format gguf-lora, gguf (merged) or ollama",
     "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
+    "plan": "predict a training run's GPU memory and time per epoch, without loading weights",
+    "compare": "what adapters learned and forgot: KL, perplexity and agreement against the base, task metric, report.html",
 }
 
 
@@ -280,6 +282,12 @@ def run_merge(args: MergeArgs) -> None:
     print(f"merged model written to {out}")
 
 
+def run_plan(args: Any) -> None:
+    from .plan import plan, report
+
+    print(report(plan(args)))
+
+
 def run_info(adapter: str) -> None:
     from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
@@ -386,6 +394,10 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return MergeArgs, run_merge
     if name == "info":
         return None, run_info
+    if name == "plan":
+        from .plan import PlanArgs
+
+        return PlanArgs, run_plan
     if name == "data":
         return DataArgs, run_data
     if name == "check":
@@ -394,6 +406,10 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
         return ExportArgs, run_export
     if name == "convert":
         return ConvertArgs, run_convert
+    if name == "compare":
+        from .compare.command import CompareArgs, run_compare
+
+        return CompareArgs, run_compare
     if name == "serve":
         try:
             from .serve.command import ServeArgs, run_serve
@@ -452,7 +468,7 @@ def normalize_argv(argv: list[str], cls: type | None) -> list[str]:
             out.extend([f"--{name}+", given] if eq else [f"--{name}+"])
             continue
         out.append(f"--{name}{eq}{value}")
-        is_bool = known[name] in (bool, "bool")
+        is_bool = known[name] in (bool, "bool", "bool | None")
         if is_bool and not eq and (following is None or following.lower() not in ("true", "false")):
             out.append("true")
     return out

@@ -388,8 +388,8 @@ def _read_jsonl_lenient(path: Path) -> tuple[list[Row], dict[str, int]]:
 class TokenRow:
     """One training row: one example, or several packed end to end.
 
-    `position_ids` restart at 0 for each packed example; transformers turns restarting
-    positions into a block-diagonal causal mask, so packed examples never see each other.
+    `position_ids` restart at 0 for each packed example; the training loss attends within each
+    example only (variable-length attention on the GPU fast path, `packing.packed_mask` elsewhere).
     """
 
     input_ids: list[int]

@@ -25,7 +25,8 @@ RESUME_SETTINGS = (
 )
 """TrainArgs fields a resumed run must share with the run it continues: each changes the adapter."""
 
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.yaml")
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.yaml",
+             "samples.jsonl", "report.json", "report.html")
 """What a run writes beside its checkpoints (what --overwrite removes)."""
 
 
@@ -70,6 +71,7 @@ def prepare_output(args: Any) -> tuple[Path | None, str]:
             shutil.rmtree(path, ignore_errors=True)
         for name in RUN_FILES:
             (output / name).unlink(missing_ok=True)
+        shutil.rmtree(output / "best", ignore_errors=True)  # --save-best's adapter
     return None, uuid.uuid4().hex
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +17,32 @@ def log(message: str) -> None:
     Console(stderr=True, highlight=False).print(message)
 
 
-def plot_losses(metrics_path: Path, png: Path) -> None:
+def plot_losses(metrics_path: Path, png: Path, panels: Sequence[str] = ()) -> None:
+    """Train and eval loss; with `panels` (a task metric, kl), one more plot for each, sharing the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    panels = [key for key in panels if any(r.get(key) is not None for r in rows)]
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2.2 * len(panels)), sharex=True, squeeze=False)
+    ax = axes[0][0]
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    for key, (panel,) in zip(panels, axes[1:], strict=True):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        panel.plot(*zip(*points, strict=True), "o-", color="tab:green" if key != "kl" else "tab:red")
+        panel.set_ylabel("KL to the base (nats/token)" if key == "kl" else f"task metric: {key}")
+        panel.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import distributed, sharded
+from . import distributed, sharded, watch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint
 from .config import ALL_LINEAR, LoraConfig
 from .data import (
@@ -48,7 +48,9 @@ from .export.check import vllm_verdict_for_training
 from .inject import inject, trainable_parameters
 from .io import load_adapter, read_adapter, save_adapter
 from .kernels import enable_fast_path, fused_loss_sum
+from .memory import MemoryFit, after_first_step, check_memory_args, fit_for_training, piece_tokens
 from .models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
+from .packing import layout, packed_mask
 from .precision import PRECISIONS, attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from .quant import memory_report
 from .rundir import prepare_output, settings
@@ -110,8 +112,10 @@ class TrainArgs:
     a fraction of the activation memory (default: 256 on CPU, whole micro-batches elsewhere)."""
     seq_len: int = 1024
     """Maximum tokens per sequence; longer examples are truncated (and counted in the log)."""
-    packing: bool = False
-    """Pack short examples end to end into sequences of up to seq_len tokens (they never attend to each other)."""
+    packing: bool | None = None
+    """Pack examples end to end, never attending to each other (default: on the CUDA fast path, when lengths vary)."""
+    tokens_per_batch: int | None = None
+    """Packed on the CUDA fast path: micro-batches of whole examples up to this many tokens, padding-free (batch_size * seq_len)."""
     loss_on: str = "completion"
     """completion: loss on completions / assistant turns only; all: on every token."""
     skip_bad: bool = False
@@ -135,6 +139,18 @@ class TrainArgs:
     """How many checkpoints to keep (oldest are deleted); 0 keeps all."""
     early_stopping: int | None = None
     """Stop after this many evaluations without a better eval_loss."""
+    eval_samples: int = 0
+    """At each eval, greedy answers to the first N held-out prompts: samples.jsonl and a console table."""
+    metric: str | None = None
+    """Task metric on held-out answers at each eval: exact, json, regex:PATTERN or MODULE:FUNCTION."""
+    metric_rows: int | None = None
+    """Held-out rows --metric answers at each eval (default: all)."""
+    save_best: str | None = None
+    """Keep the adapter of the best eval in OUTPUT/best/: eval_loss, the --metric's name, or kl."""
+    track_forgetting: bool = False
+    """At each eval, KL to the base (adapter disabled) on the base's own text for general prompts."""
+    report_to: str | None = None
+    """Trackers fed with every record: tensorboard, mlflow, wandb (comma-separated; lorakit[track])."""
     resume: bool = False
     """Continue from the latest checkpoint in the output directory (its settings must match these)."""
     overwrite: bool = False
@@ -150,6 +166,10 @@ class TrainArgs:
     sharded across processes) or auto (ddp). batch_size is the global batch, split across processes."""
     fast_path: bool = True
     """On CUDA, train Llama-family models through lorakit's fused GPU kernels (lorakit.kernels); false: the generic path."""
+    memory: str = "auto"
+    """CUDA fast path: auto fits the recomputed layers and micro-batch to free memory (or --memory-limit); off: as --gradient-checkpointing."""
+    memory_limit: float | None = None
+    """GiB the run may allocate on the device with --memory auto (default: what is free)."""
 
     def __post_init__(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -157,7 +177,7 @@ class TrainArgs:
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_every", "save_every", "early_stopping", "max_tokens"):
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping", "max_tokens", "tokens_per_batch"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer or omitted, got {value!r}")
@@ -179,9 +199,11 @@ class TrainArgs:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
         if self.strategy not in distributed.STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got {self.strategy!r}")
+        check_memory_args(self.memory, self.memory_limit)
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         self.lora_config()  # validates rank, alpha, dropout and targets early
+        watch.check_args(self)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(
@@ -224,6 +246,10 @@ class Run:
     env: DistEnv = field(default_factory=DistEnv)
     loss_module: nn.Module | None = None
     """What the loop calls: LossModule(model), wrapped in DDP or sharded by FSDP2 under torchrun."""
+    rows_per_batch: int = 1
+    """Rows of train_rows per micro-batch (batch_size, or one packed row per process)."""
+    memory: MemoryFit | None = None
+    """What --memory auto chose, and from what (lorakit.memory)."""
 
 
 def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
@@ -251,9 +277,6 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         device = next(model.parameters()).device
     train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
     log(train_stats.summary(f"train data {args.data}"))
-    train_rows = as_sequences(train_examples, args.seq_len, args.packing)
-    if args.packing:
-        log(f"packed {len(train_examples)} examples into {len(train_rows)} sequences of up to {args.seq_len} tokens")
     eval_rows = None
     if args.eval_data:
         eval_examples, eval_stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
@@ -277,15 +300,25 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
                                                     next(model.parameters()).dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.memory)
     if args.fast_path and device.type == "cuda":
-        status = enable_fast_path(model)
+        fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
+                                  args.tokens_per_batch or args.batch_size * args.seq_len, args.seq_len)
+        status = enable_fast_path(model, fitted.config if fitted else None)
+        fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
-
-    per_epoch = batches_per_epoch(len(train_rows), args.batch_size)
+    plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,  # padding-free
+                  batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled, world_size=env.world_size,
+                  budget_cap=fitted.choice.tokens if fitted else None)
+    train_rows = plan.rows
+    if plan.message:
+        log(plan.message)
+    per_epoch = batches_per_epoch(len(train_rows), plan.rows_per_batch)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
-    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env)
+    run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
+              rows_per_batch=plan.rows_per_batch, memory=fitted)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
     run.loss_module = distributed.wrap(LossModule(model, args.loss_chunk), env, device)
     if lazy_source is not None:
@@ -373,10 +406,11 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 
     if fused is not None:  # the GPU fast path is on for this model and this batch (lorakit.kernels)
         return fused, count
     body, head = _body_and_head(model)
+    blocks = packed_mask(batch["position_ids"])  # packed rows: attention within each example only
     if body is None:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), count
-    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)[0]
+    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False)[0]
     selected = hidden[:, :-1][mask]  # (N, d)
     wanted = targets[mask]  # (N,)
     if count <= chunk:
@@ -467,10 +501,10 @@ def train(args: TrainArgs) -> Path:
     pad_id = run.tokenizer.pad_token_id
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
-    per_epoch = batches_per_epoch(len(run.train_rows), args.batch_size)
+    per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch)
     max_tokens = None
     if not env.enabled:
-        max_tokens = args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None)
+        max_tokens = piece_tokens(run.memory, args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None))
 
     state: dict[str, Any] = {"best_eval_loss": None, "evals_without_improvement": 0,
                              "run_id": run_id, "settings": settings(args)}
@@ -488,6 +522,7 @@ def train(args: TrainArgs) -> Path:
         metrics_path.unlink()
     if env.is_main:
         write_config(args, run, output / "train_config.yaml")
+    watcher = watch.Watch(args, run, output, start)  # samples, task metric, forgetting, best/, trackers
 
     model.train()
     step = start
@@ -509,7 +544,7 @@ def train(args: TrainArgs) -> Path:
             # per token on a CPU. Sharded runs keep whole micro-batches (same backward count per rank).
             batches = [collate(piece, pad_id)
                        for k in range(args.grad_accum)
-                       for piece in split_rows(distributed.shard(micro_batch(run.train_rows, args.batch_size, args.seed,
+                       for piece in split_rows(distributed.shard(micro_batch(run.train_rows, run.rows_per_batch, args.seed,
                                                                              step * args.grad_accum + k), env),
                                                max_tokens)]
             # Normalise by the supervised tokens of the whole step on all processes, so accumulation
@@ -528,6 +563,8 @@ def train(args: TrainArgs) -> Path:
                 (loss_sum * env.world_size / max(step_count, 1)).backward()
                 step_loss += loss_sum.item()
             step_loss = distributed.all_sum([step_loss], env)[0]
+            if run.memory is not None and step == start:  # --memory auto: measured, chosen again
+                after_first_step(run.memory, run.device, max(b["input_ids"].numel() for b in batches))
             if args.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                args.max_grad_norm)
@@ -561,6 +598,7 @@ def train(args: TrainArgs) -> Path:
                                         run.autocast_dtype, args.loss_chunk,
                                         loss_module=loss_module if env.enabled else None)
                 record["eval_loss"] = eval_loss
+                record.update(watcher.evaluate(step, progress.console))
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:
                     state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
@@ -572,6 +610,7 @@ def train(args: TrainArgs) -> Path:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.console.print(format_record(record, run.total_steps))
+                watcher.logged(record, state)
             stopping = (evaluated and args.early_stopping is not None
                         and state["evals_without_improvement"] >= args.early_stopping)
             if step % save_every == 0 or step == run.total_steps or stopping:
@@ -598,7 +637,8 @@ def train(args: TrainArgs) -> Path:
         save_tokenizer(run.tokenizer, output)
     log(str(memory_report(model, optimizer)))
     if metrics_path.exists() and env.is_main:
-        plot_losses(metrics_path, output / "loss.png")
+        plot_losses(metrics_path, output / "loss.png", watcher.plotted)
+    watcher.close(adapter=output)
     log(f"{stop_reason} at step {step}: adapter saved to {output}")
     distributed.barrier(env)
     distributed.cleanup(env)

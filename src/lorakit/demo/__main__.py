@@ -106,11 +106,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"base      {b[:160]!s}")
         print(f"adapter   {a}\n")
 
+    # What the adapter did to everything else: KL from the base on the base's own text.
+    from ..compare.command import CompareArgs, compare
+
+    del model  # compare loads its own copy
+    print("== lorakit compare: the adapter against its base, on the base's own answers to general prompts")
+    report = compare(CompareArgs(adapter=[opts.output], data=str(EVAL), task_rows=opts.held_out, device="cpu"))
+    headline = report["adapters"][0]["headline"]
+
     total = time.perf_counter() - began
     print("== summary")
     print(f"eval loss     {loss0:.3f} -> {loss1:.3f}")
     print(f"exact match   {acc0:.0%} -> {acc1:.0%}  ({len(held)} held-out notes)")
     print(f"time          {train_time / 60:.1f} min training, {total / 60:.1f} min in all, {torch.get_num_threads()} CPU threads")
+    print(f"forgetting    {headline}")
+    print(f"report        {Path(opts.output) / 'report.html'} (lorakit compare --adapter {opts.output} --data {EVAL})")
     print(f"adapter       {opts.output} (try: lorakit generate --adapter {opts.output} --system \"{SYSTEM}\" --chat \"call w/ ...\")")
 
 

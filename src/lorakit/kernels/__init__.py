@@ -4,7 +4,8 @@
     loss = model(input_ids=ids, labels=labels).loss     # now fused, chunked, checkpointed
 
 `enable_fast_path` swaps the model's `forward` for one that, on a training-style call
-(input_ids + labels, right-padded or no mask, no cache), computes the loss through the
+(input_ids + labels, right-padded or no mask, no cache; position ids 0..S-1 or
+restarting for each packed sequence), computes the loss through the
 fused pieces and returns it with `logits=None`; every other call, and every model or
 adapter setup the fast path does not cover, goes through the original forward
 unchanged. Each fused piece sits beside its pure-PyTorch reference:
@@ -13,6 +14,7 @@ unchanged. Each fused piece sits beside its pure-PyTorch reference:
                      with RMSNorm (before Q/K/V, gate/up) or SwiGLU (before down) fused in
     elementwise.py   RMSNorm, SwiGLU, RoPE: hand-derived backward, torch.compile'd on CUDA
     loss.py          chunked linear + cross-entropy over supervised positions only
+    attention.py     padding-free attention over packed sequences (varlen FlashAttention)
     llama.py         the decoder on those pieces, activation checkpointing per layer
 """
 
@@ -114,7 +116,7 @@ def enable_fast_path(model: nn.Module, config: FastPathConfig | None = None) -> 
         if plain and forward_reason(self, input_ids, attention_mask, position_ids) is None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
-            loss = _loss(self, config, input_ids, labels, num_items)
+            loss = _loss(self, config, input_ids, labels, num_items, position_ids)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         if num_items is not None:
             kwargs["num_items_in_batch"] = num_items
@@ -140,6 +142,7 @@ def _loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     num_items: Any,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     recompute = config.recompute == "all" or (config.recompute == "auto" and _checkpointing(model))
     recompute = recompute and model.training
@@ -162,6 +165,7 @@ def _loss(
             save_intermediates=save,
             num_items_in_batch=num_items,
             chunk_rows=config.loss_chunk_rows,
+            position_ids=position_ids,
         )
 
 
@@ -178,7 +182,7 @@ def fused_loss_sum(
     config = model.__dict__.get(_CONFIG)
     if config is None or forward_reason(model, input_ids, None, position_ids) is not None:
         return None
-    return _loss(model, config, input_ids, labels, 1)
+    return _loss(model, config, input_ids, labels, 1, position_ids)
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -9,6 +9,8 @@ for a transformers Llama-family model with lorakit adapters, but:
 - RoPE, the remaining RMSNorms and the loss's softmax are compiled kernels with
   hand-derived backward functions;
 - attention is PyTorch's SDPA with a causal flag (cuDNN / flash attention on Hopper), no mask;
+  packed rows (position ids restarting at 0 for each sequence) run padding-free through
+  variable-length attention instead (`attention.packed_attention`), each sequence on its own;
 - the loss is a chunked linear + cross-entropy over the supervised positions only;
 - each decoder layer is recomputed in the backward (activation checkpointing) when asked,
   keeping only its input; the recompute rebuilds only what the backward reads (not the down
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import LoraLinear
+from .attention import Segments, packed_attention, segments_from_positions
 from .elementwise import rms_norm, rope
 from .lora_linear import (
     KEEP_ALL,
@@ -133,8 +136,10 @@ def decoder_layer(
     sin: torch.Tensor,
     keep: Keep = KEEP_NOTHING,
     output: bool = True,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
-    """One decoder layer: h (B, S, d) -> (B, S, d); `keep`: what its fused functions save.
+    """One decoder layer: h (B, S, d) -> (B, S, d); `keep`: what its fused functions save;
+    `segments`: the packed sequences of the B * S tokens (None: each row is one sequence).
 
     output=False: only the tensors saved for the backward are wanted (the returned values are
     unset), so the down projection's matmuls, whose result nothing saves, are skipped."""
@@ -158,15 +163,24 @@ def decoder_layer(
         k = rms_norm(k, attn.k_norm.weight, _eps(attn.k_norm), "k")
     q = rope(q, cos, sin, "q")
     k = rope(k, cos, sin, "k")
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=True,
-        scale=attn.scaling,
-        enable_gqa=q.shape[2] != k.shape[2],
-    )  # (B, H, S, D)
-    o = o.transpose(1, 2).reshape(batch * seq, -1)
+    if segments is not None:
+        o = packed_attention(
+            q.reshape(batch * seq, -1, head_dim),
+            k.reshape(batch * seq, -1, head_dim),
+            v.reshape(batch * seq, -1, head_dim),
+            segments,
+            scale=attn.scaling,
+        ).reshape(batch * seq, -1)
+    else:
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=attn.scaling,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )  # (B, H, S, D)
+        o = o.transpose(1, 2).reshape(batch * seq, -1)
     # the residual adds ride in the o and down projections' GEMMs
     (h,) = lora_group(o, (_projection(attn.o_proj),), keep, residual=h.view(batch * seq, d))
     norm = layer.post_attention_layernorm
@@ -187,17 +201,21 @@ class _Checkpointed:
     The second call's output is discarded, so that call skips the down projection's matmuls
     (about a fifth of a layer's forward work)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, segments: Segments | None = None) -> None:
         self.layer = layer
+        self.segments = segments
         self.calls = 0
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         # KEEP_ALL in both calls: the recompute must save what the first call would have
-        return decoder_layer(self.layer, h, cos, sin, KEEP_ALL, output=self.calls == 1)
+        return decoder_layer(
+            self.layer, h, cos, sin, KEEP_ALL, output=self.calls == 1, segments=self.segments
+        )
 
 
 def _window_reason(model: nn.Module, seq: int) -> str | None:
+    # a packed row's sequences are shorter than the row: checking the row is conservative
     for layer in model.model.layers:
         window = getattr(layer.self_attn, "sliding_window", None)
         if window is None and type(model).__name__ == "MistralForCausalLM":
@@ -222,9 +240,14 @@ def forward_reason(
         if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
             return "the attention mask is not right-padded (left padding or packed sequences)"
     if position_ids is not None:
-        expected = torch.arange(input_ids.shape[1], device=position_ids.device)
-        if not bool((position_ids == expected).all()):
-            return "position_ids are not 0..S-1 (packed sequences take the generic path)"
+        if position_ids.shape != input_ids.shape:
+            return f"position_ids have shape {tuple(position_ids.shape)}, input_ids {tuple(input_ids.shape)}"
+        # packed rows: each position is 0 (a sequence starts) or the one before plus 1
+        follows = (position_ids[:, 1:] == position_ids[:, :-1] + 1) | (position_ids[:, 1:] == 0)
+        if not bool(follows.all()) or not bool((position_ids[:, 0] == 0).all()):
+            return "position_ids neither count 0..S-1 nor restart at 0 for each packed sequence"
+        if attention_mask is not None and not bool(attention_mask.all()) and (position_ids[:, 1:] == 0).any():
+            return "packed rows with an attention mask (packed rows need no mask)"
     return None
 
 
@@ -238,12 +261,16 @@ def causal_lm_loss(
     save_intermediates: bool = False,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of a Llama-family model, as transformers computes it.
 
     input_ids, labels: (B, S); labels of IGNORE_INDEX are not supervised; label t is
     predicted from position t-1 (transformers' shift). The mean is over supervised
-    positions, or the sum divided by `num_items_in_batch` when given.
+    positions, or the sum divided by `num_items_in_batch` when given. position_ids (B, S):
+    None or 0..S-1 in each row, or restarting at 0 for each packed sequence (padding-free
+    packing: attention stays within each sequence, RoPE restarts with the positions); the
+    first token of a packed sequence should carry no label (`lorakit.data.pack` does this).
 
     recompute: checkpoint each decoder layer but the last `keep_layers`. save_intermediates:
     layers that are not recomputed keep their normalised inputs and SwiGLU product for the
@@ -256,17 +283,19 @@ def causal_lm_loss(
     rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
     h = inner.embed_tokens(input_ids)
     seq = input_ids.shape[1]
-    position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
-    cos, sin = inner.rotary_emb(h, position_ids=position_ids)  # (1, S, D), in h's dtype
+    segments = None if position_ids is None else segments_from_positions(position_ids)
+    if segments is None:
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+    cos, sin = inner.rotary_emb(h, position_ids=position_ids)  # (1 or B, S, D), in h's dtype
     layers = list(inner.layers)[: model.config.num_hidden_layers]
     first_kept = len(layers) - keep_layers
     kept = Keep(activations=save_intermediates)
     for i, layer in enumerate(layers):
         if recompute and i < first_kept and torch.is_grad_enabled():
             # what a checkpointed layer keeps (KEEP_ALL) is held for one layer at a time
-            h = checkpoint(_Checkpointed(layer), h, cos, sin, use_reentrant=False)
+            h = checkpoint(_Checkpointed(layer, segments), h, cos, sin, use_reentrant=False)
         else:
-            h = decoder_layer(layer, h, cos, sin, kept)
+            h = decoder_layer(layer, h, cos, sin, kept, segments=segments)
     hidden = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
     hidden = rms_norm(
         hidden, inner.norm.weight, _eps(inner.norm), "final"

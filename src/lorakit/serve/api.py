@@ -5,7 +5,7 @@
     GET    /v1/models             the base model and every adapter
     POST   /v1/adapters           {"name", "path"}: load an adapter while serving
     DELETE /v1/adapters/{name}    unload it (its running requests finish first)
-    GET    /health                liveness
+    GET    /health                liveness, and which decode path runs
     GET    /metrics               Prometheus text
 
 The `model` field of a request names an adapter, or the base model's name for the base
@@ -465,7 +465,8 @@ def create_app(
     @app.get("/health")
     async def health():
         alive = engine.alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+        body = {"status": "ok" if alive else "engine stopped", "decode_path": engine.decode_path}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus():

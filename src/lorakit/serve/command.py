@@ -48,12 +48,16 @@ class ServeArgs:
     """Require 'Authorization: Bearer KEY' on /v1/ routes (default: $LORAKIT_API_KEY, else no key)."""
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
+    decode_path: str = "auto"
+    """auto, fast or generic. fast: the Llama-family decode path (slot KV cache, batched LoRA, CUDA graphs on a GPU); auto runs generic for now."""
     runs: list[str] = field(default_factory=list)
     """Training output directories to show in the page's Runs view (a run directory, or a directory of runs; repeatable)."""
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
 
     def __post_init__(self) -> None:
+        if self.decode_path not in ("auto", "fast", "generic"):
+            raise ValueError(f"--decode-path must be auto, fast or generic, got {self.decode_path!r}")
         if self.quantize is not None and self.quantize not in ("nf4", "int8"):
             raise ValueError(f"--quantize must be nf4 or int8, got {self.quantize!r}")
         for option in ("max_batch", "max_queue", "max_adapters_on_device", "max_adapters_on_cpu", "max_request_bytes"):
@@ -119,6 +123,7 @@ def run_serve(args: ServeArgs) -> None:
         max_adapters_on_device=args.max_adapters_on_device,
         max_adapters_on_cpu=args.max_adapters_on_cpu,
         context_length=args.context_length,
+        decode_path=args.decode_path,
     )
     for name, path in args.adapters().items():
         try:
@@ -136,5 +141,6 @@ def run_serve(args: ServeArgs) -> None:
     adapters = ", ".join(engine.adapter_names()) or "(none)"
     print(f"lorakit serve: base {name!r}, adapters: {adapters}; http://{args.host}:{args.port}/v1, "
           f"playground http://{args.host}:{args.port}/", file=sys.stderr)
+    print(f"lorakit serve: decode path: {engine.decode_path}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -9,7 +9,9 @@ One thread owns the model and loops:
        its own adapter (`lorakit.mixed_batch`), and sample each row by its own params;
     4. hand finished rows their result and drop them from the batch and the cache.
 
-The KV cache is transformers' `DynamicCache`, left-padded per row (see `batch.py`).
+The KV cache is transformers' `DynamicCache`, left-padded per row (see `batch.py`), or
+on the fast decode path (`decode_path`, see `decode/`) preallocated slots, a CUDA graph
+per decoding step and sampling on the device; the rest of the loop is the same.
 
 Results go back through a callback per request (`Event`s), called on the engine thread;
 `generate` wraps that for plain blocking use.
@@ -32,8 +34,9 @@ from torch import nn
 from .. import mixed_batch, read_adapter
 from ..inject import check_adapter_name, has_adapters
 from ..io import AdapterFiles
-from .adapters import AdapterCache
+from .adapters import AdapterCache, AdapterMismatch
 from .batch import Batch
+from .decode import SlotBatch, adapter_reason, choose_path
 from .guards import vocab_size
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
@@ -131,6 +134,7 @@ class Engine:
         max_adapters_on_cpu: int = 128,
         max_prefill_tokens: int = 4096,
         context_length: int | None = None,
+        decode_path: str = "auto",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -148,11 +152,15 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
         self.adapters = AdapterCache(model, max_adapters_on_device, max_adapters_on_cpu, self._wake)
+        self.decoder, self.decode_path = choose_path(
+            model, decode_path, max_batch=max_batch, context_length=self.context_length,
+            max_adapters=max_adapters_on_device,
+        )
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], object], _Reply]] = deque()
         self._ids = itertools.count(1)
-        self._batch: Batch[Request] = Batch()
+        self._batch: Batch[Request] | SlotBatch = self._new_batch()
         self._pending_unload: set[str] = set()
         self._admitting: list[Request] = []
         # Only the last position's logits are needed; models that take `logits_to_keep` skip the rest.
@@ -223,6 +231,10 @@ class Engine:
         if name in self._pending_unload:
             raise ValueError(f"adapter {name!r} is already being unloaded (running requests still use it); retry shortly")
         self.adapters.register(name, files, self._busy())
+        reason = adapter_reason(self.model, name) if self.decoder is not None else None
+        if reason is not None:
+            self.adapters.unregister(name)
+            raise AdapterMismatch(f"{files.directory}: {reason}")
 
     def unload_adapter(self, name: str) -> None:
         """Forget `name`; its running requests finish first, waiting ones fail."""
@@ -356,7 +368,7 @@ class Engine:
                 except Exception as err:  # a failed step must not take the server down
                     for request in [*self._batch.rows, *self._admitting]:
                         self._finish(request, "error", f"{type(err).__name__}: {err}")
-                    self._batch = Batch()
+                    self._batch = self._new_batch()
                     self._admitting = []
             for request in [*self._batch.rows, *self._waiting]:
                 self._finish(request, "cancelled")
@@ -448,7 +460,15 @@ class Engine:
                 return self.model(**inputs, use_cache=True)
         return self.model(**inputs, use_cache=True)
 
+    def _new_batch(self) -> Batch[Request] | SlotBatch:
+        return self.decoder.new_batch() if self.decoder is not None else Batch()
+
     def _prefill(self, requests: list[Request]) -> None:
+        if self.decoder is not None:
+            self.decoder.sync_adapters(self.adapters.on_device)
+            self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+            self._emit(requests, self.decoder.prefill(requests))
+            return
         length = max(len(r.prompt_ids) for r in requests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(requests), length), pad, dtype=torch.long)
@@ -472,6 +492,14 @@ class Engine:
         self._emit(requests, tokens.tolist())
 
     def _decode(self) -> None:
+        if self.decoder is not None:
+            self.decoder.sync_adapters(self.adapters.on_device)
+            rows, tokens = self.decoder.decode()  # pipelined: the rows the step ran for
+            self.stats.decode_steps += 1
+            self.stats.batch_rows += len(rows)
+            self.stats.last_batch_size = len(rows)
+            self._emit(rows, tokens)
+            return
         batch = self._batch
         out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
         tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])

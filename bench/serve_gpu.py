@@ -1,0 +1,315 @@
+"""The GPU serving suite: the engine's fast decode path against the generic path,
+transformers and PEFT, side by side in one invocation (`bench/serve.py --suite gpu`).
+
+Cases, in this order (each result is appended to --out as one JSON line as soon as it
+exists, so a run cut short keeps what it measured):
+
+    fast-1b-b32-1 / fast-1b-b32-32   offline throughput, 1B, batch 32, 1 adapter / 32 distinct
+    agreement-1b                     greedy first 32 tokens of 32 requests (each its own
+                                     adapter): fast path vs the generic path, and vs
+                                     transformers + PEFT generate with the same adapter
+    online-1b                        Poisson arrivals at 80% of fast-1b-b32-32's capacity:
+                                     p50/p99 time to first token and time per output token
+    fast-1b-b128-pool256             batch 128, 128 distinct adapters of a pool of 256
+    hf-static-peft-1b / hf-static-1b transformers generate, static cache (compiled), one
+                                     PEFT adapter / the base; batch 32
+    peft-mixed-1b                    PEFT generate(adapter_names=...) with 32 adapters
+    fast-8b-b32-32 / hf-static-8b    8B, batch 32, 32 distinct adapters / the base, static cache
+
+Offline cases submit every request at once: 128-token prompts, 128 new tokens, random
+weights (bf16), end-of-sequence ignored, rank 16 on all seven projections.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit.io import AdapterFiles
+from lorakit.serve import Engine, SamplingParams
+
+CASES = (
+    "fast-1b-b32-1", "fast-1b-b32-32", "agreement-1b", "online-1b", "fast-1b-b128-pool256",
+    "hf-static-peft-1b", "peft-mixed-1b", "hf-static-1b", "fast-8b-b32-32", "hf-static-8b",
+)
+
+
+class Suite:
+    def __init__(self, args, build_model, byte_tokenizer, make_adapters) -> None:
+        self.args = args
+        self.build_model = build_model
+        self.tok = byte_tokenizer()
+        self.make_adapters = make_adapters
+        self.out = Path(args.out) if args.out else None
+        self.start = time.perf_counter()
+        self.results: dict[str, dict] = {}
+        self.device = torch.device(args.device)
+        # On a CPU (a quick check of this script) the small model stands in for 1B and 8B.
+        self.sizes = ("1b", "8b") if self.device.type == "cuda" else (args.size, args.size)
+
+    def record(self, case: str, **values) -> None:
+        values = {"case": case, "elapsed_s": round(time.perf_counter() - self.start, 1), **values}
+        self.results[case] = values
+        print(json.dumps(values), flush=True)
+        if self.out is not None:
+            with self.out.open("a") as f:
+                f.write(json.dumps(values) + "\n")
+
+    def prompts(self, count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+        rng = random.Random(seed)
+        return [[rng.randrange(1, vocab) for _ in range(self.args.prompt_tokens)] for _ in range(count)]
+
+    def adapters(self, model, count: int) -> dict[str, AdapterFiles]:
+        """`count` adapters with distinct random weights: one made through lorakit, the rest
+        the same tensors' shapes filled with other random numbers (quick for a pool of 256)."""
+        first = self.make_adapters(model, 1, self.args.rank)["a0"]
+        out = {"a0": first}
+        g = torch.Generator(device=self.device).manual_seed(1)
+        for i in range(1, count):
+            tensors = {}
+            for key, t in first.tensors.items():
+                scale = 0.01 if "lora_B" in key else 1.0 / t.shape[1] ** 0.5
+                tensors[key] = torch.randn(t.shape, generator=g, device=self.device, dtype=t.dtype) * scale
+            out[f"a{i}"] = AdapterFiles(Path(f"<memory>/a{i}"), first.config, first.raw_config, tensors)
+        return out
+
+    def engine(self, model, adapters: dict, *, batch: int, path: str = "fast") -> Engine:
+        engine = Engine(model, self.tok, max_batch=batch, max_queue=100000, max_adapters_on_device=max(len(adapters), 1),
+                        context_length=1024, decode_path=path)
+        engine.eos_ids = set()  # random weights: decode exactly max_tokens
+        for name, files in adapters.items():
+            engine.load_adapter(name, files)
+        return engine
+
+    def offline(self, engine: Engine, prompts, names, max_tokens: int, repeats: int = 2) -> dict:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        engine.generate(prompts[: len(prompts)], names, SamplingParams(max_tokens=4, temperature=0))  # warm-up, graphs
+        runs = []
+        for _ in range(repeats):
+            self.sync()
+            t = time.perf_counter()
+            outs = engine.generate(prompts, names, params)
+            seconds = time.perf_counter() - t
+            runs.append(sum(o.completion_tokens for o in outs) / seconds)
+        return {"tokens_per_s": sorted(runs)[len(runs) // 2], "runs": [round(r) for r in runs],
+                "path": engine.decode_path, "graph_error": getattr(engine.decoder, "graph_error", None)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wanted(self, case: str) -> bool:
+        return case in self.args.cases and time.perf_counter() - self.start < self.args.budget_s
+
+    # ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.record("setup", device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        model = self.build_model(self.sizes[0], self.device, self.dtype)
+        vocab = model.config.vocab_size
+        pool = 256 if self.wanted("fast-1b-b128-pool256") else 32
+        adapters = self.adapters(model, pool)
+        names = list(adapters)
+        prompts = self.prompts(128, vocab)
+        first32 = {n: adapters[n] for n in names[:32]}
+        fast_tokens = None
+        engine = self.engine(model, first32, batch=32)
+        with engine:
+            for case, distinct in (("fast-1b-b32-1", 1), ("fast-1b-b32-32", 32)):
+                if self.wanted(case):
+                    rows = [names[i % distinct] for i in range(32)]
+                    self.record(case, **self.offline(engine, prompts[:32], rows, self.args.new_tokens))
+            if self.wanted("agreement-1b"):
+                outs = engine.generate(prompts[:32], names[:32], SamplingParams(max_tokens=32, temperature=0))
+                fast_tokens = [o.token_ids for o in outs]
+            if self.wanted("online-1b") and "fast-1b-b32-32" in self.results:
+                capacity = self.results["fast-1b-b32-32"]["tokens_per_s"]
+                self.record("online-1b", **self.online(engine, prompts, names[:32], capacity))
+        _unload(engine, first32)
+        torch.cuda.empty_cache()
+        if self.wanted("fast-1b-b128-pool256"):
+            engine = self.engine(model, adapters, batch=128)
+            with engine:
+                rows = [names[(7 * i) % 256] for i in range(128)]  # 128 distinct of the 256
+                self.record("fast-1b-b128-pool256", **self.offline(engine, prompts[:128], rows, self.args.new_tokens, repeats=1))
+            _unload(engine, adapters)
+            torch.cuda.empty_cache()
+        del adapters
+        slow = None
+        if fast_tokens is not None:
+            generic = self.engine(model, first32, batch=32, path="generic")
+            with generic:
+                slow = [o.token_ids for o in generic.generate(prompts[:32], names[:32], SamplingParams(max_tokens=32, temperature=0))]
+            _unload(generic, first32)
+        import lorakit
+
+        base = lorakit.unload(model) if hasattr(model, "lora_state") else model
+        ids = torch.tensor(prompts[:32], device=self.device)
+        with torch.no_grad():
+            peft = self.peft_model(base, first32)
+            if fast_tokens is not None and slow is not None:
+                peft_tokens = self.peft_greedy(peft, prompts[:32])
+                self.record("agreement-1b", vs_generic=_agree(fast_tokens, slow), vs_peft=_agree(fast_tokens, peft_tokens))
+            if self.wanted("hf-static-peft-1b"):
+                peft.set_adapter("a0")
+                tps = self.timed_generate(peft, ids, self.args.new_tokens, cache_implementation="static")
+                self.record("hf-static-peft-1b", tokens_per_s=tps)
+            if self.wanted("peft-mixed-1b"):
+                tps = self.timed_generate(peft, ids, self.args.peft_tokens, adapter_names=names[:32])
+                self.record("peft-mixed-1b", tokens_per_s=tps, new_tokens=self.args.peft_tokens)
+            base = peft.unload()  # the plain base again
+            if self.wanted("hf-static-1b"):
+                self.record("hf-static-1b", tokens_per_s=self.timed_generate(base, ids, self.args.new_tokens, cache_implementation="static"))
+        del peft, base, model, first32
+        gc.collect()
+        torch.cuda.empty_cache()
+        if self.wanted("fast-8b-b32-32") or self.wanted("hf-static-8b"):
+            self.eight_b()
+
+    def online(self, engine: Engine, prompts, names, capacity: float) -> dict:
+        """Poisson arrivals at 80% of `capacity` tokens/s: TTFT and TPOT percentiles."""
+        rate = 0.8 * capacity / self.args.new_tokens  # requests per second
+        rng = random.Random(1)
+        params = SamplingParams(max_tokens=self.args.new_tokens, temperature=0)
+        lock, done = threading.Lock(), threading.Event()
+        arrived, first, last, counts = {}, {}, {}, {}
+
+        def listener(i: int):
+            def notify(event) -> None:
+                now = time.perf_counter()
+                with lock:
+                    first.setdefault(i, now)
+                    if event.finish_reason is not None:
+                        last[i], counts[i] = now, event.completion_tokens
+                        if len(last) == len(prompts):
+                            done.set()
+            return notify
+
+        due = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            due += rng.expovariate(rate)
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            arrived[i] = time.perf_counter()
+            engine.submit(ids, names[i % len(names)], params, listener(i))
+        done.wait(300)
+        ttft = sorted(first[i] - arrived[i] for i in arrived)
+        tpot = sorted((last[i] - first[i]) / max(counts[i] - 1, 1) for i in arrived)
+        return {"rate_req_s": rate, "requests": len(prompts), "ttft_p50_s": pick(ttft, 50), "ttft_p99_s": pick(ttft, 99),
+                "tpot_p50_s": pick(tpot, 50), "tpot_p99_s": pick(tpot, 99)}
+
+    def peft_model(self, base, adapters: dict):
+        from peft import LoraConfig as PeftConfig
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        names = list(adapters)
+        config = PeftConfig(r=self.args.rank, lora_alpha=2 * self.args.rank, target_modules=_TARGETS, lora_dropout=0.0)
+        peft = get_peft_model(base, config, adapter_name=names[0])
+        for name in names[1:]:
+            peft.add_adapter(name, config)
+        for name, files in adapters.items():
+            set_peft_model_state_dict(peft, files.tensors, adapter_name=name)
+        return peft.eval()
+
+    def peft_greedy(self, peft, prompts) -> list[list[int]]:
+        """Each prompt alone through PEFT's generate with its own adapter (a0, a1, ...)."""
+        out = []
+        for i, ids in enumerate(prompts):
+            peft.set_adapter(f"a{i}")
+            x = torch.tensor([ids], device=self.device)
+            y = peft.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            out.append(y[0, len(ids):].tolist())
+        return out
+
+    def timed_generate(self, model, ids, new_tokens: int, **kwargs) -> float:
+        mask = torch.ones_like(ids)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        self.sync()
+        t = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        self.sync()
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t)
+
+    def eight_b(self) -> None:
+        model = self.build_model(self.sizes[1], self.device, self.dtype)
+        prompts = self.prompts(32, model.config.vocab_size)
+        if self.wanted("fast-8b-b32-32"):
+            adapters = self.adapters(model, 32)
+            engine = self.engine(model, adapters, batch=32)
+            with engine:
+                self.record("fast-8b-b32-32", **self.offline(engine, prompts, list(adapters), self.args.new_tokens, repeats=1))
+            _unload(engine, adapters)
+            del engine, adapters
+            torch.cuda.empty_cache()
+        if self.wanted("hf-static-8b"):
+            import lorakit
+
+            base = lorakit.unload(model) if hasattr(model, "lora_state") else model
+            with torch.no_grad():
+                tps = self.timed_generate(base, torch.tensor(prompts, device=self.device), self.args.new_tokens, cache_implementation="static")
+            self.record("hf-static-8b", tokens_per_s=tps)
+
+
+_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _unload(engine: Engine, adapters: dict) -> None:
+    for name in adapters:
+        engine.unload_adapter(name)
+    gc.collect()  # the engine's graphs and KV cache go before the next case allocates
+
+
+def pick(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def _agree(a: list[list[int]], b: list[list[int]]) -> dict:
+    same = sum(x[:32] == y[:32] for x, y in zip(a, b, strict=True))
+    first_diff = [next((t for t, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), None) for x, y in zip(a, b, strict=True)]
+    return {"identical_32": same, "of": len(a), "first_difference": first_diff}
+
+
+def bars(results: dict[str, dict]) -> list[str]:
+    """The issue's bars, each a ratio within this run (missing cases say so)."""
+    def tps(case: str) -> float | None:
+        return results.get(case, {}).get("tokens_per_s")
+
+    lines = []
+
+    def check(label: str, value: float | None, bar: float, unit: str = "") -> None:
+        if value is None:
+            lines.append(f"{label}: not measured")
+        else:
+            lines.append(f"{label}: {value:,.2f}{unit} (bar {bar:,}{unit}) {'PASS' if value >= bar else 'FAIL'}")
+
+    f32, f1, peft1, static1 = tps("fast-1b-b32-32"), tps("fast-1b-b32-1"), tps("hf-static-peft-1b"), tps("hf-static-1b")
+    check("1B b32 32 adapters tokens/s", f32, 10000)
+    check("1B b32 32 adapters / transformers+1 PEFT adapter (static)", f32 / peft1 if f32 and peft1 else None, 2.0, "x")
+    check("1B b128 pool 256 tokens/s", tps("fast-1b-b128-pool256"), 25000)
+    f8, s8 = tps("fast-8b-b32-32"), tps("hf-static-8b")
+    check("8B b32 32 adapters tokens/s", f8, 4500)
+    check("8B b32 32 adapters / transformers base (static)", f8 / s8 if f8 and s8 else None, 1.8, "x")
+    check("32 adapters / 1 adapter, 1B b32", f32 / f1 if f32 and f1 else None, 0.9)
+    online = results.get("online-1b", {}).get("ttft_p99_s")
+    lines.append(f"online 1B p99 TTFT: {online:.3f} s (bar <= 0.25 s) {'PASS' if online <= 0.25 else 'FAIL'}" if online is not None
+                 else "online 1B p99 TTFT: not measured")
+    agreement = results.get("agreement-1b")
+    if agreement:
+        for ref in ("vs_generic", "vs_peft"):
+            got = agreement[ref]["identical_32"]
+            lines.append(f"greedy agreement {ref}: {got}/32 identical first 32 tokens (bar 30) {'PASS' if got >= 30 else 'FAIL'}")
+    if static1:
+        lines.append(f"(anchor) transformers static cache, 1B base: {static1:,.0f} tokens/s")
+    return lines

@@ -1,0 +1,218 @@
+"""`lorakit plan`: how much GPU memory a training run needs and how long an epoch takes,
+predicted without loading any weights (the model is built on the meta device).
+
+    lorakit plan --model meta-llama/Llama-3.1-8B --gpu H100 --tokens-per-batch 8192
+    lorakit plan --model ./my-model --quantize nf4 --gpu 24 --data train.jsonl
+
+Memory is `lorakit.memory`'s arithmetic for the GPU fast path (the same numbers `--memory auto`
+starts from): base weights in bf16 (or NF4 / int8), adapter, its gradients and AdamW moments,
+the activations kept for the backward and the step's transient tensors, the loss's logit
+chunks. Time assumes the fast path's measured efficiency on an H200 (bench/RESULTS.md: about
+54% of the dense bf16 peak) and scales it by each GPU's peak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ALL_LINEAR, LoraConfig
+from .memory import ADAM_BYTES, GiB, Shape, activation_bytes, choose, transient_bytes
+
+GPUS = {
+    "H100": (79.1, 989.0),
+    "H200": (139.8, 989.0),
+    "A100-80": (79.1, 312.0),
+    "L4": (22.0, 121.0),
+}
+"""name -> (GiB the device reports, dense bf16 TFLOP/s by the vendor's datasheet)."""
+EFFICIENCY = 0.54
+"""Share of the dense bf16 peak the fast path reached on an H200 (8B, long-tailed data: 13,561
+tokens/s at about 40 GFLOP per token; fixed length: 13,759 at about 38)."""
+USABLE = 0.92
+"""Share of the device's memory a run plans for (as --memory auto does with free memory)."""
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Bytes per NF4 weight: 4 bits, an 8-bit absmax per 64 weights, an fp32 per 256 absmax blocks."""
+NF4_TABLES = 4 * (16 + 256 + 1)
+"""Bytes per NF4 tensor: the 16-value code, the absmax's own 256-value code and its offset (fp32)."""
+
+
+@dataclass
+class PlanArgs:
+    """Predict peak GPU memory and time per epoch of `lorakit train` without loading weights."""
+
+    model: str | None = None
+    """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
+    gpu: str = "H100"
+    """H100, H200, A100-80, L4, or a memory size in GiB (then no time estimate)."""
+    quantize: str | None = None
+    """nf4 or int8: the base quantized as `lorakit train --quantize` would."""
+    tokens_per_batch: int = 8192
+    """Tokens per micro-batch (packed: --tokens-per-batch; padded: batch_size x seq_len)."""
+    rank: int = 16
+    """LoRA rank r."""
+    targets: str = ALL_LINEAR
+    """Modules to adapt (as lorakit train's --targets)."""
+    data: str | None = None
+    """A training data file: its tokens give the time per epoch."""
+    seq_len: int = 1024
+    """Maximum tokens per example (as lorakit train's --seq-len)."""
+
+    def __post_init__(self) -> None:
+        gpu_spec(self.gpu)  # a bad --gpu fails before anything is built
+        if self.quantize not in (None, "nf4", "int8"):
+            raise ValueError(f"--quantize must be nf4 or int8 (or omitted), got {self.quantize!r}")
+        for name in ("tokens_per_batch", "rank", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def gpu_spec(gpu: str) -> tuple[float, float | None]:
+    """(GiB, dense bf16 TFLOP/s or None) of a --gpu value."""
+    if gpu in GPUS:
+        return GPUS[gpu]
+    try:
+        gib = float(gpu)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0:
+        raise ValueError(f"--gpu must be one of {', '.join(GPUS)} or a memory size in GiB, got {gpu!r}")
+    return gib, None
+
+
+def meta_model(args: PlanArgs) -> torch.nn.Module:
+    """The model with its adapter, on the meta device: shapes only, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .inject import inject
+    from .models import resolve_model
+    from .train import parse_targets
+
+    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inject(model, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=parse_targets(args.targets)))
+    return model
+
+
+def weight_bytes(model: torch.nn.Module, quantize: str | None) -> tuple[int, int]:
+    """(base, adapter) bytes on the device: a bf16 base (decoder linears in NF4 / int8 when
+    quantized, as `lorakit.quant` stores them) and fp32 adapters."""
+    base = adapter = 0
+    quantized = set()
+    if quantize is not None:  # every frozen linear weight but the output head's
+        from .layers import LoraLinear
+
+        for layer in getattr(getattr(model, "model", None), "layers", []):
+            for module in layer.modules():
+                if isinstance(module, LoraLinear | torch.nn.Linear) and not module.weight.requires_grad:
+                    quantized.add(id(module.weight))
+    for p in model.parameters():
+        if p.requires_grad:
+            adapter += 4 * p.numel()
+        elif id(p) in quantized:
+            rows = p.shape[0]
+            base += math.ceil(NF4_BYTES * p.numel()) + NF4_TABLES if quantize == "nf4" else p.numel() + 4 * rows
+        else:
+            base += 2 * p.numel()
+    return base, adapter
+
+
+def plan(args: PlanArgs) -> dict:
+    """The prediction, as numbers (the command prints it)."""
+    model = meta_model(args)
+    shape = Shape.of(model.config)
+    base, adapter = weight_bytes(model, args.quantize)
+    trainable = adapter // 4
+    fixed = base + adapter + ADAM_BYTES * trainable
+    tokens = args.tokens_per_batch
+    gib, tflops = gpu_spec(args.gpu)
+    budget = int(USABLE * gib * GiB)
+    result: dict = {
+        "model": type(model).__name__,
+        "gpu": args.gpu,
+        "budget_gib": budget / GiB,
+        "base_gib": base / GiB,
+        "adapter_gib": adapter / GiB,
+        "optimizer_gib": ADAM_BYTES * trainable / GiB,
+        "trainable": trainable,
+        "tokens_per_batch": tokens,
+        "activations_gib": {
+            "all recomputed": activation_bytes(shape, tokens, 0) / GiB,
+            "none recomputed": activation_bytes(shape, tokens, shape.layers) / GiB,
+        },
+        "transient_gib": transient_bytes(shape, tokens) / GiB,
+    }
+    try:
+        choice = choose(shape, tokens, fixed, budget, min_tokens=min(tokens, args.seq_len))
+    except ValueError as err:
+        result.update(fits=False, why=str(err))
+        return result
+    result.update(fits=True, keep_layers=choice.keep_layers, tokens=choice.tokens, peak_gib=choice.peak / GiB,
+                  why=choice.reason)
+    if tflops is not None:
+        result["tokens_per_s"] = tokens_per_second(shape, base_params(model), choice.keep_layers, args.seq_len, tflops)
+    if args.data is not None:
+        result.update(data_time(args, result.get("tokens_per_s")))
+    return result
+
+
+def base_params(model: torch.nn.Module) -> int:
+    """Parameters of the decoder layers' linear weights (what every token multiplies through)."""
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    return sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2 and not p.requires_grad)
+
+
+def tokens_per_second(shape: Shape, params: int, keep_layers: int, context: int, tflops: float) -> float:
+    """Forward, input-gradient backward and the recomputed layers' second forward of the
+    decoder's matmuls, the output head (about two thirds of positions supervised in chat data)
+    and attention over `context / 2` earlier tokens on average, at EFFICIENCY of the peak."""
+    recomputed = (shape.layers - keep_layers) / shape.layers
+    decoder = 2 * params * (2 + recomputed)
+    head = 2 * shape.hidden * shape.vocab * 2 * 0.65
+    attention = shape.layers * 2 * context * shape.q_dim * (3.5 + recomputed) / 2
+    return EFFICIENCY * tflops * 1e12 / (decoder + head + attention)
+
+
+def data_time(args: PlanArgs, rate: float | None) -> dict:
+    from transformers import AutoTokenizer
+
+    from .data import load_examples
+    from .models import resolve_model
+    from .packing import budget_bins
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    examples, stats = load_examples(args.data, tokenizer, args.seq_len)
+    lengths = [len(e.input_ids) for e in examples]
+    out = {"data_examples": len(examples), "data_tokens": stats.tokens,
+           "data_batches": len(budget_bins(lengths, max(args.tokens_per_batch, args.seq_len)))}
+    if rate:
+        out["epoch_s"] = stats.tokens / rate
+    return out
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"{result['model']}, {result['trainable']:,} trainable parameters; {result['tokens_per_batch']} tokens per micro-batch",
+        f"memory (GiB): base {result['base_gib']:.2f} | adapter {result['adapter_gib']:.2f} | gradients + AdamW "
+        f"{result['optimizer_gib']:.2f} | activations {result['activations_gib']['all recomputed']:.2f} (every layer "
+        f"recomputed) to {result['activations_gib']['none recomputed']:.2f} (none) | transient and logits "
+        f"{result['transient_gib']:.2f}",
+    ]
+    where = f"on {result['gpu']} (planning for {result['budget_gib']:.1f} GiB)"
+    if not result["fits"]:
+        lines.append(f"{where}: does not fit: {result['why']}")
+        return "\n".join(lines)
+    lines.append(f"{where}: fits with keep_layers {result['keep_layers']}: {result['why']}")
+    if "tokens_per_s" in result:
+        lines.append(f"speed: about {result['tokens_per_s']:,.0f} tokens/s on the GPU fast path")
+    if "data_tokens" in result:
+        text = f"data: {result['data_examples']} examples, {result['data_tokens']:,} tokens, {result['data_batches']} packed batches"
+        if "epoch_s" in result:
+            seconds = result["epoch_s"]
+            text += f"; about {seconds / 60:.0f} minutes per epoch" if seconds >= 120 else f"; about {seconds:.0f} s per epoch"
+        lines.append(text)
+    return "\n".join(lines)

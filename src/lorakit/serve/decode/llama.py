@@ -1,0 +1,161 @@
+"""The Llama-family forward (Llama, Mistral, Qwen2, Qwen3, SmolLM) on the slot KV cache.
+
+One function serves prefill and decode: `forward(ids, positions, ...)` runs (rows, T)
+tokens, writes their K/V into the rows' cache slots at `positions`, and lets each token
+attend to its own slot's positions 0..position. It computes what the transformers model
+computes (its own RMSNorm and rotary modules are called, the projections' base weights
+through the LoRA layer's `base_forward`, a 4-bit base included), with:
+
+- the adapters of all rows applied by `batched_lora` from `AdapterSlots` (Q/K/V and
+  gate/up sharing one shrink matmul), no per-layer Python dispatch on adapter names;
+- attention by PyTorch's SDPA over a view of the cache, grouped-query heads folded into
+  the query length (no repeated K/V), a boolean mask `key position <= query position`;
+- fixed shapes for a given (rows, T, key length): with rows = slots 0..n-1 nothing in
+  it syncs with the host, so a CUDA graph can capture a decoding step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...kernels.llama import ARCHITECTURES
+from ...layers import LoraEmbedding, LoraLinear
+from .kv import SlotCache
+from .lora import GROUPS, AdapterSlots, batched_lora
+
+
+def decode_reason(model: nn.Module, context_length: int) -> str | None:
+    """Why `model` cannot take the fast decode path (None when it can)."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        return f"{name} is not a Llama-family model (the fast path runs {', '.join(ARCHITECTURES)})"
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (the fast path runs silu)"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and context_length > window:
+        return f"the context ({context_length} tokens) exceeds the sliding window ({window})"
+    inner = model.model
+    if isinstance(inner.embed_tokens, LoraEmbedding) or isinstance(model.lm_head, LoraLinear):
+        return "an adapter targets the embeddings or the output head"
+    for i, layer in enumerate(inner.layers):
+        for parent, projs in GROUPS:
+            for proj in projs:
+                module = getattr(getattr(layer, parent), proj)
+                if isinstance(module, LoraLinear):
+                    if module.fan_in_fan_out:
+                        return f"layers.{i}.{parent}.{proj} stores its weight transposed"
+                    if module.quantized == "int8":
+                        return "an 8-bit base (the fast path runs dense and 4-bit bases)"
+                elif type(module).__name__ == "Linear8bitLt":
+                    return "an 8-bit base (the fast path runs dense and 4-bit bases)"
+    return None
+
+
+def _base(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module.base_forward(x) if isinstance(module, LoraLinear) else module(x)
+
+
+class DecoderModel:
+    """The forward pass of one transformers Llama-family model over a `SlotCache`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = model.model
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)[: model.config.num_hidden_layers]
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.head = model.lm_head
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = model.config.num_key_value_heads
+        self.scaling = attn.scaling
+
+    def _group(
+        self, i: int, g: int, x: torch.Tensor, lora: AdapterSlots | None, index: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        parent, projs = GROUPS[g]
+        owner = getattr(self.layers[i], parent)
+        outs = [_base(getattr(owner, p), x) for p in projs]
+        if lora is None or index is None or not lora.active or lora.a[i][g] is None:
+            return outs
+        # one token per row and a batch not much smaller than the slots: read every slot once
+        dense = x.dim() == 3 and x.shape[1] == 1 and 2 * x.shape[0] >= lora.capacity + 1
+        deltas = batched_lora(x, lora.a[i][g], lora.b[i][g], index, dense)
+        return [y if d is None else y + d.to(y.dtype) for y, d in zip(outs, deltas, strict=True)]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: SlotCache,
+        slots: torch.Tensor,
+        key_length: int,
+        lora: AdapterSlots | None = None,
+        index: torch.Tensor | None = None,
+        gathered: bool = True,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, (rows, T, hidden).
+
+        ids, positions: (rows, T) int64; slots: (rows,) each row's cache slot; key_length:
+        how many cache positions attention reads (> every position); index: (rows,) each
+        row's adapter slot. gathered=False promises slots == 0..rows-1 (decoding), so the
+        cache is read through a view instead of a gather.
+        """
+        rows, steps = ids.shape
+        h = self.embed(ids)
+        cos, sin = self.rotary(h, position_ids=positions)  # (rows, T, head dim)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        allowed = torch.arange(key_length, device=ids.device) <= positions.unsqueeze(-1)  # (rows, T, L)
+        group = self.heads // self.kv_heads
+        mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
+        mask = mask.reshape(rows, 1, group * steps, key_length)
+        flat = (slots.unsqueeze(1) * cache.max_length + positions).reshape(-1)  # rows of the flat cache
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q, k, v = self._group(i, 0, x, lora, index)
+            q = q.view(rows, steps, self.heads, self.head_dim)
+            k = k.view(rows, steps, self.kv_heads, self.head_dim)
+            v = v.view(rows, steps, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = cache.keys[i], cache.values[i]
+            kv_shape = (-1, self.kv_heads, self.head_dim)
+            keys.view(kv_shape).index_copy_(0, flat, k.reshape(kv_shape).to(keys.dtype))
+            values.view(kv_shape).index_copy_(0, flat, v.reshape(kv_shape).to(values.dtype))
+            if gathered:
+                keys = keys[:, :key_length].index_select(0, slots)
+                values = values[:, :key_length].index_select(0, slots)
+            else:
+                keys, values = keys[:rows, :key_length], values[:rows, :key_length]
+            # (rows, T, heads, D) -> (rows, kv heads, group * T, D): the query heads that
+            # share a K/V head become more queries of that head (transformers' repeat_kv order)
+            q = q.view(rows, steps, self.kv_heads, group, self.head_dim).permute(0, 2, 3, 1, 4)
+            q = q.reshape(rows, self.kv_heads, group * steps, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype), attn_mask=mask, scale=self.scaling
+            )
+            o = o.view(rows, self.kv_heads, group, steps, self.head_dim).permute(0, 3, 1, 2, 4)
+            o = o.reshape(rows, steps, self.heads * self.head_dim)
+            (o,) = self._group(i, 1, o, lora, index)
+            h = h + o
+            x = layer.post_attention_layernorm(h)
+            gate, up = self._group(i, 2, x, lora, index)
+            (down,) = self._group(i, 3, F.silu(gate) * up, lora, index)
+            h = h + down
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,356 @@
+"""The fast decode path as the engine drives it: prefill, decoding steps, the rows' slots.
+
+`FastDecoder.batch` stands in for the generic path's `Batch`: the engine reads its
+`rows`, and `keep` drops rows, which gives their KV slots back. `prefill(requests)`
+takes a slot per request, runs the prompts (right-padded together, in chunks of at most
+`prefill_chunk` tokens per row) and samples each request's first token;
+`decode()` runs one step for every running row and returns their tokens in row order.
+
+On CUDA each decoding step is a CUDA graph, captured on first use for its bucket: the
+rows run over slots 0..span-1 with span rounded up to a batch bucket, attention reads a
+key length rounded up to a multiple of `key_block`, and greedy-only steps skip the
+sampling sort. Inputs go in with two small host-to-device copies and the tokens come
+back with one device-to-host copy; nothing else crosses. Steps are pipelined: the next
+one is launched before the engine hands out the last one's tokens (`decode`). Adapter
+slots written in place need no recapture; reallocated ones (a larger rank, a newly
+targeted projection) drop the graphs. Anywhere else (the CPU) the same step runs eagerly,
+one at a time; `pad_to_buckets` and `pipelined` switch the graph-shaped steps on there
+too, which is how the tests check them without a GPU.
+
+Prefill is batched (the admitted requests right-padded together) and chunked, but it is
+not interleaved with decoding: the engine's `max_prefill_tokens` bounds how long one
+admission holds the running rows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Generic, TypeVar
+
+import torch
+from torch import nn
+
+from ..sampling import SamplingParams
+from .kv import SlotCache
+from .llama import DecoderModel
+from .lora import AdapterSlots
+from .sampling import sample_rows
+
+Row = TypeVar("Row")
+
+
+class SlotBatch(Generic[Row]):
+    """The running rows and the KV slot of each; dropping a row frees its slot."""
+
+    def __init__(self, cache: SlotCache) -> None:
+        self.cache = cache
+        self.rows: list[Row] = []
+        self.slots: list[int] = []
+        self.positions: list[int] = []  # position of each row's next input token
+        self.last: list[int] = []  # each row's newest token (the next input)
+        self.params: list[SamplingParams] = []
+        self.seeds: list[int] = []
+        self.adapters: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, row: Row, slot: int, length: int, token: int, params: SamplingParams, seed: int, adapter: str | None) -> None:
+        for table, value in (
+            (self.rows, row), (self.slots, slot), (self.positions, length), (self.last, token),
+            (self.params, params), (self.seeds, seed), (self.adapters, adapter),
+        ):
+            table.append(value)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only rows `indices` (in order); the others' slots are free again."""
+        kept = set(indices)
+        for i, slot in enumerate(self.slots):
+            if i not in kept:
+                self.cache.release(slot)
+        for name in ("rows", "slots", "positions", "last", "params", "seeds", "adapters"):
+            table = getattr(self, name)
+            setattr(self, name, [table[i] for i in indices])
+
+    def clear(self) -> None:
+        self.keep([])
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Row counts a decoding graph is captured for: 1, 2, 4, 8, 16, then every 16, and max_batch."""
+    sizes = {b for b in (1, 2, 4, 8) if b < max_batch} | set(range(16, max_batch, 16)) | {max_batch}
+    return sorted(sizes)
+
+
+class FastDecoder:
+    """Prefill and decoding steps of a Llama-family model on preallocated slots."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch: int,
+        context_length: int,
+        max_adapters: int,
+        prefill_chunk: int = 512,
+        key_block: int = 256,
+        graphs: bool | None = None,
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.decoder = DecoderModel(model)
+        self.device = next(model.parameters()).device
+        self.dtype = self.decoder.embed.weight.dtype
+        if not self.dtype.is_floating_point:
+            self.dtype = torch.bfloat16
+        self.max_batch = max_batch
+        self.context_length = context_length
+        self.prefill_chunk = prefill_chunk
+        self.key_block = key_block
+        self.cache = SlotCache(
+            config.num_hidden_layers, max_batch, config.num_key_value_heads, context_length,
+            self.decoder.head_dim, dtype=self.dtype, device=self.device,
+        )
+        self.lora = AdapterSlots(self.decoder.layers, max_adapters, self.dtype, self.device)
+        self.batch: SlotBatch = SlotBatch(self.cache)
+        self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
+        self.pad_to_buckets = self.graphs_enabled
+        """Run each step over a batch bucket's rows and a key length rounded up to `key_block`
+        (what a graph replays; on by itself with graphs, and testable without them)."""
+        self.pipelined = self.graphs_enabled
+        """Launch the next step before the engine has handed out this one's tokens (see decode)."""
+        self.buckets = batch_buckets(max_batch)
+        self._graphs: dict[tuple[int, int, bool], _StepGraph] = {}
+        self._graph_layout = self.lora.layout
+        self._pool = None
+        self.graph_error: str | None = None
+        self._inflight: _Launched | None = None
+
+    def describe(self) -> str:
+        mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager"
+        return (
+            f"fast (slot KV cache {self.max_batch} x {self.context_length} tokens, "
+            f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA; {mode})"
+        )
+
+    def new_batch(self) -> SlotBatch:
+        self._inflight = None
+        self.batch.clear()
+        self.batch = SlotBatch(self.cache)
+        return self.batch
+
+    def sync_adapters(self, resident: Mapping[str, object]) -> None:
+        self.lora.sync(resident)
+        if self.lora.layout != self._graph_layout:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # an in-flight step may still run an old graph
+            self._graphs.clear()
+            self._graph_layout = self.lora.layout
+
+    # prefill ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, requests: Sequence) -> list[int]:
+        """Take a slot for each request (its `prompt_ids`, `params`, `adapter`), run its
+        prompt, add it to the batch; returns each one's first token."""
+        prompts = [r.prompt_ids for r in requests]
+        params: list[SamplingParams] = [r.params for r in requests]
+        adapters: list[str | None] = [r.adapter for r in requests]
+        slots = [self.cache.allocate() for _ in requests]
+        try:
+            seeds = [p.seed if p.seed is not None else random.getrandbits(32) for p in params]
+            index = torch.tensor(self.lora.index(adapters), device=self.device)
+            lengths = [len(p) for p in prompts]
+            longest = max(lengths)
+            ids = torch.zeros((len(requests), longest), dtype=torch.long)
+            for i, prompt in enumerate(prompts):
+                ids[i, : len(prompt)] = torch.tensor(prompt)
+            ids = ids.to(self.device)
+            slot_t = torch.tensor(slots, device=self.device)
+            last = torch.tensor(lengths, device=self.device) - 1  # each row's last prompt position
+            final: torch.Tensor | None = None
+            for start in range(0, longest, self.prefill_chunk):
+                end = min(start + self.prefill_chunk, longest)
+                positions = torch.arange(start, end, device=self.device).expand(len(requests), -1)
+                hidden = self.decoder.forward(ids[:, start:end], positions, self.cache, slot_t, end, self.lora, index)
+                # rows whose last prompt token is in this chunk keep its hidden state
+                inside = (last >= start) & (last < end)
+                picked = hidden[torch.arange(len(requests), device=self.device), (last - start).clamp(0, end - start - 1)]
+                final = picked if final is None else torch.where(inside.unsqueeze(1), picked, final)
+            assert final is not None
+            logits = self.decoder.logits(final)
+            tokens = self._sample(logits, params, seeds, [n - 1 for n in lengths]).tolist()
+        except BaseException:
+            for slot in slots:
+                self.cache.release(slot)
+            raise
+        for request, slot, n, token, p, seed, name in zip(requests, slots, lengths, tokens, params, seeds, adapters, strict=True):
+            self.cache.lengths[slot] = n
+            self.batch.add(request, slot, n, token, p, seed, name)
+        return tokens
+
+    def _sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
+                positions: Sequence[int]) -> torch.Tensor:
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1)
+        device = logits.device
+        return sample_rows(
+            logits,
+            torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32),
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32),
+            torch.tensor(seeds, device=device),
+            torch.tensor(positions, device=device),
+        )
+
+    # decoding --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self) -> tuple[list, list[int]]:
+        """Tokens of one decoding step: (the rows it ran for that are still running, their tokens).
+
+        With `pipelined` (on with CUDA graphs), once a step's tokens are back the next step
+        for every running row is launched before this returns, so the device computes it
+        while the engine hands out these tokens. A row that finishes on them wastes its part
+        of that step; a row that joins meanwhile (its own prefill) enters the step after.
+        """
+        where = {id(r): i for i, r in enumerate(self.batch.rows)}
+        if self._inflight is None or not any(id(r) in where for r in self._inflight.rows):
+            self._inflight = self._launch()
+        step = self._inflight
+        self._inflight = None
+        tokens = step.tokens()
+        rows, out = [], []
+        for row, slot in zip(step.rows, step.slots, strict=True):
+            i = where.get(id(row))
+            if i is None:  # left the batch after this step was launched
+                continue
+            token = int(tokens[slot])
+            self.batch.positions[i] += 1
+            self.batch.last[i] = token
+            self.cache.lengths[slot] = self.batch.positions[i]
+            rows.append(row)
+            out.append(token)
+        if self.pipelined:
+            self._inflight = self._launch()
+        return rows, out
+
+    def _launch(self) -> _Launched:
+        """Start one step for every running row; its tokens are read later."""
+        batch = self.batch
+        span = self.cache.span
+        greedy = all(p.greedy for p in batch.params)
+        longest = max(batch.positions) + 1
+        if self.pad_to_buckets:
+            rows = next(b for b in self.buckets if b >= span)
+            key_length = min(-(-longest // self.key_block) * self.key_block, self.context_length)
+        else:
+            rows, key_length = span, longest
+        # slot-ordered inputs; idle slots decode token 0 at position 0 of their own slot, unseen
+        token, position, adapter, seed, top_k = [0] * rows, [0] * rows, [self.lora.none] * rows, [0] * rows, [0] * rows
+        temperature, top_p = [0.0] * rows, [1.0] * rows
+        index = self.lora.index(batch.adapters)
+        for i, slot in enumerate(batch.slots):
+            p = batch.params[i]
+            token[slot], position[slot], adapter[slot] = batch.last[i], batch.positions[i], index[i]
+            seed[slot], top_k[slot], temperature[slot], top_p[slot] = batch.seeds[i] & 0xFFFFFFFF, p.top_k, p.temperature, p.top_p
+        ints = torch.tensor([token, position, adapter, seed, top_k], dtype=torch.long)
+        floats = torch.tensor([temperature, top_p], dtype=torch.float32)
+        return _Launched(list(batch.rows), list(batch.slots), self._run_step(rows, key_length, greedy, ints, floats))
+
+    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor):
+        """The step's tokens: a CPU tensor, or a graph's pending copy (`_Pending`)."""
+        if self.graphs_enabled:
+            key = (rows, key_length, greedy)
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._graphs[key] = _StepGraph(self, rows, key_length, greedy, ints, floats)
+                except Exception as err:  # capture is an optimisation: keep serving eagerly
+                    self.graph_error = f"{type(err).__name__}: {err}"
+                    self.graphs_enabled = False
+                    self._graphs.clear()
+                    torch.cuda.synchronize(self.device)
+                    return self._run_step(rows, key_length, greedy, ints, floats)
+            return graph.launch(ints, floats)
+        ints, floats = ints.to(self.device), floats.to(self.device)
+        return self.step(rows, key_length, greedy, ints, floats).cpu()
+
+    def step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+        """One decoding step over slots 0..rows-1 from device tensors; (rows,) tokens on the device."""
+        tokens, positions, index, seeds, top_k = ints
+        slots = torch.arange(rows, device=ints.device)
+        hidden = self.decoder.forward(
+            tokens.unsqueeze(1), positions.unsqueeze(1), self.cache, slots, key_length, self.lora, index, gathered=False
+        )
+        logits = self.decoder.logits(hidden[:, 0])
+        if greedy:
+            return logits.argmax(dim=-1)
+        return sample_rows(logits, floats[0], top_k, floats[1], seeds, positions)
+
+
+class _StepGraph:
+    """One captured decoding step for (rows, key length, greedy-only) and its static buffers."""
+
+    def __init__(self, owner: FastDecoder, rows: int, key_length: int, greedy: bool,
+                 ints: torch.Tensor, floats: torch.Tensor) -> None:
+        device = owner.device
+        self.ints = ints.to(device)
+        self.floats = floats.to(device)
+        self.host = torch.empty(rows, dtype=torch.long, pin_memory=True)
+        self.host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
+        self.host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
+
+        def run() -> torch.Tensor:
+            return owner.step(rows, key_length, greedy, self.ints, self.floats)
+
+        # Warm up on a side stream (cuBLAS handles, lazy inits), as CUDA graphs require; the
+        # warm-up writes the same K/V the real step writes, so running it is harmless.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=owner._pool):
+            self.out = run()
+        owner._pool = self.graph.pool()
+
+    def launch(self, ints: torch.Tensor, floats: torch.Tensor) -> _Pending:
+        """Copy the inputs in, replay, start copying the tokens out; nothing waits here."""
+        self.host_ints.copy_(ints)
+        self.host_floats.copy_(floats)
+        self.ints.copy_(self.host_ints, non_blocking=True)
+        self.floats.copy_(self.host_floats, non_blocking=True)
+        self.graph.replay()
+        self.host.copy_(self.out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Pending(self.host, done)
+
+
+class _Pending:
+    """A graph step's tokens on their way to the host."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event) -> None:
+        self.host = host
+        self.done = done
+
+    def wait(self) -> torch.Tensor:
+        self.done.synchronize()
+        return self.host
+
+
+class _Launched:
+    """A launched step: the rows it runs for, their slots, and its tokens (or their promise)."""
+
+    def __init__(self, rows: list, slots: list[int], tokens: torch.Tensor | _Pending) -> None:
+        self.rows = rows
+        self.slots = slots
+        self._tokens = tokens
+
+    def tokens(self) -> list[int]:
+        tokens = self._tokens.wait() if isinstance(self._tokens, _Pending) else self._tokens
+        return tokens.tolist()

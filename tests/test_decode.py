@@ -1,0 +1,305 @@
+"""The fast decode path's pieces on the CPU: the slot KV cache, the batched LoRA op and its
+adapter slots, the Llama-family forward against transformers (+ lorakit's generic mixed
+batch), and device sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lorakit
+from conftest import tiny_llama
+from lorakit.layers import LoraLinear
+from lorakit.serve.decode import choose_path
+from lorakit.serve.decode.kv import SlotCache
+from lorakit.serve.decode.llama import DecoderModel, decode_reason
+from lorakit.serve.decode.lora import AdapterSlots, batched_lora, batched_lora_reference
+from lorakit.serve.decode.runner import SlotBatch, batch_buckets
+from lorakit.serve.decode.sampling import sample_rows, uniform
+from lorakit.serve.sampling import SamplingParams
+
+# the slot KV cache --------------------------------------------------------------------
+
+
+def test_slot_cache_hands_out_lowest_slots_and_never_copies() -> None:
+    cache = SlotCache(2, 4, 2, 16, 8, dtype=torch.float32, device="cpu")
+    storage = [t.data_ptr() for t in (*cache.keys, *cache.values)]
+    assert [cache.allocate() for _ in range(3)] == [0, 1, 2]
+    assert cache.span == 3 and cache.free_slots == 1
+    cache.lengths[1] = 5
+    cache.release(1)
+    assert cache.used == [0, 2] and cache.span == 3 and cache.lengths[1] == 0
+    assert cache.allocate() == 1  # the lowest free slot, so rows stay packed
+    assert cache.allocate() == 3
+    with pytest.raises(RuntimeError, match="all 4 KV cache slots are in use"):
+        cache.allocate()
+    cache.release(3)
+    cache.release(2)
+    assert cache.span == 2
+    with pytest.raises(ValueError, match="slot 3 is not in use"):
+        cache.release(3)
+    assert [t.data_ptr() for t in (*cache.keys, *cache.values)] == storage
+    assert cache.keys[0].shape == (4, 16, 2, 8)
+    assert cache.bytes == 2 * 2 * 4 * 16 * 2 * 8 * 4
+
+
+def test_slot_batch_rows_join_and_leave() -> None:
+    cache = SlotCache(1, 4, 1, 8, 4, dtype=torch.float32, device="cpu")
+    batch: SlotBatch = SlotBatch(cache)
+    params = SamplingParams()
+    for name in "abc":
+        batch.add(name, cache.allocate(), 3, 7, params, 1, None)
+    batch.keep([0, 2])  # "b" leaves: its slot is free, the others keep theirs
+    assert batch.rows == ["a", "c"] and batch.slots == [0, 2] and cache.used == [0, 2]
+    batch.add("d", cache.allocate(), 2, 5, params, 2, "x")
+    assert batch.slots == [0, 2, 1] and batch.adapters == [None, None, "x"]
+    batch.clear()
+    assert len(batch) == 0 and cache.used == [] and cache.span == 0
+
+
+def test_batch_buckets() -> None:
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(50) == [1, 2, 4, 8, 16, 32, 48, 50]
+    assert batch_buckets(3) == [1, 2, 3]
+
+
+# the batched LoRA op ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("shape", [(6,), (6, 5)])
+def test_batched_lora_equals_the_per_row_loop(shape, dense) -> None:
+    g = torch.Generator().manual_seed(0)
+    slots, rank, d_in, outs = 4, 8, 12, (10, 6, None)
+    a = torch.randn(slots, 3 * rank, d_in, generator=g, dtype=torch.float64)
+    bs = [torch.randn(slots, rank, o, generator=g, dtype=torch.float64) if o else None for o in outs]
+    x = torch.randn(*shape, d_in, generator=g, dtype=torch.float64)
+    index = torch.tensor([3, 0, 2, 0, 1, 3])
+    got = batched_lora(x, a, bs, index, dense)
+    if len(shape) == 1:
+        want = batched_lora_reference(x, a, bs, index)
+    else:  # the reference takes one token per row: run it per position
+        per_t = [batched_lora_reference(x[:, t], a, bs, index) for t in range(shape[1])]
+        want = [torch.stack([p[j] for p in per_t], dim=1) if outs[j] else None for j in range(3)]
+    assert got[2] is None and want[2] is None
+    for y, w, o in zip(got[:2], want[:2], outs[:2], strict=True):
+        assert y.shape == (*shape, o)
+        torch.testing.assert_close(y, w, rtol=1e-12, atol=1e-12)
+
+
+def _adapted_model(seed: int = 0):
+    """A tiny Llama with three adapters of different ranks and targets, random B."""
+    model = tiny_llama(seed).double()
+    configs = {
+        "a": lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+        "b": lorakit.LoraConfig(r=8, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "c": lorakit.LoraConfig(r=2, alpha=2, target_modules=["k_proj", "gate_proj"], use_rslora=True),
+    }
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, config in configs.items():
+        lorakit.add_adapter(model, name, config)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if f".{name}." in pname and "lora_" in pname:
+                    param.copy_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.3)
+    return model
+
+
+def test_adapter_slots_match_each_layer_and_follow_loads_and_evictions() -> None:
+    model = _adapted_model()
+    layers = list(model.model.layers)
+    slots = AdapterSlots(layers, capacity=3, dtype=torch.float64, device=torch.device("cpu"))
+    sources = {"a": object(), "b": object(), "c": object()}
+    slots.sync({"a": sources["a"], "b": sources["b"]})
+    assert slots.rank == 8 and slots.targets == frozenset(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def check(names: list) -> None:
+        index = torch.tensor(slots.index(names))
+        attn = layers[1].self_attn
+        got = batched_lora(x, slots.a[1][0], slots.b[1][0], index)
+        dense = batched_lora(x, slots.a[1][0], slots.b[1][0], index, dense=True)
+        for j, module in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            for i, name in enumerate(names):
+                want = torch.zeros(module.out_features, dtype=torch.float64)
+                if name is not None and name in module.r:
+                    lorakit.set_adapter(model, name)
+                    want = module(x[i : i + 1])[0] - module.base_forward(x[i : i + 1])[0]
+                torch.testing.assert_close(got[j][i], want, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(dense[j][i], want, rtol=1e-10, atol=1e-12)
+
+    check(["a", "b", None, "a"])
+    a_tensor = slots.a[1][0]
+    layout = slots.layout
+    # "b" leaves the device, "c" (rank 2, fits) takes its slot: written in place, no realloc
+    slot_b = slots.slot_of["b"]
+    slots.sync({"a": sources["a"], "c": sources["c"]})
+    assert slots.slot_of["c"] == slot_b and slots.layout == layout and slots.a[1][0] is a_tensor
+    check(["c", "a", None, "c"])
+    # a reload under the same name (a new source object) rewrites the slot
+    q = layers[1].self_attn.q_proj
+    assert isinstance(q, LoraLinear)
+    with torch.no_grad():
+        q.lora_B["a"].weight.mul_(-2.0)
+    slots.sync({"a": object(), "c": sources["c"]})
+    check(["a", "c", "a", None])
+    # rows without an adapter read the zero slot
+    assert slots.index([None]) == [3]
+    assert not slots.a[1][0][3].any()
+
+
+def test_adapter_slots_grow_rank_by_reallocating() -> None:
+    model = _adapted_model()
+    slots = AdapterSlots(list(model.model.layers), capacity=2, dtype=torch.float64, device=torch.device("cpu"))
+    slots.sync({"c": 1})
+    assert slots.rank == 2 and slots.targets == frozenset(["k_proj", "gate_proj"])
+    assert slots.a[0][1] is None and slots.b[0][0][0] is None  # o_proj and q_proj: nothing to run
+    layout = slots.layout
+    slots.sync({"c": 1, "a": 2})
+    assert slots.rank == 4 and slots.layout == layout + 1 and slots.a[0][1] is not None
+    with pytest.raises(RuntimeError, match="all 2 adapter slots are in use"):
+        slots.sync({"c": 1, "a": 2, "b": 3})
+
+
+# the forward against transformers ------------------------------------------------------
+
+
+def _family(kind: str):
+    from transformers import AutoModelForCausalLM
+
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama":
+        return tiny_llama().double()
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    config = {
+        "qwen2": lambda: Qwen2Config(**common),  # biases on Q/K/V
+        "qwen3": lambda: Qwen3Config(**common, head_dim=16),  # RMSNorm on each head
+        "mistral": lambda: MistralConfig(**common, sliding_window=None),
+    }[kind]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_forward_equals_the_generic_mixed_batch(kind) -> None:
+    """Prefill (chunked, rows right-padded) and decode steps on the slot cache give the
+    logits of transformers' forward over the whole sequence with lorakit's mixed batch."""
+    model = _family(kind)
+    config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    g = torch.Generator().manual_seed(5)
+    for name in ("p", "q"):
+        lorakit.add_adapter(model, name, config)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if f".{name}." in pname and "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.2)
+    assert decode_reason(model, 128) is None
+    rows = ["q", None, "p"]
+    lengths = [9, 4, 7]  # prompt lengths; then 3 decode steps each
+    seqs = [torch.randint(0, 128, (n + 3,), generator=g) for n in lengths]
+    with torch.no_grad():
+        want = [lorakit.forward_mixed(model, [name], s.unsqueeze(0)).logits[0] for name, s in zip(rows, seqs, strict=True)]
+        decoder = DecoderModel(model)
+        cache = SlotCache(2, 4, 2, 32, decoder.head_dim, dtype=torch.float64, device="cpu")
+        lora = AdapterSlots(decoder.layers, 2, torch.float64, torch.device("cpu"))
+        lora.sync({"p": 1, "q": 2})
+        index = torch.tensor(lora.index(rows))
+        # slots 0, 1, 2 for the rows; the cache's slot 3 stays unused
+        slots = torch.tensor([cache.allocate() for _ in rows])
+        longest = max(lengths)
+        ids = torch.zeros(3, longest, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            ids[i, :n] = seqs[i][:n]
+        hidden = []
+        for start in range(0, longest, 4):  # chunks of 4 positions
+            end = min(start + 4, longest)
+            positions = torch.arange(start, end).expand(3, -1)
+            hidden.append(decoder.forward(ids[:, start:end], positions, cache, slots, end, lora, index))
+        logits = decoder.logits(torch.cat(hidden, dim=1))
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(logits[i, :n], want[i][:n], rtol=1e-9, atol=1e-9)
+        for step in range(3):
+            tokens = torch.tensor([[int(s[n + step])] for s, n in zip(seqs, lengths, strict=True)])
+            positions = torch.tensor([[n + step] for n in lengths])
+            out = decoder.logits(decoder.forward(tokens, positions, cache, slots, max(lengths) + step + 1, lora, index, gathered=False))
+            for i, n in enumerate(lengths):
+                torch.testing.assert_close(out[i, 0], want[i][n + step], rtol=1e-9, atol=1e-9)
+
+
+def test_decode_reason_and_choose_path() -> None:
+    from conftest import tiny_gpt2
+
+    assert "not a Llama-family model" in decode_reason(tiny_gpt2(), 64)
+    llama = tiny_llama()
+    decoder, line = choose_path(llama, "auto", max_batch=2, context_length=64, max_adapters=2)
+    assert decoder is None and line.startswith("generic") and "cpu" in line
+    decoder, line = choose_path(llama, "fast", max_batch=2, context_length=64, max_adapters=2)
+    assert decoder is not None and line.startswith("fast") and "eager" in line
+    with pytest.raises(ValueError, match="decode_path 'fast' cannot run this model: GPT2LMHeadModel is not a Llama-family"):
+        choose_path(tiny_gpt2(), "fast", max_batch=2, context_length=64, max_adapters=2)
+    with pytest.raises(ValueError, match="decode_path must be one of auto, fast, generic; got 'quick'"):
+        choose_path(llama, "quick", max_batch=2, context_length=64, max_adapters=2)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
+    assert decode_reason(mistral, 64) == "the context (64 tokens) exceeds the sliding window (16)"
+    assert decode_reason(mistral, 16) is None
+
+
+# sampling on the device ------------------------------------------------------------------
+
+
+def _params(rows: int, temperature=1.0, top_k=0, top_p=1.0):
+    return (torch.full((rows,), float(temperature)), torch.full((rows,), top_k), torch.full((rows,), float(top_p)))
+
+
+def test_uniform_depends_on_seed_and_position_only() -> None:
+    seed, pos = torch.tensor([1, 2, 1]), torch.tensor([5, 5, 6])
+    u = uniform(seed, pos, 1000)
+    assert u.shape == (3, 1000) and bool(((u > 0) & (u < 1)).all())
+    torch.testing.assert_close(u[0], uniform(torch.tensor([1]), torch.tensor([5]), 1000)[0], rtol=0, atol=0)
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    # close to uniform: mean 1/2, variance 1/12 over 3000 draws
+    assert abs(u.mean().item() - 0.5) < 0.02 and abs(u.var().item() - 1 / 12) < 0.01
+
+
+def test_sample_rows_draws_from_the_softmax() -> None:
+    n = 4000
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).repeat(n, 1)
+    seeds, positions = torch.arange(n), torch.full((n,), 7)
+    tokens = sample_rows(logits, *_params(n), seeds, positions)
+    freq = torch.bincount(tokens, minlength=4).double() / n
+    probs = logits[0].double().softmax(-1)
+    # each frequency within 4 standard errors of its probability
+    assert bool(((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt()).all()), (freq, probs)
+    # temperature 2 flattens: softmax(logits / 2)
+    hot = torch.bincount(sample_rows(logits, *_params(n, temperature=2.0), seeds, positions), minlength=4).double() / n
+    probs = (logits[0].double() / 2).softmax(-1)
+    assert bool(((hot - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt()).all())
+
+
+def test_sample_rows_keeps_the_generic_rules() -> None:
+    n = 400
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).repeat(n, 1)
+    seeds, positions = torch.arange(n), torch.zeros(n, dtype=torch.long)
+    assert set(sample_rows(logits, *_params(n, top_k=2), seeds, positions).tolist()) == {2, 3}
+    # softmax([0,1,2,3]) = [.032, .087, .237, .644]: top_p=0.7 keeps tokens 3 and 2 only
+    assert set(sample_rows(logits, *_params(n, top_p=0.7), seeds, positions).tolist()) == {2, 3}
+    assert set(sample_rows(logits, *_params(n, top_p=0.5), seeds, positions).tolist()) == {3}
+    assert set(sample_rows(logits, *_params(n), seeds, positions).tolist()) == {0, 1, 2, 3}
+    assert set(sample_rows(logits, *_params(n, temperature=0.0), seeds, positions).tolist()) == {3}
+    # rows of one batch decode by their own parameters, and a row's draw ignores its neighbours
+    mixed = (torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 1, 0]), torch.tensor([1.0, 1.0, 1.0]))
+    batch = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    out = sample_rows(batch, *mixed, torch.tensor([4, 5, 6]), torch.tensor([9, 9, 9]))
+    assert out[0] == batch[0].argmax() and out[1] == batch[1].argmax()
+    alone = sample_rows(batch[2:], torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.tensor([6]), torch.tensor([9]))
+    assert out[2] == alone[0]
+    assert not math.isnan(float(out.float().sum()))
