@@ -176,3 +176,29 @@ def test_runs_option(tmp_path) -> None:
     assert str(err.value) == (
         f"--runs takes a training output directory (or a directory of them); {str(tmp_path / 'missing')!r} is not a directory"
     )
+
+
+def test_adapters_listing_carries_the_check_verdicts(serve_adapter_dirs, engine, tmp_path) -> None:
+    """Each loaded adapter comes with `lorakit check`'s verdict per serving target, judged
+    against the served base model (its linear layers and vocabulary)."""
+    from lorakit.export.check import LOADS, TARGETS, VLLM_MAX_LORA_RANKS, check, read_facts_on
+
+    client = app_for(engine, [])
+    [alpha] = client.get("/v1/adapters").json()["data"]
+    verdicts = alpha["check"]
+    assert [v["target"] for v in verdicts] == list(TARGETS)
+    expected = check(read_facts_on(serve_adapter_dirs["alpha"], engine.model), name="alpha")
+    assert [(v["target"], v["verdict"], v["command"]) for v in verdicts] == [
+        (v.target, v.verdict, v.command) for v in expected
+    ]
+    # A plain LoRA adapter on the model's linear layers: every target takes it, and vLLM's
+    # command asks for the smallest --max-lora-rank that holds its rank.
+    assert {v["verdict"] for v in verdicts} == {LOADS}
+    rank = json.loads((serve_adapter_dirs["alpha"] / "adapter_config.json").read_text())["r"]
+    smallest = min(r for r in VLLM_MAX_LORA_RANKS if r >= rank)
+    assert f"--max-lora-rank {smallest} " in verdicts[0]["command"]
+
+    from lorakit.serve.ui import adapter_info
+
+    gone = adapter_info("gone", tmp_path / "missing", BASE, engine.model)
+    assert gone["check"].startswith("not checked: ") and "adapter_config.json is missing" in gone["check"]

@@ -126,6 +126,20 @@ def _is_lora_key(key: str) -> bool:
 
 def read_facts(directory: str | os.PathLike, model: str | None = None) -> AdapterFacts:
     """Facts from an adapter directory; `model` overrides the base recorded in its config."""
+    facts = read_files(directory)
+    _inspect_base(facts, model or facts.raw.get("base_model_name_or_path"))
+    return facts
+
+
+def read_facts_on(directory: str | os.PathLike, model: nn.Module) -> AdapterFacts:
+    """Facts from an adapter directory whose base is `model`, already loaded (a server's)."""
+    facts = read_files(directory)
+    facts_from_modules(facts, model)
+    return facts
+
+
+def read_files(directory: str | os.PathLike) -> AdapterFacts:
+    """The adapter's own facts (config and tensor shapes), the base model not yet inspected."""
     from safetensors import safe_open
 
     from ..io import CONFIG_NAME, WEIGHTS_NAME
@@ -146,9 +160,7 @@ def read_facts(directory: str | os.PathLike, model: str | None = None) -> Adapte
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise ValueError(f"{weights_path} is truncated or corrupt: {err}") from None
-    facts = AdapterFacts(directory, raw, shapes)
-    _inspect_base(facts, model or raw.get("base_model_name_or_path"))
-    return facts
+    return AdapterFacts(directory, raw, shapes)
 
 
 def _inspect_base(facts: AdapterFacts, base: str | None) -> None:

@@ -1,7 +1,8 @@
 """The playground: the page at `/`, its static files, and the read-only routes it needs.
 
     GET /                           the page (static files under /ui/, shipped in the package)
-    GET /v1/adapters                the loaded adapters with rank, targets, size, base model, chat template
+    GET /v1/adapters                the loaded adapters with rank, targets, size, base model, chat template,
+                                    and `lorakit check`'s verdict per serving target
     GET /v1/runs                    the training runs found under `lorakit serve --runs DIR`
     GET /v1/runs/{run}/metrics      rows of metrics.jsonl from a byte offset on (?offset=N), for live plots
     GET /v1/runs/{run}/samples      rows of samples.jsonl
@@ -24,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from torch import nn
 
 from .api import ApiError
 from .engine import Engine
@@ -104,8 +106,9 @@ def read_jsonl(path: Path, offset: int = 0, limit: int = MAX_READ) -> tuple[list
     return rows, offset + end, skipped
 
 
-def adapter_info(name: str, directory: Path, model_name: str) -> dict[str, Any]:
-    """What the page shows about one loaded adapter, read from its directory."""
+def adapter_info(name: str, directory: Path, model_name: str, model: nn.Module | None = None) -> dict[str, Any]:
+    """What the page shows about one loaded adapter, read from its directory; with the served
+    `model`, the `lorakit check` verdict of each serving target too."""
     config: dict[str, Any] = {}
     config_file = directory / "adapter_config.json"
     if config_file.is_file():
@@ -126,7 +129,21 @@ def adapter_info(name: str, directory: Path, model_name: str) -> dict[str, Any]:
         "served_base": model_name,
         "size_bytes": sum(p.stat().st_size for p in weights),
         "chat_template": _chat_template(directory),
+        "check": _verdicts(name, directory, model) if model is not None else None,
     }
+
+
+def _verdicts(name: str, directory: Path, model: nn.Module) -> list[dict[str, Any]] | str:
+    """`lorakit check`'s verdict per target (vLLM, SGLang, llama.cpp, PEFT) against the served
+    base, or why there is none."""
+    from ..export.check import check, read_facts_on
+
+    try:
+        verdicts = check(read_facts_on(directory, model), name=name)
+    except (OSError, ValueError) as err:
+        return f"not checked: {err}"
+    return [{"target": v.target, "verdict": v.verdict, "command": v.command,
+             "reasons": [f"{f.rule}: {f.reason}" for f in v.findings] + v.notes} for v in verdicts]
 
 
 def _chat_template(directory: Path) -> str | None:
@@ -164,7 +181,7 @@ def mount_ui(app: FastAPI, engine: Engine, *, model_name: str, runs: Sequence[Pa
         for name in engine.adapter_names():
             directory = engine.adapters.paths.get(name)
             if directory is not None:  # unloaded between the two lines
-                entries.append(adapter_info(name, Path(directory), model_name))
+                entries.append(adapter_info(name, Path(directory), model_name, engine.model))
         return {"object": "list", "base": model_name, "data": entries}
 
     def find(run: str) -> Path:

@@ -1,4 +1,5 @@
-// Adapters: what is loaded (rank, targets, size, base model, saved chat template); load one
+// Adapters: what is loaded (rank, targets, size, base model, saved chat template, and
+// `lorakit check`'s verdict for vLLM, SGLang, llama.cpp and PEFT); load one
 // from a directory on the server and unload it through POST / DELETE /v1/adapters.
 
 import { api, el, formatBytes } from "./api.js";
@@ -47,6 +48,7 @@ export class Adapters {
       el("td", { text: formatBytes(adapter.size_bytes) }),
       el("td", { class: "small", text: adapter.base_model ?? "" }),
       el("td", {}, template),
+      el("td", { class: "small" }, ...verdicts(adapter.check)),
       el("td", {}, unload),
     ];
     return el("tr", { "data-adapter": adapter.id }, ...cells);
@@ -80,4 +82,22 @@ export class Adapters {
       this.say(`Could not unload ${name}: ${err.message}`, true);
     }
   }
+}
+
+// One line per serving target: its verdict, with the failed rules and the serving command
+// in the tooltip (and listed under it when the target refuses or warns).
+function verdicts(check) {
+  if (!Array.isArray(check)) {
+    return [el("span", { class: "muted", text: check ?? "not checked" })];
+  }
+  return check.map((v) => {
+    const tip = [...v.reasons, v.command ? `serve it: ${v.command}` : ""].filter(Boolean).join("\n");
+    const line = el("div", { "data-target": v.target, title: tip },
+      el("strong", { text: `${v.target}: ` }),
+      el("span", { class: v.verdict === "refused" ? "error" : "", text: v.verdict }));
+    if (v.reasons.length && v.verdict !== "loads and acts") {
+      line.append(el("div", { class: "muted", text: v.reasons.join("; ") }));
+    }
+    return line;
+  });
 }
