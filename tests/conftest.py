@@ -190,3 +190,30 @@ def chat_data(tmp_path):
     held = tmp_path / "eval.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(8, seed=1)))
     return train, held
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory):
+    """A saved tiny Llama base (weights and tokenizer) that adapters record as their base."""
+    model, tok = tiny_llama_for_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-base") / "base"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def adapter_on_tiny_base(base_dir, **config):
+    """(model, tokenizer): the tiny Llama with an adapter recorded against `base_dir`, its LoRA
+    weights non-zero random (seed 0, scale 0.1) so that every module's update shows."""
+    import lorakit
+
+    model, tok = tiny_llama_for_tokenizer()
+    config.setdefault("target_modules", "all-linear")
+    lorakit.inject(model, lorakit.LoraConfig(base_model_name_or_path=str(base_dir), **config))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    return model, tok
+

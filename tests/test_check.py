@@ -9,30 +9,19 @@ import pytest
 import torch
 
 import lorakit
-from conftest import chat_rows, tiny_gpt2, tiny_llama_for_tokenizer
+from conftest import adapter_on_tiny_base, chat_rows, tiny_gpt2
 from lorakit.cli import main
 from lorakit.export.check import LOADS, REFUSED, WARNS, check, read_facts
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    model, tok = tiny_llama_for_tokenizer()
-    path = tmp_path_factory.mktemp("check") / "base"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 def make(directory, base_dir, **config):
     """An adapter on the tiny base with non-zero random weights, saved with its base recorded."""
-    model, _ = tiny_llama_for_tokenizer()
-    config.setdefault("target_modules", "all-linear")
-    lorakit.inject(model, lorakit.LoraConfig(base_model_name_or_path=str(base_dir), **config))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model, _ = adapter_on_tiny_base(base_dir, **config)
     return lorakit.save_adapter(model, directory)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import CHAT_TEMPLATE, tiny_llama_for_tokenizer, tiny_tokenizer
+from conftest import CHAT_TEMPLATE, adapter_on_tiny_base, tiny_tokenizer
 from lorakit.cli import main
 from lorakit.export.gguf_lora import permute_rows
 from lorakit.export.ollama import go_template, turn_pieces
@@ -25,24 +25,13 @@ SMOLLM_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    model, tok = tiny_llama_for_tokenizer()
-    path = tmp_path_factory.mktemp("export") / "base"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 def make(directory, base_dir, **config):
     """(adapter directory, the model carrying it) with non-zero random LoRA weights."""
-    model, tok = tiny_llama_for_tokenizer()
-    config.setdefault("target_modules", "all-linear")
-    lorakit.inject(model, lorakit.LoraConfig(base_model_name_or_path=str(base_dir), **config))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model, tok = adapter_on_tiny_base(base_dir, **config)
     path = lorakit.save_adapter(model, directory)
     tok.save_pretrained(path)  # as lorakit train does: the template travels
     return path, model

@@ -339,24 +339,35 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 def _restore_buffers(model: nn.Module, config: object, device: torch.device) -> None:
     """Buffers computed at construction (rotary frequencies) are not in checkpoints: rebuild the modules that own them."""
-    for name, module in list(model.named_modules()):
-        meta = [
-            b
-            for b, t in module.named_buffers(recurse=False)
-            if t is not None and t.device.type == "meta"
-        ]
-        if not meta:
-            continue
+    rebuild_buffers(meta_buffers(model), config, device,
+                    "load the model with transformers and call quantize_model instead")
+
+
+def meta_buffers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(module path, module, names) of every buffer still on the meta device."""
+    owners = []
+    for name, module in model.named_modules():
+        meta = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.device.type == "meta"]
+        if meta:
+            owners.append((name, module, meta))
+    return owners
+
+
+def rebuild_buffers(owners: list[tuple[str, nn.Module, list[str]]], config: object, device: torch.device,
+                    advice: str) -> None:
+    """Build each owner module again from its config and take its buffers (`advice`: what to do
+    when a module cannot be built that way)."""
+    for name, module, buffers in owners:
         try:
             with torch.device("cpu"):
                 fresh = type(module)(config=getattr(module, "config", config))
         except TypeError:
             raise CheckpointLayoutError(
-                f"cannot rebuild buffers {meta} of {name or 'the model'} ({type(module).__name__}) after a "
-                "meta-device load; load the model with transformers and call quantize_model instead"
+                f"cannot rebuild buffers {buffers} of {name or 'the model'} ({type(module).__name__}) after a "
+                f"meta-device load; {advice}"
             ) from None
-        for buffer in meta:
-            module._buffers[buffer] = getattr(fresh, buffer).to(device)
+        for buffer in buffers:
+            setattr(module, buffer, getattr(fresh, buffer).to(device))
 
 
 # merging into a quantized base -------------------------------------------------------------

@@ -34,6 +34,7 @@ from .io import PREFIX as PEFT_PREFIX
 from .io import AdapterFiles
 from .layers import LoraLinear
 from .models import resolve_model
+from .quant import meta_buffers, rebuild_buffers
 
 
 def choose(name_or_path: str | None, env: DistEnv, config: LoraConfig, quantize: str | None) -> tuple[str | None, str]:
@@ -157,7 +158,7 @@ def materialize(model: nn.Module, source: str, env: DistEnv, device: torch.devic
     number of values this process holds.
     """
     names = checkpoint_names(source)
-    buffers = [(name, module) for name, module in model.named_modules() if list(module.buffers(recurse=False))]
+    buffers = meta_buffers(model)  # computed at construction, in no checkpoint: built again below
     model.to_empty(device=device)
     held = 0
     handles: dict[Path, Any] = {}
@@ -179,21 +180,5 @@ def materialize(model: nn.Module, source: str, env: DistEnv, device: torch.devic
             held += local.numel()
     finally:
         handles.clear()
-    _rebuild_buffers(buffers, model, device)
+    rebuild_buffers(buffers, getattr(model, "config", None), device, "pass --quantize or use --strategy ddp")
     return held
-
-
-def _rebuild_buffers(owners: list[tuple[str, nn.Module]], model: nn.Module, device: torch.device) -> None:
-    """Buffers are not in checkpoints (rotary frequencies): build their modules again and copy them."""
-    config = getattr(model, "config", None)
-    for name, module in owners:
-        try:
-            with torch.device("cpu"):
-                fresh = type(module)(config=getattr(module, "config", config))
-        except TypeError:
-            raise ValueError(
-                f"cannot rebuild the buffers of {name or 'the model'} ({type(module).__name__}) after a "
-                "shard-by-shard load; pass --quantize or use --strategy ddp"
-            ) from None
-        for buffer, _ in list(module.named_buffers(recurse=False)):
-            setattr(module, buffer, getattr(fresh, buffer).to(device))
