@@ -268,10 +268,13 @@ def create_app(
                     index, event = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     index, event = -1, None
-                # A client that left stops its generation, whether or not tokens keep coming.
+                # A client that left stops its generation, whether or not tokens keep coming: the
+                # body-limit middleware's flag at every event, Starlette's own check twice a second.
+                if client_gone(http.scope):
+                    return [], [], 0, 0
                 if time.monotonic() - checked >= 0.5:
                     checked = time.monotonic()
-                    if client_gone(http.scope) or await http.is_disconnected():
+                    if await http.is_disconnected():
                         return [], [], 0, 0
                 if event is None:
                     continue
