@@ -135,7 +135,7 @@ def test_compare_streams_three_columns_in_one_batch(server, page: Page) -> None:
     expect(columns).to_have_count(3)
     assert [c.get_attribute("data-model") for c in columns.all()] == ["tiny-base", "alpha", "beta"]
     page.select_option("#mode", "completion")
-    page.fill("#max-tokens", "32")
+    page.fill("#max-tokens", "96")  # long enough that the three overlap for most steps
     page.fill("#temperature", "0")
     page.fill("#prompt", PROMPT)
     # Record every length each answer passes through: a streamed answer grows in steps.
@@ -159,7 +159,7 @@ def test_compare_streams_three_columns_in_one_batch(server, page: Page) -> None:
     # The base column is what /v1/completions answers for the base; each adapter's likewise.
     for model, text in zip(["tiny-base", "alpha", "beta"], texts, strict=True):
         reply = httpx.post(server.url + "/v1/completions", timeout=60,
-                           json={"model": model, "prompt": PROMPT, "max_tokens": 32, "temperature": 0}).json()
+                           json={"model": model, "prompt": PROMPT, "max_tokens": 96, "temperature": 0}).json()
         assert reply["choices"][0]["text"] == text, model
 
     # One mixed batch: with only these three requests running, more than 2 rows per decode
