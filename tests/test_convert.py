@@ -17,12 +17,8 @@ IDS = torch.tensor([[1, 40, 71, 200, 33, 90, 5, 250]])
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    model, tok = tiny_llama_for_tokenizer()
-    path = tmp_path_factory.mktemp("convert") / "base"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 def make(directory, base_dir, **config):
