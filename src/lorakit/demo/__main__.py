@@ -6,9 +6,12 @@ measures again: eval loss on the held-out split, exact match of the parsed JSON 
 held-out notes (people and companies never seen in training), and a few samples side by
 side. On two CPU cores the whole run takes a few minutes.
 
-`--objective dpo` (or orpo) trains on preference pairs of the same notes instead
-(make_data.py: the exact schema preferred to a plausible wrong answer) and also shows the
-preference accuracy on held-out pairs, before and after.
+`--objective dpo` is preference tuning after SFT (dpo.py): a brief supervised adapter first,
+then DPO from it on preference pairs of the same notes (make_data.py: the exact schema
+preferred to the brief adapter's typical mistakes), against a frozen copy of it; before and
+after are the supervised adapter and the DPO adapter. `--objective orpo` trains on the pairs
+from the base (ORPO carries its own supervised term). Both also show the preference accuracy
+on held-out pairs.
 """
 
 from __future__ import annotations
@@ -87,81 +90,118 @@ def preference_accuracy(model: Any, tokenizer: Any, path: Path) -> float:
     return wins / len(pairs)
 
 
-def main(argv: list[str] | None = None) -> None:
+def report(loss: float, accuracy: float, notes: int, preference: float | None) -> None:
+    print(f"eval loss {loss:.3f}   exact match {accuracy:.0%} on {notes} held-out notes")
+    if preference is not None:
+        print(f"preference accuracy {preference:.0%} (chosen more likely than rejected, held-out pairs)")
+    print()
+
+
+def measured(output: str | None, held: list[dict], preference: bool) -> tuple[float, float, list[str], float | None]:
+    """Eval loss, exact match, answers and (for preference runs) preference accuracy of the
+    bundled base with the adapter in `output` (None: the base alone)."""
     from ..io import load_adapter
     from ..models import load_model
-    from ..train import TrainArgs, train
+
+    model, tokenizer = load_model(device="cpu")
+    if output is not None:
+        load_adapter(model, output)
+    loss, accuracy, predictions = measure(model, tokenizer, held, EVAL)
+    pref = preference_accuracy(model, tokenizer, EVAL_PAIRS) if preference else None
+    return loss, accuracy, predictions, pref
+
+
+def train_timed(args: Any) -> float:
+    from ..train import train
+
+    t0 = time.perf_counter()
+    train(args)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..train import TrainArgs
+    from . import dpo
 
     parser = argparse.ArgumentParser(prog="python -m lorakit.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="runs/demo", help="where the adapter and its logs go")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps (batch 8)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--held-out", type=int, default=32, help="held-out notes to generate for exact match")
+    parser.add_argument("--output", default=None, help="where the adapter and its logs go (default runs/demo, "
+                        "runs/demo-dpo, runs/demo-orpo)")
     parser.add_argument("--objective", choices=("sft", "dpo", "orpo"), default="sft",
-                        help="sft on the notes, or dpo / orpo on preference pairs of the same notes")
+                        help="sft on the notes, dpo after a brief sft stage, or orpo from the base, on preference "
+                             "pairs of the same notes")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 (default 30; dpo 20)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; dpo 5e-4)")
     parser.add_argument("--beta", type=float, default=0.1, help="dpo / orpo beta")
+    parser.add_argument("--sft-steps", type=int, default=8, help="dpo: steps of the supervised first stage")
+    parser.add_argument("--sft-lr", type=float, default=1e-3, help="dpo: learning rate of the supervised first stage")
+    parser.add_argument("--held-out", type=int, default=32, help="held-out notes to generate for exact match")
     opts = parser.parse_args(argv)
-    preference = opts.objective != "sft"
+    objective = opts.objective
+    is_dpo, preference = objective == "dpo", objective != "sft"
+    output = opts.output or ("runs/demo" if objective == "sft" else f"runs/demo-{objective}")
+    steps = opts.steps or (20 if is_dpo else 30)
+    lr = opts.lr or (5e-4 if is_dpo else 1e-3)
 
     began = time.perf_counter()
     held = read(EVAL)[: opts.held_out]
-    model, tokenizer = load_model(device="cpu")
-    print("== before: the bundled SmolLM2-135M-Instruct alone")
-    loss0, acc0, before = measure(model, tokenizer, held, EVAL)
-    print(f"eval loss {loss0:.3f}   exact match {acc0:.0%} on {len(held)} held-out notes")
-    pref0 = preference_accuracy(model, tokenizer, EVAL_PAIRS) if preference else None
-    if preference:
-        print(f"preference accuracy {pref0:.0%} (chosen more likely than rejected, held-out pairs)")
-    print()
+    train_time = 0.0
+    if is_dpo:
+        runs = dpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr, beta=opts.beta)
+        print(f"== stage 1: a brief supervised adapter, {opts.sft_steps} steps of 8 notes, lr {opts.sft_lr:g}, on CPU")
+        train_time += train_timed(runs.sft)
+        before_name, after_name = "the supervised adapter", "the DPO adapter trained from it"
+        print(f"\n== before DPO: {before_name} ({runs.sft.output})")
+        loss0, acc0, before, pref0 = measured(runs.sft.output, held, preference)
+        report(loss0, acc0, len(held), pref0)
+        args = runs.dpo
+        print(f"== stage 2: DPO from {runs.sft.output}, reference = its frozen copy: {steps} steps of 8 preference "
+              f"pairs, lr {lr:g}, beta {opts.beta:g}, on CPU")
+    else:
+        before_name, after_name = "the base", f"the base with the {objective} adapter"
+        print("== before: the bundled SmolLM2-135M-Instruct alone")
+        loss0, acc0, before, pref0 = measured(None, held, preference)
+        report(loss0, acc0, len(held), pref0)
+        unit = "preference pairs" if preference else "notes"
+        print(f"== training a LoRA adapter ({objective}): {steps} steps of 8 {unit}, lr {lr:g}, on CPU")
+        args = TrainArgs(
+            data=str(TRAIN_PAIRS if preference else TRAIN), eval_data=str(EVAL_PAIRS if preference else EVAL),
+            output=output, max_steps=steps, lr=lr, batch_size=8, seq_len=512, rank=16, alpha=32,
+            log_every=10 if not preference else 5, eval_every=max(1, steps // 2), device="cpu",
+            objective=objective, beta=opts.beta,
+            overwrite=True,  # the demo's directory holds the demo's last run, if any
+        )
+    train_time += train_timed(args)
+    adapter = args.output
 
-    unit = "preference pairs" if preference else "notes"
-    print(f"== training a LoRA adapter ({opts.objective}): {opts.steps} steps of 8 {unit}, lr {opts.lr:g}, on CPU")
-    args = TrainArgs(
-        data=str(TRAIN_PAIRS if preference else TRAIN), eval_data=str(EVAL_PAIRS if preference else EVAL),
-        output=opts.output, max_steps=opts.steps, lr=opts.lr, batch_size=8, seq_len=512, rank=16, alpha=32,
-        log_every=10 if not preference else 5, eval_every=max(1, opts.steps // 2), device="cpu",
-        objective=opts.objective, beta=opts.beta,
-        overwrite=True,  # the demo's directory holds the demo's last run, if any
-    )
-    del model  # training loads its own copy; two at once would double the peak memory
-    t0 = time.perf_counter()
-    train(args)
-    train_time = time.perf_counter() - t0
+    print(f"\n== after: the same base with the {objective} adapter ({adapter})")
+    loss1, acc1, after, pref1 = measured(adapter, held, preference)
+    report(loss1, acc1, len(held), pref1)
 
-    model, tokenizer = load_model(device="cpu")
-    load_adapter(model, opts.output)
-    print("\n== after: the same base with the adapter")
-    loss1, acc1, after = measure(model, tokenizer, held, EVAL)
-    print(f"eval loss {loss1:.3f}   exact match {acc1:.0%} on {len(held)} held-out notes")
-    pref1 = preference_accuracy(model, tokenizer, EVAL_PAIRS) if preference else None
-    if preference:
-        print(f"preference accuracy {pref1:.0%} (chosen more likely than rejected, held-out pairs)")
-    print()
-
-    for row, b, a in list(zip(held, before, after, strict=True))[:3]:
-        print(f"note      {row['messages'][1]['content']}")
-        print(f"expected  {row['messages'][2]['content']}")
-        print(f"base      {b[:160]!s}")
-        print(f"adapter   {a}\n")
+    # The notes where before and after differ say most; the first few otherwise.
+    shown = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a][:3] or [0, 1, 2]
+    for i in shown:
+        print(f"note      {held[i]['messages'][1]['content']}")
+        print(f"expected  {held[i]['messages'][2]['content']}")
+        print(f"before    {before[i][:160]!s}")
+        print(f"after     {after[i]}\n")
 
     # What the adapter did to everything else: KL from the base on the base's own text.
     from ..compare.command import CompareArgs, compare
 
-    del model  # compare loads its own copy
     print("== lorakit compare: the adapter against its base, on the base's own answers to general prompts")
-    report = compare(CompareArgs(adapter=[opts.output], data=str(EVAL), task_rows=opts.held_out, device="cpu"))
-    headline = report["adapters"][0]["headline"]
+    result = compare(CompareArgs(adapter=[adapter], data=str(EVAL), task_rows=opts.held_out, device="cpu"))
+    headline = result["adapters"][0]["headline"]
 
     total = time.perf_counter() - began
-    print("== summary")
+    print(f"== summary (before: {before_name}; after: {after_name})")
     print(f"eval loss     {loss0:.3f} -> {loss1:.3f}")
     print(f"exact match   {acc0:.0%} -> {acc1:.0%}  ({len(held)} held-out notes)")
     if preference:
         print(f"preference    {pref0:.0%} -> {pref1:.0%}  (held-out pairs: chosen more likely than rejected)")
     print(f"time          {train_time / 60:.1f} min training, {total / 60:.1f} min in all, {torch.get_num_threads()} CPU threads")
     print(f"forgetting    {headline}")
-    print(f"report        {Path(opts.output) / 'report.html'} (lorakit compare --adapter {opts.output} --data {EVAL})")
-    print(f"adapter       {opts.output} (try: lorakit generate --adapter {opts.output} --system \"{SYSTEM}\" --chat \"call w/ ...\")")
+    print(f"report        {Path(adapter) / 'report.html'} (lorakit compare --adapter {adapter} --data {EVAL})")
+    print(f"adapter       {adapter} (try: lorakit generate --adapter {adapter} --system \"{SYSTEM}\" --chat \"call w/ ...\")")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,17 @@ from a few hundred examples. The held-out split uses names and companies that ne
 appear in training, so exact match there measures the format, not memorised people.
 
 The preference pairs (train_pairs.jsonl, eval_pairs.jsonl) take the same notes and prefer the
-exact schema over a plausible wrong answer: extra keys, prose around the JSON, or one wrong
-field (an abbreviated weekday, the amount as a string, the first name only).
+exact schema over the wrong answers that a briefly tuned adapter gives (the DPO demo's first
+stage, a few supervised steps): the weekday copied as the note writes it ("wed", "next fri"),
+a "k" amount with one zero too many, contact and company swapped, or the weekday under a
+made-up key ("usd") in place of "follow_up".
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 SYSTEM = "Convert the sales note to JSON."
@@ -82,35 +85,37 @@ def generate(train_size: int = 800, eval_size: int = 32, seed: int = 0) -> tuple
     return train, held
 
 
-def rejected_answer(rng: random.Random, answer: dict) -> str:
-    """A plausible wrong answer: extra keys, prose around the JSON, or one wrong field."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        extra = dict(answer)
-        extra[rng.choice(["notes", "status", "priority", "currency"])] = rng.choice(["open", "high", "USD", "call back"])
-        return json.dumps(extra)
-    if kind == 1:
-        before = rng.choice(["Here is the JSON:", "Sure! Here you go:", "Extracted data:", "```json"])
-        after = rng.choice(["", " Let me know if you need anything else.", "\n```", " Hope this helps!"])
-        return f"{before} {json.dumps(answer)}{after}".strip()
+DAY_WRITTEN = re.compile(r"(?:follow up|ping|touchpoint|back to them|call again|reconnect) (.+?)\.*$")
+
+
+def rejected_answer(rng: random.Random, note: str, answer: dict) -> str:
+    """One of the brief adapter's typical mistakes on this note (see the module docstring)."""
+    written = DAY_WRITTEN.search(note).group(1)  # every template ends with the weekday
+    kinds = ["swap", "usd"]
+    if written != answer["follow_up"]:
+        kinds += ["day", "day"]  # the commonest mistake
+    if answer["amount_usd"] % 1000 == 0 and f"{answer['amount_usd'] // 1000}k" in note:
+        kinds.append("amount")
+    kind = rng.choice(kinds)
     wrong = dict(answer)
-    field = rng.choice(["follow_up", "amount_usd", "contact"])
-    if field == "follow_up":
-        wrong["follow_up"] = answer["follow_up"][:3]
-    elif field == "amount_usd":
-        wrong["amount_usd"] = f"${answer['amount_usd']:,}"
+    if kind == "day":
+        wrong["follow_up"] = written
+    elif kind == "amount":
+        wrong["amount_usd"] = answer["amount_usd"] * 10
+    elif kind == "swap":
+        wrong["contact"], wrong["company"] = answer["company"], answer["contact"]
     else:
-        wrong["contact"] = answer["contact"].split()[0]
+        wrong = {k: v for k, v in answer.items() if k != "follow_up"} | {"usd": written}
     return json.dumps(wrong)
 
 
 def preference_pairs(rows: list[dict], seed: int) -> list[dict]:
-    """Chat preference rows: the exact schema chosen, a plausible wrong answer rejected (shared prompt turns)."""
+    """Chat preference rows: the exact schema chosen, a typical wrong answer rejected (shared prompt turns)."""
     rng = random.Random(seed)
     pairs = []
     for row in rows:
         prompt, good = row["messages"][:-1], row["messages"][-1]["content"]
-        bad = rejected_answer(rng, json.loads(good))
+        bad = rejected_answer(rng, prompt[-1]["content"], json.loads(good))
         pairs.append({"chosen": [*prompt, {"role": "assistant", "content": good}],
                       "rejected": [*prompt, {"role": "assistant", "content": bad}]})
     return pairs
