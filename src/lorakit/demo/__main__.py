@@ -102,12 +102,21 @@ def measured(output: str | None, held: list[dict], preference: bool) -> tuple[fl
     bundled base with the adapter in `output` (None: the base alone)."""
     from ..io import load_adapter
     from ..models import load_model
+    from ..runlog import log
+    from ..threads import tuner_for
 
     model, tokenizer = load_model(device="cpu")
     if output is not None:
         load_adapter(model, output)
-    loss, accuracy, predictions = measure(model, tokenizer, held, EVAL)
-    pref = preference_accuracy(model, tokenizer, EVAL_PAIRS) if preference else None
+    # The thread count by measurement, as training chooses it: on a busy machine two threads
+    # can run many times slower than one.
+    tuner = tuner_for(torch.device("cpu"), False, log)
+    try:
+        loss, accuracy, predictions = measure(model, tokenizer, held, EVAL)
+        pref = preference_accuracy(model, tokenizer, EVAL_PAIRS) if preference else None
+    finally:
+        if tuner is not None:
+            tuner.close()
     return loss, accuracy, predictions, pref
 
 
@@ -130,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="sft on the notes, dpo after a brief sft stage, or orpo from the base, on preference "
                              "pairs of the same notes")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 (default 30; dpo 20)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; dpo 5e-4)")
-    parser.add_argument("--beta", type=float, default=0.1, help="dpo / orpo beta")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; dpo 2e-4)")
+    parser.add_argument("--beta", type=float, default=None, help="dpo / orpo beta (default: dpo 0.5, orpo 0.1)")
     parser.add_argument("--sft-steps", type=int, default=8, help="dpo: steps of the supervised first stage")
     parser.add_argument("--sft-lr", type=float, default=1e-3, help="dpo: learning rate of the supervised first stage")
     parser.add_argument("--held-out", type=int, default=32, help="held-out notes to generate for exact match")
@@ -140,13 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     is_dpo, preference = objective == "dpo", objective != "sft"
     output = opts.output or ("runs/demo" if objective == "sft" else f"runs/demo-{objective}")
     steps = opts.steps or (20 if is_dpo else 30)
-    lr = opts.lr or (5e-4 if is_dpo else 1e-3)
+    lr = opts.lr or (2e-4 if is_dpo else 1e-3)
+    beta = opts.beta or (0.5 if is_dpo else 0.1)
 
     began = time.perf_counter()
     held = read(EVAL)[: opts.held_out]
     train_time = 0.0
     if is_dpo:
-        runs = dpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr, beta=opts.beta)
+        runs = dpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr, beta=beta)
         print(f"== stage 1: a brief supervised adapter, {opts.sft_steps} steps of 8 notes, lr {opts.sft_lr:g}, on CPU")
         train_time += train_timed(runs.sft)
         before_name, after_name = "the supervised adapter", "the DPO adapter trained from it"
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         report(loss0, acc0, len(held), pref0)
         args = runs.dpo
         print(f"== stage 2: DPO from {runs.sft.output}, reference = its frozen copy: {steps} steps of 8 preference "
-              f"pairs, lr {lr:g}, beta {opts.beta:g}, on CPU")
+              f"pairs, lr {lr:g}, beta {beta:g}, on CPU")
     else:
         before_name, after_name = "the base", f"the base with the {objective} adapter"
         print("== before: the bundled SmolLM2-135M-Instruct alone")
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             data=str(TRAIN_PAIRS if preference else TRAIN), eval_data=str(EVAL_PAIRS if preference else EVAL),
             output=output, max_steps=steps, lr=lr, batch_size=8, seq_len=512, rank=16, alpha=32,
             log_every=10 if not preference else 5, eval_every=max(1, steps // 2), device="cpu",
-            objective=objective, beta=opts.beta,
+            objective=objective, beta=beta,
             overwrite=True,  # the demo's directory holds the demo's last run, if any
         )
     train_time += train_timed(args)

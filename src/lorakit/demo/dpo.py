@@ -8,7 +8,7 @@ on the pairs, against a frozen copy of it as DPO's reference (`--init-adapter SF
 
     lorakit train --data train.jsonl --output OUT/sft --max-steps 8 --lr 1e-3
     lorakit train --objective dpo --data train_pairs.jsonl --eval-data eval_pairs.jsonl \\
-        --init-adapter OUT/sft --reference init --output OUT/dpo --max-steps 20 --lr 5e-4
+        --init-adapter OUT/sft --reference init --output OUT/dpo --max-steps 20 --lr 2e-4 --beta 0.5
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Stages:
 
 def stages(output: str | Path, *, model: str | None = None, data: str | Path = HERE / "train.jsonl",
            pairs: str | Path = HERE / "train_pairs.jsonl", eval_pairs: str | Path = HERE / "eval_pairs.jsonl",
-           sft_steps: int = 8, sft_lr: float = 1e-3, steps: int = 20, lr: float = 5e-4, beta: float = 0.1,
+           sft_steps: int = 8, sft_lr: float = 1e-3, steps: int = 20, lr: float = 2e-4, beta: float = 0.5,
            batch_size: int = 8, seq_len: int = 512, precision: str = "auto", device: str = "cpu") -> Stages:
     """The two runs' settings (rank 16, alpha 32 as the supervised demo); nothing is trained yet."""
     out = Path(output)
