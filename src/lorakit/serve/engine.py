@@ -37,6 +37,7 @@ from ..io import AdapterFiles
 from .adapters import AdapterCache, AdapterMismatch
 from .batch import Batch
 from .decode import SlotBatch, adapter_reason, choose_path
+from .faults import error_text, run_step
 from .guards import vocab_size
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
@@ -501,13 +502,22 @@ class Engine:
             self._emit(rows, tokens)
             return
         batch = self._batch
-        out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
-        tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])
-        batch.advance(out.get(self._cache_arg), tokens)
+        # A row whose step fails ends alone; the others step again without it (faults.py).
+        stepped = run_step(batch, self._decode_step, lambda rows, error: self._drop(rows, "error", error))
+        if stepped is None:
+            return
+        cache, tokens = stepped
+        batch.advance(cache, tokens)
         self.stats.decode_steps += 1
         self.stats.batch_rows += len(batch)
         self.stats.last_batch_size = len(batch)
         self._emit(list(batch.rows), tokens.tolist())
+
+    def _decode_step(self, batch: Batch[Request]) -> tuple[object, torch.Tensor]:
+        """One decoding step's new cache and tokens; `batch.advance` records them."""
+        out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
+        tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])
+        return out.get(self._cache_arg), tokens
 
     def _emit(self, requests: list[Request], tokens: list[int]) -> None:
         """Hand each row its new token; finished rows leave the batch."""
@@ -522,9 +532,14 @@ class Engine:
             if token in self.eos_ids:
                 reason = "stop"
             else:
+                try:
+                    stopped = detok.add(token)
+                except Exception as err:  # this row's text or stop check failed: it ends alone
+                    self._drop([request], "error", error_text(err))
+                    continue
                 request.output_ids.append(token)
                 self.stats.generated_tokens += 1
-                if detok.add(token):
+                if stopped:
                     reason = "stop"
                 elif len(request.output_ids) >= request.limit:
                     reason = "length"
@@ -542,12 +557,12 @@ class Engine:
         for reason, group in by_reason.items():
             self._drop(group, reason)
 
-    def _drop(self, requests: list[Request], reason: str) -> None:
+    def _drop(self, requests: list[Request], reason: str, error: str | None = None) -> None:
         """Finish `requests` and remove their rows, trimming padding no row needs any more."""
         if not requests:
             return
         for request in requests:
-            self._finish(request, reason)
+            self._finish(request, reason, error)
         gone = set(map(id, requests))
         self._batch.keep([i for i, r in enumerate(self._batch.rows) if id(r) not in gone])
 
@@ -561,9 +576,12 @@ class Engine:
         self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
         text = ""
         if request.detok is not None:
-            if reason != "stop" or not request.detok.stop:
-                request.detok.flush()
-            text = request.detok.delta(final=True)
+            try:
+                if reason != "stop" or not request.detok.stop:
+                    request.detok.flush()
+                text = request.detok.delta(final=True)
+            except Exception:  # the detokenizer that failed this request: its error says why
+                text = ""
         try:
             request.notify(
                 Event(text, self._new_ids(request), reason, len(request.prompt_ids), len(request.output_ids), error)

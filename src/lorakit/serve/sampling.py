@@ -73,7 +73,17 @@ def sample(
     Greedy rows take the argmax. Sampled rows divide by their temperature, keep their
     top_k tokens and their top_p nucleus (the most likely token always survives) and
     draw from what is left with their own generator.
+
+    Raises ValueError, before any row draws, when a row's logits hold NaN or +inf: no token
+    can be chosen from them (greedy decoding would silently pick token 0).
     """
+    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)
+    if bool(broken.any()):
+        rows = broken.nonzero().flatten().tolist()
+        raise ValueError(
+            f"the model's next-token scores hold NaN or infinite values (batch rows {rows}): an adapter or "
+            "base weights that overflow in this precision, so no token can be chosen"
+        )
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
