@@ -99,6 +99,10 @@ def test_sample_refuses_nan_rows_before_any_draw() -> None:
         sample(logits, [greedy(1)] * 3, generators)
     logits[1, 7] = -float("inf")  # a token ruled out is fine
     assert sample(logits, [greedy(1)] * 3, generators).tolist() == logits.argmax(-1).tolist()
+    # A top_k past the vocabulary (past 2**63 even) keeps every token, as top_k=0 does.
+    huge, every = SamplingParams(temperature=0.7, top_k=2**70, seed=1), SamplingParams(temperature=0.7, seed=1)
+    gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+    assert sample(logits[:1], [huge], gens[:1]).tolist() == sample(logits[:1], [every], gens[1:]).tolist()
 
 
 class Paused:

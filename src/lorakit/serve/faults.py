@@ -48,7 +48,7 @@ def failing_rows(batch: Batch, step: Callable[[Batch], object]) -> dict[int, str
     saved, generators = batch.save(), _generator_states(batch.rows)
     failed: dict[int, str] = {}
     try:
-        for i in range(len(saved[0])):
+        for i in range(len(batch)):
             _restore(batch, saved, generators)
             batch.keep([i])
             try:

@@ -93,7 +93,8 @@ def sample(
     scaled = logits[index].float() / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
     ordered, order = scaled.sort(dim=-1, descending=True)  # (n, vocab)
     vocab = logits.shape[-1]
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device).unsqueeze(1)
+    # A top_k past the vocabulary keeps all of it (and past 2**63 would not fit a tensor).
+    top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in rows], device=device).unsqueeze(1)
     rank = torch.arange(vocab, device=device).unsqueeze(0)
     drop = rank >= top_k
     probs = ordered.masked_fill(drop, -math.inf).softmax(dim=-1)
