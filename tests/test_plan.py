@@ -183,7 +183,7 @@ def test_cpu_plan_matches_the_peak_rss_of_lorakit_train_on_the_bundled_model(tmp
     Tolerances: the live peaks (training, and loading where the checkpoint is converted) within
     10%, the GPU's bar; with the default allocator the peak lies between 0.9x the prediction and
     the prediction plus plan's stated allowance for freed memory glibc keeps in its heaps (which
-    depends on the order of allocations: 0.7x-1.7x the activations measured, bench/RESULTS.md)."""
+    depends on the order of allocations: 0.7x-1.8x the activations measured, bench/RESULTS.md)."""
     import platform
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path

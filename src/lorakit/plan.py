@@ -59,7 +59,7 @@ measured with the bundled model, after loading it and before its weights were re
 CPU_RETENTION = 2.0
 """glibc's malloc keeps freed blocks under its mmap threshold (which grows to 32 MiB) in its heaps
 rather than returning them, so a step's freed activations can still count in the peak RSS:
-measured on the bundled model: 0.7x to 0.8x the activations in bf16, 1.3x to 1.7x in fp32 (bench/RESULTS.md)."""
+measured on the bundled model: 0.7x to 0.8x the activations in bf16, 1.25x to 1.8x in fp32 (bench/RESULTS.md)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
