@@ -96,11 +96,14 @@ class FastDecoder:
         prefill_chunk: int = 512,
         key_block: int = 256,
         graphs: bool | None = None,
+        compile: str | None = "auto",
     ) -> None:
         config = model.config
         self.model = model
-        self.decoder = DecoderModel(model)
         self.device = next(model.parameters()).device
+        if compile == "auto":  # compiled layers on a GPU, where eager steps are launch-bound
+            compile = "inductor" if self.device.type == "cuda" else None
+        self.decoder = DecoderModel(model, compile=compile)
         self.dtype = self.decoder.embed.weight.dtype
         if not self.dtype.is_floating_point:
             self.dtype = torch.bfloat16
@@ -128,7 +131,10 @@ class FastDecoder:
         self._inflight: _Launched | None = None
 
     def describe(self) -> str:
-        mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager"
+        mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
+        fused = self.decoder.fused
+        if fused is not None:
+            mode += f"; fused layers, {'compiled' if fused.backend else 'not compiled'}"
         return (
             f"fast (slot KV cache {self.max_batch} x {self.context_length} tokens, "
             f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA; {mode})"
