@@ -516,7 +516,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    losses, t_first = [], time.perf_counter()
+    losses, t_first, compiled_at_start = [], time.perf_counter(), compile_count()
     # the bucketed baseline warms up once per width (each compiles once); the others on `warm`
     warm_batches = batches(warm, widths=list(buckets)) if stack == "peft" and buckets else batches(warm)
     for i, batch in enumerate(warm_batches):
@@ -558,6 +558,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         "trainable": sum(p.numel() for p in trainable),
         "keep_layers": fitted.choice.keep_layers if fitted else None,
         "tokens_per_batch": fitted.choice.tokens if fitted else None,
+        "compiled_in_warmup": compiled_before - compiled_at_start,
         "compiled_while_timed": compile_count() - compiled_before,
         "info": info,
     }
