@@ -218,6 +218,8 @@ def test_cpu_plan_matches_the_peak_rss_of_lorakit_train_on_the_bundled_model(tmp
         (["--device", "cpu", "--quantize", "nf4"], "--quantize nf4 with --device cpu: the CPU plan covers a "
                                                     "full-precision base only"),
         (["--device", "cpu", "--max-tokens", "0"], "--max-tokens must be a positive integer, got 0"),
+        (["--device", "cpu", "--data", "d.jsonl"], "--data d.jsonl with --device cpu: the time per epoch is "
+                                                   "predicted for GPUs only"),
     ],
 )
 def test_cpu_plan_refuses_bad_options_by_name(options, message, capsys):

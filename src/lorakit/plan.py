@@ -108,6 +108,9 @@ class PlanArgs:
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device == "cpu" and self.data is not None:
+            raise ValueError(f"--data {self.data} with --device cpu: the time per epoch is predicted for GPUs "
+                             "only; drop --data")
         if self.device == "cpu" and self.quantize is not None:
             raise ValueError(f"--quantize {self.quantize} with --device cpu: the CPU plan covers a full-precision "
                              "base only; drop --quantize or plan for --device cuda")
