@@ -245,3 +245,15 @@ def test_cpu_plan_counts_pieces_as_lorakit_train_splits_them(tiny_model_dir):
     assert fp32["parts_gib"]["base"] == 2 * bf16["parts_gib"]["base"]
     assert fp32["parts_gib"]["activations"] > bf16["parts_gib"]["activations"]
     assert bf16["parts_gib"]["casts"] > 0 == fp32["parts_gib"]["casts"]
+
+
+def test_cpu_plan_refuses_a_model_that_is_not_llama_shaped(tmp_path):
+    from transformers import GPT2Config
+
+    from lorakit.plan import PlanArgs
+
+    GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError) as err:
+        plan(PlanArgs(model=str(tmp_path / "gpt2"), device="cpu"))
+    assert str(err.value) == ("--device cpu plans Llama-family decoders (model.layers of attention and a gated "
+                              "MLP); GPT2LMHeadModel is not one")

@@ -11,7 +11,8 @@ the activations kept for the backward and the step's transient tensors, the loss
 chunks. Time assumes the fast path's measured efficiency on an H200 (bench/RESULTS.md: about
 54% of the dense bf16 peak) and scales it by each GPU's peak.
 
-With `--device cpu` it predicts the peak resident memory of `lorakit train --device cpu` above
+With `--device cpu` it predicts the peak resident memory of `lorakit train --device cpu` (a
+Llama-family model, no gradient checkpointing) above
 what the interpreter and the imports hold: the generic path (transformers' own layers) in the
 precision the run would pick, each micro-batch in pieces of `--max-tokens` tokens, plus the
 load, which maps the checkpoint while it makes a copy in another dtype. Checked against the
@@ -235,11 +236,14 @@ def cpu_plan(args: PlanArgs, model: torch.nn.Module) -> dict:
 
     bf16 = autocast_dtype_for(args.precision, torch.device("cpu")) is not None
     element = 2 if bf16 else 4
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not hasattr(model.config, "intermediate_size"):
+        raise ValueError(f"--device cpu plans Llama-family decoders (model.layers of attention and a gated MLP); "
+                         f"{type(model).__name__} is not one")
     shape = Shape.of(model.config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = element * sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    first = model.model.layers[0]
-    width = args.rank * sum(isinstance(m, LoraLinear) for m in first.modules())
+    width = args.rank * sum(isinstance(m, LoraLinear) for m in layers[0].modules())
     # a piece: whole rows of --seq-len tokens (padded, every position supervised: the worst case)
     rows = min(args.batch_size, max(1, (args.max_tokens or CPU_MAX_TOKENS) // args.seq_len))
     parts = {
@@ -253,11 +257,9 @@ def cpu_plan(args: PlanArgs, model: torch.nn.Module) -> dict:
     }
     peak = sum(parts.values())
     source = resolve_model(args.model)
-    stored = checkpoint_bytes(source, model)
-    stored_element = DTYPE_BYTES.get(str(getattr(model.config, "dtype", None) or "float32").removeprefix("torch."), 4)
     # transformers maps the checkpoint: in the run's dtype its pages are the weights (read
     # as the first step touches them); in another dtype they stay mapped while the copy is made
-    load = stored + base + CPU_RUNTIME if stored_element != element else 0
+    load = checkpoint_bytes(source, model) + base + CPU_RUNTIME if stored_element(model) != element else 0
     return {
         "model": type(model).__name__,
         "device": "cpu",
@@ -272,6 +274,11 @@ def cpu_plan(args: PlanArgs, model: torch.nn.Module) -> dict:
     }
 
 
+def stored_element(model: torch.nn.Module) -> int:
+    """Bytes per weight in the dtype the model's config records (fp32 when it records none)."""
+    return DTYPE_BYTES.get(str(getattr(model.config, "dtype", None) or "float32").removeprefix("torch."), 4)
+
+
 def checkpoint_bytes(source: str, model: torch.nn.Module) -> int:
     """Bytes of the model's safetensors files where they are local, else its parameters in the
     dtype its config records."""
@@ -280,8 +287,7 @@ def checkpoint_bytes(source: str, model: torch.nn.Module) -> int:
     files = list(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
     if files:
         return sum(f.stat().st_size for f in files)
-    element = DTYPE_BYTES.get(str(getattr(model.config, "dtype", None) or "float32").removeprefix("torch."), 4)
-    return element * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return stored_element(model) * sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
 
 def cpu_report(result: dict) -> str:
