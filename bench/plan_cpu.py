@@ -81,10 +81,8 @@ def write_data(path: Path, rows: int, seed: int = 0) -> None:
 
 def measure(precision: str, max_tokens: int, allocator: str, *, batch_size: int, seq_len: int, steps: int,
             workdir: Path) -> dict:
-    """One `lorakit train --device cpu` run in a child process: its load and training peaks (bytes above
-    the baseline) and what `lorakit plan` predicts for the same settings."""
-    from lorakit.plan import PlanArgs, plan
-
+    """One `lorakit train --device cpu` run in a child process: its load and training peaks above
+    the baseline, in MiB."""
     data = workdir / "text.jsonl"
     if not data.exists():
         write_data(data, rows=max(16, batch_size * steps))
@@ -98,13 +96,21 @@ def measure(precision: str, max_tokens: int, allocator: str, *, batch_size: int,
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"lorakit train failed ({proc.returncode}): {proc.stderr[-2000:]}")
     measured = json.loads(lines[-1].removeprefix("MEASURED "))
+    return {
+        "precision": precision, "max_tokens": max_tokens, "allocator": allocator, "batch_size": batch_size,
+        "seq_len": seq_len, "steps": steps, "baseline_mib": measured["baseline"] / MiB,
+        "train_peak_mib": measured["train_peak"] / MiB, "load_peak_mib": measured["load_peak"] / MiB,
+    }
+
+
+def predict(precision: str, max_tokens: int, *, batch_size: int, seq_len: int) -> dict:
+    """What `lorakit plan --device cpu` predicts for the same settings, in MiB."""
+    from lorakit.plan import PlanArgs, plan
+
     predicted = plan(PlanArgs(device="cpu", precision=precision, batch_size=batch_size, seq_len=seq_len,
                               max_tokens=max_tokens))
     return {
-        "precision": precision, "run_precision": predicted["precision"], "max_tokens": max_tokens,
-        "allocator": allocator, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
-        "baseline_mib": measured["baseline"] / MiB,
-        "train_peak_mib": measured["train_peak"] / MiB, "load_peak_mib": measured["load_peak"] / MiB,
+        "run_precision": predicted["precision"],
         "predicted_train_mib": predicted["train_peak_gib"] * 1024,
         "predicted_load_mib": predicted["load_peak_gib"] * 1024,
         "retention_mib": predicted["retention_gib"] * 1024,
@@ -128,6 +134,7 @@ def main() -> None:
             for allocator in args.allocators.split(","):
                 row = measure(precision, int(max_tokens), allocator, batch_size=args.batch_size,
                               seq_len=args.seq_len, steps=args.steps, workdir=Path(tmp))
+                row.update(predict(precision, int(max_tokens), batch_size=args.batch_size, seq_len=args.seq_len))
                 rows.append(row)
                 print(json.dumps(row) if args.json else row, flush=True)
     if args.json:

@@ -22,7 +22,7 @@ varied length does, so its compiled kernels are the ones compiled for any length
 `--cases compile-bar` runs only the long-tailed bar against PEFT + whole-model compile:
 `8b-lorakit-packed` and `8b-peft-compile-model-padded-b4-buckets`, PEFT's batches grouped by
 length (transformers' `group_by_length`) and padded to a few fixed widths (`BUCKETS`), compiled
-with `dynamic=False` and warmed up once per width, so that nothing compiles while timed.
+with `dynamic=False` and warmed up twice per width, so that nothing compiles while timed.
 Compiled kernels are cached on disk (`--compile-cache`), so a second invocation on the same
 machine skips most of the compile time.
 `--cases check` compares the fused GPU kernels with their PyTorch references and the
@@ -453,8 +453,9 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
             for k, members in enumerate(widths or groups):
                 if widths is not None:  # the warm-up: one batch at each bucket width, rows cut to fit
                     # (every token supervised: a cut row may have lost its whole reply)
+                    rows = exs[k * b : (k + 1) * b] if (k + 1) * b <= len(exs) else exs[:b]
                     group = [lorakit.data.TokenRow(e.input_ids[:members], e.input_ids[:members], list(range(len(e.input_ids[:members]))))
-                             for e in exs[k * b : (k + 1) * b]]
+                             for e in rows]
                 else:
                     group = [lorakit.data.TokenRow(exs[i].input_ids, exs[i].labels, list(range(len(exs[i].input_ids))))
                              for i in members]
@@ -517,8 +518,8 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         opt.zero_grad(set_to_none=True)
 
     losses, t_first, compiled_at_start = [], time.perf_counter(), compile_count()
-    # the bucketed baseline warms up once per width (each compiles once); the others on `warm`
-    warm_batches = batches(warm, widths=list(buckets)) if stack == "peft" and buckets else batches(warm)
+    # the bucketed baseline warms up twice per width (the first step at each compiles); the others on `warm`
+    warm_batches = batches(warm, widths=2 * list(buckets)) if stack == "peft" and buckets else batches(warm)
     for i, batch in enumerate(warm_batches):
         losses.append(float(step(batch)))
         optimizer_step()
