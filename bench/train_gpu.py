@@ -451,7 +451,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
             else:
                 groups = [list(range(i, min(i + b, len(exs)))) for i in range(0, len(exs), b)]
             for k, members in enumerate(widths or groups):
-                if widths is not None:  # the warm-up: one batch at each bucket width, rows cut to fit
+                if widths is not None:  # the warm-up: a batch at each of `widths`, rows cut to fit
                     # (every token supervised: a cut row may have lost its whole reply)
                     rows = exs[k * b : (k + 1) * b] if (k + 1) * b <= len(exs) else exs[:b]
                     group = [lorakit.data.TokenRow(e.input_ids[:members], e.input_ids[:members], list(range(len(e.input_ids[:members]))))
