@@ -130,7 +130,8 @@ class DecoderModel:
         mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
         mask = mask.reshape(rows, 1, group * steps, key_length)
         flat = (slots.unsqueeze(1) * cache.max_length + positions).reshape(-1)  # rows of the flat cache
-        dense = steps == 1 and lora is not None and 2 * rows >= lora.capacity + 1
+        # decoding (one token a row) with a batch not much smaller than the slots: read every slot once
+        dense = not gathered and steps == 1 and lora is not None and 2 * rows >= lora.capacity + 1
         for i, layer in enumerate(self.layers):
             if self.fused is not None:
                 h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, dense)
