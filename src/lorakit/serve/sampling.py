@@ -77,12 +77,10 @@ def sample(
     Raises ValueError, before any row draws, when a row's logits hold NaN or +inf: no token
     can be chosen from them (greedy decoding would silently pick token 0).
     """
-    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)
-    if bool(broken.any()):
-        rows = broken.nonzero().flatten().tolist()
+    if bool((logits.isnan() | logits.isposinf()).any()):
         raise ValueError(
-            f"the model's next-token scores hold NaN or infinite values (batch rows {rows}): an adapter or "
-            "base weights that overflow in this precision, so no token can be chosen"
+            "the model's next-token scores hold NaN or infinite values (an adapter or base weights that "
+            "overflow in this precision), so no token can be chosen"
         )
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
