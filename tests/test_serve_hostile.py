@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import make_serve_adapter
 from lorakit.serve import SamplingParams
 from lorakit.serve.api import create_app
-from lorakit.serve.engine import _Collector
+from lorakit.serve.requests import _Collector
 from test_serve_api import BASE, Server, expected_text
 from test_serve_engine import PROMPTS, Reference, greedy, make_engine
 
