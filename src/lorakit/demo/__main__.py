@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     objective = opts.objective
     is_dpo, preference = objective == "dpo", objective != "sft"
     output = opts.output or ("runs/demo" if objective == "sft" else f"runs/demo-{objective}")
-    steps = opts.steps or (20 if is_dpo else 30)
-    lr = opts.lr or (2e-4 if is_dpo else 1e-3)
-    beta = opts.beta or (0.5 if is_dpo else 0.1)
+    steps = opts.steps if opts.steps is not None else (20 if is_dpo else 30)
+    lr = opts.lr if opts.lr is not None else (2e-4 if is_dpo else 1e-3)
+    beta = opts.beta if opts.beta is not None else (0.5 if is_dpo else 0.1)
 
     began = time.perf_counter()
     held = read(EVAL)[: opts.held_out]
