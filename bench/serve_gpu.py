@@ -7,13 +7,17 @@ exists, so a run cut short keeps what it measured):
     fast-1b-b32-1 / fast-1b-b32-32   offline throughput, 1B, batch 32, 1 adapter / 32 distinct
     agreement-1b                     greedy first 32 tokens of 32 requests (each its own
                                      adapter): fast path vs the generic path, and vs
-                                     transformers + PEFT generate with the same adapter
+                                     transformers + PEFT generate with the same adapter;
+                                     the generic path vs PEFT too, as the control (random
+                                     weights give near-flat logits: bf16 rounding flips ties)
+    agreement-1b-fp32                the same three comparisons with an fp32 1B model
     online-1b                        Poisson arrivals at 80% of fast-1b-b32-32's capacity:
                                      p50/p99 time to first token and time per output token
     fast-1b-b128-pool256             batch 128, 128 distinct adapters of a pool of 256
     hf-static-peft-1b / hf-static-1b transformers generate, static cache (compiled), one
                                      PEFT adapter / the base; batch 32
     peft-mixed-1b                    PEFT generate(adapter_names=...) with 32 adapters
+    fast-1b-b32-32-nf4               the 1B base quantized to NF4 on the fast path, 32 adapters
     fast-8b-b32-32 / hf-static-8b    8B, batch 32, 32 distinct adapters / the base, static cache
 
 Offline cases submit every request at once: 128-token prompts, 128 new tokens, random
@@ -36,7 +40,8 @@ from lorakit.serve import Engine, SamplingParams
 
 CASES = (
     "fast-1b-b32-1", "fast-1b-b32-32", "agreement-1b", "online-1b", "fast-1b-b128-pool256",
-    "hf-static-peft-1b", "peft-mixed-1b", "hf-static-1b", "fast-8b-b32-32", "hf-static-8b",
+    "hf-static-peft-1b", "peft-mixed-1b", "hf-static-1b", "agreement-1b-fp32", "fast-1b-b32-32-nf4",
+    "fast-8b-b32-32", "hf-static-8b",
 )
 
 
@@ -98,7 +103,23 @@ class Suite:
             seconds = time.perf_counter() - t
             runs.append(sum(o.completion_tokens for o in outs) / seconds)
         return {"tokens_per_s": sorted(runs)[len(runs) // 2], "runs": [round(r) for r in runs],
-                "path": engine.decode_path, "graph_error": getattr(engine.decoder, "graph_error", None)}
+                "path": engine.decode_path, "graph_error": getattr(engine.decoder, "graph_error", None),
+                "compile_error": _compile_error(engine),
+                "graph_step_ms": self.graph_steps(engine)}
+
+    def graph_steps(self, engine: Engine) -> dict[str, float]:
+        """Each captured decoding graph replayed alone: the device's time per step, without
+        the engine's host work (what the engine's tokens/s is to be compared with)."""
+        graphs = getattr(engine.decoder, "_graphs", None) or {}
+        out = {}
+        for (rows, keys, greedy), graph in sorted(graphs.items()):
+            self.sync()
+            t = time.perf_counter()
+            for _ in range(20):
+                graph.graph.replay()
+            self.sync()
+            out[f"rows{rows}-keys{keys}-{'greedy' if greedy else 'sampled'}"] = round((time.perf_counter() - t) / 20 * 1e3, 3)
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,7 +181,8 @@ class Suite:
             peft = self.peft_model(base, first32)
             if fast_tokens is not None and slow is not None:
                 peft_tokens = self.peft_greedy(peft, prompts[:32])
-                self.record("agreement-1b", vs_generic=_agree(fast_tokens, slow), vs_peft=_agree(fast_tokens, peft_tokens))
+                self.record("agreement-1b", vs_generic=_agree(fast_tokens, slow), vs_peft=_agree(fast_tokens, peft_tokens),
+                            generic_vs_peft=_agree(slow, peft_tokens))
             if self.wanted("hf-static-peft-1b"):
                 peft.set_adapter("a0")
                 tps = self.timed_generate(peft, ids, self.args.new_tokens, cache_implementation="static")
@@ -174,8 +196,52 @@ class Suite:
         del peft, base, model, first32
         gc.collect()
         torch.cuda.empty_cache()
+        if self.wanted("agreement-1b-fp32"):
+            self.record("agreement-1b-fp32", **self.agreement(torch.float32))
+        if self.wanted("fast-1b-b32-32-nf4"):
+            self.nf4()
         if self.wanted("fast-8b-b32-32") or self.wanted("hf-static-8b"):
             self.eight_b()
+
+    def agreement(self, dtype: torch.dtype) -> dict:
+        """Greedy first 32 tokens of 32 requests, each with its own adapter: the fast path,
+        the generic path and PEFT's generate on one model of `dtype`."""
+        import lorakit
+
+        model = self.build_model(self.sizes[0], self.device, dtype)
+        prompts = self.prompts(32, model.config.vocab_size, seed=3)
+        adapters = self.adapters(model, 32)
+        names, params = list(adapters), SamplingParams(max_tokens=32, temperature=0)
+        tokens = {}
+        for path in ("fast", "generic"):
+            engine = self.engine(model, adapters, batch=32, path=path)
+            with engine:
+                tokens[path] = [o.token_ids for o in engine.generate(prompts, names, params)]
+            _unload(engine, adapters)
+            del engine
+        base = lorakit.unload(model) if hasattr(model, "lora_state") else model
+        with torch.no_grad():
+            peft_tokens = self.peft_greedy(self.peft_model(base, adapters), prompts)
+        del model, base, adapters
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"dtype": str(dtype), "vs_generic": _agree(tokens["fast"], tokens["generic"]),
+                "vs_peft": _agree(tokens["fast"], peft_tokens), "generic_vs_peft": _agree(tokens["generic"], peft_tokens)}
+
+    def nf4(self) -> None:
+        """The 1B base quantized to NF4 (bitsandbytes), 32 distinct adapters, on the fast path."""
+        from lorakit import quant
+
+        model = quant.quantize_model(self.build_model(self.sizes[0], self.device, self.dtype), "nf4")
+        prompts = self.prompts(32, model.config.vocab_size)
+        adapters = self.adapters(model, 32)
+        engine = self.engine(model, adapters, batch=32)
+        with engine:
+            self.record("fast-1b-b32-32-nf4", **self.offline(engine, prompts, list(adapters), self.args.new_tokens, repeats=1))
+        _unload(engine, adapters)
+        del engine, adapters, model
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def online(self, engine: Engine, prompts, names, capacity: float) -> dict:
         """Poisson arrivals at 80% of `capacity` tokens/s: TTFT and TPOT percentiles."""
@@ -265,6 +331,11 @@ class Suite:
 _TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _compile_error(engine: Engine) -> str | None:
+    fused = getattr(getattr(engine.decoder, "decoder", None), "fused", None)
+    return getattr(fused, "compile_error", None)
+
+
 def _unload(engine: Engine, adapters: dict) -> None:
     for name in adapters:
         engine.unload_adapter(name)
@@ -305,11 +376,17 @@ def bars(results: dict[str, dict]) -> list[str]:
     online = results.get("online-1b", {}).get("ttft_p99_s")
     lines.append(f"online 1B p99 TTFT: {online:.3f} s (bar <= 0.25 s) {'PASS' if online <= 0.25 else 'FAIL'}" if online is not None
                  else "online 1B p99 TTFT: not measured")
-    agreement = results.get("agreement-1b")
-    if agreement:
-        for ref in ("vs_generic", "vs_peft"):
-            got = agreement[ref]["identical_32"]
-            lines.append(f"greedy agreement {ref}: {got}/32 identical first 32 tokens (bar 30) {'PASS' if got >= 30 else 'FAIL'}")
+    for case in ("agreement-1b", "agreement-1b-fp32"):
+        agreement = results.get(case)
+        if agreement:
+            for ref in ("vs_generic", "vs_peft"):
+                got = agreement[ref]["identical_32"]
+                lines.append(f"{case} {ref}: {got}/32 identical first 32 tokens (bar 30) {'PASS' if got >= 30 else 'FAIL'}")
+            got = agreement["generic_vs_peft"]["identical_32"]
+            lines.append(f"{case} control, generic path vs PEFT: {got}/32")
+    nf4 = tps("fast-1b-b32-32-nf4")
+    if nf4:
+        lines.append(f"(report) NF4 1B b32 32 adapters: {nf4:,.0f} tokens/s")
     if static1:
         lines.append(f"(anchor) transformers static cache, 1B base: {static1:,.0f} tokens/s")
     return lines

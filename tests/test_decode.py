@@ -186,10 +186,15 @@ def _family(kind: str):
     return AutoModelForCausalLM.from_config(config).double().eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
-def test_forward_equals_the_generic_mixed_batch(kind) -> None:
+@pytest.mark.parametrize(
+    ("kind", "fused"),
+    [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True),
+     ("mistral", True)],
+)
+def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
     """Prefill (chunked, rows right-padded) and decode steps on the slot cache give the
-    logits of transformers' forward over the whole sequence with lorakit's mixed batch."""
+    logits of transformers' forward over the whole sequence with lorakit's mixed batch,
+    module by module and through the fused layer functions."""
     model = _family(kind)
     config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
     g = torch.Generator().manual_seed(5)
@@ -205,7 +210,8 @@ def test_forward_equals_the_generic_mixed_batch(kind) -> None:
     seqs = [torch.randint(0, 128, (n + 3,), generator=g) for n in lengths]
     with torch.no_grad():
         want = [lorakit.forward_mixed(model, [name], s.unsqueeze(0)).logits[0] for name, s in zip(rows, seqs, strict=True)]
-        decoder = DecoderModel(model)
+        decoder = DecoderModel(model, fused=fused)
+        assert (decoder.fused is not None) == fused
         cache = SlotCache(2, 4, 2, 32, decoder.head_dim, dtype=torch.float64, device="cpu")
         lora = AdapterSlots(decoder.layers, 2, torch.float64, torch.device("cpu"))
         lora.sync({"p": 1, "q": 2})
@@ -303,3 +309,41 @@ def test_sample_rows_keeps_the_generic_rules() -> None:
     alone = sample_rows(batch[2:], torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.tensor([6]), torch.tensor([9]))
     assert out[2] == alone[0]
     assert not math.isnan(float(out.float().sum()))
+
+
+def test_compiled_fused_layers_trace_once_for_every_layer_and_step() -> None:
+    """torch.compile sees each fused function as one graph (no break) shared by all layers:
+    more layers or more decoding steps compile nothing new, and the result is unchanged."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _family("llama")
+    lorakit.add_adapter(model, "p", lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    counter = CompileCounter()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.2)
+        eager, compiled = DecoderModel(model), DecoderModel(model, compile=counter)
+        outs = []
+        for decoder in (eager, compiled):
+            cache = SlotCache(2, 4, 2, 32, decoder.head_dim, dtype=torch.float64, device="cpu")
+            lora = AdapterSlots(decoder.layers, 2, torch.float64, torch.device("cpu"))
+            lora.sync({"p": 1})
+            index = torch.tensor(lora.index(["p", None, "p"]))
+            slots = torch.tensor([cache.allocate() for _ in range(3)])
+            ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+            logits = [decoder.logits(decoder.forward(ids, torch.arange(6).expand(3, -1), cache, slots, 6, lora, index))]
+            for step in range(4):
+                if step == 2:
+                    frames = counter.frame_count
+                token = logits[-1][:, -1:].argmax(-1)
+                position = torch.full((3, 1), 6 + step)
+                hidden = decoder.forward(token, position, cache, slots, 7 + step, lora, index, gathered=False)
+                logits.append(decoder.logits(hidden))
+            outs.append(logits)
+    assert 0 < frames <= 4  # prefill and decode, two functions each: not per layer or step
+    assert counter.frame_count == frames
+    for want, got in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

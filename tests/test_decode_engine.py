@@ -159,6 +159,30 @@ def test_bucketed_pipelined_steps_give_the_same_tokens(serve_adapter_dirs, refer
     assert crowd[3].token_ids == alone.token_ids
 
 
+def test_chained_steps_across_key_blocks_and_warmup_change_no_output(serve_adapter_dirs, reference) -> None:
+    """Steps chained on the device (each feeding its own tokens and positions forward) while
+    rows keep running, a host launch whenever rows join or leave or the key length grows
+    (blocks of 4 positions here), and a warm-up of every shape in between: the tokens are
+    those of each request run alone, and most steps were chained."""
+    names = [*SERVE_ADAPTERS, None]
+    cases = [(p, names[i % 4], 6 + 3 * (i % 3)) for i, p in enumerate(engine_tests.PROMPTS)]
+    with fast_engine(serve_adapter_dirs, max_batch=4) as engine:
+        decoder = engine.decoder
+        decoder.pad_to_buckets = decoder.pipelined = True
+        decoder.key_block = 4
+        launches = []
+        host_launch = decoder._launch
+        decoder._launch = lambda: launches.append(1) or host_launch()
+        engine._call(decoder.warmup)
+        assert decoder.warmed_layout == decoder.lora.layout
+        got = engine.generate([c[0] for c in cases], [c[1] for c in cases], [engine_tests.greedy(c[2]) for c in cases])
+        steps = engine.stats.decode_steps
+    for (prompt, adapter, n), out in zip(cases, got, strict=True):
+        assert out.token_ids == reference(prompt, adapter, n)
+    assert decoder.key_lengths()[:2] == [4, 8]
+    assert 0 < len(launches) < steps, (len(launches), steps)  # the rest were chained
+
+
 def test_lorakit_serve_fast_path_process(tiny_model_dir, tmp_path) -> None:
     """`lorakit serve --decode-path fast`: the startup log and /health name the path, and it serves."""
     import subprocess

@@ -96,15 +96,28 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _walk(model: nn.Module, stop: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules`, but the children of a module of a `stop` type are not visited (an
+    adapter's own weights grow with every adapter loaded: walking them made loading the
+    n-th adapter cost O(n))."""
+    seen: set[int] = set()
+    pending: list[tuple[str, nn.Module]] = [("", model)]
+    while pending:
+        name, module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if isinstance(module, stop):
+            continue
+        children = [(f"{name}.{child_name}" if name else child_name, child)
+                    for child_name, child in module._modules.items() if child is not None]
+        pending.extend(reversed(children))
+
+
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the base model: adapter internals and saved copies are skipped."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(name + ".")
-        yield name, module
+    return _walk(model, (LoraLayer, ModulesToSave))
 
 
 def _layer_type(module: nn.Module) -> type:
@@ -175,13 +188,13 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in model.named_modules():
+    for name, module in _walk(model, (LoraLayer,)):
         if isinstance(module, LoraLayer):
             yield name, module
 
 
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
+    for name, module in _walk(model, (LoraLayer, ModulesToSave)):
         if isinstance(module, ModulesToSave):
             yield name, module
 
@@ -306,21 +319,22 @@ def _is_adapter_param(param_name: str) -> bool:
     return any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
 
 
+_ADAPTER_DICTS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+
+
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
     """Turn gradients on or off for one adapter's weights."""
-    marker_parts = {
-        "lora_A",
-        "lora_B",
-        "lora_magnitude_vector",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "modules_to_save",
-    }
-    for pname, param in model.named_parameters():
-        parts = pname.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part in marker_parts and parts[i + 1] == name:
+    for _, layer in lora_layers(model):
+        for attr in _ADAPTER_DICTS:
+            table = getattr(layer, attr, None)
+            if table is None or name not in table:
+                continue
+            entry = table[name]
+            for param in entry.parameters() if isinstance(entry, nn.Module) else (entry,):
                 param.requires_grad_(trainable)
+    for _, saved in _saved_modules(model):
+        if name in saved.modules_to_save:
+            saved.modules_to_save[name].requires_grad_(trainable)
 
 
 def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> None:

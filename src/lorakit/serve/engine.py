@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -39,6 +40,8 @@ from .batch import Batch
 from .decode import SlotBatch, adapter_reason, choose_path
 from .guards import vocab_size
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # how long `Engine.stop` waits for the step in flight
 
@@ -346,6 +349,11 @@ class Engine:
 
     def _loop(self) -> None:
         with torch.no_grad():
+            if self.decoder is not None:
+                try:  # compile and capture the fast path's steps before the first request
+                    self.decoder.sync_adapters(self.adapters.on_device)
+                except Exception as err:
+                    log.warning("the fast decode path's warm-up failed (%s: %s); it runs when first used", type(err).__name__, err)
             while True:
                 with self._cond:
                     while not (self._stopping or self._commands or self._batch.rows or self._admissible()):

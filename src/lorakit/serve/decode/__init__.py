@@ -8,10 +8,10 @@
     runner.py    FastDecoder: what the engine calls; CUDA graphs per batch bucket
 
 `choose_path` decides which path an engine runs: "fast" takes it (or says why it cannot),
-"generic" keeps transformers' forward with its dynamic cache, and "auto" keeps the generic
-path for now: on the CPU the fast path is not faster (bench/RESULTS.md, "Serving: the fast
-decode path"), and on a GPU its CUDA-graph steps have no recorded run of the GPU suite
-(`bench/serve.py --suite gpu`) yet; once one passes, "auto" should take it on CUDA.
+"generic" keeps transformers' forward with its dynamic cache, and "auto" takes the fast
+path on a GPU (the GPU suite, `bench/serve.py --suite gpu`, measured it at 8x the generic
+path with the same greedy tokens in fp32; bench/RESULTS.md) and the generic one on the
+CPU, where the fast path is not faster.
 """
 
 from __future__ import annotations
@@ -38,11 +38,8 @@ def choose_path(
         return None, "generic (transformers forward, dynamic KV cache; asked for)"
     reason = decode_reason(model, context_length)
     device = next(model.parameters()).device
-    if reason is None and path == "auto":
-        if device.type == "cuda":
-            reason = "auto keeps it until the fast path's GPU check is recorded (--decode-path fast takes it)"
-        else:
-            reason = f"the model is on {device.type}, where the fast path is not faster"
+    if reason is None and path == "auto" and device.type != "cuda":
+        reason = f"the model is on {device.type}, where the fast path is not faster"
     if reason is not None:
         if path == "fast":
             raise ValueError(f"decode_path 'fast' cannot run this model: {reason}")

@@ -16,12 +16,15 @@ through the LoRA layer's `base_forward`, a 4-bit base included), with:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.llama import ARCHITECTURES
 from ...layers import LoraEmbedding, LoraLinear
+from .fused import FusedLayers, attend, layer_weights, rotate
 from .kv import SlotCache
 from .lora import GROUPS, AdapterSlots, batched_lora
 
@@ -59,9 +62,14 @@ def _base(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderModel:
-    """The forward pass of one transformers Llama-family model over a `SlotCache`."""
+    """The forward pass of one transformers Llama-family model over a `SlotCache`.
 
-    def __init__(self, model: nn.Module) -> None:
+    fused: run each layer through `fused.py`'s two functions (a dense base only; None: when
+    the base is dense); compile: the `torch.compile` backend for them (None: eager; worth
+    "inductor" on a GPU, where a step is otherwise launch-bound).
+    """
+
+    def __init__(self, model: nn.Module, *, fused: bool | None = None, compile: str | Callable | None = None) -> None:
         inner = model.model
         self.model = model
         self.embed = inner.embed_tokens
@@ -74,6 +82,13 @@ class DecoderModel:
         self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
         self.scaling = attn.scaling
+        self.fused: FusedLayers | None = None
+        if fused is not False:
+            weights = [layer_weights(layer) for layer in self.layers]
+            if all(w is not None for w in weights):
+                self.fused = FusedLayers(weights, self.layers[0].input_layernorm.variance_epsilon, compile)  # type: ignore[arg-type]
+            elif fused:
+                raise ValueError("the fused decoder layers need a dense base (this one is quantized)")
 
     def _group(
         self, i: int, g: int, x: torch.Tensor, lora: AdapterSlots | None, index: torch.Tensor | None
@@ -115,7 +130,12 @@ class DecoderModel:
         mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
         mask = mask.reshape(rows, 1, group * steps, key_length)
         flat = (slots.unsqueeze(1) * cache.max_length + positions).reshape(-1)  # rows of the flat cache
+        # decoding (one token a row) with a batch not much smaller than the slots: read every slot once
+        dense = not gathered and steps == 1 and lora is not None and 2 * rows >= lora.capacity + 1
         for i, layer in enumerate(self.layers):
+            if self.fused is not None:
+                h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, dense)
+                continue
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q, k, v = self._group(i, 0, x, lora, index)
@@ -124,26 +144,9 @@ class DecoderModel:
             v = v.view(rows, steps, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys, values = cache.keys[i], cache.values[i]
-            kv_shape = (-1, self.kv_heads, self.head_dim)
-            keys.view(kv_shape).index_copy_(0, flat, k.reshape(kv_shape).to(keys.dtype))
-            values.view(kv_shape).index_copy_(0, flat, v.reshape(kv_shape).to(values.dtype))
-            if gathered:
-                keys = keys[:, :key_length].index_select(0, slots)
-                values = values[:, :key_length].index_select(0, slots)
-            else:
-                keys, values = keys[:rows, :key_length], values[:rows, :key_length]
-            # (rows, T, heads, D) -> (rows, kv heads, group * T, D): the query heads that
-            # share a K/V head become more queries of that head (transformers' repeat_kv order)
-            q = q.view(rows, steps, self.kv_heads, group, self.head_dim).permute(0, 2, 3, 1, 4)
-            q = q.reshape(rows, self.kv_heads, group * steps, self.head_dim)
-            o = F.scaled_dot_product_attention(
-                q, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype), attn_mask=mask, scale=self.scaling
-            )
-            o = o.view(rows, self.kv_heads, group, steps, self.head_dim).permute(0, 3, 1, 2, 4)
-            o = o.reshape(rows, steps, self.heads * self.head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
+            o = attend(q, keys, values, mask, self.scaling)
             (o,) = self._group(i, 1, o, lora, index)
             h = h + o
             x = layer.post_attention_layernorm(h)
@@ -152,10 +155,37 @@ class DecoderModel:
             h = h + down
         return self.norm(h)
 
+    def _kv(self, i: int, k: torch.Tensor, v: torch.Tensor, cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor,
+            key_length: int, gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's K/V into the rows' slots; the (rows, key_length, kv heads, D) K/V to read."""
+        rows = slots.shape[0]
+        keys, values = cache.keys[i], cache.values[i]
+        kv_shape = (-1, self.kv_heads, self.head_dim)
+        keys.view(kv_shape).index_copy_(0, flat, k.reshape(kv_shape).to(keys.dtype))
+        values.view(kv_shape).index_copy_(0, flat, v.reshape(kv_shape).to(values.dtype))
+        if gathered:
+            return keys[:, :key_length].index_select(0, slots), values[:, :key_length].index_select(0, slots)
+        return keys[:rows, :key_length], values[:rows, :key_length]
+
+    def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                     cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
+                     lora: AdapterSlots | None, index: torch.Tensor | None, dense: bool) -> torch.Tensor:
+        fused = self.fused
+        assert fused is not None
+        w = fused.layers[i]
+        on = lora is not None and index is not None and lora.active
+        loras = [(lora.a[i][g], lora.b[i][g]) if on and lora.a[i][g] is not None else (None, None)  # type: ignore[union-attr]
+                 for g in range(len(GROUPS))]
+        q, k, v = fused.attention_inputs(
+            h, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, dense,
+            cos, sin, self.heads, self.kv_heads, self.head_dim,
+        )
+        keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
+        return fused.layer_rest(
+            h, q, keys, values, mask, self.scaling, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3],
+            loras[1:], index, dense,
+        )
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -10,12 +10,16 @@ On CUDA each decoding step is a CUDA graph, captured on first use for its bucket
 rows run over slots 0..span-1 with span rounded up to a batch bucket, attention reads a
 key length rounded up to a multiple of `key_block`, and greedy-only steps skip the
 sampling sort. Inputs go in with two small host-to-device copies and the tokens come
-back with one device-to-host copy; nothing else crosses. Steps are pipelined: the next
-one is launched before the engine hands out the last one's tokens (`decode`). Adapter
-slots written in place need no recapture; reallocated ones (a larger rank, a newly
-targeted projection) drop the graphs. Anywhere else (the CPU) the same step runs eagerly,
-one at a time; `pad_to_buckets` and `pipelined` switch the graph-shaped steps on there
-too, which is how the tests check them without a GPU.
+back with one device-to-host copy; nothing else crosses. Steps are pipelined: each step
+also writes its tokens and the rows' next positions into its own inputs, so while the
+batch keeps its rows the next step is launched before this one's tokens reach the host
+(`decode`), and the device never waits for the engine's bookkeeping. Adapter slots
+written in place need no recapture; reallocated ones (a larger rank, a newly targeted
+projection) drop the graphs. `warmup` compiles and captures every bucket while no row
+runs (at start, and after adapter slots are reallocated), so no request waits for it.
+Anywhere else (the CPU) the same step runs eagerly; `pad_to_buckets` and `pipelined`
+switch the graph-shaped, chained steps on there too, which is how the tests check them
+without a GPU.
 
 Prefill is batched (the admitted requests right-padded together) and chunked, but it is
 not interleaved with decoding: the engine's `max_prefill_tokens` bounds how long one
@@ -96,11 +100,14 @@ class FastDecoder:
         prefill_chunk: int = 512,
         key_block: int = 256,
         graphs: bool | None = None,
+        compile: str | None = "auto",
     ) -> None:
         config = model.config
         self.model = model
-        self.decoder = DecoderModel(model)
         self.device = next(model.parameters()).device
+        if compile == "auto":  # compiled layers on a GPU, where eager steps are launch-bound
+            compile = "inductor" if self.device.type == "cuda" else None
+        self.decoder = DecoderModel(model, compile=compile)
         self.dtype = self.decoder.embed.weight.dtype
         if not self.dtype.is_floating_point:
             self.dtype = torch.bfloat16
@@ -121,14 +128,18 @@ class FastDecoder:
         self.pipelined = self.graphs_enabled
         """Launch the next step before the engine has handed out this one's tokens (see decode)."""
         self.buckets = batch_buckets(max_batch)
-        self._graphs: dict[tuple[int, int, bool], _StepGraph] = {}
+        self._graphs: dict[tuple[int, int, bool], _Step] = {}
+        self.warmed_layout: int | None = None
         self._graph_layout = self.lora.layout
         self._pool = None
         self.graph_error: str | None = None
         self._inflight: _Launched | None = None
 
     def describe(self) -> str:
-        mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager"
+        mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
+        fused = self.decoder.fused
+        if fused is not None:
+            mode += f"; fused layers, {'compiled' if fused.backend else 'not compiled'}"
         return (
             f"fast (slot KV cache {self.max_batch} x {self.context_length} tokens, "
             f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA; {mode})"
@@ -147,6 +158,34 @@ class FastDecoder:
                 torch.cuda.synchronize(self.device)  # an in-flight step may still run an old graph
             self._graphs.clear()
             self._graph_layout = self.lora.layout
+        if self.graphs_enabled and not self.batch.rows and self.warmed_layout != self.lora.layout:
+            self.warmup()
+
+    def key_lengths(self) -> list[int]:
+        """The key lengths a decoding step is padded to (multiples of key_block, and the context)."""
+        return sorted({min(k * self.key_block, self.context_length)
+                       for k in range(1, -(-self.context_length // self.key_block) + 1)})
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Compile and capture what serving will run, while no row runs: prefill of one and
+        of several rows, one and several tokens, and every decoding bucket, key length and
+        sampling kind. Idle rows write only position 0 of free slots, which no row reads."""
+        if self.batch.rows:
+            raise RuntimeError("warmup runs only while no request is running")
+        for rows in sorted({1, min(2, self.max_batch)}):
+            for steps in (1, 2):
+                slots = torch.arange(rows, device=self.device)
+                ids = torch.zeros((rows, steps), dtype=torch.long, device=self.device)
+                positions = torch.arange(steps, device=self.device).expand(rows, -1)
+                index = torch.full((rows,), self.lora.none, device=self.device)
+                self.decoder.logits(self.decoder.forward(ids, positions, self.cache, slots, steps, self.lora, index)[:, -1])
+        for rows in self.buckets if self.pad_to_buckets else []:
+            for key_length in self.key_lengths():
+                for greedy in (True, False):
+                    ints, floats = self._inputs(rows, [], greedy)
+                    self._run_step(rows, key_length, greedy, ints, floats).tokens()
+        self.warmed_layout = self.lora.layout
 
     # prefill ---------------------------------------------------------------------------
 
@@ -220,6 +259,8 @@ class FastDecoder:
             self._inflight = self._launch()
         step = self._inflight
         self._inflight = None
+        if self.pipelined and self._unchanged(step):
+            self._inflight = step.chain()  # the device moves on while the host reads these tokens
         tokens = step.tokens()
         rows, out = [], []
         for row, slot in zip(step.rows, step.slots, strict=True):
@@ -232,12 +273,22 @@ class FastDecoder:
             self.cache.lengths[slot] = self.batch.positions[i]
             rows.append(row)
             out.append(token)
-        if self.pipelined:
+        if self.pipelined and self._inflight is None:
             self._inflight = self._launch()
         return rows, out
 
+    def _unchanged(self, step: _Launched) -> bool:
+        """Whether the step after `step` runs the same rows in the same graph: then it is
+        chained on the device (the step fed its own tokens and positions forward)."""
+        batch = self.batch
+        return (
+            len(step.rows) == len(batch.rows)
+            and all(a is b for a, b in zip(step.rows, batch.rows, strict=True))
+            and step.longest + 1 <= step.key_length
+        )
+
     def _launch(self) -> _Launched:
-        """Start one step for every running row; its tokens are read later."""
+        """Start one step for every running row from the host's view of the batch."""
         batch = self.batch
         span = self.cache.span
         greedy = all(p.greedy for p in batch.params)
@@ -247,66 +298,85 @@ class FastDecoder:
             key_length = min(-(-longest // self.key_block) * self.key_block, self.context_length)
         else:
             rows, key_length = span, longest
-        # slot-ordered inputs; idle slots decode token 0 at position 0 of their own slot, unseen
-        token, position, adapter, seed, top_k = [0] * rows, [0] * rows, [self.lora.none] * rows, [0] * rows, [0] * rows
-        temperature, top_p = [0.0] * rows, [1.0] * rows
-        index = self.lora.index(batch.adapters)
-        for i, slot in enumerate(batch.slots):
-            p = batch.params[i]
-            token[slot], position[slot], adapter[slot] = batch.last[i], batch.positions[i], index[i]
-            seed[slot], top_k[slot], temperature[slot], top_p[slot] = batch.seeds[i] & 0xFFFFFFFF, p.top_k, p.temperature, p.top_p
-        ints = torch.tensor([token, position, adapter, seed, top_k], dtype=torch.long)
-        floats = torch.tensor([temperature, top_p], dtype=torch.float32)
-        return _Launched(list(batch.rows), list(batch.slots), self._run_step(rows, key_length, greedy, ints, floats))
+        ints, floats = self._inputs(rows, batch.slots, greedy)
+        runner = self._run_step(rows, key_length, greedy, ints, floats)
+        return _Launched(list(batch.rows), list(batch.slots), runner, longest, key_length)
 
-    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor):
-        """The step's tokens: a CPU tensor, or a graph's pending copy (`_Pending`)."""
-        if self.graphs_enabled:
-            key = (rows, key_length, greedy)
-            graph = self._graphs.get(key)
-            if graph is None:
-                try:
-                    graph = self._graphs[key] = _StepGraph(self, rows, key_length, greedy, ints, floats)
-                except Exception as err:  # capture is an optimisation: keep serving eagerly
-                    self.graph_error = f"{type(err).__name__}: {err}"
-                    self.graphs_enabled = False
-                    self._graphs.clear()
-                    torch.cuda.synchronize(self.device)
-                    return self._run_step(rows, key_length, greedy, ints, floats)
-            return graph.launch(ints, floats)
-        ints, floats = ints.to(self.device), floats.to(self.device)
-        return self.step(rows, key_length, greedy, ints, floats).cpu()
+    def _inputs(self, rows: int, slots: Sequence[int], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot-ordered step inputs: ints (token, position, adapter, seed, top_k, running) and
+        floats (temperature, top_p); idle slots decode token 0 at position 0 of their own
+        slot, unseen, and stay there."""
+        batch = self.batch
+        token, position, adapter, seed, top_k = [0] * rows, [0] * rows, [self.lora.none] * rows, [0] * rows, [0] * rows
+        running = [0] * rows
+        temperature, top_p = [0.0] * rows, [1.0] * rows
+        index = self.lora.index(batch.adapters) if slots else []
+        for i, slot in enumerate(slots):
+            p = batch.params[i]
+            token[slot], position[slot], adapter[slot], running[slot] = batch.last[i], batch.positions[i], index[i], 1
+            seed[slot], top_k[slot], temperature[slot], top_p[slot] = batch.seeds[i] & 0xFFFFFFFF, p.top_k, p.temperature, p.top_p
+        ints = torch.tensor([token, position, adapter, seed, top_k, running], dtype=torch.long)
+        floats = torch.tensor([temperature, top_p], dtype=torch.float32)
+        return ints, floats
+
+    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> _Running:
+        """Launch the step from these inputs (the step's runner: a captured graph on CUDA)."""
+        if not self.graphs_enabled:  # an eager step keeps nothing between launches but its inputs
+            return _Step(self, rows, key_length, greedy, ints, floats, capture=False).launch()
+        key = (rows, key_length, greedy)
+        step = self._graphs.get(key)
+        if step is None:
+            try:
+                step = self._graphs[key] = _Step(self, rows, key_length, greedy, ints, floats, capture=True)
+            except Exception as err:  # capture is an optimisation: keep serving eagerly
+                self.graph_error = f"{type(err).__name__}: {err}"
+                self.graphs_enabled = False
+                self._graphs.clear()
+                torch.cuda.synchronize(self.device)
+                return self._run_step(rows, key_length, greedy, ints, floats)
+        return step.launch(ints, floats)
 
     def step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-        """One decoding step over slots 0..rows-1 from device tensors; (rows,) tokens on the device."""
-        tokens, positions, index, seeds, top_k = ints
+        """One decoding step over slots 0..rows-1 from device tensors; (rows,) tokens on the
+        device. It also moves its own inputs on: each running row's token becomes the one
+        just drawn and its position the next (idle rows stay put), so running it again is
+        the next step of the same rows."""
+        tokens, positions, index, seeds, top_k, running = ints
         slots = torch.arange(rows, device=ints.device)
         hidden = self.decoder.forward(
             tokens.unsqueeze(1), positions.unsqueeze(1), self.cache, slots, key_length, self.lora, index, gathered=False
         )
         logits = self.decoder.logits(hidden[:, 0])
         if greedy:
-            return logits.argmax(dim=-1)
-        return sample_rows(logits, floats[0], top_k, floats[1], seeds, positions)
+            out = logits.argmax(dim=-1)
+        else:
+            out = sample_rows(logits, floats[0], top_k, floats[1], seeds, positions)
+        tokens.copy_(out)
+        positions.add_(running).clamp_(max=self.context_length - 1)
+        return out
 
 
-class _StepGraph:
-    """One captured decoding step for (rows, key length, greedy-only) and its static buffers."""
+class _Step:
+    """One decoding step for (rows, key length, greedy-only): its inputs on the device and,
+    on CUDA, the captured graph that runs it."""
 
     def __init__(self, owner: FastDecoder, rows: int, key_length: int, greedy: bool,
-                 ints: torch.Tensor, floats: torch.Tensor) -> None:
+                 ints: torch.Tensor, floats: torch.Tensor, capture: bool) -> None:
         device = owner.device
         self.ints = ints.to(device)
         self.floats = floats.to(device)
-        self.host = torch.empty(rows, dtype=torch.long, pin_memory=True)
-        self.host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
-        self.host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
+        self.graph: torch.cuda.CUDAGraph | None = None
 
         def run() -> torch.Tensor:
             return owner.step(rows, key_length, greedy, self.ints, self.floats)
 
-        # Warm up on a side stream (cuBLAS handles, lazy inits), as CUDA graphs require; the
-        # warm-up writes the same K/V the real step writes, so running it is harmless.
+        self.run = run
+        if not capture:
+            return
+        # Warm up on a side stream (cuBLAS handles, lazy inits, compiling), as CUDA graphs
+        # require. The warm-up writes K/V where the real step writes them, then one position
+        # on (overwritten before it is read), and moves the inputs on: they are copied in
+        # again at every launch from the host.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -317,40 +387,61 @@ class _StepGraph:
         with torch.cuda.graph(self.graph, pool=owner._pool):
             self.out = run()
         owner._pool = self.graph.pool()
+        # two host buffers: a chained step's tokens land in one while the host reads the other
+        self.hosts = [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.flip = 0
+        self.host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
+        self.host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
 
-    def launch(self, ints: torch.Tensor, floats: torch.Tensor) -> _Pending:
-        """Copy the inputs in, replay, start copying the tokens out; nothing waits here."""
-        self.host_ints.copy_(ints)
-        self.host_floats.copy_(floats)
-        self.ints.copy_(self.host_ints, non_blocking=True)
-        self.floats.copy_(self.host_floats, non_blocking=True)
+    def launch(self, ints: torch.Tensor | None = None, floats: torch.Tensor | None = None) -> _Running:
+        """Run the step (inputs from the host, or None: as the last run left them); nothing waits here."""
+        if self.graph is None:
+            if ints is not None and floats is not None:
+                self.ints.copy_(ints)
+                self.floats.copy_(floats)
+            return _Running(self, self.run().cpu())
+        if ints is not None and floats is not None:
+            self.host_ints.copy_(ints)
+            self.host_floats.copy_(floats)
+            self.ints.copy_(self.host_ints, non_blocking=True)
+            self.floats.copy_(self.host_floats, non_blocking=True)
         self.graph.replay()
-        self.host.copy_(self.out, non_blocking=True)
+        host = self.hosts[self.flip]
+        self.flip ^= 1
+        host.copy_(self.out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return _Pending(self.host, done)
+        return _Running(self, host, done)
 
 
-class _Pending:
-    """A graph step's tokens on their way to the host."""
+class _Running:
+    """A launched step's tokens, on their way to the host (or there already)."""
 
-    def __init__(self, host: torch.Tensor, done: torch.cuda.Event) -> None:
-        self.host = host
+    def __init__(self, step: _Step, tokens: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        self.step = step
+        self._tokens = tokens
         self.done = done
 
-    def wait(self) -> torch.Tensor:
-        self.done.synchronize()
-        return self.host
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self._tokens.tolist()
 
 
 class _Launched:
-    """A launched step: the rows it runs for, their slots, and its tokens (or their promise)."""
+    """A launched step: the rows it runs for, their slots, its runner; longest: 1 + the
+    highest position it reads, key_length: how many positions its attention covers."""
 
-    def __init__(self, rows: list, slots: list[int], tokens: torch.Tensor | _Pending) -> None:
+    def __init__(self, rows: list, slots: list[int], runner: _Running, longest: int, key_length: int) -> None:
         self.rows = rows
         self.slots = slots
-        self._tokens = tokens
+        self.runner = runner
+        self.longest = longest
+        self.key_length = key_length
+
+    def chain(self) -> _Launched:
+        """The same rows' next step, launched from the inputs this one left on the device."""
+        return _Launched(self.rows, self.slots, self.runner.step.launch(), self.longest + 1, self.key_length)
 
     def tokens(self) -> list[int]:
-        tokens = self._tokens.wait() if isinstance(self._tokens, _Pending) else self._tokens
-        return tokens.tolist()
+        return self.runner.tokens()
