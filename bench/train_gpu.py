@@ -19,6 +19,12 @@ activations; `1b-lorakit-nosave`: layers recompute their normalised inputs and S
 product in the backward (`FastPathConfig.save_intermediates=False`).
 `8b-lorakit-keep9-varlen` warms up on shorter batches first, as training on rows of
 varied length does, so its compiled kernels are the ones compiled for any length.
+`--cases compile-bar` runs only the long-tailed bar against PEFT + whole-model compile:
+`8b-lorakit-packed` and `8b-peft-compile-model-padded-b4-buckets`, PEFT's batches grouped by
+length (transformers' `group_by_length`) and padded to a few fixed widths (`BUCKETS`), compiled
+with `dynamic=False` and warmed up twice per width, so that nothing compiles while timed.
+Compiled kernels are cached on disk (`--compile-cache`), so a second invocation on the same
+machine skips most of the compile time.
 `--cases check` compares the fused GPU kernels with their PyTorch references and the
 loss curve of the fast path with lorakit's generic path; `profile:<case>` profiles two
 steps of a case; `--diagnose` adds, per case, the host's time to issue a step, the
@@ -88,6 +94,9 @@ CASES = {
     "8b-peft-padded-b4": ("8b", "peft", False, {"data": "longtail", "batch": 4}),
     "8b-peft-padded-b8": ("8b", "peft", False, {"data": "longtail", "batch": 8}),
     "8b-peft-compile-model-padded-b4": ("8b", "peft", False, {"data": "longtail", "batch": 4, "compile": "model"}),
+    # the same, compiled once per padded width (BUCKETS) in the warm-up: batches grouped by length
+    "8b-peft-compile-model-padded-b4-buckets": (
+        "8b", "peft", False, {"data": "longtail", "batch": 4, "compile": "model", "buckets": True}),
     "8b-lorakit-packed": ("8b", "lorakit", False, {"data": "longtail", "memory_limit": 24.0, "tokens": 8192}),
     "8b-lorakit-packed-16k": ("8b", "lorakit", False, {"data": "longtail", "memory_limit": 24.0, "tokens": 16384}),
     # the fixed-length case (4 x 2048) with --memory auto under PEFT's 31.3 GiB
@@ -119,6 +128,15 @@ ALL = [
     "check",
 ]
 
+# `--cases compile-bar`: the long-tailed data's bar against PEFT + whole-model compile, alone
+COMPILE_BAR = ["8b-lorakit-packed", "8b-peft-compile-model-padded-b4-buckets"]
+BUCKETS = (512, 1024, 2048, 4096)
+"""Padded widths of the bucketed compiled baseline (4,096: the longest example). With batches
+grouped by length, 50% of its padded tokens are real on the timed examples, against 46% for
+random batches padded to a multiple of 256 (the other compiled case)."""
+MEGABATCH = 50
+"""Batches per length-sorted group, as transformers' LengthGroupedSampler forms them."""
+
 # (lorakit rows, the stack compared with, the bar)
 BARS = [
     ("8b-lorakit", "8b-peft", 2.0),
@@ -139,6 +157,29 @@ DATA_BARS = [
     ("1b-lorakit-packed", "1b-peft-padded-b", 2.5, None),
 ]
 DATA_SEED = 0
+
+
+def bucket_width(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `length` tokens."""
+    for width in buckets:
+        if length <= width:
+            return width
+    raise ValueError(f"a batch of {length} tokens is longer than the largest bucket ({buckets[-1]})")
+
+
+def length_grouped(lengths: list[int], batch: int, seed: int, megabatch: int = MEGABATCH) -> list[list[int]]:
+    """Indices in batches of `batch`, grouped by length as transformers' Trainer does with
+    group_by_length=True: a seeded shuffle cut into groups of `megabatch` batches, each group
+    sorted longest first, so a batch's rows have similar lengths (little padding)."""
+    import torch
+
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    size = megabatch * batch
+    batches = []
+    for start in range(0, len(order), size):
+        group = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        batches += [group[i : i + batch] for i in range(0, len(group), batch)]
+    return batches
 
 
 def build_model(shape: str, quantized: bool, liger: bool):
@@ -337,7 +378,7 @@ def run_case(
     return result
 
 
-def peft_model(model, checkpointing: bool, whole_compile: bool):
+def peft_model(model, checkpointing: bool, whole_compile: bool, dynamic: bool | None = True):
     """PEFT as its documentation sets it up: bf16 base, fp32 adapters, non-reentrant
     gradient checkpointing (which makes PEFT call enable_input_require_grads)."""
     import peft
@@ -354,8 +395,9 @@ def peft_model(model, checkpointing: bool, whole_compile: bool):
     if whole_compile:
         drop_input_grad_hooks(model.base_model.model)
         model.config.use_cache = False
-        # dynamic shapes from the start: padded batches come in many widths
-        model = torch.compile(model, backend=COMPILE_BACKEND, dynamic=True)
+        # dynamic=True: padded batches come in many widths; False: a few fixed widths (buckets),
+        # each compiled once
+        model = torch.compile(model, backend=COMPILE_BACKEND, dynamic=dynamic)
     return model
 
 
@@ -395,15 +437,31 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
     fitted = None
     if stack == "peft":
         whole = opts.get("compile") == "model"
-        model = peft_model(model, s["checkpointing"], whole)
+        buckets = tuple(max(8, w * SEQ // 2048) for w in BUCKETS) if opts.get("buckets") else None  # dry run: smaller
+        model = peft_model(model, s["checkpointing"], whole, dynamic=False if buckets else True)
         info = "PEFT" + (" + whole-model torch.compile" if whole else "") + (", checkpointing" if s["checkpointing"] else "")
+        if buckets:
+            info += f", batches grouped by length, padded to {', '.join(map(str, buckets))}"
         multiple = 256 if whole else 1
 
-        def batches(exs):
+        def batches(exs, widths=None):
             b = opts["batch"]
-            for i in range(0, len(exs), b):
-                group = [lorakit.data.TokenRow(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in exs[i : i + b]]
-                width = -(-max(len(r.input_ids) for r in group) // multiple) * multiple
+            if buckets and widths is None:
+                groups = length_grouped([len(e.input_ids) for e in exs], b, DATA_SEED)
+            else:
+                groups = [list(range(i, min(i + b, len(exs)))) for i in range(0, len(exs), b)]
+            for k, members in enumerate(widths or groups):
+                if widths is not None:  # the warm-up: a batch at each of `widths`, rows cut to fit
+                    # (every token supervised: a cut row may have lost its whole reply)
+                    rows = exs[k * b : (k + 1) * b] if (k + 1) * b <= len(exs) else exs[:b]
+                    group = [lorakit.data.TokenRow(e.input_ids[:members], e.input_ids[:members], list(range(len(e.input_ids[:members]))))
+                             for e in rows]
+                else:
+                    group = [lorakit.data.TokenRow(exs[i].input_ids, exs[i].labels, list(range(len(exs[i].input_ids))))
+                             for i in members]
+                longest = max(len(r.input_ids) for r in group)
+                width = members if widths is not None else (
+                    bucket_width(longest, buckets) if buckets else -(-longest // multiple) * multiple)
                 batch = collate(group, pad_id=0)
                 pad = width - batch["input_ids"].shape[1]
                 mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -459,8 +517,10 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    losses, t_first = [], time.perf_counter()
-    for i, batch in enumerate(batches(warm)):
+    losses, t_first, compiled_at_start = [], time.perf_counter(), compile_count()
+    # the bucketed baseline warms up twice per width (the first step at each compiles); the others on `warm`
+    warm_batches = batches(warm, widths=2 * list(buckets)) if stack == "peft" and buckets else batches(warm)
+    for i, batch in enumerate(warm_batches):
         losses.append(float(step(batch)))
         optimizer_step()
         if i == 0:
@@ -469,6 +529,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
                 after_first_step(fitted, torch.device(DEVICE), batch["input_ids"].numel())
     if cuda:
         torch.cuda.synchronize()
+    compiled_before = compile_count()
     real = sum(len(e.input_ids) for e in timed)
     supervised = sum(sum(1 for x in e.labels[1:] if x != -100) for e in timed)
     padded = 0
@@ -498,8 +559,17 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         "trainable": sum(p.numel() for p in trainable),
         "keep_layers": fitted.choice.keep_layers if fitted else None,
         "tokens_per_batch": fitted.choice.tokens if fitted else None,
+        "compiled_in_warmup": compiled_before - compiled_at_start,
+        "compiled_while_timed": compile_count() - compiled_before,
         "info": info,
     }
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
 
 
 def sync_sites(step) -> dict[str, int]:
@@ -1040,7 +1110,13 @@ def run_in_this_process(names: list[str], steps: int, warmup: int, diagnose: boo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--cases", default="all", help="comma-separated case names, 'all', 'check' or 'attention'"
+        "--cases", default="all", help="comma-separated case names, 'all', 'compile-bar', 'check' or 'attention'"
+    )
+    ap.add_argument(
+        "--compile-cache",
+        default=str(Path(__file__).resolve().parent / "out" / "compile-cache"),
+        help="torch.compile's on-disk caches (inductor, Triton): a later invocation on the same machine "
+        "reuses what an earlier one compiled",
     )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -1065,10 +1141,14 @@ def main() -> None:
         dry_run()
     out_dir = Path(os.environ.get("OUT", "bench/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.compile_cache)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     if args.one:
         run_in_this_process(args.one.split(","), args.steps, args.warmup, args.diagnose)
         return
-    names = [n for name in args.cases.split(",") for n in (ALL if name == "all" else [name])]
+    aliases = {"all": ALL, "compile-bar": COMPILE_BAR}
+    names = [n for name in args.cases.split(",") for n in aliases.get(name, [name])]
     unknown = [
         n
         for n in names
@@ -1076,7 +1156,7 @@ def main() -> None:
     ]
     if unknown:
         ap.error(
-            f"unknown case(s) {', '.join(unknown)}; known: all, check, packed-check, attention, "
+            f"unknown case(s) {', '.join(unknown)}; known: all, compile-bar, check, packed-check, attention, "
             f"profile:<case>, {', '.join(CASES)}"
         )
     groups: dict[str, list[str]] = {}

@@ -135,3 +135,81 @@ def test_bad_memory_options_are_refused_by_name(mode, limit, message):
     with pytest.raises(ValueError) as err:
         TrainArgs(data="d.jsonl", output="out", memory=mode, memory_limit=limit)
     assert str(err.value) == message
+
+
+class _FakeDevice:
+    """torch.cuda's memory queries for a device that has `free` bytes free and `allocated` in use."""
+
+    def __init__(self, monkeypatch, free: int, allocated: int) -> None:
+        import torch
+
+        self.free, self.allocated, self.peak = free, allocated, allocated
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (self.free, 141 * GiB))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+
+
+def _meta_8b():
+    """An 8B-shaped model with the 8B adapter's trainable count, on the meta device (nothing allocated)."""
+    import torch
+    from torch import nn
+    from transformers import LlamaConfig
+
+    model = nn.Module()
+    model.config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+    model.adapter = nn.Parameter(torch.empty(TRAINABLE_8B, device="meta"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "free_gib,limit,keep,source",
+    [
+        (24 / 0.92 - 15.16, None, None, "92% of the 26.1 GiB free on cuda"),  # free + held: 26.1 GiB
+        (120.0, 24.0, None, "--memory-limit 24"),  # the limit, not the free memory
+        (120.0, None, 32, "92% of the 135.2 GiB free on cuda"),  # room for everything
+    ],
+)
+def test_fit_decides_from_the_devices_free_memory_or_the_limit(monkeypatch, free_gib, limit, keep, source):
+    """--memory auto on a fake device: the budget is 92% of free plus held memory (or --memory-limit),
+    the weights are what is allocated before the first step, and the choice is `choose`'s for them."""
+    import torch
+
+    from lorakit.memory import fit
+
+    _FakeDevice(monkeypatch, int(free_gib * GiB), WEIGHTS_8B)
+    fitted = fit(_meta_8b(), torch.device("cuda"), 8192, limit)
+    budget = int(limit * GiB) if limit else int(0.92 * (int(free_gib * GiB) + WEIGHTS_8B))
+    assert fitted.budget == budget and fitted.source.startswith(source)
+    assert fitted.weights == WEIGHTS_8B and fitted.trainable == TRAINABLE_8B
+    expected = choose(LLAMA_8B, 8192, _fixed(WEIGHTS_8B, TRAINABLE_8B), budget)
+    assert (fitted.choice.keep_layers, fitted.choice.tokens) == (expected.keep_layers, expected.tokens)
+    if keep is not None:
+        assert fitted.choice.keep_layers == keep
+    else:  # a 24 GiB budget: some layers recomputed, as the H200 run chose (keep_layers 7 at 24 GiB)
+        assert 0 < fitted.choice.keep_layers < 32
+    assert f"budget {budget / GiB:.1f} GiB ({fitted.source})" in fitted.summary()
+
+
+def test_after_first_step_applies_the_measured_correction_to_the_fast_path(monkeypatch):
+    """The first step on the fake device peaks 1.5 GiB over the prediction: keep_layers drops in the
+    fit and in the fast path's settings the training loop uses, and the log says so."""
+    import torch
+
+    from lorakit.kernels import FastPathConfig
+    from lorakit.memory import after_first_step, fit
+
+    device = _FakeDevice(monkeypatch, 120 * GiB, WEIGHTS_8B)
+    fitted = fit(_meta_8b(), torch.device("cuda"), 8192, 24.0)
+    fitted.config = FastPathConfig(recompute="all", keep_layers=fitted.choice.keep_layers)
+    before = fitted.choice.keep_layers
+    device.peak = fitted.choice.peak - 8 * TRAINABLE_8B + int(1.5 * GiB)  # no AdamW moments yet
+    logged = []
+    monkeypatch.setattr("lorakit.runlog.log", logged.append)
+    after_first_step(fitted, torch.device("cuda"), 8192)
+    assert fitted.choice.keep_layers < before
+    assert fitted.config.keep_layers == fitted.choice.keep_layers
+    assert logged == [f"memory auto: the first step peaked at {device.peak / GiB:.1f} GiB "
+                      f"({fitted.scale:.2f}x the activation estimate): keep_layers {before} -> {fitted.choice.keep_layers}"]

@@ -294,3 +294,22 @@ def test_lorakit_train_packs_to_a_token_budget(tmp_path, tiny_model_dir, chat_da
     assert len(records) == 3 * bins  # one micro-batch (one packed row) per step, three epochs
     assert records[-1]["epoch"] == 3.0
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_the_packed_stream_is_a_function_of_the_seed():
+    """What lorakit train feeds the model with a token budget (layout, then micro_batch for each step
+    index) is the same stream when built again from the same seed, and another with another seed."""
+    examples = [Example([i + 3] + [1] * (n - 1), [IGNORE] + [1] * (n - 1))
+                for i, n in enumerate(_long_tailed(200, seed=3))]
+
+    def stream(seed: int) -> list[list[int]]:
+        plan = layout(examples, packing=True, tokens_per_batch=600, seq_len=512, batch_size=1, seed=seed,
+                      padding_free=True)
+        steps = 2 * len(plan.rows)  # two epochs
+        return [row.input_ids for i in range(steps) for row in micro_batch(plan.rows, plan.rows_per_batch, seed, i)]
+
+    first = stream(11)
+    assert first == stream(11)
+    assert first != stream(12)
+    starts = [t for ids in first for t in ids if t != 1]
+    assert sorted(starts) == sorted(2 * [i + 3 for i in range(len(examples))])  # each example once an epoch

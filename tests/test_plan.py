@@ -101,3 +101,161 @@ def test_plan_refuses_bad_options_by_name(options, message, capsys):
     with pytest.raises(SystemExit):
         main(["plan", *options])
     assert message in capsys.readouterr().err
+
+
+# the CPU plan ---------------------------------------------------------------------------------
+
+
+def _saved_bytes(model, batch, bf16: bool) -> int:
+    """Bytes autograd keeps for the backward of the recipe's loss (distinct storages, weights excluded)."""
+    from lorakit.train import compute_loss
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    vocab = model.config.vocab_size
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and vocab not in t.shape:  # the logits are counted apart
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            compute_loss(model, batch)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dims", [(64, 4, 2, 24, 160, 4), (48, 6, 3, 8, 96, 8)], ids=["q-wider", "q-narrower"])
+def test_generic_activation_bytes_equal_what_autograd_saves(bf16, dims):
+    """The per-token, per-layer formula of lorakit.memory against autograd's own saved tensors, as a
+    layer's difference (three layers less two), for transformers' Llama layers with adapters on all
+    seven projections, in fp32 and under bf16 autocast with attention in fp32 (as lorakit train on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.memory import generic_activation_bytes
+    from lorakit.precision import attention_in_fp32
+
+    hidden, heads, kv_heads, head_dim, intermediate, rank = dims
+    tokens = 24
+
+    def build(layers):
+        config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             head_dim=head_dim, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
+        model.requires_grad_(False)
+        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"))
+        if bf16:
+            assert attention_in_fp32(model)
+        return model.train()
+
+    ids = torch.randint(0, 300, (1, tokens), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(tokens)[None]}
+    one_layer = _saved_bytes(build(3), batch, bf16) - _saved_bytes(build(2), batch, bf16)
+    model = build(1)
+    if bf16:  # autocast's bf16 copies of the adapter weights, once a layer: counted apart (plan's "casts")
+        one_layer -= 2 * sum(p.numel() for p in model.model.layers[0].parameters() if p.requires_grad)
+    shape = Shape.of(model.config)
+    shape_one = Shape(1, shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.vocab, shape.heads)
+    assert generic_activation_bytes(shape_one, tokens, 7 * rank, bf16) == one_layer
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "plan_cpu.py"
+    spec = importlib.util.spec_from_file_location("plan_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_plan_matches_the_peak_rss_of_lorakit_train_on_the_bundled_model(tmp_path):
+    """Two real `lorakit train --device cpu` runs of the bundled model (two steps, pieces of 512 tokens,
+    precision auto), each in its own process, side by side: one with an allocator that returns freed
+    memory at once (its peak RSS is the peak of live memory, what plan predicts, as CUDA's
+    max_memory_allocated is on the GPU), one with glibc's malloc as it comes.
+
+    Tolerances: the live peaks (training, and loading where the checkpoint is converted) within
+    10%, the GPU's bar; with the default allocator the peak lies between 0.9x the prediction and
+    the prediction plus plan's stated allowance for freed memory glibc keeps in its heaps (which
+    depends on the order of allocations: 0.7x-1.8x the activations measured, bench/RESULTS.md)."""
+    import platform
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from lorakit.plan import CPU_RUNTIME
+
+    if platform.system() != "Linux" or not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak RSS is read from /proc (Linux)")
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the returning allocator is glibc's MALLOC_MMAP_THRESHOLD_")
+    bench = _bench_module()
+    bench.write_data(tmp_path / "text.jsonl", rows=16)
+    with ThreadPoolExecutor(2) as pool:  # the two runs side by side, each in its own process
+        returning, default = pool.map(
+            lambda allocator: bench.measure("auto", 512, allocator, batch_size=2, seq_len=256, steps=2,
+                                            workdir=tmp_path),
+            ["returning", "default"])
+    expected = bench.predict("auto", 512, batch_size=2, seq_len=256)
+    predicted = expected["predicted_train_mib"]
+    assert abs(returning["train_peak_mib"] / predicted - 1) < 0.10, (returning, expected)
+    if expected["predicted_load_mib"]:  # bf16 from the fp32 checkpoint: both mapped at once
+        assert abs(returning["load_peak_mib"] / expected["predicted_load_mib"] - 1) < 0.10, (returning, expected)
+    else:  # fp32: the weights are the checkpoint's pages, read by the first step
+        assert returning["load_peak_mib"] < 2 * CPU_RUNTIME / 2**20, (returning, expected)
+    assert 0.9 * predicted <= default["train_peak_mib"] <= predicted + expected["retention_mib"], (default, expected)
+    assert default["train_peak_mib"] > returning["train_peak_mib"]  # glibc did keep some
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--device", "tpu"], "--device must be cuda or cpu, got 'tpu'"),
+        (["--device", "cpu", "--precision", "fp16"], "--precision must be one of auto, fp32, bf16, got 'fp16'"),
+        (["--device", "cpu", "--quantize", "nf4"], "--quantize nf4 with --device cpu: the CPU plan covers a "
+                                                    "full-precision base only"),
+        (["--device", "cpu", "--max-tokens", "0"], "--max-tokens must be a positive integer, got 0"),
+        (["--device", "cpu", "--data", "d.jsonl"], "--data d.jsonl with --device cpu: the time per epoch is "
+                                                   "predicted for GPUs only"),
+    ],
+)
+def test_cpu_plan_refuses_bad_options_by_name(options, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", *options])
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_plan_counts_pieces_as_lorakit_train_splits_them(tiny_model_dir):
+    """Rows of --seq-len per piece of --max-tokens (at least one row, at most --batch-size), and the
+    precision lorakit train would pick: fp32 activations cost twice bf16's for the MLP's values."""
+    from lorakit.plan import PlanArgs
+
+    def piece(**kw):
+        return plan(PlanArgs(model=str(tiny_model_dir), device="cpu", precision="fp32", **kw))["piece_tokens"]
+
+    assert piece(batch_size=8, seq_len=64) == 256  # lorakit train's default pieces of 256 tokens
+    assert piece(batch_size=8, seq_len=64, max_tokens=100) == 64
+    assert piece(batch_size=8, seq_len=512) == 512  # a row is never split
+    assert piece(batch_size=2, seq_len=64, max_tokens=4096) == 128
+    fp32 = plan(PlanArgs(model=str(tiny_model_dir), device="cpu", precision="fp32"))
+    bf16 = plan(PlanArgs(model=str(tiny_model_dir), device="cpu", precision="bf16"))
+    assert fp32["parts_gib"]["base"] == 2 * bf16["parts_gib"]["base"]
+    assert fp32["parts_gib"]["activations"] > bf16["parts_gib"]["activations"]
+    assert bf16["parts_gib"]["casts"] > 0 == fp32["parts_gib"]["casts"]
+
+
+def test_cpu_plan_refuses_a_model_that_is_not_llama_shaped(tmp_path):
+    from transformers import GPT2Config
+
+    from lorakit.plan import PlanArgs
+
+    GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError) as err:
+        plan(PlanArgs(model=str(tmp_path / "gpt2"), device="cpu"))
+    assert str(err.value) == ("--device cpu plans Llama-family decoders (model.layers of attention and a gated "
+                              "MLP); GPT2LMHeadModel is not one")

@@ -17,6 +17,10 @@ without loading any weights.
 
 The per-token coefficients were checked against the peaks measured on an H200 (8B shape,
 4 x 2048 tokens: keep_layers 0 -> 19.2 GiB, 14 -> 27.6 GiB; bench/RESULTS.md).
+
+`generic_activation_bytes` and `generic_logit_bytes` are the same arithmetic for the generic
+path (transformers' own layers, as `lorakit train` runs on a CPU), which `lorakit plan
+--device cpu` adds up to a peak RSS.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Shape:
     q_dim: int
     kv_dim: int
     vocab: int
+    heads: int = 1
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -57,7 +62,7 @@ class Shape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                   heads * head_dim, kv_heads * head_dim, config.vocab_size)
+                   heads * head_dim, kv_heads * head_dim, config.vocab_size, heads)
 
     def kept_layer(self) -> int:
         """Values per token a decoder layer keeps for its backward when it is not recomputed."""
@@ -118,6 +123,37 @@ def choose(shape: Shape, tokens: int, fixed: int, budget: int, *, min_tokens: in
     if n < tokens:
         why += f"; {tokens} tokens per micro-batch do not fit, {n} do"
     return Choice(keep, n, peak(keep, n), f"{why} (predicted peak {peak(keep, n) / GiB:.1f} GiB)")
+
+
+def generic_activation_bytes(shape: Shape, tokens: int, adapter_width: int, bf16: bool) -> int:
+    """What transformers' Llama decoder layers, with lorakit's adapters, keep for the backward
+    on the generic path for `tokens` tokens (counted from autograd's saved tensors:
+    tests/test_plan.py). Per token and layer, with f, d, q, kv the MLP, hidden, query and
+    key/value widths and `adapter_width` the sum of the layer's adapter ranks:
+
+        fp32            4 (4 f + 4 d + 2 q + 2 kv + adapter_width + 2 + heads) bytes
+        bf16 autocast   2 (4 f + 5 d + q + adapter_width) + 4 (2 q + 2 kv + 2 d + 2 + heads)
+
+    4 f: the MLP's gate, up, activation and product; d and q: the inputs of the projections and
+    norms; 2 + heads: the norms' scale factors and the attention's log-sum-exp. Under bf16
+    autocast with attention in fp32 (`lorakit.precision`) the attention keeps fp32 copies of
+    q, k, v and its output, and the norms their fp32 inputs.
+    """
+    f, d, q, kv = shape.intermediate, shape.hidden, shape.q_dim, shape.kv_dim
+    small = 2 + shape.heads
+    if bf16:
+        per = 2 * (4 * f + 5 * d + q + adapter_width) + 4 * (2 * q + 2 * kv + 2 * d + small)
+    else:
+        per = 4 * (4 * f + 4 * d + 2 * q + 2 * kv + adapter_width + small)
+    return tokens * shape.layers * per
+
+
+def generic_logit_bytes(shape: Shape, supervised: int, chunk: int, bf16: bool) -> int:
+    """The loss's peak on the generic path (`lorakit.train.compute_loss`: the head runs on at
+    most `chunk` supervised positions at a time): in the backward, the saved fp32
+    log-softmax, its gradient and the logits' gradient, 12 bytes a logit, and under bf16
+    autocast the gradient's bf16 copy, 2 more."""
+    return min(supervised, chunk) * shape.vocab * (14 if bf16 else 12)
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -3,12 +3,20 @@ predicted without loading any weights (the model is built on the meta device).
 
     lorakit plan --model meta-llama/Llama-3.1-8B --gpu H100 --tokens-per-batch 8192
     lorakit plan --model ./my-model --quantize nf4 --gpu 24 --data train.jsonl
+    lorakit plan --device cpu --batch-size 8 --seq-len 256     # peak RSS of a CPU run
 
 Memory is `lorakit.memory`'s arithmetic for the GPU fast path (the same numbers `--memory auto`
 starts from): base weights in bf16 (or NF4 / int8), adapter, its gradients and AdamW moments,
 the activations kept for the backward and the step's transient tensors, the loss's logit
 chunks. Time assumes the fast path's measured efficiency on an H200 (bench/RESULTS.md: about
 54% of the dense bf16 peak) and scales it by each GPU's peak.
+
+With `--device cpu` it predicts the peak resident memory of `lorakit train --device cpu` (a
+Llama-family model, no gradient checkpointing) above
+what the interpreter and the imports hold: the generic path (transformers' own layers) in the
+precision the run would pick, each micro-batch in pieces of `--max-tokens` tokens, plus the
+load, which maps the checkpoint while it makes a copy in another dtype. Checked against the
+bundled model's measured peaks (tests/test_plan.py, bench/plan_cpu.py).
 """
 
 from __future__ import annotations
@@ -19,7 +27,16 @@ from dataclasses import dataclass
 import torch
 
 from .config import ALL_LINEAR, LoraConfig
-from .memory import ADAM_BYTES, GiB, Shape, activation_bytes, choose, transient_bytes
+from .memory import (
+    ADAM_BYTES,
+    GiB,
+    Shape,
+    activation_bytes,
+    choose,
+    generic_activation_bytes,
+    generic_logit_bytes,
+    transient_bytes,
+)
 
 GPUS = {
     "H100": (79.1, 989.0),
@@ -37,6 +54,14 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per NF4 weight: 4 bits, an 8-bit absmax per 64 weights, an fp32 per 256 absmax blocks."""
 NF4_TABLES = 4 * (16 + 256 + 1)
 """Bytes per NF4 tensor: the 16-value code, the absmax's own 256-value code and its offset (fp32)."""
+CPU_RUNTIME = 48 * 2**20
+"""What a CPU run holds beside its tensors (tokenizer, data, PyTorch's kernel buffers): 48 MiB
+measured with the bundled model, after loading it and before its weights were read."""
+CPU_RETENTION = 2.0
+"""glibc's malloc keeps freed blocks under its mmap threshold (which grows to 32 MiB) in its heaps
+rather than returning them, so a step's freed activations can still count in the peak RSS:
+measured on the bundled model: 0.7x to 0.8x the activations in bf16, 1.25x to 1.8x in fp32 (bench/RESULTS.md)."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -59,15 +84,37 @@ class PlanArgs:
     """A training data file: its tokens give the time per epoch."""
     seq_len: int = 1024
     """Maximum tokens per example (as lorakit train's --seq-len)."""
+    device: str = "cuda"
+    """cuda (the GPU fast path's memory, against --gpu) or cpu (peak RSS of lorakit train --device cpu)."""
+    precision: str = "auto"
+    """--device cpu: auto (bf16 where this CPU has native bf16, as lorakit train picks), fp32 or bf16."""
+    batch_size: int = 8
+    """--device cpu: sequences per micro-batch, each counted as --seq-len tokens (as lorakit train's --batch-size)."""
+    max_tokens: int | None = None
+    """--device cpu: tokens per piece of a micro-batch (as lorakit train's --max-tokens; default 256)."""
 
     def __post_init__(self) -> None:
         gpu_spec(self.gpu)  # a bad --gpu fails before anything is built
         if self.quantize not in (None, "nf4", "int8"):
             raise ValueError(f"--quantize must be nf4 or int8 (or omitted), got {self.quantize!r}")
-        for name in ("tokens_per_batch", "rank", "seq_len"):
+        for name in ("tokens_per_batch", "rank", "seq_len", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise ValueError(f"--max-tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
+        from .precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device == "cpu" and self.data is not None:
+            raise ValueError(f"--data {self.data} with --device cpu: the time per epoch is predicted for GPUs "
+                             "only; drop --data")
+        if self.device == "cpu" and self.quantize is not None:
+            raise ValueError(f"--quantize {self.quantize} with --device cpu: the CPU plan covers a full-precision "
+                             "base only; drop --quantize or plan for --device cuda")
 
 
 def gpu_spec(gpu: str) -> tuple[float, float | None]:
@@ -124,6 +171,8 @@ def weight_bytes(model: torch.nn.Module, quantize: str | None) -> tuple[int, int
 def plan(args: PlanArgs) -> dict:
     """The prediction, as numbers (the command prints it)."""
     model = meta_model(args)
+    if args.device == "cpu":
+        return cpu_plan(args, model)
     shape = Shape.of(model.config)
     base, adapter = weight_bytes(model, args.quantize)
     trainable = adapter // 4
@@ -177,6 +226,88 @@ def tokens_per_second(shape: Shape, params: int, keep_layers: int, context: int,
     return EFFICIENCY * tflops * 1e12 / (decoder + head + attention)
 
 
+def cpu_plan(args: PlanArgs, model: torch.nn.Module) -> dict:
+    """Peak RSS of `lorakit train --device cpu` above the interpreter and imports, in bytes."""
+    from .layers import LoraLinear
+    from .models import resolve_model
+    from .precision import autocast_dtype_for
+    from .train import CPU_MAX_TOKENS
+    from .train_args import TrainArgs
+
+    bf16 = autocast_dtype_for(args.precision, torch.device("cpu")) is not None
+    element = 2 if bf16 else 4
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not hasattr(model.config, "intermediate_size"):
+        raise ValueError(f"--device cpu plans Llama-family decoders (model.layers of attention and a gated MLP); "
+                         f"{type(model).__name__} is not one")
+    shape = Shape.of(model.config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = element * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    width = args.rank * sum(isinstance(m, LoraLinear) for m in layers[0].modules())
+    # a piece: whole rows of --seq-len tokens (padded, every position supervised: the worst case)
+    rows = min(args.batch_size, max(1, (args.max_tokens or CPU_MAX_TOKENS) // args.seq_len))
+    parts = {
+        "base": base,
+        "adapter": 4 * trainable,
+        "optimizer": ADAM_BYTES * trainable,
+        "casts": 2 * trainable if bf16 else 0,  # autocast's bf16 copies of the adapter weights
+        "activations": generic_activation_bytes(shape, rows * args.seq_len, width, bf16),
+        "logits": generic_logit_bytes(shape, rows * (args.seq_len - 1), TrainArgs.loss_chunk, bf16),
+        "runtime": CPU_RUNTIME,
+    }
+    peak = sum(parts.values())
+    source = resolve_model(args.model)
+    # transformers maps the checkpoint: in the run's dtype its pages are the weights (read
+    # as the first step touches them); in another dtype they stay mapped while the copy is made
+    load = checkpoint_bytes(source, model) + base + CPU_RUNTIME if stored_element(model) != element else 0
+    return {
+        "model": type(model).__name__,
+        "device": "cpu",
+        "precision": "bf16 base and autocast, fp32 adapter" if bf16 else "fp32",
+        "trainable": trainable,
+        "piece_tokens": rows * args.seq_len,
+        "parts_gib": {k: v / GiB for k, v in parts.items()},
+        "train_peak_gib": peak / GiB,
+        "load_peak_gib": load / GiB,
+        "peak_gib": max(peak, load) / GiB,
+        "retention_gib": CPU_RETENTION * parts["activations"] / GiB,
+    }
+
+
+def stored_element(model: torch.nn.Module) -> int:
+    """Bytes per weight in the dtype the model's config records (fp32 when it records none)."""
+    return DTYPE_BYTES.get(str(getattr(model.config, "dtype", None) or "float32").removeprefix("torch."), 4)
+
+
+def checkpoint_bytes(source: str, model: torch.nn.Module) -> int:
+    """Bytes of the model's safetensors files where they are local, else its parameters in the
+    dtype its config records."""
+    from pathlib import Path
+
+    files = list(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    if files:
+        return sum(f.stat().st_size for f in files)
+    return stored_element(model) * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
+def cpu_report(result: dict) -> str:
+    parts = result["parts_gib"]
+    lines = [
+        f"{result['model']}, {result['trainable']:,} trainable parameters; on the CPU in {result['precision']}, "
+        f"pieces of {result['piece_tokens']} tokens",
+        f"peak RSS above the interpreter and imports (GiB): training {result['train_peak_gib']:.2f} = base "
+        f"{parts['base']:.2f} | adapter {parts['adapter']:.2f} | gradients + AdamW {parts['optimizer']:.2f} | "
+        f"activations {parts['activations']:.2f} | loss logits {parts['logits']:.2f} | autocast copies "
+        f"{parts['casts']:.2f} | tokenizer, data, buffers {parts['runtime']:.2f}",
+    ]
+    if result["load_peak_gib"]:
+        lines.append(f"loading: {result['load_peak_gib']:.2f} (the checkpoint stays mapped while its copy in the "
+                     "run's dtype is made)")
+    lines.append(f"peak: {result['peak_gib']:.2f} GiB; glibc's malloc may hold up to {result['retention_gib']:.2f} "
+                 "GiB more of freed activations (MALLOC_MMAP_THRESHOLD_=131072 makes it return them)")
+    return "\n".join(lines)
+
+
 def data_time(args: PlanArgs, rate: float | None) -> dict:
     from transformers import AutoTokenizer
 
@@ -195,6 +326,8 @@ def data_time(args: PlanArgs, rate: float | None) -> dict:
 
 
 def report(result: dict) -> str:
+    if result.get("device") == "cpu":
+        return cpu_report(result)
     lines = [
         f"{result['model']}, {result['trainable']:,} trainable parameters; {result['tokens_per_batch']} tokens per micro-batch",
         f"memory (GiB): base {result['base_gib']:.2f} | adapter {result['adapter_gib']:.2f} | gradients + AdamW "
