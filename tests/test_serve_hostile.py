@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import make_serve_adapter
 from lorakit.serve import SamplingParams
 from lorakit.serve.api import create_app
+from lorakit.serve.requests import _Collector
 from test_serve_api import BASE, Server, expected_text
-from test_serve_engine import PROMPTS, Reference, make_engine
+from test_serve_engine import PROMPTS, Reference, greedy, make_engine
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,185 @@ def test_item1_a_failing_row_inside_the_engine_ends_only_itself(serve_adapter_di
     assert out[1].finish_reason == "error" and "Overflow" in out[1].text
     assert out[0].token_ids == reference(PROMPTS[0], "alpha", 8)
     assert out[2].token_ids == reference(PROMPTS[2], "alpha", 8)
+
+
+def test_sample_refuses_nan_rows_before_any_draw() -> None:
+    import torch
+
+    from lorakit.serve.sampling import sample
+
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    logits[1, 7] = float("nan")
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    states = [g.get_state() for g in generators]
+    params = [SamplingParams(temperature=0.7)] * 3
+    with pytest.raises(ValueError, match="next-token scores hold NaN or infinite values"):
+        sample(logits, params, generators)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(generators, states, strict=True))
+    logits[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sample(logits, [greedy(1)] * 3, generators)
+    logits[1, 7] = -float("inf")  # a token ruled out is fine
+    assert sample(logits, [greedy(1)] * 3, generators).tolist() == logits.argmax(-1).tolist()
+    # A top_k past the vocabulary (past 2**63 even) keeps every token, as top_k=0 does.
+    huge, every = SamplingParams(temperature=0.7, top_k=2**70, seed=1), SamplingParams(temperature=0.7, seed=1)
+    gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+    assert sample(logits[:1], [huge], gens[:1]).tolist() == sample(logits[:1], [every], gens[1:]).tolist()
+
+
+class Paused:
+    """Holds the engine thread between steps, so that requests sent meanwhile start together
+    in one batch when it lets go."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.gate = engine, threading.Event()
+
+    def __enter__(self) -> Paused:
+        self.holder = threading.Thread(target=self.engine._call, args=(self.gate.wait,))
+        self.holder.start()
+        return self
+
+    def wait_for_queue(self, depth: int) -> None:
+        deadline = time.time() + 30
+        while self.engine.queue_depth < depth:
+            assert time.time() < deadline, f"{self.engine.queue_depth} of {depth} requests arrived"
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.holder.join(timeout=30)
+
+
+class NanLogits:
+    """A fault in some rows' logits: from the 3rd call of `sample` that includes a target
+    request on, the target rows' scores are NaN (what an adapter overflowing in low
+    precision gives). Wraps the engine's own `sample`, so the real check and draw run."""
+
+    def __init__(self, is_target, monkeypatch) -> None:
+        import lorakit.serve.engine as engine_module
+
+        self.is_target, self.calls, self.batch_sizes = is_target, 0, []
+        self.sample = engine_module.sample
+        monkeypatch.setattr(engine_module, "sample", self)
+
+    def __call__(self, logits, params, generators):
+        rows = [i for i, p in enumerate(params) if self.is_target(p)]
+        if rows:
+            self.calls += 1
+            if self.calls >= 3:
+                self.batch_sizes.append(len(params))
+                logits = logits.clone()
+                logits[rows] = float("nan")
+        return self.sample(logits, params, generators)
+
+
+def fault_in_forward(engine, adapter: str):
+    """A fault in the forward pass of one adapter's rows (a failing adapter kernel): every
+    decoding step whose batch holds a row of `adapter` raises."""
+    forward = engine._forward
+    sizes: list[int] = []
+
+    def failing(names, **inputs):
+        if adapter in names and inputs["input_ids"].shape[1] == 1:
+            sizes.append(len(names))
+            raise RuntimeError(f"the LoRA kernel failed for adapter {adapter!r}")
+        return forward(names, **inputs)
+
+    engine._forward = failing
+    return sizes
+
+
+@pytest.mark.parametrize("fault", ["nan-logits", "forward", "detokenizer"])
+def test_item1_a_row_failing_inside_a_decoding_step_ends_alone(serve_adapter_dirs, reference, fault, monkeypatch) -> None:
+    from lorakit.serve import sampling
+
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=7)
+    target = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    cases = [(PROMPTS[1], "alpha", greedy(12)), (PROMPTS[3], "beta", greedy(12)), (PROMPTS[0], None, greedy(12)),
+             (PROMPTS[5], "alpha", seeded), (PROMPTS[6], "gamma", target)]
+    with make_engine(serve_adapter_dirs, max_batch=8) as engine:
+        if fault == "nan-logits":
+            sizes = NanLogits(lambda p: p is target, monkeypatch).batch_sizes
+            cause = "NaN or infinite values"
+        elif fault == "forward":
+            sizes = fault_in_forward(engine, "gamma")
+            cause = "the LoRA kernel failed for adapter 'gamma'"
+        else:  # the row's detokenizer raises at its 3rd token (a tokenizer that cannot decode it)
+            sizes, add = [], sampling.Detokenizer.add
+
+            def failing_add(detok, token):
+                if detok.stop == ("never",) and len(detok.ids) == 2:
+                    sizes.append(engine.running)
+                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+                return add(detok, token)
+
+            monkeypatch.setattr(sampling.Detokenizer, "add", failing_add)
+            target.stop = ("never",)
+            cause = "UnicodeDecodeError"
+        collectors = [_Collector() for _ in cases]
+        with Paused(engine) as paused:
+            for (prompt, adapter, params), collector in zip(cases, collectors, strict=True):
+                engine.submit(engine.encode(prompt), adapter, params, collector)
+            paused.wait_for_queue(len(cases))
+        out = [c.wait() for c in collectors]
+        # The fault hit while all five rows were decoding together.
+        assert sizes and sizes[0] == len(cases), sizes
+        failed = out[4]
+        assert failed.finish_reason == "error" and cause in failed.text, failed
+        assert "decoding this request failed" in failed.text and len(failed.token_ids) == (2 if fault != "forward" else 1)
+        for (prompt, adapter, _), got in zip(cases[:3], out[:3], strict=True):
+            assert got.token_ids == reference(prompt, adapter, 12), (prompt, adapter)
+            assert got.finish_reason in ("length", "stop")
+        # The seeded sampled row drew exactly what it draws alone, and the engine keeps serving.
+        alone = engine.generate([PROMPTS[5]], "alpha", SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=7))
+        assert out[3].token_ids == alone[0].token_ids and len(alone[0].token_ids) > 2
+        later = engine.generate([PROMPTS[6]], "gamma", greedy(6))[0]
+        if fault == "forward":  # the fault is the adapter's: a request alone with it fails alone too
+            assert later.finish_reason == "error" and cause in later.text
+        else:
+            assert later.token_ids == reference(PROMPTS[6], "gamma", 6)
+        assert engine.stats.requests.get("error") == (2 if fault == "forward" else 1)
+        assert engine.alive
+
+
+def test_item1_a_row_failing_mid_decode_over_http(server, reference, monkeypatch) -> None:
+    good = [("alpha", PROMPTS[1], 20), ("beta", PROMPTS[3], 20), (BASE, PROMPTS[0], 20)]
+    nan = NanLogits(lambda p: p.seed in (4242, 4243), monkeypatch)  # the faulty rows, by their seed
+    results: dict[str, object] = {}
+
+    def send(key: str, body: dict) -> None:
+        if body.get("stream"):
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as reply:
+                results[key] = (reply.status_code, [line for line in reply.iter_lines() if line])
+        else:
+            results[key] = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+
+    bodies = {f"good{i}": {"model": m, "prompt": p, "max_tokens": n, "temperature": 0} for i, (m, p, n) in enumerate(good)}
+    bodies["bad"] = {"model": "alpha", "prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0.7, "seed": 4243}
+    bodies["bad-stream"] = {**bodies["bad"], "seed": 4242, "stream": True}
+    threads = [threading.Thread(target=send, args=item) for item in bodies.items()]
+    with Paused(server.engine) as paused:
+        for t in threads:
+            t.start()
+        paused.wait_for_queue(len(bodies))
+    for t in threads:
+        t.join(timeout=60)
+    assert nan.batch_sizes[0] == len(bodies)
+    for i, (model, prompt, n) in enumerate(good):
+        reply = results[f"good{i}"]
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected_text(reference, prompt, None if model == BASE else model, n)
+    bad = results["bad"]
+    assert bad.status_code == 500 and "NaN or infinite values" in bad.json()["error"]["message"], bad.text
+    status, lines = results["bad-stream"]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line != "data: [DONE]"]
+    assert status == 200 and [e for e in events if "error" in e] == events[-1:], lines
+    error = events[-1]["error"]
+    assert error["code"] == 500 and "NaN or infinite values" in error["message"], error
+    # The server keeps serving.
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    again = post_raw(server.url, {"model": "beta", "prompt": PROMPTS[3], "max_tokens": 20, "temperature": 0})
+    assert again.json()["choices"][0]["text"] == expected_text(reference, PROMPTS[3], "beta", 20)
 
 
 def test_item4_bodies_and_prompts_are_bounded_before_the_work(server) -> None:

@@ -6,10 +6,14 @@ shares that core runs only part of the time, and every product waits for it: a p
 sized to the machine can run many times slower than a single thread.
 
 `available_cpus` counts the CPUs this process may actually run on (affinity and cgroup
-quota). `ThreadTuner` then measures instead of guessing: it times a short matrix-product
-probe at each candidate thread count, uses the fastest, and measures again every
-`interval_s` seconds, or at once when the training steps slow down, so it follows
-contention that comes and goes. Each probe takes a few tens of milliseconds.
+quota). `ThreadTuner` leaves an idle machine alone: when no other process is ready to run
+(the kernel's run queue, `runnable_elsewhere`) and PyTorch's own count fits the available
+CPUs, it keeps PyTorch's pool exactly as it started, never probing or resetting it, so an
+idle run is PyTorch's default run. Once another process competes for the CPUs (or the
+steps slow down, or the run queue cannot be read) it measures instead of guessing: it
+times a short matrix-product probe at each candidate thread count, uses the fastest,
+measures again every `interval_s` seconds while the contention lasts, and goes back to
+PyTorch's count when the other processes stop. Each probe takes a few tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,28 @@ def available_cpus() -> int:
     return max(1, count)
 
 
+def runnable_elsewhere(samples: int = 3) -> int | None:
+    """Threads of other processes ready to run now: the kernel's run queue (`procs_running`
+    in /proc/stat) less this process's own running threads, the least of a few readings so
+    that a passing blip does not count. None where /proc does not say (not Linux)."""
+    counts = []
+    for _ in range(samples):
+        try:
+            stat = Path("/proc/stat").read_text()
+            total = int(next(line.split()[1] for line in stat.splitlines() if line.startswith("procs_running ")))
+            own = 0
+            for task in os.scandir("/proc/self/task"):
+                try:
+                    # The state follows the ")" that closes the thread's name.
+                    own += Path(task.path, "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+                except (OSError, IndexError):
+                    continue  # the thread ended meanwhile
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+        counts.append(max(0, total - own))
+    return min(counts)
+
+
 def candidates(cpus: int) -> list[int]:
     """Thread counts worth trying: 1, the full count, and halvings between them."""
     counts = {1, cpus}
@@ -52,7 +78,8 @@ def matmul_probe(threads: int, budget_s: float = 0.05) -> float:
     """Products per second of a (128, 512) @ (512, 512) float32 matmul with `threads` threads,
     timed over about `budget_s` seconds (the shapes of a small model's LoRA training GEMMs)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads != before:
+        torch.set_num_threads(threads)
     try:
         a, b = torch.randn(128, 512), torch.randn(512, 512)
         a @ b  # warm the pool at this size
@@ -64,14 +91,17 @@ def matmul_probe(threads: int, budget_s: float = 0.05) -> float:
             if elapsed >= budget_s:
                 return count / elapsed
     finally:
-        torch.set_num_threads(before)
+        if threads != before:
+            torch.set_num_threads(before)
 
 
 class ThreadTuner:
-    """Chooses torch's intra-op thread count by measurement, and keeps choosing.
+    """Chooses torch's intra-op thread count: PyTorch's own on an idle machine, by
+    measurement under contention, and keeps choosing.
 
-    Call `after_step(tokens, seconds)` after each training step. The probe, the clock and
-    the thread setter are parameters so the decision logic can be tested with fakes.
+    Call `start()` once, then `after_step(tokens, seconds)` after each training step. The
+    probe, the run-queue reader, the clock and the thread setter are parameters so the
+    decision logic can be tested with fakes.
     """
 
     def __init__(
@@ -79,64 +109,117 @@ class ThreadTuner:
         cpus: int | None = None,
         *,
         interval_s: float = 30.0,
+        check_s: float = 1.0,
         slowdown: float = 0.6,
         probe: Callable[[int], float] = matmul_probe,
+        busy: Callable[[], int | None] = runnable_elsewhere,
         set_threads: Callable[[int], None] = torch.set_num_threads,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] | None = None,
         fixed: int | None = None,
+        default: int | None = None,
     ) -> None:
         self.cpus = cpus or available_cpus()
         self.fixed = fixed  # a count the user pinned: set once, never probed
-        self._original = torch.get_num_threads()
+        self._original = default or torch.get_num_threads()  # PyTorch's own count
         self.candidates = candidates(self.cpus)
         self.interval_s = interval_s
+        self.check_s = check_s
         self.slowdown = slowdown
-        self._probe, self._set, self._clock, self._log = probe, set_threads, clock, log
+        self._probe, self._busy, self._set, self._clock, self._log = probe, busy, set_threads, clock, log
         self.threads = 0
         self.decisions: list[tuple[int, dict[int, float]]] = []  # (chosen, probe rates)
         self._last_probe = -math.inf
+        self._last_check = -math.inf
         self._best_rate: float | None = None  # tokens/s of the steps since the last probe
+        # Why the count is being watched: None (idle), "queue" (other processes in the run
+        # queue), "slowdown" (steps slowed down) or "unknown" (the run queue cannot tell).
+        self.contended: str | None = None
+
+    def start(self) -> int:
+        """The first choice: PyTorch's pool untouched when the machine is idle, else `choose`."""
+        self._last_check = self._clock()
+        if self.fixed is not None or self._original != self.cpus:
+            self.contended = "unknown"
+            return self.choose()
+        others = self._busy()
+        if others is None or others > 0:
+            self.contended = "unknown" if others is None else "queue"
+            reason = "start; the run queue cannot be read" if others is None else \
+                f"start; {others} other thread{'s' if others > 1 else ''} ready to run"
+            return self.choose(reason)
+        self.threads = self._original
+        self._best_rate = None
+        if self._log is not None:
+            self._log(f"CPU threads: {self.threads} of {self.cpus} available (start; no other process is running: "
+                      "PyTorch's own pool, unchanged)")
+        return self.threads
 
     def choose(self, reason: str = "start") -> int:
         """Probe every candidate and switch to the fastest; returns the thread count."""
         if self.fixed is not None:
+            if self.fixed != self._original:
+                self._set(self.fixed)
             self.threads = self.fixed
-            self._set(self.fixed)
             if self._log is not None:
                 self._log(f"CPU threads: {self.fixed} (set by the environment)")
             return self.fixed
         rates = {n: self._probe(n) for n in self.candidates}
         best = max(rates, key=lambda n: (rates[n], -n))  # ties go to fewer threads
-        changed = best != self.threads
+        # The probes leave torch's count as they found it; set it only when it changes (each
+        # torch.set_num_threads also drops oneDNN's cached kernels).
+        changed = best != (self.threads or self._original)
+        if changed:
+            self._set(best)
         self.threads = best
-        self._set(best)
         self._last_probe = self._clock()
         self._best_rate = None
         self.decisions.append((best, rates))
-        if self._log is not None and (changed or reason == "start"):
+        if self._log is not None and (changed or reason.startswith("start")):
             top = max(rates.values()) or 1.0
             shown = ", ".join(f"{n}: {rates[n] / top:.2f}" for n in self.candidates)
             self._log(f"CPU threads: {best} of {self.cpus} available ({reason}; probe speed by thread count {shown})")
         return best
 
     def after_step(self, tokens: int, seconds: float) -> None:
-        """Re-probe every `interval_s`, or at once when steps run `slowdown` times slower than before."""
+        """Look at the run queue every `check_s`: probe when other processes appear, go back to
+        PyTorch's count when they leave, re-probe every `interval_s` while they stay; probe at
+        once when steps run `slowdown` times slower than before, whatever the run queue says."""
         if seconds <= 0 or self.fixed is not None:
             return
         rate = tokens / seconds
-        now = self._clock()
-        if now - self._last_probe >= self.interval_s:
-            self.choose("periodic check")
-        elif self._best_rate is not None and rate < self.slowdown * self._best_rate:
+        if self._best_rate is not None and rate < self.slowdown * self._best_rate:
+            self.contended = "slowdown"  # contention the run queue may not show (another VM, say)
             self.choose("steps slowed down")
-        else:
-            self._best_rate = max(rate, self._best_rate or 0.0)
-
+            return
+        self._best_rate = max(rate, self._best_rate or 0.0)
+        now = self._clock()
+        if now - self._last_check < self.check_s:
+            return
+        self._last_check = now
+        others = self._busy() if self._original == self.cpus else None
+        if others == 0 and self.contended in (None, "queue"):
+            if self.threads != self._original:
+                self.threads = self._original
+                self._set(self._original)
+                self._best_rate = None
+                if self._log is not None:
+                    self._log(f"CPU threads: {self.threads} of {self.cpus} available (no other process is "
+                              "running any more: PyTorch's own count)")
+            self.contended = None
+        elif others and self.contended is None:
+            self.contended = "queue"
+            self.choose(f"{others} other thread{'s' if others > 1 else ''} ready to run")
+        elif self.contended is not None and now - self._last_probe >= self.interval_s:
+            self.choose("periodic check")
+            if others == 0 and self.threads == self._original:
+                self.contended = None
 
     def close(self) -> None:
         """Give torch back the thread count it had before."""
-        self._set(self._original)
+        if self.threads not in (0, self._original):
+            self._set(self._original)
+            self.threads = self._original
 
 
 def tuner_for(device: torch.device, distributed: bool, log: Callable[[str], None]) -> ThreadTuner | None:
@@ -152,10 +235,10 @@ def tuner_for(device: torch.device, distributed: bool, log: Callable[[str], None
         raise ValueError(f"LORAKIT_THREADS must be a positive integer, got {pinned!r}")
     fixed = int(pinned) if pinned else (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else None)
     tuner = ThreadTuner(log=log, fixed=fixed)
-    tuner.choose()
+    tuner.start()
     return tuner
 
 
 def serving_threads(log: Callable[[str], None] | None = None) -> int:
-    """The thread count for a CPU serving engine, from a probe at start."""
-    return ThreadTuner(log=log).choose()
+    """The thread count for a CPU serving engine: PyTorch's own on an idle machine, else a probe at start."""
+    return ThreadTuner(log=log).start()

@@ -67,6 +67,21 @@ class Batch(Generic[Row]):
         self.positions = self.positions + 1
         self.last = tokens
 
+    def save(self) -> tuple:
+        """Everything a decoding step or `keep` replaces, for `restore`. Cheap: the tensors are
+        referenced, not copied, since a step and `keep` build new ones (the cache's `update`
+        concatenates) instead of writing into these."""
+        layers = [(layer.keys, layer.values) for layer in self.cache.layers] if self.cache is not None else []
+        return list(self.rows), self.cache, layers, self.mask, self.positions, self.last
+
+    def restore(self, saved: tuple) -> None:
+        """Go back to the state `save` returned, after a failed step or a trial `keep`."""
+        rows, self.cache, layers, self.mask, self.positions, self.last = saved
+        self.rows = list(rows)
+        if self.cache is not None:
+            for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+                layer.keys, layer.values = keys, values
+
     def keep(self, indices: list[int]) -> None:
         """Keep only rows `indices` (in order)."""
         if len(indices) == len(self.rows):

@@ -23,10 +23,8 @@ import inspect
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,89 +36,25 @@ from ..io import AdapterFiles
 from .adapters import AdapterCache, AdapterMismatch
 from .batch import Batch
 from .decode import SlotBatch, adapter_reason, choose_path
+from .faults import error_text, run_step
 from .guards import vocab_size
+from .requests import (
+    Completion,
+    Event,
+    InvalidPrompt,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    Stats,
+    UnknownAdapter,
+    _Collector,
+    _Reply,
+)
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # how long `Engine.stop` waits for the step in flight
-
-
-class UnknownAdapter(KeyError):
-    """A request named an adapter that is not loaded."""
-
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.known = list(known)
-
-    def __str__(self) -> str:
-        return f"no adapter named {self.name!r}; loaded adapters: {', '.join(self.known) or '(none)'}"
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than the engine accepts."""
-
-
-class PromptTooLong(ValueError):
-    """The prompt does not fit the model's context."""
-
-
-class InvalidPrompt(ValueError):
-    """The prompt holds token ids this model does not have."""
-
-
-@dataclass
-class Event:
-    """New output of one request. `finish_reason` is set on the last event only."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    """"stop" (end of sequence or a stop string), "length", "cancelled" or "error"."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-@dataclass
-class Completion:
-    """A finished request, as `Engine.generate` returns it."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(eq=False)
-class Request:
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    notify: Callable[[Event], None]
-    id: int = 0
-    arrival: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-    generator: torch.Generator | None = None
-    detok: Detokenizer | None = None
-    output_ids: list[int] = field(default_factory=list)
-    sent_ids: int = 0  # how many of output_ids went out in events
-    counted: bool = False  # its adapter cache hit/miss is counted
-    limit: int = 0  # most tokens this request may generate (max_tokens, cut by the context)
-
-
-@dataclass
-class Stats:
-    """Counters for /metrics; written by the engine thread only."""
-
-    requests: dict[str, int] = field(default_factory=dict)  # by finish reason
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
-    batch_rows: int = 0  # sum over decode steps of the batch size
-    last_batch_size: int = 0
 
 
 class Engine:
@@ -509,13 +443,22 @@ class Engine:
             self._emit(rows, tokens)
             return
         batch = self._batch
-        out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
-        tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])
-        batch.advance(out.get(self._cache_arg), tokens)
+        # A row whose step fails ends alone; the others step again without it (faults.py).
+        stepped = run_step(batch, self._decode_step, lambda rows, error: self._drop(rows, "error", error))
+        if stepped is None:
+            return
+        cache, tokens = stepped
+        batch.advance(cache, tokens)
         self.stats.decode_steps += 1
         self.stats.batch_rows += len(batch)
         self.stats.last_batch_size = len(batch)
         self._emit(list(batch.rows), tokens.tolist())
+
+    def _decode_step(self, batch: Batch[Request]) -> tuple[object, torch.Tensor]:
+        """One decoding step's new cache and tokens; `batch.advance` records them."""
+        out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
+        tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])
+        return out.get(self._cache_arg), tokens
 
     def _emit(self, requests: list[Request], tokens: list[int]) -> None:
         """Hand each row its new token; finished rows leave the batch."""
@@ -530,9 +473,14 @@ class Engine:
             if token in self.eos_ids:
                 reason = "stop"
             else:
+                try:
+                    stopped = detok.add(token)
+                except Exception as err:  # this row's text or stop check failed: it ends alone
+                    self._drop([request], "error", error_text(err))
+                    continue
                 request.output_ids.append(token)
                 self.stats.generated_tokens += 1
-                if detok.add(token):
+                if stopped:
                     reason = "stop"
                 elif len(request.output_ids) >= request.limit:
                     reason = "length"
@@ -550,12 +498,12 @@ class Engine:
         for reason, group in by_reason.items():
             self._drop(group, reason)
 
-    def _drop(self, requests: list[Request], reason: str) -> None:
+    def _drop(self, requests: list[Request], reason: str, error: str | None = None) -> None:
         """Finish `requests` and remove their rows, trimming padding no row needs any more."""
         if not requests:
             return
         for request in requests:
-            self._finish(request, reason)
+            self._finish(request, reason, error)
         gone = set(map(id, requests))
         self._batch.keep([i for i, r in enumerate(self._batch.rows) if id(r) not in gone])
 
@@ -569,65 +517,18 @@ class Engine:
         self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
         text = ""
         if request.detok is not None:
-            if reason != "stop" or not request.detok.stop:
-                request.detok.flush()
-            text = request.detok.delta(final=True)
+            try:
+                if reason != "stop" or not request.detok.stop:
+                    request.detok.flush()
+                text = request.detok.delta(final=True)
+            except Exception:  # the detokenizer that failed this request: its error says why
+                text = ""
         try:
             request.notify(
                 Event(text, self._new_ids(request), reason, len(request.prompt_ids), len(request.output_ids), error)
             )
         except Exception:  # a broken listener must not stop the batch
             pass
-
-
-class _Reply:
-    """A result handed from the engine thread back to a caller."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._value: object = None
-        self._error: BaseException | None = None
-
-    def set(self, value: object) -> None:
-        self._value = value
-        self._done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done.set()
-
-    def wait(self) -> object:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-class _Collector:
-    """Gathers one request's events into a Completion."""
-
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.ids: list[int] = []
-        self.done = threading.Event()
-        self.result: Completion | None = None
-
-    def __call__(self, event: Event) -> None:
-        self.text.append(event.text)
-        self.ids.extend(event.token_ids)
-        if event.finish_reason is not None:
-            if event.error is not None:
-                self.result = Completion(event.error, self.ids, "error", event.prompt_tokens, event.completion_tokens)
-            else:
-                self.result = Completion(
-                    "".join(self.text), self.ids, event.finish_reason, event.prompt_tokens, event.completion_tokens
-                )
-            self.done.set()
-
-    def wait(self) -> Completion:
-        self.done.wait()
-        assert self.result is not None
-        return self.result
 
 
 __all__ = ["Completion", "Engine", "Event", "InvalidPrompt", "PromptTooLong", "QueueFull", "UnknownAdapter"]

@@ -73,7 +73,15 @@ def sample(
     Greedy rows take the argmax. Sampled rows divide by their temperature, keep their
     top_k tokens and their top_p nucleus (the most likely token always survives) and
     draw from what is left with their own generator.
+
+    Raises ValueError, before any row draws, when a row's logits hold NaN or +inf: no token
+    can be chosen from them (greedy decoding would silently pick token 0).
     """
+    if bool((logits.isnan() | logits.isposinf()).any()):
+        raise ValueError(
+            "the model's next-token scores hold NaN or infinite values (an adapter or base weights that "
+            "overflow in this precision), so no token can be chosen"
+        )
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -83,7 +91,8 @@ def sample(
     scaled = logits[index].float() / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
     ordered, order = scaled.sort(dim=-1, descending=True)  # (n, vocab)
     vocab = logits.shape[-1]
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows], device=device).unsqueeze(1)
+    # A top_k past the vocabulary keeps all of it (and past 2**63 would not fit a tensor).
+    top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in rows], device=device).unsqueeze(1)
     rank = torch.arange(vocab, device=device).unsqueeze(0)
     drop = rank >= top_k
     probs = ordered.masked_fill(drop, -math.inf).softmax(dim=-1)
