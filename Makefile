@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU machine gets the CPU wheel; a CUDA machine can override: make TORCH_SPEC='torch>=2.4' ...
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-browser test-llamacpp lint clean
+.PHONY: install demo test test-experiment test-browser test-llamacpp lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -p no:cacheprovider
+
+# The learning-forgetting experiment on the bundled model and the demo task: a few minutes on
+# two CPU cores, so it stays out of `make test`. -s shows its figures.
+test-experiment: install
+	$(PY) -m pytest -p no:cacheprovider -s -m experiment tests/experiment
 
 # llama-cpp-python is built from source (no wheel on PyPI for most platforms): 15-30 minutes on
 # a small machine, so it stays out of `make test`. Then the real llama.cpp run of an exported adapter.

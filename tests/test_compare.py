@@ -14,6 +14,7 @@ from conftest import make_serve_adapter, tiny_llama_for_tokenizer
 from lorakit.cli import main
 from lorakit.compare.measure import divergence, general_prompts, generated_reference
 from lorakit.data import IGNORE, TokenRow
+from lorakit.demo.__main__ import EVAL as EVAL_PATH
 
 
 def _rows(seed: int = 0, n: int = 5) -> list[TokenRow]:
@@ -118,11 +119,15 @@ def test_compare_command_end_to_end(tmp_path, tiny_model_dir, chat_data, capsys)
     lorakit.save_adapter(model, zero)
     moved = make_serve_adapter(tmp_path / "run" / "moved", seed=5)
     out = tmp_path / "report"
+    threads = torch.get_num_threads()
     code = main(["compare", "--model", str(tiny_model_dir), "--adapter", str(zero), "--adapter", str(moved),
                  "--data", str(held), "--prompts", "3", "--max-new-tokens", "6", "--show", "2",
                  "--output", str(out), "--kl-threshold", "0.005", "--device", "cpu"])
     assert code == 0
-    printed = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.splitlines()
+    # The CPU thread count is measured as train measures it, and torch's own is restored after.
+    assert "CPU threads: " in captured.err and torch.get_num_threads() == threads
     report = json.loads((out / "report.json").read_text())
     zero_entry, moved_entry = report["adapters"]
     assert zero_entry["kl_mean"] == 0.0 and zero_entry["agreement"] == 1.0 and zero_entry["verdict"] == "kept"
@@ -184,3 +189,36 @@ def test_compare_on_the_users_reference_file(tmp_path, tiny_model_dir, capsys):
     [entry] = report["adapters"]
     assert entry["tokens"] == div.tokens == sum(e.supervised for e in examples) - 1  # a text row's first token has no prediction
     assert entry["kl_mean"] == div.kl_mean and entry["agreement"] == div.agreement
+
+
+def test_the_demo_ends_with_compares_headline_for_its_adapter(tmp_path, monkeypatch, capsys):
+    """`make demo`'s last step: `lorakit compare` on the demo adapter, its headline printed and
+    report.html written beside the adapter. A tiny random model stands in for the bundled one
+    (placed where the bundled model's converted copy is looked up), so this takes seconds."""
+    from lorakit.demo.__main__ import main as demo
+    from lorakit.models import DEFAULT_MODEL_NAME
+
+    model, tok = tiny_llama_for_tokenizer()
+    cache = tmp_path / "cache"
+    model.save_pretrained(cache / DEFAULT_MODEL_NAME)
+    tok.save_pretrained(cache / DEFAULT_MODEL_NAME)
+    monkeypatch.setenv("LORAKIT_CACHE", str(cache))
+    shipped = general_prompts
+    monkeypatch.setattr("lorakit.compare.measure.general_prompts", lambda limit=None: shipped(3))
+    # One thread: a tiny model gains nothing from more, and loses much on a CPU that is busy.
+    monkeypatch.setenv("LORAKIT_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path / "demo"
+    try:
+        demo(["--output", str(out), "--steps", "2", "--held-out", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    report = json.loads((out / "report.json").read_text())
+    [entry] = report["adapters"]
+    assert entry["name"] == "demo" and entry["path"] == str(out) and entry["kl_mean"] > 0
+    assert report["task"]["rows"] == 2 and report["task"]["metric_name"] == "exact"
+    assert f"forgetting    {entry['headline']}" in printed
+    assert f"report        {out / 'report.html'} (lorakit compare --adapter {out} --data {EVAL_PATH})" in printed
+    assert "data:image/png;base64," in (out / "report.html").read_text()

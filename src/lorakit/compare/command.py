@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .measure import Divergence
+
+if TYPE_CHECKING:
+    from ..io import AdapterFiles
+    from ..metrics import Metric
+    from ..threads import ThreadTuner
 
 
 @dataclass
@@ -91,12 +96,32 @@ def _label(path: str, taken: set[str]) -> str:
 
 def compare(args: CompareArgs) -> dict[str, Any]:
     """Measure, write report.json and report.html, and return the report."""
+    from ..io import read_adapter
+    from ..metrics import parse_metric
+    from ..models import load_model
+    from ..runlog import log
+    from ..threads import tuner_for
+
+    metric = parse_metric(args.metric)
+    files = [read_adapter(a) for a in args.adapter]  # every adapter is checked before the model loads
+    model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
+    # On a CPU shared with other busy processes, torch's full thread pool can run many times
+    # slower than one thread: measure, as train does (threads.py), and again before each phase.
+    tuner = tuner_for(next(model.parameters()).device, False, log)
+    try:
+        return _measure_and_write(args, metric, files, model, tokenizer, tuner)
+    finally:
+        if tuner is not None:
+            tuner.close()
+
+
+def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFiles], model: Any, tokenizer: Any,
+                       tuner: ThreadTuner | None) -> dict[str, Any]:
     import torch
 
     from ..inject import disable_adapters, set_adapter
-    from ..io import load_adapter, read_adapter
-    from ..metrics import check_references, greedy_answers, load_prompts, parse_metric
-    from ..models import load_model
+    from ..io import load_adapter
+    from ..metrics import check_references, greedy_answers, load_prompts
     from ..runlog import log
     from ..train import evaluate
     from .measure import (
@@ -109,9 +134,10 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     )
     from .report import write_report
 
-    metric = parse_metric(args.metric)
-    files = [read_adapter(a) for a in args.adapter]  # every adapter is checked before the model loads
-    model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
+    def next_phase() -> None:
+        if tuner is not None:
+            tuner.choose("next phase")
+
     pad = tokenizer.pad_token_id
     task_prompts = None
     if args.data:
@@ -135,6 +161,7 @@ def compare(args: CompareArgs) -> dict[str, Any]:
     for name, adapter_files in zip(names, files, strict=True):
         load_adapter(model, adapter_files, adapter_name=name)
 
+    next_phase()
     log(f"measuring KL, perplexity and agreement on {sum(1 for _ in reference.rows)} reference rows")
     divergences = divergence(model, reference.rows, names, pad, args.batch_size)
 
@@ -159,6 +186,7 @@ def compare(args: CompareArgs) -> dict[str, Any]:
         references = [p.reference for p in task_prompts]
         ids = [p.ids for p in task_prompts]
         device = next(model.parameters()).device
+        next_phase()
         log(f"task: loss on {len(rows)} rows of {args.data}, {metric.name} on {len(ids)} generated answers")
         with disable_adapters(model):
             base_loss = evaluate(model, rows, args.batch_size, pad, device)[0]
