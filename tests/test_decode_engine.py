@@ -183,6 +183,47 @@ def test_chained_steps_across_key_blocks_and_warmup_change_no_output(serve_adapt
     assert 0 < len(launches) < steps, (len(launches), steps)  # the rest were chained
 
 
+def test_a_row_failing_inside_a_fast_step_ends_alone(serve_adapter_dirs, reference) -> None:
+    """A fault in one adapter's rows (a failing adapter kernel) raises the whole batched step;
+    every row then steps alone once: the faulty one ends with the error, the others go on
+    with exactly the tokens they get alone (a seeded sampled one too), and the engine serves on."""
+    from lorakit.serve.requests import _Collector
+    from test_serve_hostile import Paused
+
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=7)
+    cases = [(engine_tests.PROMPTS[1], "alpha", engine_tests.greedy(10)), (engine_tests.PROMPTS[3], "beta", engine_tests.greedy(10)),
+             (engine_tests.PROMPTS[0], None, engine_tests.greedy(10)), (engine_tests.PROMPTS[5], "alpha", seeded),
+             (engine_tests.PROMPTS[6], "gamma", engine_tests.greedy(10))]
+    with fast_engine(serve_adapter_dirs, max_batch=8) as engine:
+        decoder = engine.decoder
+        forward, sizes = decoder.decoder.forward, []
+
+        def failing(ids, positions, cache, slots, key_length, lora=None, index=None, gathered=True):
+            if ids.shape[1] == 1 and index is not None and "gamma" in lora.slot_of and lora.slot_of["gamma"] in index.tolist():
+                sizes.append(ids.shape[0])
+                raise RuntimeError("the LoRA kernel failed for adapter 'gamma'")
+            return forward(ids, positions, cache, slots, key_length, lora, index, gathered)
+
+        decoder.decoder.forward = failing
+        collectors = [_Collector() for _ in cases]
+        with Paused(engine) as paused:
+            for (prompt, adapter, params), collector in zip(cases, collectors, strict=True):
+                engine.submit(engine.encode(prompt), adapter, params, collector)
+            paused.wait_for_queue(len(cases))
+        out = [c.wait() for c in collectors]
+        assert sizes[:2] == [len(cases), 1], sizes  # the batched step, then gamma's row alone
+        assert out[4].finish_reason == "error" and "the LoRA kernel failed for adapter 'gamma'" in out[4].text
+        assert "decoding this request failed" in out[4].text and len(out[4].token_ids) == 1
+        for (prompt, adapter, _), got in zip(cases[:3], out[:3], strict=True):
+            assert got.token_ids == reference(prompt, adapter, 10), (prompt, adapter)
+        decoder.decoder.forward = forward
+        alone = engine.generate([engine_tests.PROMPTS[5]], "alpha", seeded)[0]
+        assert out[3].token_ids == alone.token_ids and len(alone.token_ids) == 10
+        assert engine.generate([engine_tests.PROMPTS[6]], "gamma", engine_tests.greedy(4))[0].token_ids == reference(
+            engine_tests.PROMPTS[6], "gamma", 4)
+        assert decoder.cache.used == [] and engine.stats.requests.get("error") == 1
+
+
 def test_lorakit_serve_fast_path_process(tiny_model_dir, tmp_path) -> None:
     """`lorakit serve --decode-path fast`: the startup log and /health name the path, and it serves."""
     import subprocess

@@ -436,7 +436,15 @@ class Engine:
     def _decode(self) -> None:
         if self.decoder is not None:
             self.decoder.sync_adapters(self.adapters.on_device)
-            rows, tokens = self.decoder.decode()  # pipelined: the rows the step ran for
+            try:
+                rows, tokens = self.decoder.decode()  # pipelined: the rows the step ran for
+            except Exception:
+                # each row steps alone once: those that fail end, the others go on
+                rows, tokens, failed = self.decoder.decode_each()
+                if not rows:
+                    raise
+                for request, err in failed:
+                    self._drop([request], "error", error_text(err))
             self.stats.decode_steps += 1
             self.stats.batch_rows += len(rows)
             self.stats.last_batch_size = len(rows)

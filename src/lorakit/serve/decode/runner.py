@@ -274,8 +274,39 @@ class FastDecoder:
             rows.append(row)
             out.append(token)
         if self.pipelined and self._inflight is None:
-            self._inflight = self._launch()
+            try:
+                self._inflight = self._launch()
+            except Exception:  # these tokens stand; the next step launches (and fails) anew
+                self._inflight = None
         return rows, out
+
+    @torch.no_grad()
+    def decode_each(self) -> tuple[list, list[int], list[tuple[object, Exception]]]:
+        """One step for each running row alone, eagerly, after a batched step raised: (the
+        rows that stepped, their tokens, (row, error) of those that raised). A row's token
+        is a function of its own logits, seed and position, so it is the one the batched
+        step would have drawn; a failed row's slot is left for the caller to free."""
+        self._inflight = None
+        batch = self.batch
+        rows, tokens, failed = [], [], []
+        for i, row in enumerate(list(batch.rows)):
+            slot, position = batch.slots[i], batch.positions[i]
+            try:
+                index = torch.tensor(self.lora.index([batch.adapters[i]]), device=self.device)
+                hidden = self.decoder.forward(
+                    torch.tensor([[batch.last[i]]], device=self.device), torch.tensor([[position]], device=self.device),
+                    self.cache, torch.tensor([slot], device=self.device), position + 1, self.lora, index,
+                )
+                token = int(self._sample(self.decoder.logits(hidden[:, -1]), [batch.params[i]], [batch.seeds[i]], [position])[0])
+            except Exception as err:
+                failed.append((row, err))
+                continue
+            batch.positions[i] += 1
+            batch.last[i] = token
+            self.cache.lengths[slot] = batch.positions[i]
+            rows.append(row)
+            tokens.append(token)
+        return rows, tokens, failed
 
     def _unchanged(self, step: _Launched) -> bool:
         """Whether the step after `step` runs the same rows in the same graph: then it is
