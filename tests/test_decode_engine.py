@@ -187,8 +187,7 @@ def test_a_row_failing_inside_a_fast_step_ends_alone(serve_adapter_dirs, referen
     """A fault in one adapter's rows (a failing adapter kernel) raises the whole batched step;
     every row then steps alone once: the faulty one ends with the error, the others go on
     with exactly the tokens they get alone (a seeded sampled one too), and the engine serves on."""
-    from lorakit.serve.requests import _Collector
-    from test_serve_hostile import Paused
+    from test_serve_hostile import run_together
 
     seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=7)
     cases = [(engine_tests.PROMPTS[1], "alpha", engine_tests.greedy(10)), (engine_tests.PROMPTS[3], "beta", engine_tests.greedy(10)),
@@ -205,12 +204,7 @@ def test_a_row_failing_inside_a_fast_step_ends_alone(serve_adapter_dirs, referen
             return forward(ids, positions, cache, slots, key_length, lora, index, gathered)
 
         decoder.decoder.forward = failing
-        collectors = [_Collector() for _ in cases]
-        with Paused(engine) as paused:
-            for (prompt, adapter, params), collector in zip(cases, collectors, strict=True):
-                engine.submit(engine.encode(prompt), adapter, params, collector)
-            paused.wait_for_queue(len(cases))
-        out = [c.wait() for c in collectors]
+        out = run_together(engine, cases)
         assert sizes[:2] == [len(cases), 1], sizes  # the batched step, then gamma's row alone
         assert out[4].finish_reason == "error" and "the LoRA kernel failed for adapter 'gamma'" in out[4].text
         assert "decoding this request failed" in out[4].text and len(out[4].token_ids) == 1

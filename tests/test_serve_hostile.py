@@ -128,6 +128,16 @@ class Paused:
         self.holder.join(timeout=30)
 
 
+def run_together(engine, cases) -> list:
+    """Submit (prompt, adapter, params) cases so that they start in one batch; their Completions."""
+    collectors = [_Collector() for _ in cases]
+    with Paused(engine) as paused:
+        for (prompt, adapter, params), collector in zip(cases, collectors, strict=True):
+            engine.submit(engine.encode(prompt), adapter, params, collector)
+        paused.wait_for_queue(len(cases))
+    return [c.wait() for c in collectors]
+
+
 class NanLogits:
     """A fault in some rows' logits: from the 3rd call of `sample` that includes a target
     request on, the target rows' scores are NaN (what an adapter overflowing in low
@@ -194,12 +204,7 @@ def test_item1_a_row_failing_inside_a_decoding_step_ends_alone(serve_adapter_dir
             monkeypatch.setattr(sampling.Detokenizer, "add", failing_add)
             target.stop = ("never",)
             cause = "UnicodeDecodeError"
-        collectors = [_Collector() for _ in cases]
-        with Paused(engine) as paused:
-            for (prompt, adapter, params), collector in zip(cases, collectors, strict=True):
-                engine.submit(engine.encode(prompt), adapter, params, collector)
-            paused.wait_for_queue(len(cases))
-        out = [c.wait() for c in collectors]
+        out = run_together(engine, cases)
         # The fault hit while all five rows were decoding together.
         assert sizes and sizes[0] == len(cases), sizes
         failed = out[4]
