@@ -91,15 +91,13 @@ class DecoderModel:
                 raise ValueError("the fused decoder layers need a dense base (this one is quantized)")
 
     def _group(
-        self, i: int, g: int, x: torch.Tensor, lora: AdapterSlots | None, index: torch.Tensor | None
+        self, i: int, g: int, x: torch.Tensor, lora: AdapterSlots | None, index: torch.Tensor | None, dense: bool
     ) -> list[torch.Tensor]:
         parent, projs = GROUPS[g]
         owner = getattr(self.layers[i], parent)
         outs = [_base(getattr(owner, p), x) for p in projs]
         if lora is None or index is None or not lora.active or lora.a[i][g] is None:
             return outs
-        # one token per row and a batch not much smaller than the slots: read every slot once
-        dense = x.dim() == 3 and x.shape[1] == 1 and 2 * x.shape[0] >= lora.capacity + 1
         deltas = batched_lora(x, lora.a[i][g], lora.b[i][g], index, dense)
         return [y if d is None else y + d.to(y.dtype) for y, d in zip(outs, deltas, strict=True)]
 
@@ -138,7 +136,7 @@ class DecoderModel:
                 continue
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q, k, v = self._group(i, 0, x, lora, index)
+            q, k, v = self._group(i, 0, x, lora, index, dense)
             q = q.view(rows, steps, self.heads, self.head_dim)
             k = k.view(rows, steps, self.kv_heads, self.head_dim)
             v = v.view(rows, steps, self.kv_heads, self.head_dim)
@@ -147,11 +145,11 @@ class DecoderModel:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
             o = attend(q, keys, values, mask, self.scaling)
-            (o,) = self._group(i, 1, o, lora, index)
+            (o,) = self._group(i, 1, o, lora, index, dense)
             h = h + o
             x = layer.post_attention_layernorm(h)
-            gate, up = self._group(i, 2, x, lora, index)
-            (down,) = self._group(i, 3, F.silu(gate) * up, lora, index)
+            gate, up = self._group(i, 2, x, lora, index, dense)
+            (down,) = self._group(i, 3, F.silu(gate) * up, lora, index, dense)
             h = h + down
         return self.norm(h)
 
