@@ -7,24 +7,28 @@ The model is `bench/cli_gpu.py`'s random-init Llama (hidden 512, 8 layers, a byt
 saved as a model directory; the data are synthetic preference pairs (a sum preferred to a near miss,
 after prompts of varied length) in JSONL files. Every check compares runs of this invocation:
 
-1. `--objective dpo` and `orpo` with the CUDA defaults (bf16, the GPU fast path where it applies)
-   against `--fast-path false` (same seed): per-step loss and reward margin, bf16 tolerance. The
-   defaults also against `--precision fp32` on CUDA (bf16 tolerance), and CUDA fp32 against the CPU
-   in fp32 (the setting of the TRL parity tests; fp32 tolerance).
+1. `--objective dpo` and `orpo` with the CUDA defaults (bf16, the GPU fast path: chosen and
+   rejected rows through the fused layers and head) against `--fast-path false` (same seed):
+   per-step loss and reward margin, bf16 tolerance. The defaults also against `--precision fp32` on
+   CUDA (bf16 tolerance), and CUDA fp32 against the CPU in fp32 (the setting of the TRL parity
+   tests; fp32 tolerance).
 2. `--quantize nf4` DPO: at step 1 the policy is its own reference (rewards exactly 0, loss log 2),
    and the loss falls over the run.
 3. `--resume`: a run interrupted in the middle of step N/2 (KeyboardInterrupt between micro-batches,
-   as Ctrl-C does), then resumed, ends with the adapter of an uninterrupted run, bit for bit. When two
-   uninterrupted runs already differ, the three runs are repeated under
-   `torch.use_deterministic_algorithms` and the report says so.
+   as Ctrl-C does), then resumed, ends with the adapter of an uninterrupted run, bit for bit; once
+   on the fast path (dropout 0, the default) and once with LoRA dropout 0.1 (the generic path, which
+   draws random numbers: the CUDA RNG state must come back too). When it differs, a second
+   uninterrupted run says whether the run itself is reproducible, and if not, the runs are repeated
+   under `torch.use_deterministic_algorithms`.
 4. torchrun on 2 GPUs: DDP and FSDP2 against one process with the same global batch, in fp32 (tight)
    and with the defaults (bf16). Fewer than 2 GPUs: a recorded skip.
 
-Single-GPU runs share out over the GPUs (CUDA_VISIBLE_DEVICES), the CPU references run beside them,
-torchrun goes last. Every run and every check is a JSON line in $OUT/pref_gpu.jsonl as soon as it is
-known, each run's console output in $OUT/pref_gpu_logs/. The end prints PASS / FAIL / SKIP per check
-and exits 1 when a check failed. Runs that would not finish within --budget-s seconds are skipped
-(recorded) rather than started.
+The models are small, so runs share the GPUs: two single-GPU runs at a time on each GPU
+(CUDA_VISIBLE_DEVICES), the torchrun runs one after another beside them, the CPU references beside
+those. Every run and every check is a JSON line in $OUT/pref_gpu.jsonl as soon as it is known, each
+run's console output in $OUT/pref_gpu_logs/. The end prints PASS / FAIL / SKIP per check and exits 1
+when a check failed. Optional runs (the deterministic retry, the torchrun runs) that would end after
+--budget-s seconds are skipped and recorded rather than started.
 """
 
 from __future__ import annotations
@@ -71,8 +75,11 @@ STEPS = 12
 """Optimizer steps of the compared runs (log every step, evaluate at 6 and 12)."""
 RESUME_STEPS, STOP_STEP = 8, 4
 """The resume check: 8 steps, interrupted in the middle of step index 4 (its second micro-batch)."""
-SECONDS_PER_RUN = 35
-"""What one `lorakit train` process is budgeted at (start-up, CUDA init, the steps), to skip in time."""
+SECONDS_PER_RUN = 40
+"""What one `lorakit train` process is budgeted at (start-up, CUDA init, compiling the fast path's
+kernels, the steps), to skip optional runs in time."""
+LANES_PER_GPU = 2
+"""Single-GPU runs at a time on one GPU: the model is small, a run is bound by start-up and launches."""
 
 
 @dataclass
@@ -174,9 +181,9 @@ class Bench:
         self.start = time.monotonic()
         self.lock = threading.Lock()
         self.checks: list[dict] = []
-        self.slots: queue.Queue[str] = queue.Queue()
-        for index in range(max(gpus, 1) if not dry_run else 1):
-            self.slots.put("cpu" if dry_run else str(index))
+        self.slots: queue.Queue[str] = queue.Queue()  # "0", "1", "0", "1": lanes, alternating GPUs
+        for lane in range(1 if dry_run else LANES_PER_GPU * gpus):
+            self.slots.put("cpu" if dry_run else str(lane % gpus))
         self.cpu = ThreadPoolExecutor(1)  # the CPU references, beside the GPU runs
 
     # recording ------------------------------------------------------------------------------
@@ -346,43 +353,39 @@ def nf4_chain(bench: Bench, data: dict[str, Path]) -> None:
                 f"step 1 loss {losses[0]:.4f}, mean of the last 3 steps {late:.4f}", losses=losses)
 
 
-def resume_chain(bench: Bench, data: dict[str, Path]) -> None:
+def resume_chain(bench: Bench, data: dict[str, Path], prefix: str, dropout: float) -> None:
     """Check 3: interrupted in the middle of a step, resumed: the adapter of an uninterrupted run."""
     args = [*common_args(data, "dpo", RESUME_STEPS, batch=4, evaluate=False), "--grad-accum", "2",
-            "--dropout", "0.1", "--save-every", "3"]
-    with bench.gpu() as slot:
-        whole = bench.train("resume-whole", args, slot)
-        again = bench.train("resume-whole-again", args, slot)
-        result = interrupted_and_resumed(bench, "resume", args, slot, whole)
-        reproducible = whole.ok and again.ok and adapters(whole.output, again.output)[0]
-        deterministic: bool | str | None = None
-        if result is False and not reproducible:  # retry under deterministic kernels
-            if bench.affordable(3):
-                det = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-                dwhole = bench.train("resume-det-whole", args, slot, launcher=wrapper(deterministic=True), extra_env=det)
-                deterministic = interrupted_and_resumed(bench, "resume-det", args, slot, dwhole, det)
-            else:
-                deterministic = f"time budget: {bench.elapsed():.0f}s of {bench.budget_s:.0f}s used"
-    if result is None:
-        return  # a run failed; recorded already
-    noise = adapters(whole.output, again.output)[1] if again.ok else None
-    said = f"{noise:.2e}" if noise is not None else "unknown (the second run failed)"
-    name = "resume: interrupted mid-step + --resume == uninterrupted, bit for bit"
-    if result:
-        bench.check(name, "PASS", f"adapters and per-step losses identical; two uninterrupted runs differ by {said}",
+            "--dropout", str(dropout), "--save-every", "3"]
+    name = f"{prefix}: interrupted mid-step + --resume == uninterrupted, bit for bit"
+    with bench.gpu() as slot:  # every run of the chain on the same GPU
+        whole = bench.train(f"{prefix}-whole", args, slot)
+        result = interrupted_and_resumed(bench, name, prefix, args, slot, whole)
+        if result is None or result[0]:
+            return  # recorded: a run failed, or bit for bit
+        again = bench.train(f"{prefix}-whole-again", args, slot)  # is the run itself reproducible?
+        if bench.failed(name, again):
+            return
+        same, noise = adapters(whole.output, again.output)
+        reproducible = same and losses(whole) == losses(again)
+        bench.check(name, "FAIL", f"{result[1]}; two uninterrupted runs "
+                    + ("are identical" if reproducible else f"differ too (adapters by {noise:.2e})"),
                     run_to_run_max_abs_diff=noise)
-        return
-    resumed = adapters(whole.output, bench.work / "resume-cut")[1]
-    why = (f"the resumed adapter differs by {resumed:.2e} (or the losses differ); two uninterrupted runs differ by "
-           f"{said}" + (" (they are identical)" if reproducible else " (the run itself is not reproducible here)"))
-    bench.check(name, "FAIL", why, run_to_run_max_abs_diff=noise, resumed_max_abs_diff=resumed)
-    if deterministic is not None:
-        name = "resume under torch.use_deterministic_algorithms: bit for bit"
-        if isinstance(deterministic, str):
-            bench.check(name, "SKIP", deterministic)
-        else:
-            bench.check(name, "PASS" if deterministic else "FAIL",
-                        "adapters and per-step losses identical" if deterministic else "the resumed run differs")
+        if reproducible:
+            return
+        name = f"{prefix} under torch.use_deterministic_algorithms: bit for bit"
+        if not bench.affordable(3):
+            bench.check(name, "SKIP", f"time budget: {bench.elapsed():.0f}s of {bench.budget_s:.0f}s used")
+            return
+        det = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+        dwhole = bench.train(f"{prefix}-det-whole", args, slot, launcher=wrapper(deterministic=True), extra_env=det)
+        result = interrupted_and_resumed(bench, name, f"{prefix}-det", args, slot, dwhole, det)
+        if result is not None and not result[0]:
+            bench.check(name, "FAIL", result[1])
+
+
+def losses(run: Run) -> list[float | None]:
+    return [r.get("loss") for r in run.records]
 
 
 def wrapper(stop_step: int | None = None, deterministic: bool = False) -> list[str]:
@@ -392,40 +395,42 @@ def wrapper(stop_step: int | None = None, deterministic: bool = False) -> list[s
             *(["--deterministic"] if deterministic else []), "--"]
 
 
-def interrupted_and_resumed(bench: Bench, prefix: str, args: list[str], slot: str, whole: Run,
-                            extra_env: dict[str, str] | None = None) -> bool | None:
-    """Interrupt a run in step STOP_STEP, resume it; whether it ends as `whole` did (None: a run failed)."""
+def interrupted_and_resumed(bench: Bench, name: str, prefix: str, args: list[str], slot: str, whole: Run,
+                            extra_env: dict[str, str] | None = None) -> tuple[bool, str] | None:
+    """Interrupt a run in step STOP_STEP, resume it, compare with `whole`: PASS is recorded as `name`;
+    returns (bit for bit, what differs), or None when a run failed (recorded)."""
     deterministic = extra_env is not None
     cut_dir = bench.work / f"{prefix}-cut"
     cut = bench.train(f"{prefix}-cut", args, slot, output=cut_dir,
                       launcher=wrapper(STOP_STEP, deterministic), extra_env=extra_env)
-    name = f"{prefix}: interrupted run"
     checkpoint = cut_dir / f"checkpoint-{STOP_STEP}"
     if cut.rc != 130 or not checkpoint.is_dir():
-        bench.check(name, "FAIL", f"expected exit 130 (interrupted) and {checkpoint.name}; got exit {cut.rc}, "
-                    f"checkpoints {sorted(p.name for p in cut_dir.glob('checkpoint-*'))}", tail=cut.tail)
+        found = sorted(p.name for p in cut_dir.glob("checkpoint-*"))
+        bench.check(name, "FAIL", f"the interrupted run: expected exit 130 and {checkpoint.name}; got exit {cut.rc}, "
+                    f"checkpoints {found}", tail=cut.tail)
         return None
     resumed = bench.train(f"{prefix}-resumed", [*args, "--resume"], slot, output=cut_dir,
-                          launcher=wrapper(None, deterministic) if deterministic else None, extra_env=extra_env)
-    if bench.failed(f"{prefix}: resumed run", whole, resumed):
+                          launcher=wrapper(None, True) if deterministic else None, extra_env=extra_env)
+    if bench.failed(name, whole, resumed):
         return None
-    same_adapter, _ = adapters(whole.output, cut_dir)
-    same_losses = [r.get("loss") for r in whole.records] == [r.get("loss") for r in resumed.records]
-    return same_adapter and same_losses
+    same, largest = adapters(whole.output, cut_dir)
+    same_losses = losses(whole) == losses(resumed)
+    if same and same_losses:
+        bench.check(name, "PASS", f"adapters and the {len(whole.records)} logged losses identical "
+                    f"(fast path: {resumed.fast_path or 'none'})")
+        return True, ""
+    return False, (f"the resumed adapter differs by up to {largest:.2e}" if not same else "adapters identical") + (
+        "" if same_losses else f"; losses {losses(resumed)} vs {losses(whole)}")
 
 
-def torchrun_phase(bench: Bench, data: dict[str, Path], references: dict[str, Run]) -> None:
+def torchrun_chain(bench: Bench, data: dict[str, Path], references: Future[dict[str, Run]]) -> None:
     """Check 4: DDP and FSDP2 on 2 processes against one, the same global batch of 8 pairs."""
     precisions = ("fp32",) if bench.dry_run else ("fp32", "default")
     for precision in precisions:
         for strategy in ("ddp", "fsdp"):
             name = f"torchrun 2 x {'CPU (gloo)' if bench.dry_run else 'GPU'}: {strategy} vs 1 process ({precision})"
-            reference = references.get(precision)
             if not bench.dry_run and bench.gpus < 2:
                 bench.check(name, "SKIP", f"needs 2 GPUs, this machine has {bench.gpus}")
-                continue
-            if reference is None or not reference.ok:
-                bench.check(name, "FAIL", "the single-process reference run did not complete")
                 continue
             if not bench.affordable(1.5):
                 bench.check(name, "SKIP", f"time budget: {bench.elapsed():.0f}s of {bench.budget_s:.0f}s used")
@@ -438,7 +443,8 @@ def torchrun_phase(bench: Bench, data: dict[str, Path], references: dict[str, Ru
             run = bench.train(f"dpo-{strategy}-{precision}", [*args, "--strategy", strategy],
                               "cpu" if bench.dry_run else None, launcher=launcher,
                               extra_env={"OMP_NUM_THREADS": "1"})
-            if bench.failed(name, run):
+            reference = references.result().get(precision)  # the single-process run, same options
+            if reference is None or bench.failed(name, reference, run):
                 continue
             ok, detail = compare(reference, run, FP32 if precision == "fp32" else BF16)
             _, largest = adapters(reference.output, run.output)
@@ -483,6 +489,17 @@ def as_lorakit(argv: list[str]) -> int:
     return cli_main(argv[split + 1 :])
 
 
+def preflight(bench: Bench) -> bool:
+    """`lorakit train --help` runs here (every package the command needs imports), or one FAIL says why."""
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True,
+                          env=bench.env(None), timeout=120)
+    if done.returncode == 0:
+        return True
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    bench.check("lorakit train --help", "FAIL", f"exit {done.returncode}: {last[:300]}", tail=done.stderr[-3000:])
+    return False
+
+
 def environment(dry_run: bool, gpus: int) -> dict:
     import transformers
 
@@ -520,22 +537,20 @@ def main() -> int:
         data = {"model": work / "model", "train": write_jsonl(work / "pairs.jsonl", pair_rows(96, 0)),
                 "eval": write_jsonl(work / "pairs_eval.jsonl", pair_rows(16, 1))}
         (build_tiny_model if opts.dry_run else cli_gpu.build_model)(data["model"])
-        references: dict[str, Run] = {}
-        with ThreadPoolExecutor(4) as pool:  # chains wait for a GPU of their own (Bench.gpu)
-            resume = pool.submit(resume_chain, bench, data)
-            dpo = pool.submit(objective_chain, bench, data, "dpo")
-            orpo = pool.submit(objective_chain, bench, data, "orpo")
-            nf4 = pool.submit(nf4_chain, bench, data)
-            for name, future in (("resume", resume), ("dpo", dpo), ("orpo", orpo), ("nf4", nf4)):
-                try:
-                    result = future.result()
-                except Exception as exc:  # one broken chain must not hide the others' results
-                    bench.check(f"{name}: the script itself", "FAIL", f"{type(exc).__name__}: {exc}"[:300])
-                    continue
-                if name == "dpo":
-                    references = {"fp32": result["fp32"], "default": result["default"]}
+        if preflight(bench):
+            with ThreadPoolExecutor(6) as pool:  # single-GPU chains wait for a lane (Bench.gpu)
+                chains = {"dpo": pool.submit(objective_chain, bench, data, "dpo"),
+                          "orpo": pool.submit(objective_chain, bench, data, "orpo"),
+                          "resume": pool.submit(resume_chain, bench, data, "resume", 0.0),
+                          "resume-dropout": pool.submit(resume_chain, bench, data, "resume-dropout", 0.1),
+                          "nf4": pool.submit(nf4_chain, bench, data)}
+                chains["torchrun"] = pool.submit(torchrun_chain, bench, data, chains["dpo"])
+                for name, future in chains.items():
+                    try:
+                        future.result()
+                    except Exception as exc:  # one broken chain must not hide the others' results
+                        bench.check(f"{name}: the script itself", "FAIL", f"{type(exc).__name__}: {exc}"[:300])
         bench.cpu.shutdown()
-        torchrun_phase(bench, data, references)
     counts = {s: sum(c["status"] == s for c in bench.checks) for s in ("PASS", "FAIL", "SKIP")}
     bench.write({"event": "summary", "wall_s": round(bench.elapsed(), 1), **counts,
                  "checks": {c["check"]: c["status"] for c in bench.checks}})
