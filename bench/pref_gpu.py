@@ -64,12 +64,14 @@ import cli_gpu  # noqa: E402  (bench/: the GPU model directory and metrics reade
 FP32 = (1e-3, 1e-4)
 """(rtol, atol), both runs in fp32: only summation order and kernels differ (about 1e-6 relative per
 value); Adam turns that into slightly different updates, so a few steps on, 1e-3 still holds with room."""
-BF16 = (2e-2, 1e-2)
+BF16 = (3e-2, 1.5e-2)
 """(rtol, atol), a bf16 run against another precision or path: bf16 keeps 8 mantissa bits (0.4% per
 rounding) in activations and logits, the log-probabilities are summed over answers of a few tokens,
-and the reward margins start at 0 (hence the absolute part). On a CPU with native bf16, the DPO run
-of this script in bf16 against fp32 (this model and data) used at most 0.093 of it (the margin at
-step 2); CUDA's bf16 attention is not that CPU's fp32 attention, hence the room."""
+and the reward margins start at 0 (hence the absolute part). Measured so far: on a CPU with native
+bf16, this script's DPO run in bf16 against fp32 (same model and data) used at most 0.062 of it (the
+margin at step 2); on an H200, SFT's fast path against the generic path (bench/cli_gpu.py, same
+model, lr 2e-3) drifted to 1.3e-2 relative by step 40. CUDA's bf16 attention and fused kernels are
+not that CPU's, hence the room; a wrong reference or normalisation is off by far more."""
 KEYS = ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins")
 STEPS = 12
 """Optimizer steps of the compared runs (log every step, evaluate at 6 and 12)."""
@@ -236,7 +238,7 @@ class Bench:
         precision = ["--precision", "fp32"] if self.dry_run and "--precision" not in args else []
         command = [*(launcher or [sys.executable, "-m", "lorakit"]), "train", *args, *device, *precision,
                    "--output", str(output)]
-        timeout = max(30.0, self.budget_s - self.elapsed() + 30)
+        timeout = max(90.0, self.budget_s - self.elapsed() + 60)  # a hung run (NCCL) ends; a slow one finishes
         t0 = time.monotonic()
         print(f"[{self.elapsed():6.1f}s] run  {name} on {slot or 'all GPUs'}", flush=True)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
