@@ -174,7 +174,7 @@ def adapters(a: Path, b: Path) -> tuple[bool, float]:
 
 
 class Bench:
-    """Runs `lorakit train` on the GPUs (one process each) and the CPU, and records as it goes."""
+    """Runs `lorakit train` processes on lanes of the GPUs and on the CPU, and records as it goes."""
 
     def __init__(self, out: Path, work: Path, dry_run: bool, gpus: int, budget_s: float) -> None:
         self.out, self.work, self.dry_run, self.gpus, self.budget_s = out, work, dry_run, gpus, budget_s
@@ -211,7 +211,7 @@ class Bench:
 
     @contextlib.contextmanager
     def gpu(self) -> Iterator[str]:
-        """A GPU of our own for a run or a chain of runs ('cpu' in a dry run)."""
+        """A lane of one GPU (CUDA_VISIBLE_DEVICES) for a run or a chain of runs ('cpu' in a dry run)."""
         slot = self.slots.get()
         try:
             yield slot
@@ -326,7 +326,7 @@ def objective_chain(bench: Bench, data: dict[str, Path], objective: str) -> dict
     name = f"{objective}: CUDA fp32 vs CPU fp32"
     if not bench.failed(name, fp32, reference):
         ok, detail = compare(reference, fp32, FP32)
-        same, largest = adapters(reference.output, fp32.output)
+        _, largest = adapters(reference.output, fp32.output)
         bench.check(name, "PASS" if ok else "FAIL", f"worst {_worst(detail)}; final adapters max |d| {largest:.2e}",
                     adapter_max_abs_diff=largest, **detail)
     return {"default": default, "fp32": fp32}
@@ -347,12 +347,13 @@ def nf4_chain(bench: Bench, data: dict[str, Path]) -> None:
     if bench.failed(name, run):
         return
     formats = {r.get("mem_base_format") for r in run.records if "mem_base_format" in r}
-    bench.check(name, "PASS" if formats == {"nf4"} else "FAIL", f"base format logged: {sorted(map(str, formats))}")
+    bench.check(name, "PASS" if formats == {"nf4"} else "FAIL",
+                f"base format logged: {sorted(map(str, formats))}; {run.fast_path or 'no fast-path line'}")
     reference_at_step1(bench, "dpo --quantize nf4: reference at step 1", run)
-    losses = [r["loss"] for r in run.records if "loss" in r]
-    late = sum(losses[-3:]) / 3
-    bench.check("dpo --quantize nf4: the loss falls", "PASS" if late < losses[0] else "FAIL",
-                f"step 1 loss {losses[0]:.4f}, mean of the last 3 steps {late:.4f}", losses=losses)
+    curve = [r["loss"] for r in run.records if "loss" in r]
+    late = sum(curve[-3:]) / 3
+    bench.check("dpo --quantize nf4: the loss falls", "PASS" if late < curve[0] else "FAIL",
+                f"step 1 loss {curve[0]:.4f}, mean of the last 3 steps {late:.4f}", losses=curve)
 
 
 def resume_chain(bench: Bench, data: dict[str, Path], prefix: str, dropout: float) -> None:
