@@ -24,7 +24,7 @@ from torch import nn
 
 from . import qweights
 from .config import LoraConfig
-from .layers import LoraLinear
+from .layers import LoraLinear, init_on_cpu
 
 
 def initialise(model: nn.Module, name: str, config: LoraConfig) -> None:
@@ -51,7 +51,7 @@ def initialise(model: nn.Module, name: str, config: LoraConfig) -> None:
 
 @torch.no_grad()
 def gaussian(layer: LoraLinear, name: str) -> None:
-    nn.init.normal_(layer.lora_A[name].weight, std=1.0 / layer.r[name])
+    init_on_cpu(layer.lora_A[name].weight, lambda t: nn.init.normal_(t, std=1.0 / layer.r[name]))
     nn.init.zeros_(layer.lora_B[name].weight)
 
 

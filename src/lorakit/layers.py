@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,18 @@ class LoraLayer(nn.Module):
         return not self.disabled and bool(self.active_adapters)
 
 
+@torch.no_grad()
+def init_on_cpu(param: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
+    """Fill `param` with `init` drawn from the CPU's random generator, wherever it lives: a
+    seed gives the same starting adapter on a CPU and on a GPU (whose generators differ)."""
+    if param.device.type in ("cpu", "meta"):
+        init(param)
+        return
+    values = torch.empty(param.shape, dtype=param.dtype)
+    init(values)
+    param.copy_(values)
+
+
 class LoraLinear(LoraLayer):
     """`nn.Linear` or transformers' GPT-2 `Conv1D` with LoRA adapters.
 
@@ -142,7 +154,7 @@ class LoraLinear(LoraLayer):
         self._stale.add(name)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        init_on_cpu(self.lora_A[name].weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.use_dora[name] = use_dora
@@ -498,8 +510,9 @@ class LoraEmbedding(LoraLayer):
             torch.zeros(r, self.num_embeddings, device=device, dtype=dtype)
         )
         self.lora_embedding_B[name] = nn.Parameter(
-            torch.randn(self.embedding_dim, r, device=device, dtype=dtype)
+            torch.empty(self.embedding_dim, r, device=device, dtype=dtype)
         )
+        init_on_cpu(self.lora_embedding_B[name], nn.init.normal_)
 
     def remove(self, name: str) -> None:
         if name in self.merged_adapters:

@@ -105,8 +105,8 @@ def initial_adapter(model: nn.Module, config: LoraConfig, seed: int, device: tor
     """The adapter's initial values, whole, keyed by parameter name, as one process would draw them.
 
     A single process seeds and then adds the adapter layer by layer; `LoraLinear.add` draws
-    from the generator of the weight's device. The same calls on shape-only layers, in the
-    same order and on the same device type, give the same values without any base weight.
+    from the CPU's generator whatever the device (`layers.init_on_cpu`). The same calls on
+    shape-only layers, in the same order, give the same values without any base weight.
     """
     torch.manual_seed(seed)
     values: dict[str, torch.Tensor] = {}
