@@ -337,9 +337,11 @@ def evaluate_pairs(loss_module: nn.Module, pairs: list[Pair], batch_size: int, p
     kept = inner.pop_stats()  # the training window's sums wait while eval runs
     sft_on_all = sft_on_all and inner.config.objective == "orpo"
     total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start : start + batch_size], pad_id, sft_on_all)
-        batch["nll_scale"] = torch.tensor(batch["input_ids"].shape[0] / 2 / max(nll_tokens(batch), 1))
+    batches = [collate_pairs(pairs[start : start + batch_size], pad_id, sft_on_all)
+               for start in range(0, len(pairs), batch_size)]
+    scale = torch.tensor(len(pairs) / max(sum(nll_tokens(b) for b in batches), 1))  # nll: a mean over all tokens
+    for batch in batches:
+        batch["nll_scale"] = scale
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             total += float(loss_module(batch))
