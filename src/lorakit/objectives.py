@@ -317,7 +317,8 @@ def step_batches(pairs: list[Pair], args: Any, step: int, env: DistEnv, pad_id: 
 
 
 def set_nll_scale(batches: list[dict[str, torch.Tensor]], step_pairs: int, env: DistEnv) -> None:
-    """ORPO and DPO with --rpo-alpha: weight the nll sums so that, divided by the step's pairs, they are a mean over its tokens."""
+    """ORPO and DPO with --rpo-alpha: weight the nll sums so that, divided by the step's pairs,
+    they are a mean over the step's tokens (on all processes)."""
     tokens = distributed.all_sum([sum(nll_tokens(b) for b in batches)], env)[0]
     for b in batches:
         b["nll_scale"] = torch.tensor(step_pairs / max(tokens, 1.0))
