@@ -41,7 +41,7 @@ def test_slot_cache_hands_out_lowest_slots_and_never_copies() -> None:
     with pytest.raises(ValueError, match="slot 3 is not in use"):
         cache.release(3)
     assert [t.data_ptr() for t in (*cache.keys, *cache.values)] == storage
-    assert cache.keys[0].shape == (4, 16, 2, 8)
+    assert cache.keys[0].shape == (4, 2, 16, 8)
     assert cache.bytes == 2 * 2 * 4 * 16 * 2 * 8 * 4
 
 
@@ -347,3 +347,30 @@ def test_compiled_fused_layers_trace_once_for_every_layer_and_step() -> None:
     assert counter.frame_count == frames
     for want, got in zip(*outs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_layers_concatenate_projections_without_a_second_copy() -> None:
+    """Q/K/V and gate/up run as one matmul each: their weights are concatenated once and the
+    modules' own weights become views of it (same values, one copy), and the generic forward
+    of the model is unchanged by it."""
+    model = _family("qwen2")  # biases on Q/K/V
+    lorakit.add_adapter(model, "p", lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = model(ids).logits
+        decoder = DecoderModel(model, fused=True)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    attn, mlp = decoder.layers[0].self_attn, decoder.layers[0].mlp
+    (qkv_w, qkv_b, qkv_sizes), _, (mlp_w, _, mlp_sizes), _ = decoder.fused.layers[0].groups
+    assert qkv_sizes == (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    assert mlp_sizes == (mlp.gate_proj.out_features, mlp.up_proj.out_features)
+    row = qkv_w.stride(0) * qkv_w.element_size()
+    assert attn.q_proj.weight.data_ptr() == qkv_w.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == qkv_w.data_ptr() + qkv_sizes[0] * row
+    assert attn.v_proj.weight.data_ptr() == qkv_w.data_ptr() + (qkv_sizes[0] + qkv_sizes[1]) * row
+    assert attn.v_proj.bias.data_ptr() == qkv_b.data_ptr() + (qkv_sizes[0] + qkv_sizes[1]) * qkv_b.element_size()
+    assert mlp.up_proj.weight.data_ptr() == mlp_w.data_ptr() + mlp_sizes[0] * mlp_w.stride(0) * mlp_w.element_size()

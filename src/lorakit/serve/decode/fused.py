@@ -11,7 +11,12 @@ a captured 1B step spent 4.7 ms on an H200 whose weights stream in 0.5 ms. Here 
 
 Both take every weight as an argument and touch no module, so `torch.compile` traces each
 once and every layer reuses the compiled code (the guards see equal shapes, not which
-layer's tensors they are); Inductor fuses the elementwise work between the matmuls. With
+layer's tensors they are); Inductor fuses the elementwise work between the matmuls.
+Projections that read the same input run as one matmul: Q/K/V, and gate/up, are
+concatenated once (`layer_weights`), and the modules' own weights become views of the
+concatenated tensor, so the values exist once and the generic path reads the same numbers.
+A decoding step's attention (one query per row) is two batched matmuls over the cache with
+a softmax between, as transformers' eager attention computes it; prefill uses SDPA. With
 `compile=False` the same functions run eagerly (the CPU tests check them against the
 module-by-module forward). Only dense bases take this path: a 4-bit base keeps the
 module-by-module forward, whose matmuls call bitsandbytes.
@@ -30,17 +35,20 @@ from ...layers import LoraLinear
 from .lora import GROUPS, batched_lora
 
 Dense = tuple[torch.Tensor, torch.Tensor | None]
+Group = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
+"""A projection group as one matmul: (weight, bias) concatenated along outputs, and each
+projection's output size."""
 
 
 @dataclass
 class LayerWeights:
-    """One layer's dense weights: norms, and (weight, bias) per projection in GROUPS order."""
+    """One layer's dense weights: norms, and one concatenated `Group` per entry of GROUPS."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    groups: tuple[tuple[Dense, ...], ...]
+    groups: tuple[Group, ...]
 
 
 def dense_weight(module: nn.Module) -> Dense | None:
@@ -54,15 +62,40 @@ def dense_weight(module: nn.Module) -> Dense | None:
     return None
 
 
+@torch.no_grad()
+def concatenate(dense: Sequence[Dense]) -> Group:
+    """The projections' weights (and biases) as one tensor along outputs; each module's
+    weight (and bias) becomes a view of it, so no second copy stays alive."""
+    sizes = tuple(int(w.shape[0]) for w, _ in dense)
+    if len(dense) == 1:
+        weight, bias = dense[0]
+        return weight, bias, sizes
+    weight = torch.cat([w for w, _ in dense])
+    bias = None
+    if any(b is not None for _, b in dense):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in dense])
+    start = 0
+    for (w, b), size in zip(dense, sizes, strict=True):
+        w.data = weight[start : start + size]
+        if b is not None and bias is not None:
+            b.data = bias[start : start + size]
+        start += size
+    return weight, bias, sizes
+
+
 def layer_weights(layer: nn.Module) -> LayerWeights | None:
-    """The layer's weights for the fused functions, or None when a projection is not dense."""
+    """The layer's weights for the fused functions, or None when a projection is not dense.
+    Q/K/V and gate/up are concatenated (`concatenate`): their modules' weights become views."""
     groups = []
     for parent, projs in GROUPS:
         owner = getattr(layer, parent)
-        dense = [dense_weight(getattr(owner, p)) for p in projs]
-        if any(d is None for d in dense):
+        modules = [getattr(owner, p) for p in projs]
+        if any(dense_weight(m) is None for m in modules):
             return None
-        groups.append(tuple(dense))  # type: ignore[arg-type]
+    for parent, projs in GROUPS:
+        owner = getattr(layer, parent)
+        modules = [getattr(owner, p) for p in projs]
+        groups.append(concatenate([dense_weight(m) for m in modules]))  # type: ignore[misc]
     attn = layer.self_attn
     norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
     return LayerWeights(
@@ -88,29 +121,41 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """SDPA of q (rows, T, heads, D) over keys, values (rows, L, kv heads, D) under mask
+    """Attention of q (rows, T, heads, D) over keys, values (rows, kv heads, L, D) under mask
     (rows, 1, group * T, L); (rows, T, heads * D). The query heads that share a K/V head
-    become more queries of that head (transformers' repeat_kv order), so K/V are not repeated."""
+    become more queries of that head (transformers' repeat_kv order), so K/V are not repeated.
+
+    One query per row (decoding): scores = q K^T in the cache's dtype, a float32 softmax, then
+    the weights times V, as transformers' eager attention does (float64 stays float64); both matmuls read the cache
+    in place (a (rows * kv heads) batch of small matmuls), where a fused attention kernel
+    pays for query tiles that decoding leaves almost empty. Several (prefill): PyTorch's SDPA."""
     rows, steps, heads, head_dim = q.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
     q = q.view(rows, steps, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(rows, kv_heads, group * steps, head_dim)
-    out = F.scaled_dot_product_attention(
-        q, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype), attn_mask=mask, scale=scaling
-    )
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    if steps == 1:
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # (rows, kv heads, group, L)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        out = torch.matmul(weights, values)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
     return out.view(rows, kv_heads, group, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(rows, steps, heads * head_dim)
 
 
 def _projections(
     x: torch.Tensor,
-    dense: Sequence[Dense],
+    group: Group,
     a: torch.Tensor | None,
     bs: Sequence[torch.Tensor | None] | None,
     index: torch.Tensor | None,
     every_slot: bool,
 ) -> list[torch.Tensor]:
-    outs = [F.linear(x, w, b) for w, b in dense]
+    weight, bias, sizes = group
+    y = F.linear(x, weight, bias)
+    outs = list(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else [y]
     if a is None or bs is None or index is None:
         return outs
     deltas = batched_lora(x, a, bs, index, every_slot)
@@ -123,7 +168,7 @@ def attention_inputs(
     q_norm: torch.Tensor | None,
     k_norm: torch.Tensor | None,
     eps: float,
-    qkv: Sequence[Dense],
+    qkv: Group,
     a: torch.Tensor | None,
     bs: Sequence[torch.Tensor | None] | None,
     index: torch.Tensor | None,
@@ -155,14 +200,14 @@ def layer_rest(
     scaling: float,
     post_norm: torch.Tensor,
     eps: float,
-    o: Sequence[Dense],
-    mlp: Sequence[Dense],
-    down: Sequence[Dense],
+    o: Group,
+    mlp: Group,
+    down: Group,
     loras: Sequence[tuple[torch.Tensor | None, Sequence[torch.Tensor | None] | None]],
     index: torch.Tensor | None,
     every_slot: bool,
 ) -> torch.Tensor:
-    """The layer's output hidden state. keys, values: (rows, L, kv heads, D) views of the
+    """The layer's output hidden state. keys, values: (rows, kv heads, L, D) views of the
     cache; mask: (rows, 1, group * T, L) booleans; loras: (A, Bs) of the o, gate/up and down
     groups (None where no resident adapter has them); every_slot: `batched_lora`'s dense."""
     out = attend(q, keys, values, mask, scaling)

@@ -1,6 +1,6 @@
 """The KV cache of the fast decode path: one preallocated slot per running request.
 
-    keys[layer], values[layer]: (slots, max length, kv heads, head dim), allocated once
+    keys[layer], values[layer]: (slots, kv heads, max length, head dim), allocated once
 
 A request takes a slot when it joins and gives it back when it leaves; nothing is
 copied either way. A row's tokens sit at positions 0..length-1 of its slot; what lies
@@ -35,16 +35,26 @@ class SlotCache:
     ) -> None:
         if slots < 1 or max_length < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got {slots} slots x {max_length}")
-        # Positions before heads: a step's new K/V rows go in with one index_copy_ into the
-        # (slots * max length, kv heads, head dim) view, which a CUDA graph can hold.
-        shape = (slots, max_length, kv_heads, head_dim)
+        # Heads before positions: the first `rows` slots' first L positions are a view that
+        # batched matmuls read in place ((rows * kv heads) matrices of L x head dim). A step's
+        # new K/V go in with one index_copy_ into the (slots * kv heads * max length, head dim)
+        # view (`flat_index`), which a CUDA graph can hold.
+        shape = (slots, kv_heads, max_length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.slots = slots
+        self.kv_heads = kv_heads
         self.max_length = max_length
         self.lengths = [0] * slots  # tokens held per slot (0 for a free slot)
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self._used: set[int] = set()
+
+    def flat_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of the (slots * kv heads * max length, head dim) view for slots (R,) at
+        positions (R, T): (R * T * kv heads,), in the order of K/V shaped (R, T, kv heads, D)."""
+        heads = torch.arange(self.kv_heads, device=positions.device)
+        base = (slots.view(-1, 1, 1) * self.kv_heads + heads.view(1, 1, -1)) * self.max_length  # (R, 1, H)
+        return (base + positions.unsqueeze(-1)).reshape(-1)
 
     @property
     def bytes(self) -> int:

@@ -8,8 +8,9 @@ through the LoRA layer's `base_forward`, a 4-bit base included), with:
 
 - the adapters of all rows applied by `batched_lora` from `AdapterSlots` (Q/K/V and
   gate/up sharing one shrink matmul), no per-layer Python dispatch on adapter names;
-- attention by PyTorch's SDPA over a view of the cache, grouped-query heads folded into
-  the query length (no repeated K/V), a boolean mask `key position <= query position`;
+- attention over a view of the cache (batched matmuls when decoding, PyTorch's SDPA for
+  prefill), grouped-query heads folded into the query length (no repeated K/V), a boolean
+  mask `key position <= query position`;
 - fixed shapes for a given (rows, T, key length): with rows = slots 0..n-1 nothing in
   it syncs with the host, so a CUDA graph can capture a decoding step.
 """
@@ -127,9 +128,11 @@ class DecoderModel:
         group = self.heads // self.kv_heads
         mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
         mask = mask.reshape(rows, 1, group * steps, key_length)
-        flat = (slots.unsqueeze(1) * cache.max_length + positions).reshape(-1)  # rows of the flat cache
-        # decoding (one token a row) with a batch not much smaller than the slots: read every slot once
-        dense = not gathered and steps == 1 and lora is not None and 2 * rows >= lora.capacity + 1
+        flat = cache.flat_index(slots, positions)  # where the tokens' K/V go in the flat cache
+        # Decoding (one token a row): read every adapter slot once (dense) unless the rows
+        # are few against the slots. Gathering moves each row's adapter three times (read,
+        # write, read again), so dense wins from a third as many rows as slots.
+        dense = not gathered and steps == 1 and lora is not None and 3 * rows >= lora.capacity + 1
         for i, layer in enumerate(self.layers):
             if self.fused is not None:
                 h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, dense)
@@ -155,15 +158,15 @@ class DecoderModel:
 
     def _kv(self, i: int, k: torch.Tensor, v: torch.Tensor, cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor,
             key_length: int, gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's K/V into the rows' slots; the (rows, key_length, kv heads, D) K/V to read."""
+        """Write the step's K/V into the rows' slots; the (rows, kv heads, key_length, D) K/V to read."""
         rows = slots.shape[0]
         keys, values = cache.keys[i], cache.values[i]
-        kv_shape = (-1, self.kv_heads, self.head_dim)
-        keys.view(kv_shape).index_copy_(0, flat, k.reshape(kv_shape).to(keys.dtype))
-        values.view(kv_shape).index_copy_(0, flat, v.reshape(kv_shape).to(values.dtype))
+        flat_shape = (-1, self.head_dim)
+        keys.view(flat_shape).index_copy_(0, flat, k.reshape(flat_shape).to(keys.dtype))
+        values.view(flat_shape).index_copy_(0, flat, v.reshape(flat_shape).to(values.dtype))
         if gathered:
-            return keys[:, :key_length].index_select(0, slots), values[:, :key_length].index_select(0, slots)
-        return keys[:rows, :key_length], values[:rows, :key_length]
+            return keys[:, :, :key_length].index_select(0, slots), values[:, :, :key_length].index_select(0, slots)
+        return keys[:rows, :, :key_length], values[:rows, :, :key_length]
 
     def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                      cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
