@@ -106,7 +106,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_model_dir, pa
                 assert last_small[key] == pytest.approx(last_big[key], rel=1e-4, abs=1e-6), key
 
 
-def test_rpo_alpha_logs_the_nll_and_keeps_the_chosen_answers_likely(tmp_path, tiny_model_dir, pair_data):
+def test_rpo_alpha_logs_the_nll_and_keeps_the_chosen_answers_likely(tmp_path, tiny_model_dir, pair_data, capsys):
     """The logged eval nll is the chosen answers' mean nll per token (computed here from the saved
     adapter), the eval loss is DPO's plus rpo_alpha times it, and the nll term keeps the chosen
     answers more likely than plain DPO leaves them."""
@@ -118,6 +118,8 @@ def test_rpo_alpha_logs_the_nll_and_keeps_the_chosen_answers_likely(tmp_path, ti
                                          lr=2e-2, max_steps=6, eval_every=6))
             for alpha in (0.0, 2.0)}
     plain, rpo = metrics(runs[0.0])[-1], metrics(runs[2.0])[-1]
+    console = capsys.readouterr()
+    assert f"eval nll {rpo['eval_nll_loss']:.4f}" in console.out + console.err
     assert "nll_loss" in rpo and "eval_nll_loss" in rpo and "eval_nll_loss" not in plain
     model, tok = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32)
     load_adapter(model, runs[2.0])
