@@ -142,14 +142,19 @@ def test_engine_without_adapters_runs_the_base(reference) -> None:
 
 def test_bucketed_pipelined_steps_give_the_same_tokens(serve_adapter_dirs, reference) -> None:
     """What runs with CUDA graphs, run eagerly: every step over a batch bucket's rows (idle
-    slots included), attention over the whole padded key length, and each step launched
-    before the last one's tokens are handed out (rows leave and join in between)."""
+    slots included), attention over the whole padded key length, each step launched before
+    the last one's tokens are handed out (rows leave and join in between), and prefills of a
+    few prompts padded to a length bucket."""
     names = [*SERVE_ADAPTERS, None]
     cases = [(p, names[i % 4], 5 + 2 * (i % 4)) for i, p in enumerate(engine_tests.PROMPTS)]
     with fast_engine(serve_adapter_dirs, max_batch=5) as engine:
         engine.decoder.pad_to_buckets = engine.decoder.pipelined = True
         assert engine.decoder.buckets == [1, 2, 4, 5]
+        padded = []
+        pad = engine.decoder._padded_prefill
+        engine.decoder._padded_prefill = lambda rows, length, *a: padded.append((rows, length)) or pad(rows, length, *a)
         got = engine.generate([c[0] for c in cases], [c[1] for c in cases], [engine_tests.greedy(c[2]) for c in cases])
+        assert padded and all(rows <= 4 for rows, _ in padded)  # prefills of a few prompts ran padded
         sampled = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, seed=3)
         crowd = engine.generate(engine_tests.PROMPTS[:4], ["alpha", "beta", None, "alpha"], [sampled] * 4)
         engine.decoder.pad_to_buckets = engine.decoder.pipelined = False

@@ -51,6 +51,7 @@ from .data import IGNORE, micro_batch
 from .distributed import DistEnv
 from .inject import active_adapters, disable_adapters, set_adapter
 from .io import load_adapter
+from .kernels import fused_token_logps
 from .prefdata import Pair, collate_pairs, load_pairs, split_pairs
 from .runlog import log
 
@@ -114,20 +115,29 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]
     return body, head
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for the softmax (fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _head_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    # (N, vocab) logits for N positions only; fp32 for the softmax.
-    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    # (N, vocab) logits for N positions only; at least fp32 for the softmax.
+    return -F.cross_entropy(_up(head(hidden)), targets, reduction="none")
 
 
 def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
                 chunk: int = 2048) -> torch.Tensor:
-    """(R, T-1) log-probabilities of `labels[:, 1:]` given the tokens before; 0 where the label is -100."""
+    """(R, T-1) log-probabilities of `labels[:, 1:]` given the tokens before; 0 where the label is
+    -100; at least fp32. Through the GPU fast path's fused pieces when it is on for the model."""
+    fused = fused_token_logps(model, input_ids, labels, position_ids)
+    if fused is not None:  # the GPU fast path is on for this model and batch (lorakit.kernels)
+        return fused
     targets = labels[:, 1:]
     mask = targets != IGNORE
     body, head = body_and_head(model)
     if body is None:
         logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-        picked = -F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
+        picked = -F.cross_entropy(_up(logits[:, :-1][mask]), targets[mask], reduction="none")
     else:
         hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         selected, wanted = hidden[:, :-1][mask], targets[mask]  # (N, d), (N,)
@@ -136,7 +146,7 @@ def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
         else:
             picked = torch.cat([checkpoint(_head_logps, selected[i : i + chunk], wanted[i : i + chunk], head,
                                            use_reentrant=False) for i in range(0, len(wanted), chunk)])
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)
+    out = torch.zeros(mask.shape, dtype=picked.dtype, device=input_ids.device)
     out[mask] = picked
     return out
 

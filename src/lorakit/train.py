@@ -149,11 +149,11 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     objectives.setup_reference(model, args)
     fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.memory)
-    if args.fast_path and device.type == "cuda" and preference:
-        log(f"GPU fast path off: {args.objective} needs per-sequence log-probabilities (the generic path runs)")
-    elif args.fast_path and device.type == "cuda":
+    if args.fast_path and device.type == "cuda":
+        # a preference batch holds a chosen and a rejected row per pair
+        tokens = 2 * args.batch_size * args.seq_len if preference else args.tokens_per_batch or args.batch_size * args.seq_len
         fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
-                                  args.tokens_per_batch or args.batch_size * args.seq_len, args.seq_len)
+                                  tokens, args.seq_len)
         status = enable_fast_path(model, fitted.config if fitted else None)
         fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")

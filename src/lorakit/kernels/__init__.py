@@ -13,7 +13,8 @@ unchanged. Each fused piece sits beside its pure-PyTorch reference:
     lora_linear.py   grouped base + LoRA matmuls with a hand-derived backward (4-bit base too),
                      with RMSNorm (before Q/K/V, gate/up) or SwiGLU (before down) fused in
     elementwise.py   RMSNorm, SwiGLU, RoPE: hand-derived backward, torch.compile'd on CUDA
-    loss.py          chunked linear + cross-entropy over supervised positions only
+    loss.py          chunked linear + cross-entropy over supervised positions only (or the
+                     log-probability of each, for DPO and ORPO)
     attention.py     padding-free attention over packed sequences (varlen FlashAttention)
     llama.py         the decoder on those pieces, activation checkpointing per layer
 """
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .elementwise import set_compile
-from .llama import causal_lm_loss, forward_reason, supported
+from .llama import causal_lm_loss, causal_lm_token_logps, forward_reason, supported
 
 __all__ = [
     "FastPathConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "disable_fast_path",
     "enable_fast_path",
     "fused_loss_sum",
+    "fused_token_logps",
     "supported",
 ]
 
@@ -144,16 +146,7 @@ def _loss(
     num_items: Any,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    recompute = config.recompute == "all" or (config.recompute == "auto" and _checkpointing(model))
-    recompute = recompute and model.training
-    save = config.save_intermediates
-    if save is None:
-        # Auto keeps them only when no layer is recomputed: whoever turned checkpointing off
-        # has chosen speed over memory. They cost 2 d + intermediate values per token and
-        # layer (on the 1B shape, keeping the SwiGLU product alone measured 22.4 vs 16.4 GiB
-        # and 81.4k vs 75.6k tokens/s). With checkpointing on, memory is the constraint and
-        # `keep_layers` already buys speed with it; 8B's would grow by ~350 MiB per kept layer.
-        save = not recompute
+    recompute, save = _settings(model, config)
     # The model's own dtype decides the compute dtype; an outer autocast would only add casts.
     with torch.autocast(input_ids.device.type, enabled=False):
         return causal_lm_loss(
@@ -167,6 +160,21 @@ def _loss(
             chunk_rows=config.loss_chunk_rows,
             position_ids=position_ids,
         )
+
+
+def _settings(model: nn.Module, config: FastPathConfig) -> tuple[bool, bool]:
+    """(recompute, save_intermediates) for this model now."""
+    recompute = config.recompute == "all" or (config.recompute == "auto" and _checkpointing(model))
+    recompute = recompute and model.training
+    save = config.save_intermediates
+    if save is None:
+        # Auto keeps them only when no layer is recomputed: whoever turned checkpointing off
+        # has chosen speed over memory. They cost 2 d + intermediate values per token and
+        # layer (on the 1B shape, keeping the SwiGLU product alone measured 22.4 vs 16.4 GiB
+        # and 81.4k vs 75.6k tokens/s). With checkpointing on, memory is the constraint and
+        # `keep_layers` already buys speed with it; 8B's would grow by ~350 MiB per kept layer.
+        save = not recompute
+    return recompute, save
 
 
 def fused_loss_sum(
@@ -183,6 +191,33 @@ def fused_loss_sum(
     if config is None or forward_reason(model, input_ids, None, position_ids) is not None:
         return None
     return _loss(model, config, input_ids, labels, 1, position_ids)
+
+
+def fused_token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """(B, S-1) log-probabilities of the labelled tokens through the fast path (0 elsewhere),
+    or None when this model or batch cannot take it, or its output head is trained."""
+    config = model.__dict__.get(_CONFIG)
+    if config is None or forward_reason(model, input_ids, None, position_ids) is not None:
+        return None
+    if model.lm_head.weight.requires_grad:
+        return None
+    recompute, save = _settings(model, config)
+    with torch.autocast(input_ids.device.type, enabled=False):
+        return causal_lm_token_logps(
+            model,
+            input_ids,
+            labels,
+            recompute=recompute,
+            keep_layers=config.keep_layers,
+            save_intermediates=save,
+            chunk_rows=config.loss_chunk_rows,
+            position_ids=position_ids,
+        )
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -41,7 +41,7 @@ from .lora_linear import (
     norm_lora_group,
     swiglu_lora,
 )
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, linear_token_logps
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 """Model classes the fast path runs (SmolLM checkpoints are LlamaForCausalLM)."""
@@ -277,6 +277,49 @@ def causal_lm_loss(
     backward instead of recomputing them (4-bit weights are dequantized again either way:
     keeping them for every layer would hold a dense copy of the whole base).
     """
+    hidden, target = _supervised_hidden(
+        model, input_ids, labels, recompute, keep_layers, save_intermediates, position_ids
+    )
+    loss = linear_cross_entropy(hidden, model.lm_head.weight, target, chunk_rows)
+    if num_items_in_batch is not None:
+        loss = loss * (target.numel() / num_items_in_batch)
+    return loss
+
+
+def causal_lm_token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    recompute: bool = False,
+    keep_layers: int = 0,
+    save_intermediates: bool = False,
+    chunk_rows: int | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, S-1) log-probabilities of `labels[:, 1:]` given the tokens before (0 where the
+    label is IGNORE_INDEX), at least fp32: `causal_lm_loss`'s computation kept per token, for
+    objectives that score whole sequences (DPO, ORPO). The output head must be frozen."""
+    hidden, target = _supervised_hidden(
+        model, input_ids, labels, recompute, keep_layers, save_intermediates, position_ids
+    )
+    picked = linear_token_logps(hidden, model.lm_head.weight, target, chunk_rows)
+    flat = labels[:, 1:].reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    out = picked.new_zeros(flat.shape[0]).index_copy(0, rows, picked)
+    return out.view(labels.shape[0], labels.shape[1] - 1)
+
+
+def _supervised_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    recompute: bool,
+    keep_layers: int,
+    save_intermediates: bool,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final-normed hidden states at supervised positions (N, d) and their targets (N,)."""
     inner = model.model
     # the supervised positions first: nonzero() waits for the GPU, which is idle here anyway
     target = labels[:, 1:].reshape(-1)
@@ -300,9 +343,4 @@ def causal_lm_loss(
     hidden = rms_norm(
         hidden, inner.norm.weight, _eps(inner.norm), "final"
     )  # per row: only supervised rows
-    loss = linear_cross_entropy(
-        hidden, model.lm_head.weight, target.index_select(0, rows), chunk_rows
-    )
-    if num_items_in_batch is not None:
-        loss = loss * (rows.numel() / num_items_in_batch)
-    return loss
+    return hidden, target.index_select(0, rows)

@@ -11,6 +11,10 @@ The gradients are formed in the forward, chunk by chunk, while each chunk's logi
 at hand (the loss is a scalar, so the backward only scales them by the incoming
 gradient). Peak extra memory is one chunk of logits instead of N x V.
 Only supervised rows are passed in: the caller drops positions whose label is ignored.
+
+`linear_token_logps` is the same computation per row: log p(t_i | h_i) for each row, for
+objectives that score whole sequences (DPO, ORPO). Its backward scales each row's stored
+gradient by that row's incoming gradient, so the head must be frozen (a LoRA run's is).
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ def _ce_chunk(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     grad = torch.softmax(z, dim=-1)
     grad = grad.scatter_add(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
     return (lse - picked).sum(), grad.to(logits.dtype)
+
+
+def _ce_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss (C,) at least fp32 and its gradient d(loss_i)/d(logits_i), in logits' dtype."""
+    z = _up(logits)
+    lse = torch.logsumexp(z, dim=-1)
+    picked = z.gather(1, target.unsqueeze(1)).squeeze(1)
+    grad = torch.softmax(z, dim=-1)
+    grad = grad.scatter_add(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+    return lse - picked, grad.to(logits.dtype)
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -85,6 +99,45 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(
         h, weight, target, chunk or default_chunk_rows(weight.shape[0])
     )
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        w = weight.to(h.dtype) if weight.dtype != h.dtype else weight
+        need_h = ctx.needs_input_grad[0]
+        dh = torch.empty_like(h) if need_h else None  # d(loss_i)/d(h_i), row by row
+        out = torch.empty(n, dtype=_up(h).dtype, device=h.device)
+        for start in range(0, n, chunk):
+            logits = h[start : start + chunk] @ w.t()
+            role = "full" if logits.shape[0] == chunk else "tail"
+            losses, dz = kernel(_ce_rows, role)(logits, target[start : start + chunk])
+            del logits
+            out[start : start + chunk] = -losses
+            if dh is not None:
+                torch.mm(dz, w, out=dh[start : start + chunk])
+        ctx.save_for_backward(dh if dh is not None else torch.empty(0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dh,) = ctx.saved_tensors
+        return -dh * grad.unsqueeze(1).to(dh.dtype), None, None, None
+
+
+def linear_token_logps(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """log softmax(h @ weight.T)[i, target_i] for each row, (N,) at least fp32; h: (N, d).
+    The head `weight` is frozen here: a head that requires grad is refused."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("linear_token_logps runs with a frozen output head (this one requires grad)")
+    return _LinearTokenLogps.apply(h, weight, target, chunk or default_chunk_rows(weight.shape[0]))
+
+
+def linear_token_logps_reference(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(_up(h @ weight.to(h.dtype).t()), target, reduction="none")
 
 
 def linear_cross_entropy_reference(

@@ -23,7 +23,8 @@ without a GPU.
 
 Prefill is batched (the admitted requests right-padded together) and chunked, but it is
 not interleaved with decoding: the engine's `max_prefill_tokens` bounds how long one
-admission holds the running rows.
+admission holds the running rows. A prefill of a few short prompts (what arrives while
+others decode) is padded to a length bucket and replayed from a graph (`prefill.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from ..sampling import SamplingParams
+from . import prefill
 from .kv import SlotCache
 from .llama import DecoderModel
 from .lora import AdapterSlots
@@ -129,6 +131,8 @@ class FastDecoder:
         """Launch the next step before the engine has handed out this one's tokens (see decode)."""
         self.buckets = batch_buckets(max_batch)
         self._graphs: dict[tuple[int, int, bool], _Step] = {}
+        self.prefill_lengths = prefill.lengths(min(prefill_chunk, context_length))
+        self._prefills: dict[tuple[int, int], prefill.PrefillGraph] = {}
         self.warmed_layout: int | None = None
         self._graph_layout = self.lora.layout
         self._pool = None
@@ -157,6 +161,7 @@ class FastDecoder:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # an in-flight step may still run an old graph
             self._graphs.clear()
+            self._prefills.clear()
             self._graph_layout = self.lora.layout
         if self.graphs_enabled and not self.batch.rows and self.warmed_layout != self.lora.layout:
             self.warmup()
@@ -169,8 +174,9 @@ class FastDecoder:
     @torch.no_grad()
     def warmup(self) -> None:
         """Compile and capture what serving will run, while no row runs: prefill of one and
-        of several rows, one and several tokens, and every decoding bucket, key length and
-        sampling kind. Idle rows write only position 0 of free slots, which no row reads."""
+        of several rows, one and several tokens, the padded prefills of a few prompts, and
+        every decoding bucket, key length and sampling kind. Nothing runs, so what they
+        write into free slots is never read."""
         if self.batch.rows:
             raise RuntimeError("warmup runs only while no request is running")
         for rows in sorted({1, min(2, self.max_batch)}):
@@ -180,6 +186,12 @@ class FastDecoder:
                 positions = torch.arange(steps, device=self.device).expand(rows, -1)
                 index = torch.full((rows,), self.lora.none, device=self.device)
                 self.decoder.logits(self.decoder.forward(ids, positions, self.cache, slots, steps, self.lora, index)[:, -1])
+        for rows in range(1, min(prefill.ROWS, self.max_batch) + 1) if self.pad_to_buckets else []:
+            for length in self.prefill_lengths:
+                ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)
+                slots = torch.arange(rows, device=self.device)
+                index = torch.full((rows,), self.lora.none, device=self.device)
+                self._padded_prefill(rows, length, ids, slots, index, torch.zeros_like(slots))
         for rows in self.buckets if self.pad_to_buckets else []:
             for key_length in self.key_lengths():
                 for greedy in (True, False):
@@ -208,17 +220,11 @@ class FastDecoder:
             ids = ids.to(self.device)
             slot_t = torch.tensor(slots, device=self.device)
             last = torch.tensor(lengths, device=self.device) - 1  # each row's last prompt position
-            final: torch.Tensor | None = None
-            for start in range(0, longest, self.prefill_chunk):
-                end = min(start + self.prefill_chunk, longest)
-                positions = torch.arange(start, end, device=self.device).expand(len(requests), -1)
-                hidden = self.decoder.forward(ids[:, start:end], positions, self.cache, slot_t, end, self.lora, index)
-                # rows whose last prompt token is in this chunk keep its hidden state
-                inside = (last >= start) & (last < end)
-                picked = hidden[torch.arange(len(requests), device=self.device), (last - start).clamp(0, end - start - 1)]
-                final = picked if final is None else torch.where(inside.unsqueeze(1), picked, final)
-            assert final is not None
-            logits = self.decoder.logits(final)
+            bucket = self._prefill_bucket(len(requests), longest)
+            if bucket is not None:  # a few short prompts: padded, replayed from a graph on CUDA
+                logits = self._padded_prefill(len(requests), bucket, ids, slot_t, index, last)
+            else:
+                logits = self.decoder.logits(self._prefill_hidden(ids, slot_t, index, last, longest))
             tokens = self._sample(logits, params, seeds, [n - 1 for n in lengths]).tolist()
         except BaseException:
             for slot in slots:
@@ -228,6 +234,56 @@ class FastDecoder:
             self.cache.lengths[slot] = n
             self.batch.add(request, slot, n, token, p, seed, name)
         return tokens
+
+    def _prefill_hidden(self, ids: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, last: torch.Tensor,
+                        longest: int) -> torch.Tensor:
+        """Run the prompts in chunks; each row's hidden state at its last prompt position."""
+        rows = ids.shape[0]
+        final: torch.Tensor | None = None
+        for start in range(0, longest, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, longest)
+            positions = torch.arange(start, end, device=self.device).expand(rows, -1)
+            hidden = self.decoder.forward(ids[:, start:end], positions, self.cache, slots, end, self.lora, index)
+            # rows whose last prompt token is in this chunk keep its hidden state
+            inside = (last >= start) & (last < end)
+            picked = hidden[torch.arange(rows, device=self.device), (last - start).clamp(0, end - start - 1)]
+            final = picked if final is None else torch.where(inside.unsqueeze(1), picked, final)
+        assert final is not None
+        return final
+
+    def _prefill_bucket(self, rows: int, longest: int) -> int | None:
+        """The padded length for a prefill of `rows` prompts (None: run it unpadded)."""
+        if not self.pad_to_buckets or rows > prefill.ROWS:
+            return None
+        return next((n for n in self.prefill_lengths if n >= longest), None)
+
+    def _padded_prefill(self, rows: int, length: int, ids: torch.Tensor, slots: torch.Tensor, index: torch.Tensor,
+                        last: torch.Tensor) -> torch.Tensor:
+        """Logits at the rows' last prompt positions, the prompts padded to `length` (a captured
+        graph per (rows, length) on CUDA; a failed capture turns graphs off, as for decoding)."""
+        key = (rows, length)
+        graph = self._prefills.get(key)
+        if graph is None:
+            def forward(ids: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+                return self.decoder.logits(self._prefill_hidden(ids, slots, index, last, length))
+
+            graph = prefill.PrefillGraph(rows, length, self.device, forward, self.graphs_enabled, self._pool)
+            if self.graphs_enabled:
+                self._prefills[key] = graph
+        try:
+            logits = graph.run(ids, slots, index, last)
+        except Exception as err:
+            if not self.graphs_enabled:
+                raise
+            self.graph_error = f"{type(err).__name__}: {err}"
+            self.graphs_enabled = False
+            self._graphs.clear()
+            self._prefills.clear()
+            torch.cuda.synchronize(self.device)
+            return self._padded_prefill(rows, length, ids, slots, index, last)
+        if graph.pool is not None:
+            self._pool = graph.pool
+        return logits
 
     def _sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
                 positions: Sequence[int]) -> torch.Tensor:
@@ -363,6 +419,7 @@ class FastDecoder:
                 self.graph_error = f"{type(err).__name__}: {err}"
                 self.graphs_enabled = False
                 self._graphs.clear()
+                self._prefills.clear()
                 torch.cuda.synchronize(self.device)
                 return self._run_step(rows, key_length, greedy, ints, floats)
         return step.launch(ints, floats)
