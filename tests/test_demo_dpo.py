@@ -1,5 +1,6 @@
 """The DPO demo's two stages (lorakit.demo.dpo) on a tiny model: a supervised adapter first, then
-DPO from it, with that adapter, frozen, as the reference for every step."""
+DPO from it (with the chosen answers' nll, rpo_alpha 1), with that adapter, frozen, as the
+reference for every step."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_dpo_stage_starts_from_the_sft_adapter_and_uses_it_frozen_as_reference(t
     runs = demo_dpo.stages(tmp_path / "demo", model=str(tiny_model_dir), data=chat_data[0], pairs=pairs,
                            eval_pairs=eval_pairs, sft_steps=3, sft_lr=5e-2, steps=4, lr=5e-2, beta=0.5,
                            batch_size=4, seq_len=64, precision="fp32")
-    assert (runs.dpo.init_adapter, runs.dpo.reference) == (runs.sft.output, "init")
+    assert (runs.dpo.init_adapter, runs.dpo.reference, runs.dpo.rpo_alpha) == (runs.sft.output, "init", 1.0)
 
     # Record every reference computation of the DPO stage: the batch and the log-probabilities.
     seen: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
@@ -70,8 +71,9 @@ def test_dpo_stage_starts_from_the_sft_adapter_and_uses_it_frozen_as_reference(t
         assert (real(dpo_model, last_batch) - last_reference).abs().max() > 1e-2  # DPO moved the adapter
 
     rows = [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
-    # The first step's policy is the SFT adapter itself: margin 0, loss log 2.
-    assert rows[0]["step"] == 1 and abs(rows[0]["loss"] - math.log(2)) < 1e-5
+    # The first step's policy is the SFT adapter itself: margin 0, DPO's loss log 2, plus the nll term.
+    assert rows[0]["step"] == 1 and rows[0]["rewards/margins"] == 0
+    assert rows[0]["nll_loss"] > 0.1 and abs(rows[0]["loss"] - math.log(2) - rows[0]["nll_loss"]) < 1e-5
     saved_sft, saved_dpo = load_file(f"{runs.sft.output}/adapter_model.safetensors"), load_file(
         f"{final}/adapter_model.safetensors")
     assert set(saved_dpo) == set(saved_sft)  # the frozen reference copy is not saved

@@ -56,11 +56,15 @@ def trl_batch_to_lorakit(batch: dict) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def dpo_trainer(tmp_path, model, beta: float, peft_config=None):
+def dpo_trainer(tmp_path, model, beta: float, peft_config=None, rpo_alpha: float | None = None):
+    """TRL's DPOTrainer; with `rpo_alpha`, RPO as TRL spells it now: the "sigmoid" and "sft" loss
+    types weighted 1 and rpo_alpha (what `DPOConfig(rpo_alpha=...)` was)."""
     from trl import DPOConfig, DPOTrainer
 
+    losses = {} if rpo_alpha is None else {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, rpo_alpha]}
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=len(ROWS),
-                     report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False)
+                     report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False,
+                     **losses)
     return DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
                       processing_class=tiny_llama_for_tokenizer()[1], peft_config=peft_config)
 
@@ -154,6 +158,37 @@ def test_dpo_against_the_starting_adapter_matches_trl(tmp_path):
     lorakit.load_adapter(ours_model, tmp_path / "init", adapter_name="reference")
     ours = lorakit_step(ours_model, trl_batch_to_lorakit(batch), PreferenceConfig("dpo", 0.2, 0.0, "init"))
     assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("rpo_alpha", [1.0, 0.3])
+def test_dpo_with_rpo_alpha_matches_trl(tmp_path, rpo_alpha):
+    """DPO + rpo_alpha * the chosen answers' mean nll per token: TRL's sigmoid + sft loss types."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    trainer = dpo_trainer(tmp_path, tiny_llama_for_tokenizer()[0], 0.2, config, rpo_alpha=rpo_alpha)
+    randomise(trainer.model, "default", seed=8)
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    theirs = trl_step(trainer, batch)
+    plain_trainer = dpo_trainer(tmp_path, tiny_llama_for_tokenizer()[0], 0.2, config)
+    plain_trainer.model.load_state_dict(trainer.model.state_dict())
+    plain_loss = trl_step(plain_trainer, batch)[0]
+
+    model, _ = tiny_llama_for_tokenizer()
+    lorakit.load_adapter(model, tmp_path / "adapter", trainable=True)
+    ours_batch = trl_batch_to_lorakit(batch)
+    answer_tokens = int((ours_batch["labels"][: len(ROWS), 1:] != IGNORE).sum())
+    ours_batch["nll_scale"] = torch.tensor(len(ROWS) / answer_tokens)
+    config = PreferenceConfig("dpo", 0.2, 0.0, "base", rpo_alpha=rpo_alpha)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    module = PreferenceLoss(model, config)
+    loss = module(ours_batch) / len(ROWS)
+    loss.backward()
+    record = stats_record(module.pop_stats(), nll=True)
+    assert_same((float(loss), record, lora_grads(model)), theirs)
+    assert record["nll_loss"] == pytest.approx((theirs[0] - plain_loss) / rpo_alpha, rel=1e-4)
+    assert record["nll_loss"] == pytest.approx(-record["logps/chosen"] * len(ROWS) / answer_tokens, rel=1e-5)
+    assert abs(theirs[0] - plain_loss) > 0.1  # the nll term is really there
 
 
 def test_label_smoothing_mixes_the_loss_of_the_flipped_pairs(tmp_path):
@@ -272,8 +307,8 @@ def test_loss_module_sums_over_pairs_so_pieces_add_up():
     model, _ = tiny_llama_for_tokenizer()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomise(model, "default", seed=7)
-    for objective in ("dpo", "orpo"):
-        module = PreferenceLoss(model, PreferenceConfig(objective, 0.2))
+    for objective, rpo_alpha in (("dpo", 0.0), ("dpo", 1.0), ("orpo", 0.0)):
+        module = PreferenceLoss(model, PreferenceConfig(objective, 0.2, rpo_alpha=rpo_alpha))
         whole = collate_pairs(pairs, tok.pad_token_id)
         parts = [collate_pairs(pairs[:1], tok.pad_token_id), collate_pairs(pairs[1:], tok.pad_token_id)]
         tokens = sum(int((b["labels"][: b["input_ids"].shape[0] // 2, 1:] != IGNORE).sum()) for b in parts)
@@ -284,10 +319,13 @@ def test_loss_module_sums_over_pairs_so_pieces_add_up():
         torch.testing.assert_close(one, split, rtol=1e-5, atol=1e-6)
         sums = module.pop_stats()
         assert float(sums[-1]) == 2 * len(pairs)
+        assert (float(sums[-2]) != 0) == (objective == "orpo" or rpo_alpha > 0)  # the nll sums, both passes
 
 
 def test_metrics_record_names_match_trl():
-    record = stats_record(torch.tensor([1.0, -1.0, 2.0, 2.0, -3.0, -5.0, 2.0]), "eval_")
+    sums = torch.tensor([1.0, -1.0, 2.0, 2.0, -3.0, -5.0, 0.8, 2.0])
+    record = stats_record(sums, "eval_")
     assert record == {"eval_rewards/chosen": 0.5, "eval_rewards/rejected": -0.5, "eval_rewards/margins": 1.0,
                       "eval_rewards/accuracies": 1.0, "eval_logps/chosen": -1.5, "eval_logps/rejected": -2.5}
+    assert stats_record(sums, nll=True)["nll_loss"] == pytest.approx(0.4)  # ORPO and DPO with rpo_alpha: TRL's nll_loss
     assert json.dumps(record)

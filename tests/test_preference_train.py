@@ -89,14 +89,50 @@ def yaml_objective(out) -> str:
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_model_dir, pair_data):
-    for objective in ("dpo", "orpo"):
-        options = dict(objective=objective, max_steps=3, eval_data=None, log_every=3, save_every=3)
-        big = recipe.train(args_for(tiny_model_dir, pair_data, tmp_path / f"big-{objective}", **options))
-        small = recipe.train(args_for(tiny_model_dir, pair_data, tmp_path / f"acc-{objective}", **options,
+    for objective, rpo_alpha in (("dpo", 0.0), ("dpo", 1.0), ("orpo", 0.0)):
+        name = f"{objective}-{rpo_alpha}"
+        options = dict(objective=objective, rpo_alpha=rpo_alpha, max_steps=3, eval_data=None, log_every=3,
+                       save_every=3)
+        big = recipe.train(args_for(tiny_model_dir, pair_data, tmp_path / f"big-{name}", **options))
+        small = recipe.train(args_for(tiny_model_dir, pair_data, tmp_path / f"acc-{name}", **options,
                                       batch_size=2, grad_accum=2, max_tokens=10))  # pieces of one pair too
         a, b = adapter(big), adapter(small)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        last_big, last_small = metrics(big)[-1], metrics(small)[-1]
+        for key in ("loss", "rewards/margins", "nll_loss"):
+            assert (key in last_big) == (key != "nll_loss" or objective == "orpo" or rpo_alpha > 0), key
+            if key in last_big:
+                assert last_small[key] == pytest.approx(last_big[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rpo_alpha_logs_the_nll_and_keeps_the_chosen_answers_likely(tmp_path, tiny_model_dir, pair_data, capsys):
+    """The logged eval nll is the chosen answers' mean nll per token (computed here from the saved
+    adapter), the eval loss is DPO's plus rpo_alpha times it, and the nll term keeps the chosen
+    answers more likely than plain DPO leaves them."""
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+    from lorakit.prefdata import collate_pairs, load_pairs
+
+    runs = {alpha: recipe.train(args_for(tiny_model_dir, pair_data, tmp_path / f"rpo-{alpha}", rpo_alpha=alpha,
+                                         lr=2e-2, max_steps=6, eval_every=6))
+            for alpha in (0.0, 2.0)}
+    plain, rpo = metrics(runs[0.0])[-1], metrics(runs[2.0])[-1]
+    console = capsys.readouterr()
+    assert f"eval nll {rpo['eval_nll_loss']:.4f}" in console.out + console.err
+    assert "nll_loss" in rpo and "eval_nll_loss" in rpo and "eval_nll_loss" not in plain
+    model, tok = load_model(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+    load_adapter(model, runs[2.0])
+    pairs, _ = load_pairs(pair_data[1], tok, 64)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        chosen = objectives.token_logps(model.eval(), batch["input_ids"][: len(pairs)], batch["labels"][: len(pairs)],
+                                        batch["position_ids"][: len(pairs)])
+    tokens = int((batch["labels"][: len(pairs), 1:] != -100).sum())
+    assert rpo["eval_nll_loss"] == pytest.approx(float(-chosen.sum()) / tokens, rel=1e-4)
+    dpo_part = rpo["eval_loss"] - 2.0 * rpo["eval_nll_loss"]
+    assert 0 < dpo_part < rpo["eval_loss"]
+    assert rpo["eval_logps/chosen"] > plain["eval_logps/chosen"]
 
 
 def test_resume_after_interrupt_ends_with_the_same_adapter(tmp_path, tiny_model_dir, pair_data, monkeypatch):
@@ -147,6 +183,11 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny_model
         (["--objective", "dpo", "--reference", "sft"], "--reference must be one of auto, base, init, got 'sft'"),
         (["--objective", "orpo", "--packing"], "--packing applies to --objective sft only"),
         (["--objective", "orpo", "--label-smoothing", "0.1"], "--label-smoothing applies to --objective dpo only"),
+        (["--objective", "dpo", "--rpo-alpha", "-1"], "--rpo-alpha must be a finite number >= 0 (0: off; 1.0 as in "
+                                                       "the RPO paper), got -1.0"),
+        (["--objective", "orpo", "--rpo-alpha", "1"], "--rpo-alpha applies to --objective dpo only (orpo has its own "
+                                                      "nll term), got --objective orpo"),
+        (["--rpo-alpha", "1"], "--rpo-alpha applies to --objective dpo only"),
     ]
     for extra, message in cases:
         out = tmp_path / "never"
@@ -154,6 +195,9 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny_model
             cli_main(["train", "--model", str(tiny_model_dir), "--data", str(pair_data[0]), "--output", str(out), *extra])
         assert message in capsys.readouterr().err
         assert not out.exists()
+    with pytest.raises(ValueError, match=r"--rpo-alpha must be a finite number >= 0 .*got nan"):
+        args_for(tiny_model_dir, pair_data, tmp_path / "never", rpo_alpha=float("nan"))  # a config file's .nan
+    assert not (tmp_path / "never").exists()
 
 
 def test_sft_data_for_dpo_names_the_file_and_writes_nothing(tmp_path, tiny_model_dir, chat_data, capsys):
@@ -184,7 +228,8 @@ def free_port() -> int:
 def test_two_processes_equal_one(tmp_path, tiny_model_dir, pair_data, strategy):
     common = ["train", "--model", str(tiny_model_dir), "--data", str(pair_data[0]), "--eval-data", str(pair_data[1]),
               "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--batch-size", "4", "--max-steps", "3", "--seq-len", "64",
-              "--device", "cpu", "--precision", "fp32", "--objective", "dpo", "--beta", "0.5", "--eval-every", "3"]
+              "--device", "cpu", "--precision", "fp32", "--objective", "dpo", "--beta", "0.5", "--eval-every", "3",
+              *(["--rpo-alpha", "0.5"] if strategy == "ddp" else [])]  # the nll's token count summed over processes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     single = subprocess.run([sys.executable, "-m", "lorakit", *common, "--output", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -197,5 +242,6 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, pair_data, strategy):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
     last_one, last_two = metrics(tmp_path / "one")[-1], metrics(tmp_path / "two")[-1]
-    for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
+    for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
+                *(["nll_loss", "eval_nll_loss"] if strategy == "ddp" else [])):
         assert last_two[key] == pytest.approx(last_one[key], rel=1e-4, abs=1e-6), key

@@ -10,6 +10,11 @@ DPO (Rafailov et al. 2023), sigmoid loss with optional label smoothing (conserva
     h_i   = beta * [(logp(yc|x) - ref_logp(yc|x)) - (logp(yr|x) - ref_logp(yr|x))]
     loss  = mean_i[ -(1 - eps) * log sigmoid(h_i) - eps * log sigmoid(-h_i) ]
 
+With `--rpo-alpha A` (RPO, Pang et al. 2024; TRL's `loss_type=["sigmoid", "sft"]`,
+`loss_weights=[1, A]`, formerly `rpo_alpha`) the loss adds A times the mean negative
+log-likelihood per token of the chosen answers, which keeps the chosen answers likely while
+the margin grows (plain DPO may lower both, including the tokens both answers share).
+
 The reference is the same model with its adapter disabled (the base), or with a frozen copy
 of the starting adapter (`--init-adapter DIR --reference init`), run once per batch under
 `torch.no_grad`: no second copy of the model exists. Rewards are `beta * (logp - ref_logp)`.
@@ -24,12 +29,14 @@ every token with `--loss-on all`, as TRL's ORPOTrainer does). Rewards are `beta 
 
 Every micro-batch returns sums; the loop divides by the step's pair count, so gradient
 accumulation and torchrun sharding equal one big batch. ORPO's nll is a mean over the
-step's tokens: `nll_scale` (pairs / tokens of the step) carries that into each micro-batch.
+step's tokens: `nll_scale` (pairs / tokens of the step) carries that into each micro-batch; the
+same holds for DPO's `--rpo-alpha` term.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +60,12 @@ REFERENCES = ("auto", "base", "init")
 REFERENCE_ADAPTER = "reference"
 """The name of the frozen copy of the starting adapter (`--reference init`)."""
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+NLL = "nll_loss"
+"""The logged mean nll per chosen token of ORPO and of DPO with --rpo-alpha (TRL's name)."""
 
 
 def check_preference_args(objective: str, reference: str, init_adapter: str | None, beta: float,
-                          label_smoothing: float, packing: bool) -> None:
+                          label_smoothing: float, packing: bool, rpo_alpha: float = 0.0) -> None:
     """`TrainArgs`' checks of the preference options; the errors name the option and the accepted values."""
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -70,6 +79,12 @@ def check_preference_args(objective: str, reference: str, init_adapter: str | No
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and objective != "dpo":
         raise ValueError(f"--label-smoothing applies to --objective dpo only, got --objective {objective}")
+    if not (isinstance(rpo_alpha, (int, float)) and not isinstance(rpo_alpha, bool) and math.isfinite(rpo_alpha)
+            and rpo_alpha >= 0):
+        raise ValueError(f"--rpo-alpha must be a finite number >= 0 (0: off; 1.0 as in the RPO paper), got {rpo_alpha!r}")
+    if rpo_alpha and objective != "dpo":
+        raise ValueError(f"--rpo-alpha applies to --objective dpo only (orpo has its own nll term), "
+                         f"got --objective {objective}")
     if objective != "sft" and packing:
         raise ValueError(f"--packing applies to --objective sft only; {objective} scores whole pairs, got --packing")
 
@@ -159,7 +174,8 @@ def reference_mode(model: nn.Module, reference: str) -> Iterator[None]:
 def preference_config(args: Any) -> PreferenceConfig:
     """The preference options of `train.TrainArgs`, with `--reference auto` resolved."""
     reference = args.reference if args.reference != "auto" else ("init" if args.init_adapter else "base")
-    return PreferenceConfig(args.objective, args.beta, args.label_smoothing, reference, args.loss_chunk)
+    return PreferenceConfig(args.objective, args.beta, args.label_smoothing, reference, args.loss_chunk,
+                            args.rpo_alpha)
 
 
 def second_adapter(args: Any) -> bool:
@@ -209,6 +225,18 @@ class PreferenceConfig:
     reference: str = "base"
     """base or init (resolved from auto by the caller)."""
     chunk: int = 2048
+    rpo_alpha: float = 0.0
+    """DPO: weight of the mean nll per chosen answer token added to the loss (0: plain DPO)."""
+
+    @property
+    def has_nll(self) -> bool:
+        """Whether the loss holds an nll term, scaled by the batch's `nll_scale`."""
+        return self.objective == "orpo" or (self.objective == "dpo" and self.rpo_alpha > 0)
+
+
+def has_nll(args: Any) -> bool:
+    """Whether a run's loss holds an nll term (ORPO, DPO with --rpo-alpha): its batches need `nll_scale`."""
+    return preference_config(args).has_nll
 
 
 class PreferenceLoss(nn.Module):
@@ -222,7 +250,7 @@ class PreferenceLoss(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
-        self.stats = torch.zeros(len(STATS) + 1, dtype=torch.float64)  # STATS sums, then the pair count
+        self.stats = torch.zeros(len(STATS) + 2, dtype=torch.float64)  # STATS sums, the nll, the pair count
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.config
@@ -241,15 +269,20 @@ class PreferenceLoss(nn.Module):
             losses, chosen_rewards, rejected_rewards = dpo_losses(chosen, rejected, ref[:pairs], ref[pairs:],
                                                                   cfg.beta, cfg.label_smoothing)
             total = losses.sum()
+            nll = None
+            if cfg.rpo_alpha:  # the chosen answers' tokens, as TRL's "sft" loss type
+                nll = -logps[:pairs].sum() * batch["nll_scale"].to(logps.dtype)
+                total = total + cfg.rpo_alpha * nll
         else:
             counts = answer.sum(-1).clamp(min=1)
             chosen, rejected = chosen / counts[:pairs], rejected / counts[pairs:]  # per-token averages
             losses, chosen_rewards, rejected_rewards = orpo_losses(chosen, rejected, cfg.beta)
-            nll = -logps[:pairs].sum()  # every scored chosen token: the answers, or all with sft_labels
-            total = losses.sum() + nll * batch["nll_scale"].to(nll.dtype)
+            nll = -logps[:pairs].sum() * batch["nll_scale"].to(logps.dtype)  # the answers, or all with sft_labels
+            total = losses.sum() + nll
         margins = chosen_rewards - rejected_rewards
         values = [chosen_rewards.sum(), rejected_rewards.sum(), margins.sum(), (margins > 0).float().sum(),
-                  chosen.detach().sum(), rejected.detach().sum(), torch.tensor(float(pairs))]
+                  chosen.detach().sum(), rejected.detach().sum(),
+                  torch.zeros(()) if nll is None else nll.detach(), torch.tensor(float(pairs))]
         self.stats += torch.stack([v.double().cpu() for v in values])
         return total
 
@@ -266,11 +299,15 @@ def nll_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:pairs, 1:] != IGNORE).sum())
 
 
-def stats_record(sums: list[float] | torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Means per pair of the accumulated sums (`PreferenceLoss.stats`, summed over processes)."""
+def stats_record(sums: list[float] | torch.Tensor, prefix: str = "", nll: bool = False) -> dict[str, float]:
+    """Means per pair of the accumulated sums (`PreferenceLoss.stats`, summed over processes); with
+    `nll`, also the nll term (its sums carry `nll_scale`, so this is the mean per chosen token)."""
     values = [float(v) for v in sums]
     pairs = max(values[-1], 1.0)
-    return {prefix + name: value / pairs for name, value in zip(STATS, values[:-1], strict=True)}
+    record = {prefix + name: value / pairs for name, value in zip(STATS, values[:-2], strict=True)}
+    if nll:
+        record[prefix + NLL] = values[-2] / pairs
+    return record
 
 
 # the loop's pieces ----------------------------------------------------------------------------
@@ -282,14 +319,16 @@ def step_batches(pairs: list[Pair], args: Any, step: int, env: DistEnv, pad_id: 
     `step * grad_accum ...` (a function of (seed, index), as for SFT), its own pairs of each, in
     pieces of at most `max_tokens`."""
     first = step * args.grad_accum
-    return [collate_pairs(piece, pad_id, args.loss_on == "all")
+    sft_on_all = args.loss_on == "all" and args.objective == "orpo"  # DPO's rpo term: the answers, as TRL
+    return [collate_pairs(piece, pad_id, sft_on_all)
             for k in range(args.grad_accum)
             for piece in split_pairs(distributed.shard(micro_batch(pairs, args.batch_size, args.seed, first + k), env),
                                      max_tokens)]
 
 
 def set_nll_scale(batches: list[dict[str, torch.Tensor]], step_pairs: int, env: DistEnv) -> None:
-    """ORPO: weight the nll sums so that, divided by the step's pairs, they are a mean over its tokens."""
+    """ORPO and DPO with --rpo-alpha: weight the nll sums so that, divided by the step's pairs,
+    they are a mean over the step's tokens (on all processes)."""
     tokens = distributed.all_sum([sum(nll_tokens(b) for b in batches)], env)[0]
     for b in batches:
         b["nll_scale"] = torch.tensor(step_pairs / max(tokens, 1.0))
@@ -307,14 +346,17 @@ def evaluate_pairs(loss_module: nn.Module, pairs: list[Pair], batch_size: int, p
     was_training = model.training
     model.eval()
     kept = inner.pop_stats()  # the training window's sums wait while eval runs
+    sft_on_all = sft_on_all and inner.config.objective == "orpo"
     total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start : start + batch_size], pad_id, sft_on_all)
-        batch["nll_scale"] = torch.tensor(batch["input_ids"].shape[0] / 2 / max(nll_tokens(batch), 1))
+    batches = [collate_pairs(pairs[start : start + batch_size], pad_id, sft_on_all)
+               for start in range(0, len(pairs), batch_size)]
+    scale = torch.tensor(len(pairs) / max(sum(nll_tokens(b) for b in batches), 1))  # nll: a mean over all tokens
+    for batch in batches:
+        batch["nll_scale"] = scale
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             total += float(loss_module(batch))
     sums = inner.pop_stats()
     inner.stats = kept
     model.train(was_training)
-    return {"eval_loss": total / max(float(sums[-1]), 1.0), **stats_record(sums, "eval_")}
+    return {"eval_loss": total / max(float(sums[-1]), 1.0), **stats_record(sums, "eval_", inner.config.has_nll)}

@@ -103,10 +103,14 @@ def format_record(record: dict[str, Any], total: int) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "rewards/margins" in record:
         parts.append(f"margin {record['rewards/margins']:.3f}  acc {record['rewards/accuracies']:.0%}")
+    if "nll_loss" in record:  # ORPO's and DPO --rpo-alpha's nll term, per chosen token
+        parts.append(f"nll {record['nll_loss']:.4f}")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
     if "eval_rewards/margins" in record:
         parts.append(f"eval margin {record['eval_rewards/margins']:.3f}  eval acc {record['eval_rewards/accuracies']:.0%}")
+    if "eval_nll_loss" in record:
+        parts.append(f"eval nll {record['eval_nll_loss']:.4f}")
     parts.append(f"lr {record['lr']:.2e}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:.0f} tok/s")

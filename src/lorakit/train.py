@@ -397,7 +397,7 @@ def train(args: TrainArgs) -> Path:
                               for b in batches)
             local_tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)  # for tokens/s
             step_count, step_tokens = (int(v) for v in distributed.all_sum([local_count, local_tokens], env))
-            if args.objective == "orpo":
+            if objectives.has_nll(args):
                 objectives.set_nll_scale(batches, step_count, env)
             step_loss = 0.0
             in_step = True
@@ -435,7 +435,7 @@ def train(args: TrainArgs) -> Path:
                 record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
                 if preference:
                     sums = distributed.all_sum(distributed.unwrap(loss_module).pop_stats().tolist(), env)
-                    record.update(objectives.stats_record(sums))
+                    record.update(objectives.stats_record(sums, nll=objectives.has_nll(args)))
                 memory = memory_report(model, optimizer)
                 record.update(memory.as_dict())
                 if step - start <= args.log_every and env.is_main:

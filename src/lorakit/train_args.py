@@ -131,6 +131,8 @@ class TrainArgs:
     """DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term."""
     label_smoothing: float = 0.0
     """DPO: the assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    rpo_alpha: float = 0.0
+    """DPO: add this times the mean nll per token of the chosen answers (RPO; TRL's rpo_alpha); 0: off, 1.0 typical."""
     init_adapter: str | None = None
     """Start from this adapter directory (e.g. an SFT run's output) instead of a fresh adapter."""
     reference: str = "auto"
@@ -169,7 +171,7 @@ class TrainArgs:
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
         objectives.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
-                                         self.label_smoothing, self.packing)
+                                         self.label_smoothing, self.packing, self.rpo_alpha)
         self.lora_config()  # validates rank, alpha, dropout and targets early
         watch.check_args(self)
 

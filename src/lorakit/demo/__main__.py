@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 (default 30; dpo 20)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; dpo 2e-4)")
     parser.add_argument("--beta", type=float, default=None, help="dpo / orpo beta (default: dpo 0.5, orpo 0.1)")
+    parser.add_argument("--rpo-alpha", type=float, default=1.0,
+                        help="dpo: weight of the chosen answers' nll added to the DPO loss (0: plain DPO)")
     parser.add_argument("--sft-steps", type=int, default=8, help="dpo: steps of the supervised first stage")
     parser.add_argument("--sft-lr", type=float, default=1e-3, help="dpo: learning rate of the supervised first stage")
     parser.add_argument("--held-out", type=int, default=32, help="held-out notes to generate for exact match")
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     held = read(EVAL)[: opts.held_out]
     train_time = 0.0
     if is_dpo:
-        runs = dpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr, beta=beta)
+        runs = dpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr, beta=beta,
+                          rpo_alpha=opts.rpo_alpha)
         print(f"== stage 1: a brief supervised adapter, {opts.sft_steps} steps of 8 notes, lr {opts.sft_lr:g}, on CPU")
         train_time += train_timed(runs.sft)
         before_name, after_name = "the supervised adapter", "the DPO adapter trained from it"
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         report(loss0, acc0, len(held), pref0)
         args = runs.dpo
         print(f"== stage 2: DPO from {runs.sft.output}, reference = its frozen copy: {steps} steps of 8 preference "
-              f"pairs, lr {lr:g}, beta {beta:g}, on CPU")
+              f"pairs, lr {lr:g}, beta {beta:g}, rpo_alpha {opts.rpo_alpha:g}, on CPU")
     else:
         before_name, after_name = "the base", f"the base with the {objective} adapter"
         print("== before: the bundled SmolLM2-135M-Instruct alone")
