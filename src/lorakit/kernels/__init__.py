@@ -146,19 +146,25 @@ def _loss(
     num_items: Any,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    return _run(causal_lm_loss, model, config, input_ids, labels, position_ids, num_items_in_batch=num_items)
+
+
+def _run(fn: Any, model: nn.Module, config: FastPathConfig, input_ids: torch.Tensor, labels: torch.Tensor,
+         position_ids: torch.Tensor | None, **extra: Any) -> torch.Tensor:
+    """`fn` (causal_lm_loss or causal_lm_token_logps) with the config's settings for this model now."""
     recompute, save = _settings(model, config)
     # The model's own dtype decides the compute dtype; an outer autocast would only add casts.
     with torch.autocast(input_ids.device.type, enabled=False):
-        return causal_lm_loss(
+        return fn(
             model,
             input_ids,
             labels,
             recompute=recompute,
             keep_layers=config.keep_layers,
             save_intermediates=save,
-            num_items_in_batch=num_items,
             chunk_rows=config.loss_chunk_rows,
             position_ids=position_ids,
+            **extra,
         )
 
 
@@ -206,18 +212,7 @@ def fused_token_logps(
         return None
     if model.lm_head.weight.requires_grad:
         return None
-    recompute, save = _settings(model, config)
-    with torch.autocast(input_ids.device.type, enabled=False):
-        return causal_lm_token_logps(
-            model,
-            input_ids,
-            labels,
-            recompute=recompute,
-            keep_layers=config.keep_layers,
-            save_intermediates=save,
-            chunk_rows=config.loss_chunk_rows,
-            position_ids=position_ids,
-        )
+    return _run(causal_lm_token_logps, model, config, input_ids, labels, position_ids)
 
 
 def _checkpointing(model: nn.Module) -> bool:
