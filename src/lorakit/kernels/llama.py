@@ -277,7 +277,7 @@ def causal_lm_loss(
     backward instead of recomputing them (4-bit weights are dequantized again either way:
     keeping them for every layer would hold a dense copy of the whole base).
     """
-    hidden, target = _supervised_hidden(
+    hidden, target, _ = _supervised_hidden(
         model, input_ids, labels, recompute, keep_layers, save_intermediates, position_ids
     )
     loss = linear_cross_entropy(hidden, model.lm_head.weight, target, chunk_rows)
@@ -300,13 +300,11 @@ def causal_lm_token_logps(
     """(B, S-1) log-probabilities of `labels[:, 1:]` given the tokens before (0 where the
     label is IGNORE_INDEX), at least fp32: `causal_lm_loss`'s computation kept per token, for
     objectives that score whole sequences (DPO, ORPO). The output head must be frozen."""
-    hidden, target = _supervised_hidden(
+    hidden, target, rows = _supervised_hidden(
         model, input_ids, labels, recompute, keep_layers, save_intermediates, position_ids
     )
     picked = linear_token_logps(hidden, model.lm_head.weight, target, chunk_rows)
-    flat = labels[:, 1:].reshape(-1)
-    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    out = picked.new_zeros(flat.shape[0]).index_copy(0, rows, picked)
+    out = picked.new_zeros(labels.shape[0] * (labels.shape[1] - 1)).index_copy(0, rows, picked)
     return out.view(labels.shape[0], labels.shape[1] - 1)
 
 
@@ -318,8 +316,9 @@ def _supervised_hidden(
     keep_layers: int,
     save_intermediates: bool,
     position_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The final-normed hidden states at supervised positions (N, d) and their targets (N,)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The final-normed hidden states at supervised positions (N, d), their targets (N,), and
+    those positions' indices in the flattened (B * (S-1)) label grid (N,)."""
     inner = model.model
     # the supervised positions first: nonzero() waits for the GPU, which is idle here anyway
     target = labels[:, 1:].reshape(-1)
@@ -343,4 +342,4 @@ def _supervised_hidden(
     hidden = rms_norm(
         hidden, inner.norm.weight, _eps(inner.norm), "final"
     )  # per row: only supervised rows
-    return hidden, target.index_select(0, rows)
+    return hidden, target.index_select(0, rows), rows

@@ -25,16 +25,6 @@ import torch.nn.functional as F
 from .elementwise import _up, kernel
 
 
-def _ce_chunk(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of a chunk and its gradient d(sum)/d(logits), in logits' dtype."""
-    z = _up(logits)
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
-    picked = z.gather(1, target.unsqueeze(1)).squeeze(1)
-    grad = torch.softmax(z, dim=-1)
-    grad = grad.scatter_add(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-    return (lse - picked).sum(), grad.to(logits.dtype)
-
-
 def _ce_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's loss (C,) at least fp32 and its gradient d(loss_i)/d(logits_i), in logits' dtype."""
     z = _up(logits)
@@ -43,6 +33,12 @@ def _ce_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     grad = torch.softmax(z, dim=-1)
     grad = grad.scatter_add(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
     return lse - picked, grad.to(logits.dtype)
+
+
+def _ce_chunk(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of a chunk and its gradient d(sum)/d(logits), in logits' dtype."""
+    losses, grad = _ce_rows(logits, target)
+    return losses.sum(), grad
 
 
 def default_chunk_rows(vocab: int) -> int:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from .graphs import capture as capture_graph
+
 ROWS = 4
 """Prefills of at most this many prompts run padded to a length bucket (a graph on CUDA)."""
 
@@ -49,20 +51,6 @@ class PrefillGraph:
         self.pool = pool
         self.capture = capture
 
-    def _capture(self) -> None:
-        # warm up on a side stream first (what CUDA graphs require); the warm-up runs write
-        # exactly what the replay writes
-        stream = torch.cuda.Stream(self.ids.device)
-        stream.wait_stream(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.forward(self.ids, self.slots, self.index, self.last)
-        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool):
-            self.out = self.forward(self.ids, self.slots, self.index, self.last)
-        self.pool = self.graph.pool()
-
     def run(self, ids: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) at each row's last prompt position; ids (rows, n <= length)."""
         self.ids.zero_()
@@ -72,8 +60,9 @@ class PrefillGraph:
         self.last.copy_(last)
         if not self.capture:
             return self.forward(self.ids, self.slots, self.index, self.last)
-        if self.graph is None:
-            self._capture()
-        assert self.graph is not None
+        if self.graph is None:  # the warm-up runs write exactly what the replay writes
+            self.graph, self.out = capture_graph(lambda: self.forward(self.ids, self.slots, self.index, self.last),
+                                           self.ids.device, self.pool)
+            self.pool = self.graph.pool()
         self.graph.replay()
         return self.out

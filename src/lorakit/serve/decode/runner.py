@@ -38,6 +38,7 @@ from torch import nn
 
 from ..sampling import SamplingParams
 from . import prefill
+from .graphs import capture as capture_graph
 from .kv import SlotCache
 from .llama import DecoderModel
 from .lora import AdapterSlots
@@ -275,11 +276,7 @@ class FastDecoder:
         except Exception as err:
             if not self.graphs_enabled:
                 raise
-            self.graph_error = f"{type(err).__name__}: {err}"
-            self.graphs_enabled = False
-            self._graphs.clear()
-            self._prefills.clear()
-            torch.cuda.synchronize(self.device)
+            self._graphs_off(err)
             return self._padded_prefill(rows, length, ids, slots, index, last)
         if graph.pool is not None:
             self._pool = graph.pool
@@ -415,14 +412,18 @@ class FastDecoder:
         if step is None:
             try:
                 step = self._graphs[key] = _Step(self, rows, key_length, greedy, ints, floats, capture=True)
-            except Exception as err:  # capture is an optimisation: keep serving eagerly
-                self.graph_error = f"{type(err).__name__}: {err}"
-                self.graphs_enabled = False
-                self._graphs.clear()
-                self._prefills.clear()
-                torch.cuda.synchronize(self.device)
+            except Exception as err:
+                self._graphs_off(err)
                 return self._run_step(rows, key_length, greedy, ints, floats)
         return step.launch(ints, floats)
+
+    def _graphs_off(self, err: Exception) -> None:
+        """A capture failed: record why and serve eagerly from now on (graphs are an optimisation)."""
+        self.graph_error = f"{type(err).__name__}: {err}"
+        self.graphs_enabled = False
+        self._graphs.clear()
+        self._prefills.clear()
+        torch.cuda.synchronize(self.device)
 
     def step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
         """One decoding step over slots 0..rows-1 from device tensors; (rows,) tokens on the
@@ -461,19 +462,10 @@ class _Step:
         self.run = run
         if not capture:
             return
-        # Warm up on a side stream (cuBLAS handles, lazy inits, compiling), as CUDA graphs
-        # require. The warm-up writes K/V where the real step writes them, then one position
-        # on (overwritten before it is read), and moves the inputs on: they are copied in
-        # again at every launch from the host.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=owner._pool):
-            self.out = run()
+        # The warm-up runs write K/V where the real step writes them, then one position on
+        # (overwritten before it is read), and move the inputs on: they are copied in again
+        # at every launch from the host.
+        self.graph, self.out = capture_graph(run, device, owner._pool)
         owner._pool = self.graph.pool()
         # two host buffers: a chained step's tokens land in one while the host reads the other
         self.hosts = [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
