@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -208,6 +209,14 @@ def run_train(args: Any) -> None:
     from .train import train
 
     train(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, a finished run leaves without interpreter teardown: the adapter,
+        # metrics and trackers are written and the processes synchronised by now, and gloo's
+        # threads occasionally abort a process in C++ static destruction ("terminate called
+        # without an active exception"), which would report a finished run as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None,
