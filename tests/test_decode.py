@@ -15,7 +15,7 @@ from lorakit.layers import LoraLinear
 from lorakit.serve.decode import choose_path
 from lorakit.serve.decode.kv import SlotCache
 from lorakit.serve.decode.llama import DecoderModel, decode_reason
-from lorakit.serve.decode.lora import AdapterSlots, batched_lora, batched_lora_reference
+from lorakit.serve.decode.lora import AdapterSlots, batched_lora, batched_lora_reference, split
 from lorakit.serve.decode.runner import SlotBatch, batch_buckets
 from lorakit.serve.decode.sampling import sample_rows, uniform
 from lorakit.serve.sampling import SamplingParams
@@ -68,25 +68,33 @@ def test_batch_buckets() -> None:
 # the batched LoRA op ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("mode", ["gather", "dense"])
 @pytest.mark.parametrize("shape", [(6,), (6, 5)])
-def test_batched_lora_equals_the_per_row_loop(shape, dense) -> None:
+def test_batched_lora_equals_the_per_row_loop(shape, mode) -> None:
     g = torch.Generator().manual_seed(0)
-    slots, rank, d_in, outs = 4, 8, 12, (10, 6, None)
+    slots, rank, d_in, sizes = 4, 8, 12, (10, 6, 3)
     a = torch.randn(slots, 3 * rank, d_in, generator=g, dtype=torch.float64)
-    bs = [torch.randn(slots, rank, o, generator=g, dtype=torch.float64) if o else None for o in outs]
+    b = torch.randn(slots, rank, sum(sizes), generator=g, dtype=torch.float64)
     x = torch.randn(*shape, d_in, generator=g, dtype=torch.float64)
     index = torch.tensor([3, 0, 2, 0, 1, 3])
-    got = batched_lora(x, a, bs, index, dense)
+    got = batched_lora(x, a, b, sizes, index, mode)
     if len(shape) == 1:
-        want = batched_lora_reference(x, a, bs, index)
+        want = batched_lora_reference(x, a, b, sizes, index)
     else:  # the reference takes one token per row: run it per position
-        per_t = [batched_lora_reference(x[:, t], a, bs, index) for t in range(shape[1])]
-        want = [torch.stack([p[j] for p in per_t], dim=1) if outs[j] else None for j in range(3)]
-    assert got[2] is None and want[2] is None
-    for y, w, o in zip(got[:2], want[:2], outs[:2], strict=True):
-        assert y.shape == (*shape, o)
-        torch.testing.assert_close(y, w, rtol=1e-12, atol=1e-12)
+        want = torch.stack([batched_lora_reference(x[:, t], a, b, sizes, index) for t in range(shape[1])], dim=1)
+    assert got.shape == (*shape, sum(sizes))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the reference itself, written out for one row and projection 1 (columns 10..15)
+    row = 1
+    h = x[row] if len(shape) == 1 else x[row, 0]
+    direct = (h @ a[0, rank : 2 * rank].T) @ b[0, :, 10:16]
+    torch.testing.assert_close(want[row, 10:16] if len(shape) == 1 else want[row, 0, 10:16], direct)
+
+
+def test_batched_lora_rejects_an_unknown_mode() -> None:
+    a, b = torch.zeros(2, 4, 3), torch.zeros(2, 4, 5)
+    with pytest.raises(ValueError, match="mode 'fast': one of gather, dense, kernel"):
+        batched_lora(torch.zeros(1, 3), a, b, (5,), torch.tensor([0]), "fast")
 
 
 def _adapted_model(seed: int = 0):
@@ -121,8 +129,9 @@ def test_adapter_slots_match_each_layer_and_follow_loads_and_evictions() -> None
     def check(names: list) -> None:
         index = torch.tensor(slots.index(names))
         attn = layers[1].self_attn
-        got = batched_lora(x, slots.a[1][0], slots.b[1][0], index)
-        dense = batched_lora(x, slots.a[1][0], slots.b[1][0], index, dense=True)
+        sizes = slots.sizes[1][0]
+        got = split(batched_lora(x, slots.a[1][0], slots.b[1][0], sizes, index), sizes)
+        dense = split(batched_lora(x, slots.a[1][0], slots.b[1][0], sizes, index, "dense"), sizes)
         for j, module in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
             for i, name in enumerate(names):
                 want = torch.zeros(module.out_features, dtype=torch.float64)
@@ -157,7 +166,9 @@ def test_adapter_slots_grow_rank_by_reallocating() -> None:
     slots = AdapterSlots(list(model.model.layers), capacity=2, dtype=torch.float64, device=torch.device("cpu"))
     slots.sync({"c": 1})
     assert slots.rank == 2 and slots.targets == frozenset(["k_proj", "gate_proj"])
-    assert slots.a[0][1] is None and slots.b[0][0][0] is None  # o_proj and q_proj: nothing to run
+    assert slots.a[0][1] is None and slots.b[0][1] is None  # o_proj: nothing to run
+    q_columns = slots.sizes[0][0][0]
+    assert not slots.b[0][0][:, :, :q_columns].any()  # q_proj's columns of the Q/K/V group stay zero
     layout = slots.layout
     slots.sync({"c": 1, "a": 2})
     assert slots.rank == 4 and slots.layout == layout + 1 and slots.a[0][1] is not None

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import LoraLinear
-from .lora import GROUPS, batched_lora
+from .lora import GROUPS, batched_lora, split
 
 Dense = tuple[torch.Tensor, torch.Tensor | None]
 Group = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
@@ -149,17 +149,15 @@ def _projections(
     x: torch.Tensor,
     group: Group,
     a: torch.Tensor | None,
-    bs: Sequence[torch.Tensor | None] | None,
+    b: torch.Tensor | None,
     index: torch.Tensor | None,
-    every_slot: bool,
+    mode: str,
 ) -> list[torch.Tensor]:
     weight, bias, sizes = group
     y = F.linear(x, weight, bias)
-    outs = list(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else [y]
-    if a is None or bs is None or index is None:
-        return outs
-    deltas = batched_lora(x, a, bs, index, every_slot)
-    return [y if d is None else y + d.to(y.dtype) for y, d in zip(outs, deltas, strict=True)]
+    if a is not None and b is not None and index is not None:
+        y = y + batched_lora(x, a, b, sizes, index, mode).to(y.dtype)
+    return split(y, sizes)
 
 
 def attention_inputs(
@@ -170,9 +168,9 @@ def attention_inputs(
     eps: float,
     qkv: Group,
     a: torch.Tensor | None,
-    bs: Sequence[torch.Tensor | None] | None,
+    b: torch.Tensor | None,
     index: torch.Tensor | None,
-    every_slot: bool,
+    mode: str,
     cos: torch.Tensor,
     sin: torch.Tensor,
     heads: int,
@@ -182,7 +180,7 @@ def attention_inputs(
     """q (rows, T, heads, D) and k, v (rows, T, kv heads, D), RoPE applied; cos, sin: (rows, T, 1, D)."""
     rows, steps, _ = h.shape
     x = rms_norm(h, norm, eps)
-    q, k, v = _projections(x, qkv, a, bs, index, every_slot)
+    q, k, v = _projections(x, qkv, a, b, index, mode)
     q = q.view(rows, steps, heads, head_dim)
     k = k.view(rows, steps, kv_heads, head_dim)
     v = v.view(rows, steps, kv_heads, head_dim)
@@ -203,19 +201,19 @@ def layer_rest(
     o: Group,
     mlp: Group,
     down: Group,
-    loras: Sequence[tuple[torch.Tensor | None, Sequence[torch.Tensor | None] | None]],
+    loras: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
     index: torch.Tensor | None,
-    every_slot: bool,
+    mode: str,
 ) -> torch.Tensor:
     """The layer's output hidden state. keys, values: (rows, kv heads, L, D) views of the
     cache; mask: (rows, 1, group * T, L) booleans; loras: (A, Bs) of the o, gate/up and down
-    groups (None where no resident adapter has them); every_slot: `batched_lora`'s dense."""
+    groups (None where no resident adapter has them); mode: `batched_lora`'s."""
     out = attend(q, keys, values, mask, scaling)
-    (attended,) = _projections(out, o, *loras[0], index, every_slot)
+    (attended,) = _projections(out, o, *loras[0], index, mode)
     h = h + attended
     x = rms_norm(h, post_norm, eps)
-    gate, up = _projections(x, mlp, *loras[1], index, every_slot)
-    (y,) = _projections(F.silu(gate) * up, down, *loras[2], index, every_slot)
+    gate, up = _projections(x, mlp, *loras[1], index, mode)
+    (y,) = _projections(F.silu(gate) * up, down, *loras[2], index, mode)
     return h + y
 
 

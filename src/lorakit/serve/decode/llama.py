@@ -25,9 +25,10 @@ from torch import nn
 
 from ...kernels.llama import ARCHITECTURES
 from ...layers import LoraEmbedding, LoraLinear
+from . import bgmv
 from .fused import FusedLayers, attend, layer_weights, rotate
 from .kv import SlotCache
-from .lora import GROUPS, AdapterSlots, batched_lora
+from .lora import GROUPS, AdapterSlots, batched_lora, split
 
 
 def decode_reason(model: nn.Module, context_length: int) -> str | None:
@@ -67,10 +68,12 @@ class DecoderModel:
 
     fused: run each layer through `fused.py`'s two functions (a dense base only; None: when
     the base is dense); compile: the `torch.compile` backend for them (None: eager; worth
-    "inductor" on a GPU, where a step is otherwise launch-bound).
+    "inductor" on a GPU, where a step is otherwise launch-bound); lora_kernel: decoding steps
+    apply the rows' adapters with `bgmv`'s Triton kernels (None: where they can run).
     """
 
-    def __init__(self, model: nn.Module, *, fused: bool | None = None, compile: str | Callable | None = None) -> None:
+    def __init__(self, model: nn.Module, *, fused: bool | None = None, compile: str | Callable | None = None,
+                 lora_kernel: bool | None = None) -> None:
         inner = model.model
         self.model = model
         self.embed = inner.embed_tokens
@@ -83,6 +86,8 @@ class DecoderModel:
         self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
         self.scaling = attn.scaling
+        device = self.embed.weight.device
+        self.lora_kernel = bgmv.available(device) if lora_kernel is None else lora_kernel
         self.fused: FusedLayers | None = None
         if fused is not False:
             weights = [layer_weights(layer) for layer in self.layers]
@@ -92,15 +97,27 @@ class DecoderModel:
                 raise ValueError("the fused decoder layers need a dense base (this one is quantized)")
 
     def _group(
-        self, i: int, g: int, x: torch.Tensor, lora: AdapterSlots | None, index: torch.Tensor | None, dense: bool
+        self, i: int, g: int, x: torch.Tensor, lora: AdapterSlots | None, index: torch.Tensor | None, mode: str
     ) -> list[torch.Tensor]:
         parent, projs = GROUPS[g]
         owner = getattr(self.layers[i], parent)
         outs = [_base(getattr(owner, p), x) for p in projs]
         if lora is None or index is None or not lora.active or lora.a[i][g] is None:
             return outs
-        deltas = batched_lora(x, lora.a[i][g], lora.b[i][g], index, dense)
-        return [y if d is None else y + d.to(y.dtype) for y, d in zip(outs, deltas, strict=True)]
+        a, b = lora.a[i][g], lora.b[i][g]
+        deltas = split(batched_lora(x, a, b, lora.sizes[i][g], index, mode), lora.sizes[i][g])  # type: ignore[arg-type]
+        return [y + d.to(y.dtype) for y, d in zip(outs, deltas, strict=True)]
+
+    def lora_mode(self, rows: int, steps: int, gathered: bool, lora: AdapterSlots | None) -> str:
+        """How `batched_lora` runs for this call. Decoding (one token a row) takes the Triton
+        kernels where they run; otherwise it reads every adapter slot once (dense) unless the
+        rows are few against the slots: gathering moves each row's adapter three times (read,
+        write, read again), so dense wins from a third as many rows as slots. Prefill gathers."""
+        if steps != 1 or lora is None:
+            return "gather"
+        if self.lora_kernel:
+            return "kernel"
+        return "dense" if not gathered and 3 * rows >= lora.capacity + 1 else "gather"
 
     def forward(
         self,
@@ -129,17 +146,14 @@ class DecoderModel:
         mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
         mask = mask.reshape(rows, 1, group * steps, key_length)
         flat = cache.flat_index(slots, positions)  # where the tokens' K/V go in the flat cache
-        # Decoding (one token a row): read every adapter slot once (dense) unless the rows
-        # are few against the slots. Gathering moves each row's adapter three times (read,
-        # write, read again), so dense wins from a third as many rows as slots.
-        dense = not gathered and steps == 1 and lora is not None and 3 * rows >= lora.capacity + 1
+        mode = self.lora_mode(rows, steps, gathered, lora)
         for i, layer in enumerate(self.layers):
             if self.fused is not None:
-                h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, dense)
+                h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, mode)
                 continue
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q, k, v = self._group(i, 0, x, lora, index, dense)
+            q, k, v = self._group(i, 0, x, lora, index, mode)
             q = q.view(rows, steps, self.heads, self.head_dim)
             k = k.view(rows, steps, self.kv_heads, self.head_dim)
             v = v.view(rows, steps, self.kv_heads, self.head_dim)
@@ -148,11 +162,11 @@ class DecoderModel:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
             o = attend(q, keys, values, mask, self.scaling)
-            (o,) = self._group(i, 1, o, lora, index, dense)
+            (o,) = self._group(i, 1, o, lora, index, mode)
             h = h + o
             x = layer.post_attention_layernorm(h)
-            gate, up = self._group(i, 2, x, lora, index, dense)
-            (down,) = self._group(i, 3, F.silu(gate) * up, lora, index, dense)
+            gate, up = self._group(i, 2, x, lora, index, mode)
+            (down,) = self._group(i, 3, F.silu(gate) * up, lora, index, mode)
             h = h + down
         return self.norm(h)
 
@@ -170,7 +184,7 @@ class DecoderModel:
 
     def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                      cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
-                     lora: AdapterSlots | None, index: torch.Tensor | None, dense: bool) -> torch.Tensor:
+                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str) -> torch.Tensor:
         fused = self.fused
         assert fused is not None
         w = fused.layers[i]
@@ -178,13 +192,13 @@ class DecoderModel:
         loras = [(lora.a[i][g], lora.b[i][g]) if on and lora.a[i][g] is not None else (None, None)  # type: ignore[union-attr]
                  for g in range(len(GROUPS))]
         q, k, v = fused.attention_inputs(
-            h, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, dense,
+            h, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, mode,
             cos, sin, self.heads, self.kv_heads, self.head_dim,
         )
         keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
         return fused.layer_rest(
             h, q, keys, values, mask, self.scaling, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3],
-            loras[1:], index, dense,
+            loras[1:], index, mode,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

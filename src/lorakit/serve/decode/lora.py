@@ -29,84 +29,103 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 PROJECTIONS = tuple(name for _, names in GROUPS for name in names)
 
 
+MODES = ("gather", "dense", "kernel")
+
+
 def batched_lora(
     x: torch.Tensor,
     a: torch.Tensor,
-    bs: Sequence[torch.Tensor | None],
+    b: torch.Tensor,
+    sizes: Sequence[int],
     index: torch.Tensor,
-    dense: bool = False,
-) -> list[torch.Tensor | None]:
-    """The LoRA updates of a projection group whose rows use different adapters, in one op.
+    mode: str = "gather",
+) -> torch.Tensor:
+    """The LoRA update of a projection group whose rows use different adapters, in one op.
 
-    Exact semantics, for every row i, with r = a.shape[1] // len(bs) and projection j:
+    Exact semantics, for every row i, with G = len(sizes), r = b.shape[1], and projection j
+    owning output columns cols_j (sizes[j] of them, in order):
 
         h[i] = x[i] @ A[index[i]].T                            # (G*r,), the grouped shrink
-        y_j[i] = h[i, j*r:(j+1)*r] @ B_j[index[i]]               # (out_j,), the expand
+        y[i, cols_j] = h[i, j*r:(j+1)*r] @ B[index[i]][:, cols_j]   # the expand
 
     x: (batch, in) or (batch, seq, in); A: (slots, G*r, in), projection j's A in rows
-    j*r..(j+1)*r; B_j: (slots, r, out_j) (B transposed, the adapter's scaling folded in),
-    or None for a projection no resident adapter targets (its y_j is None); index: (batch,)
-    int64. An adapter of rank below r is zero-padded, which adds exact zeros. Returns the
-    y_j with x's leading shape, in A's dtype. Fixed shapes, no host sync: a CUDA graph can
-    hold it. Two ways to the same numbers:
+    j*r..(j+1)*r; B: (slots, r, sum(sizes)), the group's B matrices transposed side by side
+    (the adapter's scaling folded in; zero columns for a projection it does not target);
+    index: (batch,) int64. An adapter of rank below r is zero-padded, which adds exact zeros.
+    Returns y with x's leading shape and sum(sizes) columns. Fixed shapes, no host sync: a
+    CUDA graph can hold it. Three ways to the same numbers:
 
-    dense=False  gather each row's A and B (`index_select`) and run batched matmuls: the
-                 work and traffic grow with the batch (Punica's BGMV does this without the
-                 gather copies);
-    dense=True   run x against every slot's A in one matmul, zero all but each row's own
-                 slot, and expand with every slot's B in one matmul: each resident adapter
-                 is read once per step whatever the batch, the better deal when the batch
-                 is not much smaller than the number of slots.
+    gather  gather each row's A and B (`index_select`) and run batched matmuls (in A's dtype);
+    dense   run x against every slot's A in one matmul, zero all but each row's own slot, and
+            expand with every slot's B: each resident adapter is read once whatever the batch
+            (in A's dtype);
+    kernel  one token per row on CUDA: `bgmv`'s Triton kernels read each row's own adapter
+            once, without copies (float32).
     """
+    if mode not in MODES:
+        raise ValueError(f"batched_lora mode {mode!r}: one of {', '.join(MODES)}")
     squeeze = x.dim() == 2
     xs = (x.unsqueeze(1) if squeeze else x).to(a.dtype)  # (batch, seq, in)
     batch, seq, _ = xs.shape
     slots, width, d_in = a.shape
-    r = width // len(bs)
-    if dense:
+    r = b.shape[1]
+    if mode == "kernel":
+        from .bgmv import bgmv  # Triton is imported only where the kernels run
+
+        rows = xs.reshape(batch * seq, d_in)
+        y = bgmv(rows, a, b, index.repeat_interleave(seq) if seq > 1 else index, list(sizes))
+        return y.view(batch, b.shape[2]) if squeeze else y.view(batch, seq, b.shape[2])
+    if mode == "dense":
         own = (index.unsqueeze(1) == torch.arange(slots, device=index.device)).to(a.dtype)  # (batch, slots)
         h = F.linear(xs, a.view(slots * width, d_in)).view(batch, seq, slots, width)
         h = h * own.view(batch, 1, slots, 1)  # other slots' products become exact zeros
     else:
         h = torch.bmm(xs, a.index_select(0, index).transpose(1, 2))  # (batch, seq, G*r)
-    out: list[torch.Tensor | None] = []
-    for j, b in enumerate(bs):
-        if b is None:
-            out.append(None)
-            continue
-        if dense:
+    b_rows = b.index_select(0, index) if mode == "gather" else b  # (batch, r, total)
+    out = []
+    start = 0
+    for j, size in enumerate(sizes):
+        if mode == "dense":
             hj = h[..., j * r : (j + 1) * r].reshape(batch, seq, slots * r)
-            y = hj @ b.view(slots * r, b.shape[2])  # (batch, seq, out)
+            y = hj @ b[:, :, start : start + size].reshape(slots * r, size)  # (batch, seq, size)
         else:
-            y = torch.bmm(h[..., j * r : (j + 1) * r], b.index_select(0, index))
-        out.append(y.squeeze(1) if squeeze else y)
-    return out
+            y = torch.bmm(h[..., j * r : (j + 1) * r], b_rows[:, :, start : start + size])
+        out.append(y)
+        start += size
+    y = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+    return y.squeeze(1) if squeeze else y
 
 
 def batched_lora_reference(
-    x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor | None], index: torch.Tensor
-) -> list[torch.Tensor | None]:
-    """`batched_lora` as a loop over rows: the definition the op is tested against."""
-    r = a.shape[1] // len(bs)
-    out: list[torch.Tensor | None] = []
-    for j, b in enumerate(bs):
-        if b is None:
-            out.append(None)
-            continue
-        rows = []
-        for i in range(x.shape[0]):
-            slot = int(index[i])
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], index: torch.Tensor
+) -> torch.Tensor:
+    """`batched_lora` as a loop over rows and projections (one token per row): the definition
+    the op is tested against."""
+    r = b.shape[1]
+    rows = []
+    for i in range(x.shape[0]):
+        slot = int(index[i])
+        parts, start = [], 0
+        for j, size in enumerate(sizes):
             h = x[i].to(a.dtype) @ a[slot, j * r : (j + 1) * r].T
-            rows.append(h @ b[slot])
-        out.append(torch.stack(rows))
-    return out
+            parts.append(h @ b[slot, :, start : start + size])
+            start += size
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def split(y: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """A group's output (..., sum(sizes)) as its projections' outputs."""
+    return list(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else [y]
 
 
 class AdapterSlots:
     """The stacked A/B tensors of every resident adapter, slot by slot.
 
-    `a[layer][group]`: (capacity + 1, G*rank, in); `b[layer][group][j]`: (capacity + 1,
-    rank, out_j) or None. Slot `capacity` stays zero (rows without an adapter).
+    `a[layer][group]`: (capacity + 1, G*rank, in) and `b[layer][group]`: (capacity + 1,
+    rank, sum(sizes[layer][group])), or both None when no resident adapter targets any of
+    the group's projections; an untargeted projection's columns of B stay zero. Slot
+    `capacity` stays zero (rows without an adapter).
     """
 
     def __init__(self, layers: Sequence[nn.Module], capacity: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -120,7 +139,11 @@ class AdapterSlots:
         self.rank = 0
         self.targets: frozenset[str] = frozenset()
         self.a: list[list[torch.Tensor | None]] = []
-        self.b: list[list[list[torch.Tensor | None]]] = []
+        self.b: list[list[torch.Tensor | None]] = []
+        self.sizes = [
+            [tuple(self._module(i, parent, p).out_features for p in projs) for parent, projs in GROUPS]
+            for i in range(len(self.layers))
+        ]
         self.layout = 0  # bumped whenever the tensors are reallocated
 
     @property
@@ -174,21 +197,15 @@ class AdapterSlots:
         self.a, self.b = [], []
         for i in range(len(self.layers)):
             a_row: list[torch.Tensor | None] = []
-            b_row: list[list[torch.Tensor | None]] = []
-            for parent, projs in GROUPS:
-                first = self._module(i, parent, projs[0])
-                present = [p in targets for p in projs]
-                if not any(present):
+            b_row: list[torch.Tensor | None] = []
+            for g, (parent, projs) in enumerate(GROUPS):
+                if not any(p in targets for p in projs):
                     a_row.append(None)
-                    b_row.append([None] * len(projs))
+                    b_row.append(None)
                     continue
-                in_features = first.in_features
+                in_features = self._module(i, parent, projs[0]).in_features
                 a_row.append(torch.zeros(count, len(projs) * rank, in_features, dtype=self.dtype, device=self.device))
-                b_row.append([
-                    torch.zeros(count, rank, self._module(i, parent, p).out_features, dtype=self.dtype, device=self.device)
-                    if on else None
-                    for p, on in zip(projs, present, strict=True)
-                ])
+                b_row.append(torch.zeros(count, rank, sum(self.sizes[i][g]), dtype=self.dtype, device=self.device))
             self.a.append(a_row)
             self.b.append(b_row)
         self.rank, self.targets = rank, targets
@@ -199,12 +216,10 @@ class AdapterSlots:
     @torch.no_grad()
     def _clear(self, slot: int) -> None:
         for a_row, b_row in zip(self.a, self.b, strict=True):
-            for a, bs in zip(a_row, b_row, strict=True):
-                if a is not None:
+            for a, b in zip(a_row, b_row, strict=True):
+                if a is not None and b is not None:
                     a[slot].zero_()
-                for b in bs:
-                    if b is not None:
-                        b[slot].zero_()
+                    b[slot].zero_()
 
     @torch.no_grad()
     def _write(self, slot: int, name: str) -> None:
@@ -212,14 +227,14 @@ class AdapterSlots:
         rank = self.rank
         for i in range(len(self.layers)):
             for g, (parent, projs) in enumerate(GROUPS):
-                a = self.a[i][g]
-                if a is None:
+                a, b = self.a[i][g], self.b[i][g]
+                if a is None or b is None:
                     continue
-                for j, proj in enumerate(projs):
+                start = 0
+                for j, (proj, size) in enumerate(zip(projs, self.sizes[i][g], strict=True)):
                     module = self._module(i, parent, proj)
-                    b = self.b[i][g][j]
-                    if b is None or not isinstance(module, LoraLinear) or name not in module.r:
-                        continue
-                    r = module.r[name]
-                    a[slot, j * rank : j * rank + r] = module.lora_A[name].weight.to(self.dtype)
-                    b[slot, :r] = (module.lora_B[name].weight * module.scaling[name]).T.to(self.dtype)
+                    if isinstance(module, LoraLinear) and name in module.r:
+                        r = module.r[name]
+                        a[slot, j * rank : j * rank + r] = module.lora_A[name].weight.to(self.dtype)
+                        b[slot, :r, start : start + size] = (module.lora_B[name].weight * module.scaling[name]).T.to(self.dtype)
+                    start += size

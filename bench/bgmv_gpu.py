@@ -1,0 +1,99 @@
+"""The decode path's Triton LoRA kernels (`serve/decode/bgmv.py`) on a CUDA GPU: their output
+against the per-row loop, and their time beside the two PyTorch ways (`gather`, `dense`) of
+`batched_lora`, on the projection groups of a 1B and an 8B Llama at rank 16.
+
+    PYTHONPATH=src python bench/bgmv_gpu.py [--out bgmv.jsonl]
+
+One JSON line per check and per timing; exit 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import torch
+
+from lorakit.serve.decode.lora import batched_lora, batched_lora_reference
+
+SHAPES = {  # hidden, intermediate, kv width
+    "1b": (2048, 8192, 512),
+    "8b": (4096, 14336, 1024),
+}
+
+
+def groups(size: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    hidden, inter, kv = SHAPES[size]
+    return {"qkv": (hidden, (hidden, kv, kv)), "o": (hidden, (hidden,)), "gate_up": (hidden, (inter, inter)),
+            "down": (inter, (hidden,))}
+
+
+def timed(fn, repeats: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats * 1000  # microseconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = open(args.out, "a") if args.out else None
+    failed = 0
+
+    def emit(**values) -> None:
+        print(json.dumps(values), flush=True)
+        if out:
+            out.write(json.dumps(values) + "\n")
+            out.flush()
+
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    rank = 16
+    for size in SHAPES:
+        for rows, slots in ((32, 33), (128, 257), (32, 2)):
+            for name, (d_in, sizes) in groups(size).items():
+                if size == "8b" and slots > 33:
+                    continue
+                a = torch.randn(slots, len(sizes) * rank, d_in, device=device, generator=g, dtype=torch.bfloat16) * 0.02
+                b = torch.randn(slots, rank, sum(sizes), device=device, generator=g, dtype=torch.bfloat16) * 0.02
+                a[-1].zero_()
+                b[-1].zero_()
+                x = torch.randn(rows, d_in, device=device, generator=g, dtype=torch.bfloat16)
+                index = torch.randperm(slots - 1, device=device, generator=g)[:rows] if slots - 1 >= rows else \
+                    torch.randint(0, slots, (rows,), device=device, generator=g)
+                got = batched_lora(x, a, b, sizes, index, "kernel")
+                want = batched_lora_reference(x.double(), a.double(), b.double(), sizes, index)
+                err = ((got.double() - want).abs().max() / want.abs().max()).item()
+                ok = err < 1e-4
+                failed += not ok
+                times = {mode: round(timed(functools.partial(batched_lora, x, a, b, sizes, index, mode)), 2)
+                         for mode in ("kernel", "gather", "dense")}
+                traffic = (rows if slots > rows else slots) * (a[0].numel() + b[0].numel()) * 2
+                emit(case=f"{size}-{name}-rows{rows}-slots{slots}", check="PASS" if ok else "FAIL", rel_err=err,
+                     us=times, adapter_mb=round(traffic / 1e6, 2),
+                     kernel_gbps=round(traffic / times["kernel"] / 1e3, 1))
+    emit(summary="FAIL" if failed else "PASS", failed=failed, device=torch.cuda.get_device_name(), torch=torch.__version__)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
