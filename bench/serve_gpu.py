@@ -86,7 +86,7 @@ class Suite:
 
     def engine(self, model, adapters: dict, *, batch: int, path: str = "fast") -> Engine:
         engine = Engine(model, self.tok, max_batch=batch, max_queue=100000, max_adapters_on_device=max(len(adapters), 1),
-                        context_length=1024, decode_path=path)
+                        context_length=512, decode_path=path)
         engine.eos_ids = set()  # random weights: decode exactly max_tokens
         for name, files in adapters.items():
             engine.load_adapter(name, files)

@@ -27,9 +27,6 @@ import functools
 
 import torch
 
-BN = 256
-"""Output columns per expand program."""
-
 
 def available(device: torch.device) -> bool:
     """Whether the kernels can run on `device` (CUDA, with Triton installed)."""
@@ -122,22 +119,30 @@ def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tenso
         raise ValueError(f"bgmv: A {tuple(a.shape)}, B {tuple(b.shape)} and sizes {sizes} do not agree (at most 3 projections)")
     x = x.contiguous()
     a, b, index = a.contiguous(), b.contiguous(), index.contiguous()
+    # The tile sizes and splits below are the fastest of a sweep on an H200 (bench/bgmv_gpu.py
+    # records the kernels' times): a decoding step's kernels are small, so what matters is
+    # many loads in flight. The shrink splits d_in over up to 16 programs per row (at least
+    # 8 programs per multiprocessor in all), 8 warps each; the expand gives each program a
+    # wide run of columns (up to 1024) with 2 warps, while the grid still covers every
+    # multiprocessor twice.
+    processors = _multiprocessors(x.device)
     wp = max(16, _next_power_of_two(width))
-    bk = max(64, 8192 // wp)
+    bk = 128 if wp >= 64 else 256
     blocks = -(-d_in // bk)
-    # enough programs to cover every multiprocessor twice, each over whole BK blocks of d_in
-    splits = max(1, min(blocks, -(-2 * _multiprocessors(x.device) // max(rows, 1))))
+    splits = max(1, min(blocks, 16, -(-8 * processors // max(rows, 1))))
     k_per_split = -(-blocks // splits) * bk
     splits = -(-d_in // k_per_split)
+    bn = next((n for n in (1024, 512, 256) if rows * -(-total // n) >= 2 * processors), 128)
     part = torch.empty((splits, rows, wp), dtype=torch.float32, device=x.device)
     out = torch.empty((rows, total), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out
-    shrink[(rows, splits)](x, a, index, part, rows, d_in, x.stride(0), W=width, WP=wp, BK=bk, K_SPLIT=k_per_split)
+    shrink[(rows, splits)](x, a, index, part, rows, d_in, x.stride(0), W=width, WP=wp, BK=bk, K_SPLIT=k_per_split,
+                           num_warps=8)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
-    expand[(rows, -(-total // BN))](
+    expand[(rows, -(-total // bn))](
         part, b, index, out, rows, total, r, bounds[0], bounds[1],
-        SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=BN,
+        SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=2,
     )
     return out
 
