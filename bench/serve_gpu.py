@@ -137,6 +137,9 @@ class Suite:
     def run(self) -> None:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.record("setup", device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        if not any(c in self.args.cases for c in CASES if "8b" not in c):  # the 8B cases alone
+            self.eight_b()
+            return
         model = self.build_model(self.sizes[0], self.device, self.dtype)
         vocab = model.config.vocab_size
         pool = 256 if self.wanted("fast-1b-b128-pool256") else 32
