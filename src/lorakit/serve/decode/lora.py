@@ -87,7 +87,7 @@ def batched_lora(
     for j, size in enumerate(sizes):
         if mode == "dense":
             hj = h[..., j * r : (j + 1) * r].reshape(batch, seq, slots * r)
-            y = hj @ b[:, :, start : start + size].reshape(slots * r, size)  # (batch, seq, size)
+            y = hj @ b.view(slots * r, b.shape[2])[:, start : start + size]  # (batch, seq, size), a view of B
         else:
             y = torch.bmm(h[..., j * r : (j + 1) * r], b_rows[:, :, start : start + size])
         out.append(y)
