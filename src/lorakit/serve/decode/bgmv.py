@@ -29,14 +29,34 @@ import torch
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernels can run on `device` (CUDA, with Triton installed)."""
+    """Whether the kernels run on `device`: CUDA, Triton installed, and a small launch there
+    gives the per-row loop's numbers (checked once per device; a GPU or a Triton build that
+    cannot run them leaves the decode path on its PyTorch ops instead of failing requests)."""
     if device.type != "cuda":
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return True
+    return _works(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
+
+
+@functools.cache
+def _works(device: torch.device) -> bool:
+    from .lora import batched_lora_reference
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [40, 24]
+    a = torch.randn(3, 2 * 8, 96, generator=g)
+    b = torch.randn(3, 8, sum(sizes), generator=g)
+    x = torch.randn(4, 96, generator=g)
+    index = torch.tensor([2, 0, 1, 0])
+    try:
+        got = launch(x.to(device), a.to(device), b.to(device), index.to(device), sizes).cpu()
+    except Exception:
+        return False
+    want = batched_lora_reference(x.double(), a.double(), b.double(), sizes, index)
+    return bool(torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4))
 
 
 @functools.cache
