@@ -2,20 +2,26 @@
 against the per-row loop, and their time beside the two PyTorch ways (`gather`, `dense`) of
 `batched_lora`, on the projection groups of a 1B and an 8B Llama at rank 16.
 
-    PYTHONPATH=src python bench/bgmv_gpu.py [--out bgmv.jsonl]
+    PYTHONPATH=src python bench/bgmv_gpu.py [--out bgmv.jsonl] [--sweep]
 
-One JSON line per check and per timing; exit 1 when a check fails.
+One JSON line per check and per timing; exit 1 when a check fails. `--sweep` first times the
+kernels' tile choices (`bgmv.Tiles`) on three groups (8B gate/up and Q/K/V at 32 rows, 1B
+gate/up at 128 rows of 256 slots): the shrink's choices with the default expand, then the
+expand's with the best shrink; the defaults are the winners of that sweep.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import json
 import sys
 
 import torch
 
+from lorakit.serve.decode.bgmv import Tiles, launch
 from lorakit.serve.decode.lora import batched_lora, batched_lora_reference
 
 SHAPES = {  # hidden, intermediate, kv width
@@ -52,9 +58,42 @@ def timed(fn, repeats: int = 50) -> float:
     return start.elapsed_time(end) / repeats * 1000  # microseconds
 
 
+def sweep(emit, device: torch.device, g: torch.Generator, rank: int = 16) -> None:
+    for label, rows, slots, d_in, sizes in (
+        ("8b-gate_up", 32, 33, 4096, (14336, 14336)),
+        ("8b-qkv", 32, 33, 4096, (4096, 1024, 1024)),
+        ("1b-gate_up", 128, 257, 2048, (8192, 8192)),
+    ):
+        a = torch.randn(slots, len(sizes) * rank, d_in, device=device, generator=g, dtype=torch.bfloat16)
+        b = torch.randn(slots, rank, sum(sizes), device=device, generator=g, dtype=torch.bfloat16)
+        x = torch.randn(rows, d_in, device=device, generator=g, dtype=torch.bfloat16)
+        index = torch.randperm(slots - 1, device=device, generator=g)[:rows]
+        nbytes = rows * (a[0].numel() + b[0].numel()) * 2
+        best: tuple[float, Tiles] | None = None
+        shrink = [Tiles(bk=bk, programs_per_sm=p, shrink_warps=w, max_splits=64)
+                  for bk, p, w in itertools.product((128, 256), (2, 4, 8), (4, 8))]
+        for stage, choices in (("shrink", shrink), ("expand", None)):
+            if choices is None:
+                assert best is not None
+                t = best[1]
+                choices = [Tiles(bk=t.bk, programs_per_sm=t.programs_per_sm, shrink_warps=t.shrink_warps,
+                                 max_splits=t.max_splits, bn=bn, expand_warps=w)
+                           for bn, w in itertools.product((128, 256, 512, 1024), (2, 4, 8))]
+            for tiles in choices:
+                us = timed(functools.partial(launch, x, a, b, index, list(sizes), tiles))
+                emit(sweep=label, stage=stage, tiles=dataclasses.asdict(tiles), us=round(us, 2),
+                     gbps=round(nbytes / us / 1e3, 1))
+                if best is None or us < best[0]:
+                    best = (us, tiles)
+        assert best is not None
+        default = timed(functools.partial(launch, x, a, b, index, list(sizes)))
+        emit(sweep=label, best=dataclasses.asdict(best[1]), best_us=round(best[0], 2), default_us=round(default, 2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep", action="store_true", help="time the kernels' tile choices first")
     args = parser.parse_args()
     out = open(args.out, "a") if args.out else None
     failed = 0
@@ -68,6 +107,8 @@ def main() -> int:
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(0)
     rank = 16
+    if args.sweep:
+        sweep(emit, device, g, rank)
     for size in SHAPES:
         for rows, slots in ((32, 33), (128, 257), (32, 2)):
             for name, (d_in, sizes) in groups(size).items():

@@ -24,6 +24,7 @@ through Triton's interpreter against the per-row loop.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -126,10 +127,29 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+@dataclass(frozen=True)
+class Tiles:
+    """How the two kernels cut the work. None: the defaults, the fastest of a sweep on an
+    H200 (`bench/bgmv_gpu.py --sweep`, bench/RESULTS.md): a decoding step's kernels are small,
+    so what matters is many loads in flight. The shrink splits d_in over up to `max_splits`
+    programs per row (and at least `programs_per_sm` programs per multiprocessor in all), 8
+    warps each; the expand gives each program a wide run of columns (up to 1024) with 2
+    warps, while its grid still covers every multiprocessor twice."""
+
+    bk: int | None = None  # d_in per shrink iteration (None: 128 for up to 64 products, 256 below)
+    max_splits: int = 16
+    programs_per_sm: int = 8
+    shrink_warps: int = 8
+    bn: int | None = None  # output columns per expand program (None: the widest that fills the GPU)
+    expand_warps: int = 2
+
+
+def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
+           tiles: Tiles | None = None) -> torch.Tensor:
     """The two kernels on x (rows, d_in), A (slots, G*r, d_in), B (slots, r, sum(sizes)),
     index (rows,); (rows, sum(sizes)) float32. Shapes as `lora.batched_lora` states them."""
     shrink, expand = _kernels()
+    tiles = tiles or Tiles()
     rows, d_in = x.shape
     slots, width, _ = a.shape
     groups = len(sizes)
@@ -139,30 +159,24 @@ def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tenso
         raise ValueError(f"bgmv: A {tuple(a.shape)}, B {tuple(b.shape)} and sizes {sizes} do not agree (at most 3 projections)")
     x = x.contiguous()
     a, b, index = a.contiguous(), b.contiguous(), index.contiguous()
-    # The tile sizes and splits below are the fastest of a sweep on an H200 (bench/bgmv_gpu.py
-    # records the kernels' times): a decoding step's kernels are small, so what matters is
-    # many loads in flight. The shrink splits d_in over up to 16 programs per row (at least
-    # 8 programs per multiprocessor in all), 8 warps each; the expand gives each program a
-    # wide run of columns (up to 1024) with 2 warps, while the grid still covers every
-    # multiprocessor twice.
     processors = _multiprocessors(x.device)
     wp = max(16, _next_power_of_two(width))
-    bk = 128 if wp >= 64 else 256
+    bk = tiles.bk or (128 if wp >= 64 else 256)
     blocks = -(-d_in // bk)
-    splits = max(1, min(blocks, 16, -(-8 * processors // max(rows, 1))))
+    splits = max(1, min(blocks, tiles.max_splits, -(-tiles.programs_per_sm * processors // max(rows, 1))))
     k_per_split = -(-blocks // splits) * bk
     splits = -(-d_in // k_per_split)
-    bn = next((n for n in (1024, 512, 256) if rows * -(-total // n) >= 2 * processors), 128)
+    bn = tiles.bn or next((n for n in (1024, 512, 256) if rows * -(-total // n) >= 2 * processors), 128)
     part = torch.empty((splits, rows, wp), dtype=torch.float32, device=x.device)
     out = torch.empty((rows, total), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out
     shrink[(rows, splits)](x, a, index, part, rows, d_in, x.stride(0), W=width, WP=wp, BK=bk, K_SPLIT=k_per_split,
-                           num_warps=8)
+                           num_warps=tiles.shrink_warps)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
     expand[(rows, -(-total // bn))](
         part, b, index, out, rows, total, r, bounds[0], bounds[1],
-        SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=2,
+        SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=tiles.expand_warps,
     )
     return out
 
