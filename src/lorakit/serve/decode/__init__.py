@@ -3,9 +3,12 @@
     kv.py        SlotCache: K/V preallocated per slot, slots taken and given back, no copies
     lora.py      AdapterSlots (stacked A/B per resident adapter) and `batched_lora`, the op
                  that applies a different adapter (or none) to every row
+    bgmv.py      that op's Triton kernels for decoding steps on CUDA (Punica's BGMV shape)
     llama.py     the decoder's forward on those two, prefill and decode alike
+    fused.py     a decoder layer as two functions compiled once for all layers
     sampling.py  greedy / temperature / top-k / top-p draws on the device, seeded per row
     runner.py    FastDecoder: what the engine calls; CUDA graphs per batch bucket
+    graphs.py    capturing a step as a CUDA graph; prefill.py: padded prefills as graphs
 
 `choose_path` decides which path an engine runs: "fast" takes it (or says why it cannot),
 "generic" keeps transformers' forward with its dynamic cache, and "auto" takes the fast
