@@ -11,7 +11,9 @@ gpu` does, then reports:
 - one captured decoding graph replayed alone (ms per step);
 - the same step's kernels under torch.profiler, run eagerly (the compiled layers without
   the graph), grouped by kernel name: count per step and device time per step, the sum of
-  all kernels' device time against the graph's wall time (the gap is launch overhead).
+  all kernels' device time against the graph's wall time (the gap is launch overhead);
+- one prefill as the engine admits it (32 prompts of 128 tokens): its wall time and its
+  kernels the same way (the gap between them is host work).
 """
 
 from __future__ import annotations
@@ -89,17 +91,57 @@ def _profile_case(suite: Suite, model, adapters: dict, rows: list[str], batch: i
             for _ in range(steps):
                 decoder.step(rows_n, key_length, greedy, graph.ints.clone(), graph.floats.clone())
             suite.sync()
-        by_name: dict[str, list[float]] = defaultdict(list)
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                by_name[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
-        total = sum(sum(v) for v in by_name.values()) / steps
-        count = sum(len(v) for v in by_name.values()) / steps
-        log(f"  eager step: {count:.0f} kernels, {total / 1e3:.3f} ms of kernel time per step")
-        for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]:
-            log(f"    {sum(times) / steps / 1e3:7.3f} ms  {len(times) / steps:6.1f}x  {name[:150]}")
+        kernel_table(prof, steps, "eager step", log)
+        profile_prefill(suite, engine, rows, model.config.vocab_size, log)
     _unload(engine, adapters)
     torch.cuda.empty_cache()
+
+
+def kernel_table(prof, runs: int, label: str, log, top: int = 30) -> float:
+    """The profiled CUDA kernels grouped by name, per run; returns the kernel time per run (ms)."""
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    total = sum(sum(v) for v in by_name.values()) / runs
+    count = sum(len(v) for v in by_name.values()) / runs
+    log(f"  {label}: {count:.0f} kernels, {total / 1e3:.3f} ms of kernel time per run")
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        log(f"    {sum(times) / runs / 1e3:7.3f} ms  {len(times) / runs:6.1f}x  {name[:150]}")
+    return total / 1e3
+
+
+def profile_prefill(suite: Suite, engine, rows: list[str], vocab: int, log, runs: int = 3) -> None:
+    """One prefill as the engine admits it (up to 32 prompts of 128 tokens, each with its
+    adapter) into free slots: wall time against kernel time (the gap is host work)."""
+    decoder = engine.decoder
+    n = min(32, len(rows), decoder.max_batch)
+    length = suite.args.prompt_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (n, length), generator=g).to(suite.device)
+    slots = torch.arange(n, device=suite.device)
+    index = torch.tensor(decoder.lora.index(rows[:n]), device=suite.device)
+    positions = torch.arange(length, device=suite.device).expand(n, -1)
+
+    def run() -> torch.Tensor:
+        hidden = decoder.decoder.forward(ids, positions, decoder.cache, slots, length, decoder.lora, index)
+        return decoder.decoder.logits(hidden[:, -1])
+
+    with torch.no_grad():
+        for _ in range(2):
+            run()
+        suite.sync()
+        t = time.perf_counter()
+        for _ in range(runs):
+            run()
+        suite.sync()
+        wall = (time.perf_counter() - t) / runs * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                run()
+            suite.sync()
+    log(f"  prefill of {n} x {length} tokens: {wall:.1f} ms wall ({n * length / wall * 1e3:,.0f} tokens/s)")
+    kernel_table(prof, runs, "prefill", log, top=20)
 
 
 def main() -> None:
