@@ -5,6 +5,7 @@ saved in PEFT's file format, swapped and mixed per request on one base.
 """
 
 from .config import LoraConfig
+from .embedding import LoraEmbedding
 from .inject import (
     active_adapters,
     add_adapter,
@@ -21,7 +22,7 @@ from .inject import (
     unmerge,
 )
 from .io import load_adapter, read_adapter, save_adapter
-from .layers import LoraEmbedding, LoraLinear, lora_mixed_delta
+from .layers import LoraLinear, lora_mixed_delta
 
 __version__ = "0.1.0"
 

@@ -15,9 +15,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, LoraConfig, matches
-from .layers import LINEAR_TYPES, SUPPORTED, LoraLayer, MixedBatch, unwrap, wrap
+from .embedding import LoraEmbedding
+from .layers import LoraLayer, LoraLinear, MixedBatch
 
 
 @dataclass
@@ -28,6 +30,37 @@ class AdapterState:
     targets: dict[str, list[str]] = field(default_factory=dict)
     """Dotted paths of the modules each adapter sits on."""
     active: list[str] = field(default_factory=list)
+
+
+SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
+"""Module types that can carry adapters."""
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """The LoRA layer for `module` (which must be one of SUPPORTED, or already a LoRA layer)."""
+    if isinstance(module, LoraLayer):
+        return module
+    if isinstance(module, Conv1D):
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    supported = ", ".join(t.__name__ for t in SUPPORTED)
+    raise TypeError(
+        f"cannot put a LoRA adapter on {type(module).__name__}; supported layers: {supported}"
+    )
+
+
+def unwrap(layer: LoraLayer) -> nn.Module:
+    """The original module, holding the layer's current base parameters."""
+    base = layer._base_shell[0]
+    base.weight = layer.weight
+    if isinstance(layer, LoraLinear):
+        base.bias = layer.bias
+    return base
 
 
 class ModulesToSave(nn.Module):

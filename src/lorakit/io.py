@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import LoraConfig
+from .embedding import LoraEmbedding
 from .init import olora, pissa
 from .inject import (
     ModulesToSave,
@@ -40,7 +41,7 @@ from .inject import (
     resolved_target_names,
     set_adapter,
 )
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_dtype
+from .layers import LoraLayer, LoraLinear, adapter_dtype
 
 MAX_CONFIG_BYTES = 2**20
 """adapter_config.json is a few KB; a rank_pattern over every module of a large model stays under 1 MiB."""

@@ -207,9 +207,10 @@ def facts_from_modules(facts: AdapterFacts, model: nn.Module) -> None:
 
 def facts_from_model(model: nn.Module, adapter_name: str = "default") -> AdapterFacts:
     """Facts for an adapter still on a model (as `lorakit train` sets it up), without copying weights."""
+    from ..embedding import LoraEmbedding
     from ..inject import ModulesToSave, get_state
     from ..io import adapter_config_dict
-    from ..layers import LoraEmbedding, LoraLinear
+    from ..layers import LoraLinear
 
     shapes: dict[str, tuple[int, ...]] = {}
     for path in get_state(model).targets[adapter_name]:

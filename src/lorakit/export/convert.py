@@ -72,9 +72,9 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
                      rank: int | None = None, max_error: float = 0.05,
                      prompts: tuple[str, ...] = DEFAULT_PROMPTS, new_tokens: int = 16) -> Conversion:
     """Convert, measure, and write the plain adapter (only when every error is within `max_error`)."""
+    from ..embedding import LoraEmbedding
     from ..inject import ModulesToSave, get_state
     from ..io import PREFIX, adapter_config_dict, load_adapter, read_adapter, write_adapter
-    from ..layers import LoraEmbedding
     from ..models import DEFAULT_HUB_ID, load_model
 
     if rank is not None and rank <= 0:

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...embedding import LoraEmbedding
 from ...kernels.llama import ARCHITECTURES
-from ...layers import LoraEmbedding, LoraLinear
+from ...layers import LoraLinear
 from . import bgmv
 from .fused import FusedLayers, attend, layer_weights, rotate
 from .kv import SlotCache
