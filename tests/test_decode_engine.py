@@ -89,6 +89,7 @@ def test_health_says_which_path_runs(server) -> None:
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok"
     assert health["decode_path"].startswith("fast (slot KV cache 16 x 256 tokens") and "eager" in health["decode_path"]
+    assert "Triton" not in health["decode_path"]  # the LoRA kernels run on CUDA only
 
 
 def test_slots_are_given_back_and_outputs_match_the_generic_path(serve_adapter_dirs) -> None:

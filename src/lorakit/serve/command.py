@@ -49,7 +49,7 @@ class ServeArgs:
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
     decode_path: str = "auto"
-    """auto, fast or generic. fast: the Llama-family decode path (slot KV cache, batched LoRA, CUDA graphs on a GPU); auto runs generic for now."""
+    """auto, fast or generic. fast: the Llama-family decode path (slot KV cache, batched LoRA, CUDA graphs on a GPU); auto takes it for Llama-family models on a GPU and runs generic elsewhere."""
     runs: list[str] = field(default_factory=list)
     """Training output directories to show in the page's Runs view (a run directory, or a directory of runs; repeatable)."""
     log_level: str = "info"

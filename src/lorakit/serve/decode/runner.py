@@ -142,12 +142,13 @@ class FastDecoder:
 
     def describe(self) -> str:
         mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
+        lora = " (Triton BGMV kernels when decoding)" if self.decoder.lora_kernel else ""
         fused = self.decoder.fused
         if fused is not None:
             mode += f"; fused layers, {'compiled' if fused.backend else 'not compiled'}"
         return (
             f"fast (slot KV cache {self.max_batch} x {self.context_length} tokens, "
-            f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA; {mode})"
+            f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA{lora}; {mode})"
         )
 
     def new_batch(self) -> SlotBatch:
