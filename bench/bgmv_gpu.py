@@ -75,9 +75,7 @@ def sweep(emit, device: torch.device, g: torch.Generator, rank: int = 16) -> Non
         for stage, choices in (("shrink", shrink), ("expand", None)):
             if choices is None:
                 assert best is not None
-                t = best[1]
-                choices = [Tiles(bk=t.bk, programs_per_sm=t.programs_per_sm, shrink_warps=t.shrink_warps,
-                                 max_splits=t.max_splits, bn=bn, expand_warps=w)
+                choices = [dataclasses.replace(best[1], bn=bn, expand_warps=w)
                            for bn, w in itertools.product((128, 256, 512, 1024), (2, 4, 8))]
             for tiles in choices:
                 us = timed(functools.partial(launch, x, a, b, index, list(sizes), tiles))
@@ -128,7 +126,7 @@ def main() -> int:
                 failed += not ok
                 times = {mode: round(timed(functools.partial(batched_lora, x, a, b, sizes, index, mode)), 2)
                          for mode in ("kernel", "gather", "dense")}
-                traffic = (rows if slots > rows else slots) * (a[0].numel() + b[0].numel()) * 2
+                traffic = min(rows, slots) * (a[0].numel() + b[0].numel()) * 2  # each adapter read once
                 emit(case=f"{size}-{name}-rows{rows}-slots{slots}", check="PASS" if ok else "FAIL", rel_err=err,
                      us=times, adapter_mb=round(traffic / 1e6, 2),
                      kernel_gbps=round(traffic / times["kernel"] / 1e3, 1))
