@@ -47,13 +47,25 @@ SIZES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer built offline; ids past its vocabulary decode to nothing."""
+def byte_tokenizer(words: int = max(v[-1] for v in SIZES.values())):
+    """A byte-level tokenizer built offline: text encodes to its 256 byte tokens, and every
+    id below `words` decodes to text (ids past the bytes to a space and a word of their
+    own), as a real model's vocabulary does. A random-weight model's output then costs the
+    detokenizer what real text costs it (an id that decodes to nothing would keep growing
+    the window the detokenizer re-decodes each step)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for i in range(len(alphabet), words):
+        word, n = "", i
+        while True:
+            word, n = chr(ord("a") + n % 26) + word, n // 26
+            if n == 0:
+                break
+        vocab["\u0120" + word] = i  # "Ġ": ByteLevel's space
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>")

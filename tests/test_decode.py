@@ -237,7 +237,8 @@ def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
         for start in range(0, longest, 4):  # chunks of 4 positions
             end = min(start + 4, longest)
             positions = torch.arange(start, end).expand(3, -1)
-            hidden.append(decoder.forward(ids[:, start:end], positions, cache, slots, end, lora, index))
+            # the first chunk as the runner sends it (causal SDPA), the later ones under a mask
+            hidden.append(decoder.forward(ids[:, start:end], positions, cache, slots, end, lora, index, causal=start == 0))
         logits = decoder.logits(torch.cat(hidden, dim=1))
         for i, n in enumerate(lengths):
             torch.testing.assert_close(logits[i, :n], want[i][:n], rtol=1e-9, atol=1e-9)
@@ -345,7 +346,8 @@ def test_compiled_fused_layers_trace_once_for_every_layer_and_step() -> None:
             index = torch.tensor(lora.index(["p", None, "p"]))
             slots = torch.tensor([cache.allocate() for _ in range(3)])
             ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(2))
-            logits = [decoder.logits(decoder.forward(ids, torch.arange(6).expand(3, -1), cache, slots, 6, lora, index))]
+            logits = [decoder.logits(decoder.forward(ids, torch.arange(6).expand(3, -1), cache, slots, 6, lora, index,
+                                                     causal=True))]
             for step in range(4):
                 if step == 2:
                     frames = counter.frame_count

@@ -203,11 +203,11 @@ def test_a_row_failing_inside_a_fast_step_ends_alone(serve_adapter_dirs, referen
         decoder = engine.decoder
         forward, sizes = decoder.decoder.forward, []
 
-        def failing(ids, positions, cache, slots, key_length, lora=None, index=None, gathered=True):
+        def failing(ids, positions, cache, slots, key_length, lora=None, index=None, gathered=True, causal=False):
             if ids.shape[1] == 1 and index is not None and "gamma" in lora.slot_of and lora.slot_of["gamma"] in index.tolist():
                 sizes.append(ids.shape[0])
                 raise RuntimeError("the LoRA kernel failed for adapter 'gamma'")
-            return forward(ids, positions, cache, slots, key_length, lora, index, gathered)
+            return forward(ids, positions, cache, slots, key_length, lora, index, gathered, causal)
 
         decoder.decoder.forward = failing
         out = run_together(engine, cases)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import SERVE_ADAPTERS, tiny_llama_for_tokenizer
+from conftest import SERVE_ADAPTERS, tiny_llama_for_tokenizer, tiny_tokenizer
 from lorakit.serve import Engine, PromptTooLong, QueueFull, SamplingParams, UnknownAdapter
 
 PROMPTS = [
@@ -294,3 +294,42 @@ def test_nf4_base_serves_mixed_adapters(serve_adapter_dirs) -> None:
         if tok.eos_token_id in want:
             want = want[: want.index(tok.eos_token_id)]
         assert out.token_ids == want
+
+
+def test_text_decoder_is_transformers_decode() -> None:
+    """The detokenizer's decoding function returns what `tokenizer.decode(ids,
+    skip_special_tokens=True)` returns: through the Rust decoder for a plain fast tokenizer,
+    through transformers where it cleans up spaces or a subclass decodes its own way."""
+    import functools
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.serve.sampling import text_decoder
+
+    tok = tiny_tokenizer()
+    decode = text_decoder(tok)
+    assert decode.func == tok.backend_tokenizer.decode  # the direct path is the one taken
+    rng = random.Random(0)
+    specials = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    text_ids = tok("héllo, wörld ✓ 🙂")["input_ids"]
+    windows = [text_ids, text_ids[:3], text_ids[-5:], [], specials + text_ids[:4] + specials[1:]]
+    windows += [[rng.choice(range(256)) for _ in range(rng.randrange(1, 9))] + rng.sample(specials, 1) for _ in range(50)]
+    for ids in windows:  # partial UTF-8 sequences and special tokens included
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
+
+    words = Tokenizer(models.WordLevel({"hello": 0, ",": 1, "world": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    cleaning = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    decode = text_decoder(cleaning)
+    assert decode.func == cleaning.decode
+    assert decode([0, 1, 2]) == cleaning.decode([0, 1, 2], skip_special_tokens=True) == "hello, world"
+
+    class Shouting(PreTrainedTokenizerFast):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+    loud = Shouting(tokenizer_object=tok.backend_tokenizer)
+    assert text_decoder(loud)(text_ids[:5]) == tok.decode(text_ids[:5]).upper()
+    assert isinstance(text_decoder(loud), functools.partial)

@@ -120,10 +120,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+           causal: bool = False) -> torch.Tensor:
     """Attention of q (rows, T, heads, D) over keys, values (rows, kv heads, L, D) under mask
     (rows, 1, group * T, L); (rows, T, heads * D). The query heads that share a K/V head
     become more queries of that head (transformers' repeat_kv order), so K/V are not repeated.
+
+    causal=True promises what the first chunk of a prefill has: every row's queries sit at
+    positions 0..T-1 and L == T, so the mask is the causal triangle. SDPA then runs with
+    is_causal and grouped-query heads instead of a materialised mask over folded heads, which
+    lets it take its flash kernels (mask may be None).
 
     One query per row (decoding): scores = q K^T in the cache's dtype, a float32 softmax, then
     the weights times V, as transformers' eager attention does (float64 stays float64); both matmuls read the cache
@@ -132,6 +138,11 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     rows, steps, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
+    if causal and steps > 1:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), is_causal=True,
+                                             scale=scaling, enable_gqa=group > 1)  # (rows, heads, T, D)
+        return out.transpose(1, 2).reshape(rows, steps, heads * head_dim)
+    assert mask is not None
     q = q.view(rows, steps, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(rows, kv_heads, group * steps, head_dim)
     keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -194,7 +205,7 @@ def layer_rest(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     post_norm: torch.Tensor,
     eps: float,
@@ -204,11 +215,13 @@ def layer_rest(
     loras: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
     index: torch.Tensor | None,
     mode: str,
+    causal: bool = False,
 ) -> torch.Tensor:
     """The layer's output hidden state. keys, values: (rows, kv heads, L, D) views of the
-    cache; mask: (rows, 1, group * T, L) booleans; loras: (A, Bs) of the o, gate/up and down
-    groups (None where no resident adapter has them); mode: `batched_lora`'s."""
-    out = attend(q, keys, values, mask, scaling)
+    cache; mask: (rows, 1, group * T, L) booleans (None when causal, see `attend`); loras:
+    (A, Bs) of the o, gate/up and down groups (None where no resident adapter has them);
+    mode: `batched_lora`'s."""
+    out = attend(q, keys, values, mask, scaling, causal)
     (attended,) = _projections(out, o, *loras[0], index, mode)
     h = h + attended
     x = rms_norm(h, post_norm, eps)

@@ -130,27 +130,36 @@ class DecoderModel:
         lora: AdapterSlots | None = None,
         index: torch.Tensor | None = None,
         gathered: bool = True,
+        causal: bool = False,
     ) -> torch.Tensor:
         """Hidden states after the final norm, (rows, T, hidden).
 
         ids, positions: (rows, T) int64; slots: (rows,) each row's cache slot; key_length:
         how many cache positions attention reads (> every position); index: (rows,) each
         row's adapter slot. gathered=False promises slots == 0..rows-1 (decoding), so the
-        cache is read through a view instead of a gather.
+        cache is read through a view instead of a gather. causal=True promises positions ==
+        0..T-1 in every row and key_length == T (a prefill's first chunk): attention runs
+        as a causal SDPA, no mask built.
         """
         rows, steps = ids.shape
+        causal = causal and steps > 1
+        if causal and key_length != steps:
+            raise ValueError(f"a causal forward reads as many keys as it has tokens ({steps}), not {key_length}")
         h = self.embed(ids)
         cos, sin = self.rotary(h, position_ids=positions)  # (rows, T, head dim)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        allowed = torch.arange(key_length, device=ids.device) <= positions.unsqueeze(-1)  # (rows, T, L)
-        group = self.heads // self.kv_heads
-        mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
-        mask = mask.reshape(rows, 1, group * steps, key_length)
+        mask = None
+        if not causal:
+            allowed = torch.arange(key_length, device=ids.device) <= positions.unsqueeze(-1)  # (rows, T, L)
+            group = self.heads // self.kv_heads
+            mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
+            mask = mask.reshape(rows, 1, group * steps, key_length)
         flat = cache.flat_index(slots, positions)  # where the tokens' K/V go in the flat cache
         mode = self.lora_mode(rows, steps, gathered, lora)
         for i, layer in enumerate(self.layers):
             if self.fused is not None:
-                h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, mode)
+                h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, mode,
+                                      causal)
                 continue
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -162,7 +171,7 @@ class DecoderModel:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
-            o = attend(q, keys, values, mask, self.scaling)
+            o = attend(q, keys, values, mask, self.scaling, causal)
             (o,) = self._group(i, 1, o, lora, index, mode)
             h = h + o
             x = layer.post_attention_layernorm(h)
@@ -183,9 +192,9 @@ class DecoderModel:
             return keys[:, :, :key_length].index_select(0, slots), values[:, :, :key_length].index_select(0, slots)
         return keys[:rows, :, :key_length], values[:rows, :, :key_length]
 
-    def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                      cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
-                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str) -> torch.Tensor:
+                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str, causal: bool) -> torch.Tensor:
         fused = self.fused
         assert fused is not None
         w = fused.layers[i]
@@ -199,7 +208,7 @@ class DecoderModel:
         keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
         return fused.layer_rest(
             h, q, keys, values, mask, self.scaling, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3],
-            loras[1:], index, mode,
+            loras[1:], index, mode, causal,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

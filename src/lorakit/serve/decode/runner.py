@@ -182,12 +182,13 @@ class FastDecoder:
         if self.batch.rows:
             raise RuntimeError("warmup runs only while no request is running")
         for rows in sorted({1, min(2, self.max_batch)}):
-            for steps in (1, 2):
+            for steps, causal in ((1, False), (2, True), (2, False)):  # decode; a prefill's first chunk, a later one
                 slots = torch.arange(rows, device=self.device)
                 ids = torch.zeros((rows, steps), dtype=torch.long, device=self.device)
                 positions = torch.arange(steps, device=self.device).expand(rows, -1)
                 index = torch.full((rows,), self.lora.none, device=self.device)
-                self.decoder.logits(self.decoder.forward(ids, positions, self.cache, slots, steps, self.lora, index)[:, -1])
+                hidden = self.decoder.forward(ids, positions, self.cache, slots, steps, self.lora, index, causal=causal)
+                self.decoder.logits(hidden[:, -1])
         for rows in range(1, min(prefill.ROWS, self.max_batch) + 1) if self.pad_to_buckets else []:
             for length in self.prefill_lengths:
                 ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)
@@ -245,7 +246,8 @@ class FastDecoder:
         for start in range(0, longest, self.prefill_chunk):
             end = min(start + self.prefill_chunk, longest)
             positions = torch.arange(start, end, device=self.device).expand(rows, -1)
-            hidden = self.decoder.forward(ids[:, start:end], positions, self.cache, slots, end, self.lora, index)
+            hidden = self.decoder.forward(ids[:, start:end], positions, self.cache, slots, end, self.lora, index,
+                                          causal=start == 0)
             # rows whose last prompt token is in this chunk keep its hidden state
             inside = (last >= start) & (last < end)
             picked = hidden[torch.arange(rows, device=self.device), (last - start).clamp(0, end - start - 1)]
