@@ -20,6 +20,10 @@ exists, so a run cut short keeps what it measured):
     fast-1b-b32-32-nf4               the 1B base quantized to NF4 on the fast path, 32 adapters
     fast-8b-b32-32 / hf-static-8b    8B, batch 32, 32 distinct adapters / the base, static cache
 
+On a machine with two GPUs or more the suite runs as two processes, one a GPU: the fp32
+agreement, NF4 and 8B cases (SECOND_GPU) on the second GPU while the others run on the
+first, so the whole suite fits in half the time; no case shares its GPU with another.
+
 Offline cases submit every request at once: 128-token prompts, 128 new tokens, random
 weights (bf16), end-of-sequence ignored, rank 16 on all seven projections.
 """
@@ -28,7 +32,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,6 +51,9 @@ CASES = (
     "hf-static-peft-1b", "peft-mixed-1b", "hf-static-1b", "agreement-1b-fp32", "fast-1b-b32-32-nf4",
     "fast-8b-b32-32", "hf-static-8b",
 )
+SECOND_GPU = ("agreement-1b-fp32", "fast-1b-b32-32-nf4", "fast-8b-b32-32", "hf-static-8b")
+"""Cases a second GPU runs, when there is one (`Suite.spread`); the first runs FIRST_GPU."""
+FIRST_GPU = tuple(c for c in CASES if c not in SECOND_GPU)
 
 
 class Suite:
@@ -136,10 +147,58 @@ class Suite:
 
     def run(self) -> None:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.record("setup", device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        if not any(c in self.args.cases for c in CASES if "8b" not in c):  # the 8B cases alone
-            self.eight_b()
-            return
+        self.record("setup", device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        child = self.spread()
+        try:
+            if any(self.wanted(c) for c in FIRST_GPU):
+                self.one_b()
+            if self.wanted("agreement-1b-fp32"):
+                self.record("agreement-1b-fp32", **self.agreement(torch.float32))
+            if self.wanted("fast-1b-b32-32-nf4"):
+                self.nf4()
+            if self.wanted("fast-8b-b32-32") or self.wanted("hf-static-8b"):
+                self.eight_b()
+        finally:
+            if child is not None:
+                self.join(*child)
+
+    def spread(self) -> tuple[subprocess.Popen, Path] | None:
+        """On a machine with two GPUs or more, hand the SECOND_GPU cases to a child process of
+        this script on the second GPU; they run while this process runs the rest on the first.
+        Each GPU runs its cases alone, so no figure shares a device; the child's lines join
+        --out when it ends (`join`)."""
+        mine = [c for c in self.args.cases if c not in SECOND_GPU]
+        theirs = [c for c in self.args.cases if c in SECOND_GPU]
+        if self.device.type != "cuda" or torch.cuda.device_count() < 2 or not mine or not theirs:
+            return None
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        second = visible.split(",")[1] if visible else "1"
+        out = Path(tempfile.mkstemp(suffix=".jsonl")[1])
+        args = self.args
+        command = [sys.executable, str(Path(__file__).with_name("serve.py")), "--suite", "gpu", "--device", "cuda",
+                   "--cases", ",".join(theirs), "--out", str(out), "--rank", str(args.rank), "--new-tokens",
+                   str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--peft-tokens", str(args.peft_tokens),
+                   "--budget-s", str(args.budget_s)]
+        child = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": second})
+        self.args.cases = mine
+        return child, out
+
+    def join(self, child: subprocess.Popen, out: Path) -> None:
+        """Wait for the second GPU's process and record its results here, in its order."""
+        code = child.wait()
+        for line in out.read_text().splitlines():
+            values = json.loads(line)
+            case = values.pop("case")
+            values.pop("elapsed_s", None)
+            self.record("setup-second-gpu" if case == "setup" else case, **values)
+        out.unlink()
+        if code != 0:
+            self.record("second-gpu-failed", returncode=code)
+
+    def one_b(self) -> None:
+        """The 1B bf16 cases: the fast path's offline and online runs, agreement, and the
+        transformers / PEFT anchors on the same model."""
         model = self.build_model(self.sizes[0], self.device, self.dtype)
         vocab = model.config.vocab_size
         pool = 256 if self.wanted("fast-1b-b128-pool256") else 32
@@ -199,12 +258,6 @@ class Suite:
         del peft, base, model, first32
         gc.collect()
         torch.cuda.empty_cache()
-        if self.wanted("agreement-1b-fp32"):
-            self.record("agreement-1b-fp32", **self.agreement(torch.float32))
-        if self.wanted("fast-1b-b32-32-nf4"):
-            self.nf4()
-        if self.wanted("fast-8b-b32-32") or self.wanted("hf-static-8b"):
-            self.eight_b()
 
     def agreement(self, dtype: torch.dtype) -> dict:
         """Greedy first 32 tokens of 32 requests, each with its own adapter: the fast path,
