@@ -84,7 +84,10 @@ CHECK = textwrap.dedent(
     seqs = [torch.randint(0, 64, (n + 2,), generator=g) for n in lengths]
     with torch.no_grad():
         want = [lorakit.forward_mixed(model, [n], s.unsqueeze(0)).logits[0] for n, s in zip(rows, seqs)]
-        decoder = DecoderModel(model, fused=True, lora_kernel=True)
+    # decoding steps through the LoRA kernels, then through the LoRA and attention kernels
+    for kernels in ({"lora_kernel": True}, {"lora_kernel": True, "attention_kernel": True}):
+      with torch.no_grad():
+        decoder = DecoderModel(model, fused=True, **kernels)
         cache = SlotCache(2, 3, 2, 16, decoder.head_dim, dtype=torch.float32, device="cpu")
         lora = AdapterSlots(decoder.layers, 2, torch.float32, torch.device("cpu"))
         lora.sync({"p": 1, "q": 2})
@@ -103,7 +106,7 @@ CHECK = textwrap.dedent(
                                                  gathered=False))
             for i, n in enumerate(lengths):
                 torch.testing.assert_close(out[i, 0], want[i][n + step], rtol=1e-4, atol=1e-4)
-    print("ok", "decoding steps")
+      print("ok", "decoding steps", sorted(kernels))
     # the start-up self-check that `available` runs on a GPU, here on the interpreter
     assert _works(torch.device("cpu")) and not available(torch.device("cpu"))
     print("ok", "self-check")
@@ -115,4 +118,4 @@ def test_bgmv_kernels_equal_the_per_row_loop_in_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sum(line.startswith("ok ") for line in done.stdout.splitlines()) == 8, done.stdout
+    assert sum(line.startswith("ok ") for line in done.stdout.splitlines()) == 9, done.stdout

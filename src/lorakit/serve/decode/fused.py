@@ -121,7 +121,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-           causal: bool = False) -> torch.Tensor:
+           causal: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q (rows, T, heads, D) over keys, values (rows, kv heads, L, D) under mask
     (rows, 1, group * T, L); (rows, T, heads * D). The query heads that share a K/V head
     become more queries of that head (transformers' repeat_kv order), so K/V are not repeated.
@@ -131,6 +131,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     is_causal and grouped-query heads instead of a materialised mask over folded heads, which
     lets it take its flash kernels (mask may be None).
 
+    positions (rows,), given when decoding: each row's query position, for `attention.py`'s
+    Triton kernel, which reads each row's keys only up to its position (mask may be None).
+
     One query per row (decoding): scores = q K^T in the cache's dtype, a float32 softmax, then
     the weights times V, as transformers' eager attention does (float64 stays float64); both matmuls read the cache
     in place (a (rows * kv heads) batch of small matmuls), where a fused attention kernel
@@ -139,19 +142,25 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if causal and steps > 1:
+        # enable_gqa takes a Python bool (under torch.compile, group is symbolic)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), is_causal=True,
-                                             scale=scaling, enable_gqa=group > 1)  # (rows, heads, T, D)
+                                             scale=scaling, enable_gqa=bool(group > 1))  # (rows, heads, T, D)
         return out.transpose(1, 2).reshape(rows, steps, heads * head_dim)
-    assert mask is not None
     q = q.view(rows, steps, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(rows, kv_heads, group * steps, head_dim)
     keys, values = keys.to(q.dtype), values.to(q.dtype)
-    if steps == 1:
+    if steps == 1 and positions is not None:
+        from .attention import decode_attention  # Triton is imported only where the kernel runs
+
+        out = decode_attention(q, keys, values, positions, scaling)
+    elif steps == 1:
+        assert mask is not None
         scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # (rows, kv heads, group, L)
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         out = torch.matmul(weights, values)
     else:
+        assert mask is not None
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
     return out.view(rows, kv_heads, group, steps, head_dim).permute(0, 3, 1, 2, 4).reshape(rows, steps, heads * head_dim)
 
@@ -216,12 +225,13 @@ def layer_rest(
     index: torch.Tensor | None,
     mode: str,
     causal: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The layer's output hidden state. keys, values: (rows, kv heads, L, D) views of the
     cache; mask: (rows, 1, group * T, L) booleans (None when causal, see `attend`); loras:
     (A, Bs) of the o, gate/up and down groups (None where no resident adapter has them);
-    mode: `batched_lora`'s."""
-    out = attend(q, keys, values, mask, scaling, causal)
+    mode: `batched_lora`'s; positions: (rows,) when decoding through the attention kernel."""
+    out = attend(q, keys, values, mask, scaling, causal, positions)
     (attended,) = _projections(out, o, *loras[0], index, mode)
     h = h + attended
     x = rms_norm(h, post_norm, eps)

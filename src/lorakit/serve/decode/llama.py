@@ -26,7 +26,7 @@ from torch import nn
 from ...embedding import LoraEmbedding
 from ...kernels.llama import ARCHITECTURES
 from ...layers import LoraLinear
-from . import bgmv
+from . import attention, bgmv
 from .fused import FusedLayers, attend, layer_weights, rotate
 from .kv import SlotCache
 from .lora import GROUPS, AdapterSlots, batched_lora, split
@@ -70,11 +70,12 @@ class DecoderModel:
     fused: run each layer through `fused.py`'s two functions (a dense base only; None: when
     the base is dense); compile: the `torch.compile` backend for them (None: eager; worth
     "inductor" on a GPU, where a step is otherwise launch-bound); lora_kernel: decoding steps
-    apply the rows' adapters with `bgmv`'s Triton kernels (None: where they can run).
+    apply the rows' adapters with `bgmv`'s Triton kernels, and attention_kernel: they attend
+    with `attention`'s Triton kernel (None: where it can run).
     """
 
     def __init__(self, model: nn.Module, *, fused: bool | None = None, compile: str | Callable | None = None,
-                 lora_kernel: bool | None = None) -> None:
+                 lora_kernel: bool | None = None, attention_kernel: bool | None = None) -> None:
         inner = model.model
         self.model = model
         self.embed = inner.embed_tokens
@@ -89,6 +90,7 @@ class DecoderModel:
         self.scaling = attn.scaling
         device = self.embed.weight.device
         self.lora_kernel = bgmv.available(device) if lora_kernel is None else lora_kernel
+        self.attention_kernel = attention.available(device) if attention_kernel is None else attention_kernel
         self.fused: FusedLayers | None = None
         if fused is not False:
             weights = [layer_weights(layer) for layer in self.layers]
@@ -149,7 +151,8 @@ class DecoderModel:
         cos, sin = self.rotary(h, position_ids=positions)  # (rows, T, head dim)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         mask = None
-        if not causal:
+        decoding = positions[:, 0] if steps == 1 and self.attention_kernel else None  # (rows,) for the kernel
+        if not causal and decoding is None:
             allowed = torch.arange(key_length, device=ids.device) <= positions.unsqueeze(-1)  # (rows, T, L)
             group = self.heads // self.kv_heads
             mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
@@ -159,7 +162,7 @@ class DecoderModel:
         for i, layer in enumerate(self.layers):
             if self.fused is not None:
                 h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, mode,
-                                      causal)
+                                      causal, decoding)
                 continue
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -171,7 +174,7 @@ class DecoderModel:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
-            o = attend(q, keys, values, mask, self.scaling, causal)
+            o = attend(q, keys, values, mask, self.scaling, causal, decoding)
             (o,) = self._group(i, 1, o, lora, index, mode)
             h = h + o
             x = layer.post_attention_layernorm(h)
@@ -194,7 +197,8 @@ class DecoderModel:
 
     def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                      cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
-                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str, causal: bool) -> torch.Tensor:
+                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str, causal: bool,
+                     decoding: torch.Tensor | None) -> torch.Tensor:
         fused = self.fused
         assert fused is not None
         w = fused.layers[i]
@@ -208,7 +212,7 @@ class DecoderModel:
         keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
         return fused.layer_rest(
             h, q, keys, values, mask, self.scaling, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3],
-            loras[1:], index, mode, causal,
+            loras[1:], index, mode, causal, decoding,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,8 @@ class FastDecoder:
     def describe(self) -> str:
         mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
         lora = " (Triton BGMV kernels when decoding)" if self.decoder.lora_kernel else ""
+        if self.decoder.attention_kernel:
+            lora += "; Triton decode attention"
         fused = self.decoder.fused
         if fused is not None:
             mode += f"; fused layers, {'compiled' if fused.backend else 'not compiled'}"
