@@ -142,9 +142,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if causal and steps > 1:
-        # enable_gqa takes a Python bool (under torch.compile, group is symbolic)
+        # enable_gqa is a constant: `group > 1` is symbolic under torch.compile, which SDPA
+        # rejects, and with one query head per K/V head it changes nothing
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), is_causal=True,
-                                             scale=scaling, enable_gqa=bool(group > 1))  # (rows, heads, T, D)
+                                             scale=scaling, enable_gqa=True)  # (rows, heads, T, D)
         return out.transpose(1, 2).reshape(rows, steps, heads * head_dim)
     q = q.view(rows, steps, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(rows, kv_heads, group * steps, head_dim)
