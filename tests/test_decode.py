@@ -250,6 +250,18 @@ def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
                 torch.testing.assert_close(out[i, 0], want[i][n + step], rtol=1e-9, atol=1e-9)
 
 
+def test_a_causal_forward_must_read_as_many_keys_as_tokens() -> None:
+    """causal=True promises a prefill's first chunk (keys == tokens); anything else is refused,
+    naming both numbers, before the cache is written."""
+    decoder = DecoderModel(tiny_llama())
+    cache = SlotCache(2, 2, 2, 16, decoder.head_dim, dtype=torch.float32, device="cpu")
+    before = [k.clone() for k in cache.keys]
+    ids, positions, slots = torch.ones(2, 4, dtype=torch.long), torch.arange(4).expand(2, -1), torch.arange(2)
+    with pytest.raises(ValueError, match=r"as many keys as it has tokens \(4\), not 8"):
+        decoder.forward(ids, positions, cache, slots, 8, causal=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.keys, strict=True))
+
+
 def test_decode_reason_and_choose_path() -> None:
     from conftest import tiny_gpt2
 

@@ -8,9 +8,10 @@ through the LoRA layer's `base_forward`, a 4-bit base included), with:
 
 - the adapters of all rows applied by `batched_lora` from `AdapterSlots` (Q/K/V and
   gate/up sharing one shrink matmul), no per-layer Python dispatch on adapter names;
-- attention over a view of the cache (batched matmuls when decoding, PyTorch's SDPA for
-  prefill), grouped-query heads folded into the query length (no repeated K/V), a boolean
-  mask `key position <= query position`;
+- attention over a view of the cache, `key position <= query position`: when decoding,
+  `attention.py`'s Triton kernel on CUDA (each row reads its keys only up to its position)
+  or batched matmuls under a boolean mask; a prefill's first chunk as a causal SDPA, later
+  chunks as SDPA under the mask; grouped-query heads are never repeated;
 - fixed shapes for a given (rows, T, key length): with rows = slots 0..n-1 nothing in
   it syncs with the host, so a CUDA graph can capture a decoding step.
 """
