@@ -217,3 +217,19 @@ def adapter_on_tiny_base(base_dir, **config):
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1)
     return model, tok
 
+
+
+def run_in_triton_interpreter(script: str) -> list[str]:
+    """Run `script` in a child Python with Triton's interpreter on (TRITON_INTERPRET is read
+    when Triton compiles, so it cannot be switched on in this process); its 'ok' lines. A
+    failing script fails the test with its output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line for line in done.stdout.splitlines() if line.startswith("ok ")]

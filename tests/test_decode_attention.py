@@ -5,18 +5,13 @@ environment variable read when Triton compiles, so the kernel checks run in a ch
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
+from conftest import run_in_triton_interpreter
 from lorakit.serve.decode.attention import reference
 from lorakit.serve.decode.fused import attend
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 CHECK = textwrap.dedent(
     """
@@ -91,16 +86,8 @@ CHECK = textwrap.dedent(
 
 
 def test_decode_attention_kernel_equals_the_reference_in_the_interpreter() -> None:
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert sum(line.startswith("ok ") for line in done.stdout.splitlines()) == 6, done.stdout
+    ok = run_in_triton_interpreter(CHECK)
+    assert len(ok) == 6, ok
 
 
 def test_reference_equals_the_pytorch_decode_attention() -> None:
@@ -116,6 +103,4 @@ def test_reference_equals_the_pytorch_decode_attention() -> None:
     want = attend(q.reshape(rows, 1, -1, dim), keys, values, mask, 0.3)  # (rows, 1, heads * D)
     got = reference(q, keys, values, positions, 0.3)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(
-        got.reshape(rows, 1, kv_heads * group * dim), want, rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(got.reshape(rows, 1, kv_heads * group * dim), want, rtol=1e-12, atol=1e-12)

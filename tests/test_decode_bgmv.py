@@ -4,13 +4,9 @@ environment variable read when Triton compiles, so the checks run in a child pro
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import run_in_triton_interpreter
 
 CHECK = textwrap.dedent(
     """
@@ -115,7 +111,5 @@ CHECK = textwrap.dedent(
 
 
 def test_bgmv_kernels_equal_the_per_row_loop_in_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert sum(line.startswith("ok ") for line in done.stdout.splitlines()) == 9, done.stdout
+    ok = run_in_triton_interpreter(CHECK)
+    assert len(ok) == 9, ok

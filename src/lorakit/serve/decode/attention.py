@@ -29,24 +29,15 @@ import math
 
 import torch
 
-from .bgmv import _multiprocessors, _next_power_of_two
+from .bgmv import _multiprocessors, _next_power_of_two, triton_device
 
 
 def available(device: torch.device) -> bool:
     """Whether the kernels run on `device`: CUDA, Triton installed, and a small launch there
     gives the reference's numbers (checked once per device; a GPU or a Triton build that
     cannot run them leaves the decode path on its PyTorch attention instead of failing requests)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return _works(
-        torch.device(
-            "cuda", device.index if device.index is not None else torch.cuda.current_device()
-        )
-    )
+    cuda = triton_device(device)
+    return cuda is not None and _works(cuda)
 
 
 @functools.cache
@@ -68,11 +59,7 @@ def _works(device: torch.device) -> bool:
 
 
 def reference(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    positions: torch.Tensor,
-    scaling: float,
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """The definition the kernels compute, in PyTorch: shapes as in the module's docstring;
     float32 math (float64 for float64 inputs), returned in q's dtype."""
@@ -145,12 +132,8 @@ def _kernels():
             j = start + tl.arange(0, BLOCK_L)
             inside = j < hi
             kv_live = inside[:, None] & live_d[None, :]
-            k = tl.load(
-                k_base + j[:, None] * k_pos + d[None, :] * k_dim, mask=kv_live, other=0.0
-            ).to(DOT)
-            v = tl.load(
-                v_base + j[:, None] * v_pos + d[None, :] * v_dim, mask=kv_live, other=0.0
-            ).to(DOT)
+            k = tl.load(k_base + j[:, None] * k_pos + d[None, :] * k_dim, mask=kv_live, other=0.0).to(DOT)
+            v = tl.load(v_base + j[:, None] * v_pos + d[None, :] * v_dim, mask=kv_live, other=0.0).to(DOT)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (GP, BLOCK_L)
             s = tl.where(inside[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds a key < end
@@ -166,21 +149,11 @@ def _kernels():
             tl.store(l_ptr + base, total)
             tl.store(acc_ptr + base[:, None] * DP + d[None, :], acc, mask=g[:, None] < group)
         else:
-            tl.store(
-                out_ptr + q_tile, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=live
-            )
+            tl.store(out_ptr + q_tile, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=live)
 
     @triton.jit
     def combine(
-        m_ptr,
-        l_ptr,
-        acc_ptr,
-        out_ptr,
-        group,
-        head_dim,
-        SPLITS: tl.constexpr,
-        GP: tl.constexpr,
-        DP: tl.constexpr,
+        m_ptr, l_ptr, acc_ptr, out_ptr, group, head_dim, SPLITS: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr
     ):
         # merges the splits' partial softmaxes, starting from split 0: it always holds key 0, so
         # the running max is finite and an empty split (max -inf) weighs exp2(-inf) = 0, no NaN
@@ -201,8 +174,7 @@ def _kernels():
             total = total * alpha + tl.load(l_ptr + at) * beta
             acc = (
                 acc * alpha[:, None]
-                + tl.load(acc_ptr + at[:, None] * DP + d[None, :], mask=real, other=0.0)
-                * beta[:, None]
+                + tl.load(acc_ptr + at[:, None] * DP + d[None, :], mask=real, other=0.0) * beta[:, None]
             )
             m = m_new
         live = real & (d[None, :] < head_dim)
@@ -248,8 +220,7 @@ def launch(
         )
     if positions.shape != (rows,):
         raise ValueError(
-            f"decode attention: positions {tuple(positions.shape)} must be ({rows},), one per row of q "
-            f"{tuple(q.shape)}"
+            f"decode attention: positions {tuple(positions.shape)} must be ({rows},), one per row of q {tuple(q.shape)}"
         )
     block_l = block_l or 64
     if block_l < 16 or block_l & (block_l - 1):
@@ -263,9 +234,7 @@ def launch(
         return out
     gp, dp = max(16, _next_power_of_two(group)), max(16, _next_power_of_two(head_dim))
     blocks = -(-length // block_l)
-    splits = max(
-        1, min(splits or _splits(rows * kv_heads, blocks, _multiprocessors(q.device)), blocks)
-    )
+    splits = max(1, min(splits or _splits(rows * kv_heads, blocks, _multiprocessors(q.device)), blocks))
     per_split = -(-blocks // splits)
     splits = -(-blocks // per_split)  # no split starts past L
     work = (rows, kv_heads, splits, gp)
@@ -304,19 +273,13 @@ def launch(
         num_warps=4,
     )
     if splits > 1:
-        combine[(rows, kv_heads)](
-            m, total, acc, out, group, head_dim, SPLITS=splits, GP=gp, DP=dp, num_warps=4
-        )
+        combine[(rows, kv_heads)](m, total, acc, out, group, head_dim, SPLITS=splits, GP=gp, DP=dp, num_warps=4)
     return out
 
 
 @torch.library.custom_op("lorakit::decode_attention", mutates_args=())
 def decode_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    positions: torch.Tensor,
-    scaling: float,
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """`launch` as an op that `torch.compile` and CUDA graphs keep whole."""
     return launch(q, keys, values, positions, scaling)
@@ -324,10 +287,6 @@ def decode_attention(
 
 @decode_attention.register_fake
 def _(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    positions: torch.Tensor,
-    scaling: float,
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     return q.new_empty(q.shape)

@@ -29,17 +29,23 @@ from dataclasses import dataclass
 import torch
 
 
+def triton_device(device: torch.device) -> torch.device | None:
+    """`device` with its index when Triton kernels may run there (CUDA, Triton installed)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
 def available(device: torch.device) -> bool:
     """Whether the kernels run on `device`: CUDA, Triton installed, and a small launch there
     gives the per-row loop's numbers (checked once per device; a GPU or a Triton build that
     cannot run them leaves the decode path on its PyTorch ops instead of failing requests)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return _works(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
+    cuda = triton_device(device)
+    return cuda is not None and _works(cuda)
 
 
 @functools.cache
