@@ -114,14 +114,11 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     fast tokenizer that overrides neither decoding step and cleans up no spaces. Every
     running row decodes twice a step, and transformers' per-call argument conversion costs
     several times the decoding itself: at a hundred rows that is milliseconds a step."""
-    try:
-        from transformers import PreTrainedTokenizerFast
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedTokenizerFast = None
+    from transformers import PreTrainedTokenizerFast
+
     cls = type(tokenizer)
     if (
-        PreTrainedTokenizerFast is not None
-        and isinstance(tokenizer, PreTrainedTokenizerFast)
+        isinstance(tokenizer, PreTrainedTokenizerFast)
         and cls.decode is PreTrainedTokenizerFast.decode
         and cls._decode is PreTrainedTokenizerFast._decode
         and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
@@ -139,7 +136,6 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
         self.decode = text_decoder(tokenizer)
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import LoraLinear
+from .attention import decode_attention
 from .lora import GROUPS, batched_lora, split
 
 Dense = tuple[torch.Tensor, torch.Tensor | None]
@@ -151,8 +152,6 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     q = q.reshape(rows, kv_heads, group * steps, head_dim)
     keys, values = keys.to(q.dtype), values.to(q.dtype)
     if steps == 1 and positions is not None:
-        from .attention import decode_attention  # Triton is imported only where the kernel runs
-
         out = decode_attention(q, keys, values, positions, scaling)
     elif steps == 1:
         assert mask is not None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import LoraLinear
+from .bgmv import bgmv
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self_attn", ("q_proj", "k_proj", "v_proj")),
@@ -70,8 +71,6 @@ def batched_lora(
     slots, width, d_in = a.shape
     r = b.shape[1]
     if mode == "kernel":
-        from .bgmv import bgmv  # Triton is imported only where the kernels run
-
         rows = xs.reshape(batch * seq, d_in)
         y = bgmv(rows, a, b, index.repeat_interleave(seq) if seq > 1 else index, list(sizes))
         return y.view(batch, b.shape[2]) if squeeze else y.view(batch, seq, b.shape[2])
