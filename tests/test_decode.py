@@ -15,7 +15,7 @@ from lorakit.layers import LoraLinear
 from lorakit.serve.decode import choose_path
 from lorakit.serve.decode.kv import SlotCache
 from lorakit.serve.decode.llama import DecoderModel, decode_reason
-from lorakit.serve.decode.lora import AdapterSlots, batched_lora, batched_lora_reference, split
+from lorakit.serve.decode.lora import GROUPS, AdapterSlots, batched_lora, batched_lora_reference, split
 from lorakit.serve.decode.runner import SlotBatch, batch_buckets
 from lorakit.serve.decode.sampling import sample_rows, uniform
 from lorakit.serve.sampling import SamplingParams
@@ -199,13 +199,14 @@ def _family(kind: str):
 
 @pytest.mark.parametrize(
     ("kind", "fused"),
-    [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("qwen3", True),
-     ("mistral", True)],
+    [("llama", False), ("llama", True), ("llama", "fold"), ("qwen2", False), ("qwen2", True), ("qwen2", "fold"),
+     ("qwen3", False), ("qwen3", True), ("qwen3", "fold"), ("mistral", True)],
 )
 def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
     """Prefill (chunked, rows right-padded) and decode steps on the slot cache give the
     logits of transformers' forward over the whole sequence with lorakit's mixed batch,
-    module by module and through the fused layer functions."""
+    module by module and through the fused layer functions (fold: with the decoding steps'
+    LoRA shrink folded into the base matmuls)."""
     model = _family(kind)
     config = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
     g = torch.Generator().manual_seed(5)
@@ -221,8 +222,8 @@ def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
     seqs = [torch.randint(0, 128, (n + 3,), generator=g) for n in lengths]
     with torch.no_grad():
         want = [lorakit.forward_mixed(model, [name], s.unsqueeze(0)).logits[0] for name, s in zip(rows, seqs, strict=True)]
-        decoder = DecoderModel(model, fused=fused)
-        assert (decoder.fused is not None) == fused
+        decoder = DecoderModel(model, fused=bool(fused), fold=fused == "fold")
+        assert (decoder.fused is not None) == bool(fused)
         cache = SlotCache(2, 4, 2, 32, decoder.head_dim, dtype=torch.float64, device="cpu")
         lora = AdapterSlots(decoder.layers, 2, torch.float64, torch.device("cpu"))
         lora.sync({"p": 1, "q": 2})
@@ -248,6 +249,11 @@ def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
             out = decoder.logits(decoder.forward(tokens, positions, cache, slots, max(lengths) + step + 1, lora, index, gathered=False))
             for i, n in enumerate(lengths):
                 torch.testing.assert_close(out[i, 0], want[i][n + step], rtol=1e-9, atol=1e-9)
+        assert decoder.lora_mode(3, 1, False, lora) == ("folded" if fused == "fold" else "dense")
+        # the generic path reads the same base weights after the decoder regrouped them
+        again = [lorakit.forward_mixed(model, [name], s.unsqueeze(0)).logits[0] for name, s in zip(rows, seqs, strict=True)]
+        for before, after in zip(want, again, strict=True):
+            assert torch.equal(before, after)
 
 
 def test_a_causal_forward_must_read_as_many_keys_as_tokens() -> None:
@@ -399,3 +405,63 @@ def test_fused_layers_concatenate_projections_without_a_second_copy() -> None:
     assert attn.v_proj.weight.data_ptr() == qkv_w.data_ptr() + (qkv_sizes[0] + qkv_sizes[1]) * row
     assert attn.v_proj.bias.data_ptr() == qkv_b.data_ptr() + (qkv_sizes[0] + qkv_sizes[1]) * qkv_b.element_size()
     assert mlp.up_proj.weight.data_ptr() == mlp_w.data_ptr() + mlp_sizes[0] * mlp_w.stride(0) * mlp_w.element_size()
+
+
+def test_folded_slots_keep_one_copy_and_follow_loads_and_reallocation() -> None:
+    """Folding appends every adapter slot's A to its group's base weight: the modules' weights
+    and the slots' A become views of that one tensor (nothing stored twice, the model's
+    forward unchanged); an adapter loaded afterwards is written into it in place, and a
+    larger rank (new slot tensors) folds again. Decoding steps stay equal to the generic path."""
+    model = _family("qwen2")
+    g = torch.Generator().manual_seed(4)
+    for name, r in (("p", 4), ("q", 4), ("big", 8)):
+        lorakit.add_adapter(model, name, lorakit.LoraConfig(r=r, alpha=8, target_modules="all-linear"))
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if f".{name}." in pname and "lora_B" in pname:
+                    param.copy_(torch.randn(param.shape, generator=g, dtype=param.dtype) * 0.2)
+    ids = torch.randint(0, 128, (3, 6), generator=g)
+    with torch.no_grad():
+        base = lorakit.forward_mixed(model, [None] * 3, ids).logits
+    decoder = DecoderModel(model, fused=True, fold=True)
+    cache = SlotCache(2, 3, 2, 16, decoder.head_dim, dtype=torch.float64, device="cpu")
+    lora = AdapterSlots(decoder.layers, 3, torch.float64, torch.device("cpu"))
+    slots = torch.tensor([cache.allocate() for _ in range(3)])
+
+    def decode_matches(names: list) -> None:
+        index = torch.tensor(lora.index(names))
+        with torch.no_grad():
+            positions = torch.arange(5).expand(3, -1)
+            decoder.forward(ids[:, :5], positions, cache, slots, 5, lora, index, causal=True)
+            out = decoder.logits(decoder.forward(ids[:, 5:], torch.full((3, 1), 5), cache, slots, 6, lora, index,
+                                                 gathered=False))
+            assert decoder.lora_mode(3, 1, False, lora) == "folded"
+            for i, name in enumerate(names):
+                want = lorakit.forward_mixed(model, [name], ids[i : i + 1]).logits[0, 5]
+                torch.testing.assert_close(out[i, 0], want, rtol=1e-9, atol=1e-9)
+
+    def check_views() -> None:
+        for i, weights in enumerate(decoder.fused.layers):
+            for g_, ((parent, projs), (joined, _, sizes)) in enumerate(zip(GROUPS, weights.groups, strict=True)):
+                total = sum(sizes)
+                a = lora.a[i][g_]
+                assert joined.shape == (total + a.shape[0] * a.shape[1], a.shape[2])
+                assert a.data_ptr() == joined.data_ptr() + total * joined.stride(0) * joined.element_size()
+                first = getattr(getattr(decoder.layers[i], parent), projs[0]).weight
+                assert first.data_ptr() == joined.data_ptr()
+
+    lora.sync({"p": 1})
+    decode_matches(["p", None, "p"])
+    check_views()
+    folded = decoder.fused.layers[0].groups[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(lorakit.forward_mixed(model, [None] * 3, ids).logits, base, rtol=0, atol=0)
+    lora.sync({"p": 1, "q": 2})  # same rank: written into the folded tensor in place
+    decode_matches(["q", "p", None])
+    assert decoder.fused.layers[0].groups[0][0] is folded
+    lora.sync({"p": 1, "q": 2, "big": 3})  # rank 8: the slots grow, the weights fold again
+    decode_matches(["big", "q", "p"])
+    check_views()
+    assert decoder.fused.layers[0].groups[0][0] is not folded
+    with torch.no_grad():
+        torch.testing.assert_close(lorakit.forward_mixed(model, [None] * 3, ids).logits, base, rtol=0, atol=0)

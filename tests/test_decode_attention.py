@@ -50,6 +50,56 @@ CHECK = textwrap.dedent(
             assert errors[-1] < bound, (group, dim, dtype, s, errors[-1])
         err = max(errors)
         print("ok", group, dim, dtype, splits, f"{err:.1e}")
+    # the call a decoding step makes: q and the step's k, v arrive without RoPE as views of one
+    # projection output; the kernel rotates them, writes k, v at each row's position (NaN
+    # there before) and attends over the keys it wrote
+    from lorakit.serve.decode.fused import rotate
+    for slots, max_length, kv_heads, group, dim, length, positions, dtype, block_l, splits in (cases[0], cases[2]):
+        rows = len(positions)
+        positions = torch.tensor(positions)
+        heads = kv_heads * group
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim + 5, generator=g).to(dtype)  # a group's output, padded
+        q = qkv[:, : heads * dim].view(rows, kv_heads, group, dim)
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim : (heads + 2 * kv_heads) * dim].view(rows, kv_heads, dim)
+        angles = positions[:, None].double() * 0.9 ** torch.arange(dim // 2).double()
+        cos, sin = torch.cat([angles.cos()] * 2, dim=1).to(dtype), torch.cat([angles.sin()] * 2, dim=1).to(dtype)
+        q_rot = rotate(q.double(), cos.double()[:, None, None], sin.double()[:, None, None])
+        k_rot = rotate(k.double(), cos.double()[:, None], sin.double()[:, None])
+        clean = torch.randn(2, slots, kv_heads, max_length, dim, generator=g).to(dtype)
+        after = torch.arange(max_length) >= positions[:, None]  # the row's own position too
+        start = clean.clone()
+        start[:, :rows].masked_fill_(after[None, :, None, :, None], float("nan"))
+        expect = clean[:, :rows, :, :length].double().clone()
+        expect[0, torch.arange(rows), :, positions] = k_rot
+        expect[1, torch.arange(rows), :, positions] = v.double()
+        want = reference(q_rot, expect[0], expect[1], positions, dim**-0.5)
+        bound = 1e-5 if dtype == torch.float32 else 1e-2
+        for s in splits:
+            cache = start.clone()
+            keys, values = cache[0, :rows, :, :length], cache[1, :rows, :, :length]
+            got = launch(q, keys, values, positions, dim**-0.5, block_l=block_l, splits=s, k_new=k, v_new=v, cos=cos, sin=sin)
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            assert err < bound, ("write", group, dim, dtype, s, err)
+            k_written = cache[0, torch.arange(rows), :, positions]  # (rows, kv heads, D)
+            v_written = cache[1, torch.arange(rows), :, positions]
+            assert (k_written.double() - k_rot).abs().max() <= bound * k_rot.abs().max(), ("k written", s)
+            assert torch.equal(v_written, v), ("v written", s)
+            untouched = torch.ones(max_length, dtype=torch.bool).expand(2, slots, kv_heads, -1).clone()
+            untouched[:, torch.arange(rows), :, positions] = False
+            assert torch.equal(cache.isnan()[untouched], start.isnan()[untouched])
+            assert torch.equal(cache.nan_to_num()[untouched], start.nan_to_num()[untouched])
+        print("ok", "rope and write", group, dim, dtype, splits)
+    for kw in ({"k_new": torch.zeros(2, 2, 32)}, {"k_new": torch.zeros(2, 2, 32), "v_new": torch.zeros(2, 1, 32)},
+               {"cos": torch.zeros(2, 32)}, {"cos": torch.zeros(2, 32), "sin": torch.zeros(2, 16)}):
+        try:
+            launch(torch.zeros(2, 2, 4, 32), torch.zeros(2, 2, 50, 32), torch.zeros(2, 2, 50, 32),
+                   torch.zeros(2, dtype=torch.long), 1.0, **kw)
+        except ValueError as err:
+            assert str(err).startswith("decode attention") and "(2, " in str(err), err
+        else:
+            raise AssertionError(f"mismatched step inputs were accepted: {sorted(kw)}")
+    print("ok", "mismatched step inputs rejected")
     for q, keys, values, positions in [
         (torch.zeros(2, 2, 4, 32), torch.zeros(2, 2, 50, 64), torch.zeros(2, 2, 50, 64), torch.zeros(2, dtype=torch.long)),
         (torch.zeros(2, 2, 4, 32), torch.zeros(3, 2, 50, 32), torch.zeros(3, 2, 50, 32), torch.zeros(2, dtype=torch.long)),
@@ -87,7 +137,7 @@ CHECK = textwrap.dedent(
 
 def test_decode_attention_kernel_equals_the_reference_in_the_interpreter() -> None:
     ok = run_in_triton_interpreter(CHECK)
-    assert len(ok) == 6, ok
+    assert len(ok) == 9, ok
 
 
 def test_reference_equals_the_pytorch_decode_attention() -> None:

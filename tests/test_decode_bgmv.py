@@ -38,6 +38,37 @@ CHECK = textwrap.dedent(
         err = ((got.double() - want).abs() / (want.abs().max() + 1e-30)).max().item()
         assert err < 1e-5, (rows, sizes, dtype, err)
         print("ok", rows, sizes, dtype, f"{err:.1e}")
+    # the expand alone, after a base matmul that also ran every slot's A (the folded shrink)
+    from lorakit.serve.decode.bgmv import launch_folded
+    from lorakit.serve.decode.lora import folded_lora
+    for rows, slots, r, d_in, sizes, dtype, tol in [(5, 4, 16, 200, (300, 70, 70), torch.float32, 1e-5),
+                                                    (3, 3, 8, 130, (260, 260), torch.bfloat16, 1e-2),
+                                                    (6, 2, 4, 64, (17,), torch.float16, 2e-3)]:
+        total, width = sum(sizes), len(sizes) * r
+        a = torch.randn(slots, width, d_in, generator=g).to(dtype)
+        b = torch.randn(slots, r, total, generator=g).to(dtype)
+        a[-1], b[-1] = 0, 0
+        x, w = torch.randn(rows, d_in, generator=g).to(dtype), torch.randn(total, d_in, generator=g).to(dtype)
+        y = (x.double() @ torch.cat([w, a.reshape(-1, d_in)]).double().T).to(dtype)
+        index = torch.randint(0, slots, (rows,), generator=g)
+        index[0] = slots - 1
+        h = y[:, total:].reshape(rows, slots, width)[torch.arange(rows), index].double()
+        bounds = [0] + [sum(sizes[: j + 1]) for j in range(len(sizes))]
+        delta = torch.cat([torch.einsum("ir,irn->in", h[:, j * r : (j + 1) * r], b[index][:, :, bounds[j] : bounds[j + 1]].double())
+                           for j in range(len(sizes))], dim=1)
+        want = y[:, :total].double() + delta
+        for got in (launch_folded(y, b, index, list(sizes)), folded_lora(y, b, sizes, index, kernel=False)):
+            assert got.dtype == dtype and got.shape == (rows, total), (got.dtype, got.shape)
+            assert torch.equal(got[0], y[0, :total])  # the zero slot: the base output exactly
+            err = ((got.double() - want).abs() / (want.abs().max() + 1e-30)).max().item()
+            assert err < tol, (rows, sizes, dtype, err)
+    print("ok", "folded expand")
+    try:
+        launch_folded(torch.zeros(2, 30), torch.zeros(2, 4, 10), torch.tensor([0, 1]), [10])
+    except ValueError as err:
+        assert "(rows, 10 + 2 slots x 4)" in str(err), err
+    else:
+        raise AssertionError("a folded output of the wrong width was accepted")
     try:
         launch(torch.zeros(1, 8), torch.zeros(2, 32, 8), torch.zeros(2, 16, 5), torch.tensor([0]), [5])
     except ValueError as err:
@@ -80,8 +111,10 @@ CHECK = textwrap.dedent(
     seqs = [torch.randint(0, 64, (n + 2,), generator=g) for n in lengths]
     with torch.no_grad():
         want = [lorakit.forward_mixed(model, [n], s.unsqueeze(0)).logits[0] for n, s in zip(rows, seqs)]
-    # decoding steps through the LoRA kernels, then through the LoRA and attention kernels
-    for kernels in ({"lora_kernel": True}, {"lora_kernel": True, "attention_kernel": True}):
+    # decoding steps through the LoRA kernels (the shrink its own kernel, then folded into the
+    # base matmul), then through the folded LoRA and the attention kernel that writes K/V
+    for kernels in ({"lora_kernel": True, "fold": False}, {"lora_kernel": True},
+                    {"lora_kernel": True, "attention_kernel": True}):
       with torch.no_grad():
         decoder = DecoderModel(model, fused=True, **kernels)
         cache = SlotCache(2, 3, 2, 16, decoder.head_dim, dtype=torch.float32, device="cpu")
@@ -89,12 +122,15 @@ CHECK = textwrap.dedent(
         lora.sync({"p": 1, "q": 2})
         index = torch.tensor(lora.index(rows))
         slots = torch.tensor([cache.allocate() for _ in rows])
-        assert decoder.lora_mode(3, 1, False, lora) == "kernel" and decoder.lora_mode(3, 4, True, lora) == "gather"
         ids = torch.zeros(3, max(lengths), dtype=torch.long)
         for i, n in enumerate(lengths):
             ids[i, :n] = seqs[i][:n]
         positions = torch.arange(max(lengths)).expand(3, -1)
         decoder.forward(ids, positions, cache, slots, max(lengths), lora, index)
+        step_mode = "kernel" if kernels.get("fold") is False else "folded-kernel"
+        assert decoder.lora_mode(3, 1, False, lora) == step_mode and decoder.lora_mode(3, 4, True, lora) == "gather"
+        # two rows' worth of slots per row at most: one row against three slots keeps the kernel
+        assert decoder.lora_mode(1, 1, False, lora) == "kernel"
         for step in range(2):
             tokens = torch.tensor([[int(s[n + step])] for s, n in zip(seqs, lengths)])
             positions = torch.tensor([[n + step] for n in lengths])
@@ -112,4 +148,4 @@ CHECK = textwrap.dedent(
 
 def test_bgmv_kernels_equal_the_per_row_loop_in_the_interpreter() -> None:
     ok = run_in_triton_interpreter(CHECK)
-    assert len(ok) == 9, ok
+    assert len(ok) == 11, ok

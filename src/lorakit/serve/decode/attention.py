@@ -83,6 +83,13 @@ def _kernels():
         v_ptr,
         pos_ptr,
         out_ptr,
+        kn_ptr,
+        vn_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_row,
+        kn_row,
+        vn_row,
         m_ptr,
         l_ptr,
         acc_ptr,
@@ -106,6 +113,8 @@ def _kernels():
         SPLIT: tl.constexpr,
         DOT: tl.constexpr,
         PRECISION: tl.constexpr,
+        ROPE: tl.constexpr,
+        WRITE: tl.constexpr,
     ):
         # the online softmax of one (row, kv head)'s query heads over this split's key blocks;
         # scores are in log2 units (qk_scale = scaling * log2(e)) so that exp2 does the work
@@ -116,14 +125,36 @@ def _kernels():
         d = tl.arange(0, DP)
         live_d = d < head_dim
         pair = row * kv_heads + head
-        q_tile = (pair * group + g[:, None]) * head_dim + d[None, :]  # (GP, DP)
+        q_tile = (pair * group + g[:, None]) * head_dim + d[None, :]  # (GP, DP), in out
+        q_heads = q_ptr + row * q_row + (head * group + g[:, None]) * head_dim
         live = (g[:, None] < group) & live_d[None, :]
-        q = tl.load(q_ptr + q_tile, mask=live, other=0.0).to(DOT)
+        q = tl.load(q_heads + d[None, :], mask=live, other=0.0)
+        if ROPE:  # in float32, rounded once to q's dtype (as the compiled layers do)
+            half = head_dim // 2
+            partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
+            sign = tl.where(d < half, -1.0, 1.0)
+            cos = tl.load(cos_ptr + row * head_dim + d, mask=live_d, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + row * head_dim + d, mask=live_d, other=0.0).to(tl.float32)
+            q_half = tl.load(q_heads + partner[None, :], mask=live, other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_half * sin[None, :]).to(q_ptr.dtype.element_ty)
+        q = q.to(DOT)
         end = tl.minimum(tl.maximum(tl.load(pos_ptr + row), 0), length - 1) + 1  # keys 0..end-1
         lo = split * blocks_per_split * BLOCK_L
         hi = tl.minimum(lo + blocks_per_split * BLOCK_L, end)  # lo >= hi: an empty split
         k_base = k_ptr + row * k_row + head * k_head
         v_base = v_ptr + row * v_row + head * v_head
+        at = end - 1  # this step's own position, whose K/V a writing call brings
+        if WRITE:
+            k_at = tl.load(kn_ptr + row * kn_row + head * head_dim + d, mask=live_d, other=0.0)
+            v_at = tl.load(vn_ptr + row * vn_row + head * head_dim + d, mask=live_d, other=0.0)
+            if ROPE:
+                k_half = tl.load(kn_ptr + row * kn_row + head * head_dim + partner, mask=live_d, other=0.0)
+                k_at = k_at.to(tl.float32) * cos + sign * k_half.to(tl.float32) * sin
+            k_at = k_at.to(k_ptr.dtype.element_ty)
+            v_at = v_at.to(v_ptr.dtype.element_ty)
+            mine = live_d & (at >= lo) & (at < lo + blocks_per_split * BLOCK_L)  # one split writes
+            tl.store(k_base + at * k_pos + d * k_dim, k_at, mask=mine)
+            tl.store(v_base + at * v_pos + d * v_dim, v_at, mask=mine)
         m = tl.full((GP,), float("-inf"), tl.float32)
         total = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, DP), tl.float32)
@@ -134,6 +165,9 @@ def _kernels():
             kv_live = inside[:, None] & live_d[None, :]
             k = tl.load(k_base + j[:, None] * k_pos + d[None, :] * k_dim, mask=kv_live, other=0.0).to(DOT)
             v = tl.load(v_base + j[:, None] * v_pos + d[None, :] * v_dim, mask=kv_live, other=0.0).to(DOT)
+            if WRITE:  # the key at `at` from registers: another split may not have stored it yet
+                k = tl.where((j == at)[:, None], k_at.to(DOT)[None, :], k)
+                v = tl.where((j == at)[:, None], v_at.to(DOT)[None, :], v)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (GP, BLOCK_L)
             s = tl.where(inside[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds a key < end
@@ -201,11 +235,21 @@ def launch(
     *,
     block_l: int | None = None,
     splits: int | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernels on q (rows, kv heads, group, D), keys/values (rows, kv heads, L, D) read
     in place through their strides, positions (rows,); (rows, kv heads, group, D) in q's
     dtype. block_l: keys per iteration (a power of two >= 16; None: 64); splits: programs
-    per (row, kv head) along L (None: `_splits`'s choice for this GPU)."""
+    per (row, kv head) along L (None: `_splits`'s choice for this GPU).
+
+    k_new, v_new (rows, kv heads, D): this step's K/V, which the kernel writes into keys and
+    values at each row's position before attending (the cache needs no separate write).
+    cos, sin (rows, D): q (and k_new) arrive without RoPE, which the kernel applies as
+    transformers' rotate_half does. q, k_new and v_new may be row-strided views (a
+    projection group's output); within a row they must be contiguous, or they are copied."""
     if q.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape:
         raise ValueError(
             f"decode attention: q {tuple(q.shape)} must be (rows, kv heads, group, D) and keys "
@@ -225,10 +269,28 @@ def launch(
     block_l = block_l or 64
     if block_l < 16 or block_l & (block_l - 1):
         raise ValueError(f"decode attention: block_l must be a power of two >= 16, got {block_l}")
+    write = k_new is not None or v_new is not None
+    if write and (k_new is None or v_new is None or k_new.shape != (rows, kv_heads, head_dim)
+                  or v_new.shape != k_new.shape):
+        raise ValueError(
+            f"decode attention: k_new {None if k_new is None else tuple(k_new.shape)} and v_new "
+            f"{None if v_new is None else tuple(v_new.shape)} must both be ({rows}, {kv_heads}, {head_dim})"
+        )
+    rope = cos is not None or sin is not None
+    if rope and (cos is None or sin is None or cos.shape != (rows, head_dim) or sin.shape != cos.shape
+                 or head_dim % 2):
+        raise ValueError(
+            f"decode attention: cos {None if cos is None else tuple(cos.shape)} and sin "
+            f"{None if sin is None else tuple(sin.shape)} must both be ({rows}, {head_dim}), D even"
+        )
     partial, combine = _kernels()
     import triton.language as tl
 
-    q = q.contiguous()
+    q = _rows_strided(q)
+    k_new = _rows_strided(k_new) if k_new is not None else q
+    v_new = _rows_strided(v_new) if v_new is not None else q
+    cos = cos.contiguous() if cos is not None else q
+    sin = sin.contiguous() if sin is not None else q
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if rows * kv_heads * group == 0:
         return out
@@ -253,6 +315,13 @@ def launch(
         values,
         positions,
         out,
+        k_new,
+        v_new,
+        cos,
+        sin,
+        q.stride(0),
+        k_new.stride(0),
+        v_new.stride(0),
         m,
         total,
         acc,
@@ -270,11 +339,19 @@ def launch(
         SPLIT=splits > 1,
         DOT=dot,
         PRECISION=precision,
+        ROPE=rope,
+        WRITE=write,
         num_warps=4,
     )
     if splits > 1:
         combine[(rows, kv_heads)](m, total, acc, out, group, head_dim, SPLITS=splits, GP=gp, DP=dp, num_warps=4)
     return out
+
+
+def _rows_strided(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each row is contiguous (any stride between rows), else a contiguous copy."""
+    inner = x[0].is_contiguous() if x.shape[0] else True
+    return x if inner and x.stride(-1) == 1 else x.contiguous()
 
 
 @torch.library.custom_op("lorakit::decode_attention", mutates_args=())

@@ -91,9 +91,13 @@ def _kernels():
         tl.store(part_ptr + (split * rows + row) * WP + w, acc)
 
     @triton.jit
-    def expand(part_ptr, b_ptr, index_ptr, out_ptr, rows, total, r, bound1, bound2,
-               SPLITS: tl.constexpr, WP: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
-        # out[row, n] = h[row, j(n)*r : j(n)*r + r] @ B[index[row], :, n], h = the partials' sum
+    def expand(part_ptr, b_ptr, index_ptr, out_ptr, base_ptr, rows, total, r, bound1, bound2,
+               split_stride, row_stride, slot_stride, base_stride,
+               SPLITS: tl.constexpr, WP: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr,
+               ADD: tl.constexpr):
+        # out[row, n] = h[row, j(n)*r : j(n)*r + r] @ B[index[row], :, n] (+ base[row, n] when ADD),
+        # h = the sum of the row's partials at part + split * split_stride + row * row_stride
+        # + index[row] * slot_stride (a folded shrink: one "partial", the row's own slot's products)
         row = tl.program_id(0)
         block = tl.program_id(1)
         slot = tl.load(index_ptr + row).to(tl.int64)
@@ -105,12 +109,12 @@ def _kernels():
         h1 = tl.zeros((RP,), dtype=tl.float32)
         h2 = tl.zeros((RP,), dtype=tl.float32)
         for s in tl.static_range(SPLITS):
-            base = part_ptr + (s * rows + row) * WP
-            h0 += tl.load(base + rr, mask=live, other=0.0)
+            at = part_ptr + s * split_stride + row * row_stride + slot * slot_stride
+            h0 += tl.load(at + rr, mask=live, other=0.0).to(tl.float32)
             if G > 1:
-                h1 += tl.load(base + r + rr, mask=live, other=0.0)
+                h1 += tl.load(at + r + rr, mask=live, other=0.0).to(tl.float32)
             if G > 2:
-                h2 += tl.load(base + 2 * r + rr, mask=live, other=0.0)
+                h2 += tl.load(at + 2 * r + rr, mask=live, other=0.0).to(tl.float32)
         h = tl.broadcast_to(h0[:, None], (RP, BLOCK))
         if G > 1:
             h = tl.where((n >= bound1)[None, :], h1[:, None], h)
@@ -118,7 +122,10 @@ def _kernels():
             h = tl.where((n >= bound2)[None, :], h2[:, None], h)
         b = tl.load(b_ptr + slot * r * total + rr[:, None] * total + n[None, :],
                     mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * total + n, tl.sum(h * b, axis=0), mask=inside)
+        y = tl.sum(h * b, axis=0)
+        if ADD:
+            y += tl.load(base_ptr + row * base_stride + n, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * total + n, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return shrink, expand
 
@@ -172,7 +179,7 @@ def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tenso
     splits = max(1, min(blocks, tiles.max_splits, -(-tiles.programs_per_sm * processors // max(rows, 1))))
     k_per_split = -(-blocks // splits) * bk
     splits = -(-d_in // k_per_split)
-    bn = tiles.bn or next((n for n in (1024, 512, 256) if rows * -(-total // n) >= 2 * processors), 128)
+    bn = _expand_block(rows, total, processors, tiles)
     part = torch.empty((splits, rows, wp), dtype=torch.float32, device=x.device)
     out = torch.empty((rows, total), dtype=torch.float32, device=x.device)
     if rows == 0:
@@ -181,8 +188,42 @@ def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tenso
                            num_warps=tiles.shrink_warps)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
     expand[(rows, -(-total // bn))](
-        part, b, index, out, rows, total, r, bounds[0], bounds[1],
+        part, b, index, out, part, rows, total, r, bounds[0], bounds[1], rows * wp, wp, 0, 0,
         SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=tiles.expand_warps,
+        ADD=False,
+    )
+    return out
+
+
+def _expand_block(rows: int, total: int, processors: int, tiles: Tiles) -> int:
+    return tiles.bn or next((n for n in (1024, 512, 256) if rows * -(-total // n) >= 2 * processors), 128)
+
+
+def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
+                  tiles: Tiles | None = None) -> torch.Tensor:
+    """The expand alone, when the shrink was folded into the base matmul: y (rows, total +
+    slots * G*r) is x times [W; A of slot 0; A of slot 1; ...] transposed, so y[:, :total] is the
+    base output and row i's own products sit at total + index[i] * G*r. Returns (rows, total)
+    in y's dtype: the base output plus each row's update, summed in float32."""
+    _, expand = _kernels()
+    tiles = tiles or Tiles()
+    slots, r, total = b.shape
+    groups = len(sizes)
+    width = groups * r
+    if y.dim() != 2 or y.shape[1] != total + slots * width or sum(sizes) != total or groups > 3 or y.stride(1) != 1:
+        raise ValueError(f"bgmv: the folded output {tuple(y.shape)}, B {tuple(b.shape)} and sizes {sizes} do not agree "
+                         f"(want (rows, {total} + {slots} slots x {width}), at most 3 projections)")
+    rows = y.shape[0]
+    b, index = b.contiguous(), index.contiguous()
+    out = torch.empty((rows, total), dtype=y.dtype, device=y.device)
+    if rows == 0:
+        return out
+    bn = _expand_block(rows, total, _multiprocessors(y.device), tiles)
+    bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
+    expand[(rows, -(-total // bn))](
+        y[:, total:], b, index, out, y, rows, total, r, bounds[0], bounds[1], 0, y.stride(0), width, y.stride(0),
+        SPLITS=1, WP=max(16, _next_power_of_two(width)), G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn,
+        num_warps=tiles.expand_warps, ADD=True,
     )
     return out
 
@@ -196,3 +237,14 @@ def bgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
 @bgmv.register_fake
 def _(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return x.new_empty((x.shape[0], b.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorakit::bgmv_folded", mutates_args=())
+def bgmv_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """`launch_folded` as an op that `torch.compile` and CUDA graphs keep whole."""
+    return launch_folded(y, b, index, sizes)
+
+
+@bgmv_folded.register_fake
+def _(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    return y.new_empty((y.shape[0], b.shape[2]))

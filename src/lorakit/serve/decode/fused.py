@@ -5,9 +5,10 @@ Eager PyTorch runs a decoding step of a Llama-family layer as about ninety small
 a captured 1B step spent 4.7 ms on an H200 whose weights stream in 0.5 ms. Here a layer is
 
     attention_inputs(h, ...) -> q, k, v      RMSNorm, Q/K/V with the rows' adapters, RoPE
-    (the caller writes k, v into the slot cache: an in-place write stays outside)
-    layer_rest(h, q, keys, values, ...) -> h attention, o, residual, RMSNorm, gate/up,
-                                             SwiGLU, down, residual
+    (the caller writes k, v into the slot cache and attends: `attend`, or on CUDA when
+    decoding, `attention.py`'s kernel, which also writes k, v and applies RoPE itself)
+    layer_rest(h, out, ...) -> h             o, residual, RMSNorm, gate/up, SwiGLU, down,
+                                             residual
 
 Both take every weight as an argument and touch no module, so `torch.compile` traces each
 once and every layer reuses the compiled code (the guards see equal shapes, not which
@@ -15,8 +16,8 @@ layer's tensors they are); Inductor fuses the elementwise work between the matmu
 Projections that read the same input run as one matmul: Q/K/V, and gate/up, are
 concatenated once (`layer_weights`), and the modules' own weights become views of the
 concatenated tensor, so the values exist once and the generic path reads the same numbers.
-A decoding step's attention (one query per row) is two batched matmuls over the cache with
-a softmax between, as transformers' eager attention computes it; prefill uses SDPA. With
+A decoding step may also fold its LoRA shrink into these matmuls (`DecoderModel.fold_slots`
+appends every adapter slot's A to the group's weight). With
 `compile=False` the same functions run eagerly (the CPU tests check them against the
 module-by-module forward). Only dense bases take this path: a 4-bit base keeps the
 module-by-module forward, whose matmuls call bitsandbytes.
@@ -33,7 +34,7 @@ from torch import nn
 
 from ...layers import LoraLinear
 from .attention import decode_attention
-from .lora import GROUPS, batched_lora, split
+from .lora import FOLDED, GROUPS, batched_lora, folded_lora, split
 
 Dense = tuple[torch.Tensor, torch.Tensor | None]
 Group = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
@@ -174,9 +175,17 @@ def _projections(
     mode: str,
 ) -> list[torch.Tensor]:
     weight, bias, sizes = group
-    y = F.linear(x, weight, bias)
-    if a is not None and b is not None and index is not None:
-        y = y + batched_lora(x, a, b, sizes, index, mode).to(y.dtype)
+    total = sum(sizes)
+    lora = a is not None and b is not None and index is not None
+    if lora and mode in FOLDED and weight.shape[0] > total:  # weight is [W; A of every slot]
+        y = F.linear(x, weight)
+        shape = y.shape
+        y = folded_lora(y.reshape(-1, shape[-1]), b, sizes, index, mode == "folded-kernel")  # type: ignore[arg-type]
+        y = y.view(*shape[:-1], total)
+        return split(y if bias is None else y + bias, sizes)
+    y = F.linear(x, weight[:total], bias)
+    if lora:
+        y = y + batched_lora(x, a, b, sizes, index, FOLDED.get(mode, mode)).to(y.dtype)  # type: ignore[arg-type]
     return split(y, sizes)
 
 
@@ -196,8 +205,10 @@ def attention_inputs(
     heads: int,
     kv_heads: int,
     head_dim: int,
+    rope: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (rows, T, heads, D) and k, v (rows, T, kv heads, D), RoPE applied; cos, sin: (rows, T, 1, D)."""
+    """q (rows, T, heads, D) and k, v (rows, T, kv heads, D), RoPE applied unless rope=False
+    (the decode attention kernel applies it); cos, sin: (rows, T, 1, D)."""
     rows, steps, _ = h.shape
     x = rms_norm(h, norm, eps)
     q, k, v = _projections(x, qkv, a, b, index, mode)
@@ -206,16 +217,14 @@ def attention_inputs(
     v = v.view(rows, steps, kv_heads, head_dim)
     if q_norm is not None and k_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    if not rope:
+        return q, k, v
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 def layer_rest(
     h: torch.Tensor,
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float,
+    out: torch.Tensor,
     post_norm: torch.Tensor,
     eps: float,
     o: Group,
@@ -224,14 +233,10 @@ def layer_rest(
     loras: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
     index: torch.Tensor | None,
     mode: str,
-    causal: bool = False,
-    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The layer's output hidden state. keys, values: (rows, kv heads, L, D) views of the
-    cache; mask: (rows, 1, group * T, L) booleans (None when causal, see `attend`); loras:
-    (A, Bs) of the o, gate/up and down groups (None where no resident adapter has them);
-    mode: `batched_lora`'s; positions: (rows,) when decoding through the attention kernel."""
-    out = attend(q, keys, values, mask, scaling, causal, positions)
+    """The layer's output hidden state from h and attention's output (rows, T, heads * D);
+    loras: (A, Bs) of the o, gate/up and down groups (None where no resident adapter has
+    them); mode: `batched_lora`'s (or a folded one, see `_projections`)."""
     (attended,) = _projections(out, o, *loras[0], index, mode)
     h = h + attended
     x = rms_norm(h, post_norm, eps)

@@ -33,6 +33,12 @@ from .kv import SlotCache
 from .lora import GROUPS, AdapterSlots, batched_lora, split
 
 
+FOLD_SLOTS_PER_ROW = 2
+"""A decoding step folds the LoRA shrink into the base matmul while the adapter slots are at
+most this many per row: the matmul then reads every slot's A, up to twice the A that the
+rows' own adapters hold, and saves a kernel per projection group."""
+
+
 def decode_reason(model: nn.Module, context_length: int) -> str | None:
     """Why `model` cannot take the fast decode path (None when it can)."""
     name = type(model).__name__
@@ -76,7 +82,8 @@ class DecoderModel:
     """
 
     def __init__(self, model: nn.Module, *, fused: bool | None = None, compile: str | Callable | None = None,
-                 lora_kernel: bool | None = None, attention_kernel: bool | None = None) -> None:
+                 lora_kernel: bool | None = None, attention_kernel: bool | None = None,
+                 fold: bool | None = None) -> None:
         inner = model.model
         self.model = model
         self.embed = inner.embed_tokens
@@ -92,6 +99,11 @@ class DecoderModel:
         device = self.embed.weight.device
         self.lora_kernel = bgmv.available(device) if lora_kernel is None else lora_kernel
         self.attention_kernel = attention.available(device) if attention_kernel is None else attention_kernel
+        self.fold = self.lora_kernel if fold is None else fold
+        self.attention_writes = True
+        """Decoding steps of the fused layers let the attention kernel apply RoPE and write the
+        step's K/V (False: the compiled layers do RoPE and the cache write is its own op)."""
+        self._folded: tuple[int, int] | None = None  # (AdapterSlots id, layout) the weights hold
         self.fused: FusedLayers | None = None
         if fused is not False:
             weights = [layer_weights(layer) for layer in self.layers]
@@ -119,9 +131,41 @@ class DecoderModel:
         write, read again), so dense wins from a third as many rows as slots. Prefill gathers."""
         if steps != 1 or lora is None:
             return "gather"
+        folded = self._folded is not None and lora.capacity + 1 <= FOLD_SLOTS_PER_ROW * rows
         if self.lora_kernel:
-            return "kernel"
+            return "folded-kernel" if folded else "kernel"
+        if folded:
+            return "folded"
         return "dense" if not gathered and 3 * rows >= lora.capacity + 1 else "gather"
+
+    @torch.no_grad()
+    def fold_slots(self, lora: AdapterSlots) -> None:
+        """Give each fused group one weight tensor [W; A of slot 0; A of slot 1; ...]: a decoding
+        step's base matmul then also computes every slot's LoRA shrink, and only the expand runs
+        as its own kernel (`folded_lora`). The modules' weights and the slots' A become views of
+        it, so nothing is stored twice and loading an adapter still writes its slot in place.
+        Redone whenever the slots are reallocated (`lora.layout`)."""
+        fused = self.fused
+        if fused is None or not self.fold or self._folded == (id(lora), lora.layout):
+            return
+        for i, weights in enumerate(fused.layers):
+            groups = list(weights.groups)
+            for g, (parent, projs) in enumerate(GROUPS):
+                weight, bias, sizes = groups[g]
+                total = sum(sizes)
+                a = lora.a[i][g] if lora.active else None
+                if a is None or a.dtype != weight.dtype or a.shape[-1] != weight.shape[1]:
+                    groups[g] = (weight[:total], bias, sizes)
+                    continue
+                joined = torch.cat([weight[:total], a.reshape(-1, a.shape[-1])])
+                start = 0
+                for proj, size in zip(projs, sizes, strict=True):
+                    getattr(getattr(self.layers[i], parent), proj).weight.data = joined[start : start + size]
+                    start += size
+                lora.a[i][g] = joined[total:].view(a.shape)
+                groups[g] = (joined, bias, sizes)
+            weights.groups = tuple(groups)
+        self._folded = (id(lora), lora.layout)
 
     def forward(
         self,
@@ -159,6 +203,8 @@ class DecoderModel:
             mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
             mask = mask.reshape(rows, 1, group * steps, key_length)
         flat = cache.flat_index(slots, positions)  # where the tokens' K/V go in the flat cache
+        if lora is not None:
+            self.fold_slots(lora)
         mode = self.lora_mode(rows, steps, gathered, lora)
         for i, layer in enumerate(self.layers):
             if self.fused is not None:
@@ -206,15 +252,25 @@ class DecoderModel:
         on = lora is not None and index is not None and lora.active
         loras = [(lora.a[i][g], lora.b[i][g]) if on and lora.a[i][g] is not None else (None, None)  # type: ignore[union-attr]
                  for g in range(len(GROUPS))]
+        # decoding through the attention kernel: it applies RoPE and writes the step's K/V itself
+        writes = decoding is not None and not gathered and self.attention_writes
         q, k, v = fused.attention_inputs(
             h, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, mode,
-            cos, sin, self.heads, self.kv_heads, self.head_dim,
+            cos, sin, self.heads, self.kv_heads, self.head_dim, not writes,
         )
-        keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
-        return fused.layer_rest(
-            h, q, keys, values, mask, self.scaling, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3],
-            loras[1:], index, mode, causal, decoding,
-        )
+        rows = h.shape[0]
+        if writes:
+            group = self.heads // self.kv_heads
+            out = attention.launch(
+                q.view(rows, self.kv_heads, group, self.head_dim), cache.keys[i][:rows, :, :key_length],
+                cache.values[i][:rows, :, :key_length], decoding, self.scaling, k_new=k.view(rows, self.kv_heads, -1),
+                v_new=v.view(rows, self.kv_heads, -1), cos=cos.reshape(rows, -1), sin=sin.reshape(rows, -1),
+            ).view(rows, 1, self.heads * self.head_dim)
+        else:
+            keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
+            out = attend(q, keys, values, mask, self.scaling, causal, decoding)
+        return fused.layer_rest(h, out, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3], loras[1:],
+                                index, mode)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import LoraLinear
-from .bgmv import bgmv
+from .bgmv import bgmv, bgmv_folded
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self_attn", ("q_proj", "k_proj", "v_proj")),
@@ -31,6 +31,9 @@ PROJECTIONS = tuple(name for _, names in GROUPS for name in names)
 
 
 MODES = ("gather", "dense", "kernel")
+FOLDED = {"folded": "gather", "folded-kernel": "kernel"}
+"""Modes of a decoding step whose base matmul also ran every slot's A (`folded_lora`), and
+the `batched_lora` mode a group without folded A slots takes instead."""
 
 
 def batched_lora(
@@ -93,6 +96,30 @@ def batched_lora(
         start += size
     y = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
     return y.squeeze(1) if squeeze else y
+
+
+def folded_lora(y: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], index: torch.Tensor,
+                kernel: bool) -> torch.Tensor:
+    """A projection group's output with the rows' adapters when the shrink ran inside the base
+    matmul: y (rows, total + slots * G*r) = x @ [W; A[0]; A[1]; ...].T, the base output
+    followed by every slot's products (`batched_lora`'s h for each slot). Row i keeps its own
+    slot's products, h[i] = y[i, total + index[i]*G*r : total + (index[i]+1)*G*r], and adds
+    `batched_lora`'s expand of them to its base output; (rows, total) in y's dtype.
+    kernel: `bgmv`'s expand kernel (CUDA, float32 sums); else gathered batched matmuls."""
+    slots, r, total = b.shape
+    width = len(sizes) * r
+    rows = y.shape[0]
+    if kernel:
+        return bgmv_folded(y, b, index, list(sizes))
+    h = y[:, total:].reshape(rows, slots, width)[torch.arange(rows, device=y.device), index]  # (rows, G*r)
+    b_rows = b.index_select(0, index)
+    parts, start = [], 0
+    for j, size in enumerate(sizes):
+        parts.append(torch.bmm(h[:, None, j * r : (j + 1) * r].to(b.dtype), b_rows[:, :, start : start + size])[:, 0])
+        start += size
+    delta = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return (y[:, :total].to(acc) + delta.to(acc)).to(y.dtype)
 
 
 def batched_lora_reference(
