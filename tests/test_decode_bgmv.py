@@ -49,7 +49,8 @@ CHECK = textwrap.dedent(
         b = torch.randn(slots, r, total, generator=g).to(dtype)
         a[-1], b[-1] = 0, 0
         x, w = torch.randn(rows, d_in, generator=g).to(dtype), torch.randn(total, d_in, generator=g).to(dtype)
-        y = (x.double() @ torch.cat([w, a.reshape(-1, d_in)]).double().T).to(dtype)
+        joined = torch.cat([w, a.reshape(-1, d_in)])
+        y = (x.double() @ joined.double().T).to(dtype)
         index = torch.randint(0, slots, (rows,), generator=g)
         index[0] = slots - 1
         h = y[:, total:].reshape(rows, slots, width)[torch.arange(rows), index].double()
@@ -57,16 +58,43 @@ CHECK = textwrap.dedent(
         delta = torch.cat([torch.einsum("ir,irn->in", h[:, j * r : (j + 1) * r], b[index][:, :, bounds[j] : bounds[j + 1]].double())
                            for j in range(len(sizes))], dim=1)
         want = y[:, :total].double() + delta
-        for got in (launch_folded(y, b, index, list(sizes)), folded_lora(y, b, sizes, index, kernel=False)):
-            assert got.dtype == dtype and got.shape == (rows, total), (got.dtype, got.shape)
-            assert torch.equal(got[0], y[0, :total])  # the zero slot: the base output exactly
+        got = launch_folded(y, b, index, list(sizes))
+        assert torch.equal(got[0], y[0, :total])  # the zero slot: the base output exactly
+        # the same from x and the joined weight: PyTorch, cuBLAS (here F.linear) + the expand
+        # kernel, and the split-K kernel whose partials the expand kernel sums
+        for mode in (None, "folded", "folded-kernel", "folded-split-k"):
+            if mode is not None:
+                got = folded_lora(x, joined, b, sizes, index, mode)
+            assert got.dtype == dtype and got.shape == (rows, total), (mode, got.dtype, got.shape)
             err = ((got.double() - want).abs() / (want.abs().max() + 1e-30)).max().item()
-            assert err < tol, (rows, sizes, dtype, err)
+            assert err < tol, (mode, rows, sizes, dtype, err)
     print("ok", "folded expand")
+    # the split-K matmul alone: partial sums over whole bk-wide parts of k, any split
+    from lorakit.serve.decode import matmul
+    for rows, n, k, dtype, tiles in [(5, 300, 256, torch.float32, matmul.Tiles(bn=64, bk=64)),
+                                     (3, 200, 512, torch.bfloat16, matmul.Tiles(bn=32, bk=128, splits=2)),
+                                     (1, 70, 128, torch.float16, matmul.Tiles(bn=32, bk=32, splits=4))]:
+        x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+        parts = matmul.launch(x, w, tiles)
+        assert parts.dtype == torch.float32 and parts.shape[1:] == (rows, n), parts.shape
+        assert tiles.splits is None or parts.shape[0] == tiles.splits
+        want = x.double() @ w.double().T
+        err = ((parts.sum(0).double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-6, (rows, n, k, dtype, err)
+    for x, w, tiles in [(torch.zeros(2, 100), torch.zeros(8, 100), None), (torch.zeros(200, 128), torch.zeros(8, 128), None),
+                        (torch.zeros(2, 128), torch.zeros(8, 256), None),
+                        (torch.zeros(2, 256), torch.zeros(8, 256), matmul.Tiles(splits=3))]:
+        try:
+            matmul.launch(x, w, tiles)
+        except ValueError as err:
+            assert str(err).startswith("split-K matmul"), err
+        else:
+            raise AssertionError(f"split-K matmul took x {tuple(x.shape)}, weight {tuple(w.shape)}, {tiles}")
+    print("ok", "split-K matmul")
     try:
         launch_folded(torch.zeros(2, 30), torch.zeros(2, 4, 10), torch.tensor([0, 1]), [10])
     except ValueError as err:
-        assert "(rows, 10 + 2 slots x 4)" in str(err), err
+        assert "rows, 10 + 2 slots x 4)" in str(err), err
     else:
         raise AssertionError("a folded output of the wrong width was accepted")
     try:
@@ -112,11 +140,13 @@ CHECK = textwrap.dedent(
     with torch.no_grad():
         want = [lorakit.forward_mixed(model, [n], s.unsqueeze(0)).logits[0] for n, s in zip(rows, seqs)]
     # decoding steps through the LoRA kernels (the shrink its own kernel, then folded into the
-    # base matmul), then through the folded LoRA and the attention kernel that writes K/V
-    for kernels in ({"lora_kernel": True, "fold": False}, {"lora_kernel": True},
-                    {"lora_kernel": True, "attention_kernel": True}):
+    # base matmul: cuBLAS, then the split-K kernel), then through the folded LoRA and the
+    # attention kernel that writes K/V
+    for kernels in ({"lora_kernel": True, "fold": False}, {"lora_kernel": True, "split_k": False},
+                    {"lora_kernel": True}, {"lora_kernel": True, "attention_kernel": True}):
       with torch.no_grad():
-        decoder = DecoderModel(model, fused=True, **kernels)
+        decoder = DecoderModel(model, fused=True, **{k: v for k, v in kernels.items() if k != "split_k"})
+        decoder.split_k = kernels.get("split_k", True)
         cache = SlotCache(2, 3, 2, 16, decoder.head_dim, dtype=torch.float32, device="cpu")
         lora = AdapterSlots(decoder.layers, 2, torch.float32, torch.device("cpu"))
         lora.sync({"p": 1, "q": 2})
@@ -127,7 +157,7 @@ CHECK = textwrap.dedent(
             ids[i, :n] = seqs[i][:n]
         positions = torch.arange(max(lengths)).expand(3, -1)
         decoder.forward(ids, positions, cache, slots, max(lengths), lora, index)
-        step_mode = "kernel" if kernels.get("fold") is False else "folded-kernel"
+        step_mode = {False: "kernel"}.get(kernels.get("fold"), "folded-split-k" if decoder.split_k else "folded-kernel")
         assert decoder.lora_mode(3, 1, False, lora) == step_mode and decoder.lora_mode(3, 4, True, lora) == "gather"
         # two rows' worth of slots per row at most: one row against three slots keeps the kernel
         assert decoder.lora_mode(1, 1, False, lora) == "kernel"
@@ -148,4 +178,4 @@ CHECK = textwrap.dedent(
 
 def test_bgmv_kernels_equal_the_per_row_loop_in_the_interpreter() -> None:
     ok = run_in_triton_interpreter(CHECK)
-    assert len(ok) == 11, ok
+    assert len(ok) == 13, ok

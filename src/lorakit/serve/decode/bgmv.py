@@ -97,7 +97,8 @@ def _kernels():
                ADD: tl.constexpr):
         # out[row, n] = h[row, j(n)*r : j(n)*r + r] @ B[index[row], :, n] (+ base[row, n] when ADD),
         # h = the sum of the row's partials at part + split * split_stride + row * row_stride
-        # + index[row] * slot_stride (a folded shrink: one "partial", the row's own slot's products)
+        # + index[row] * slot_stride (a folded shrink: the row's own slot's products), and base
+        # likewise the sum over splits at base + split * split_stride + row * base_stride
         row = tl.program_id(0)
         block = tl.program_id(1)
         slot = tl.load(index_ptr + row).to(tl.int64)
@@ -124,7 +125,8 @@ def _kernels():
                     mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
         y = tl.sum(h * b, axis=0)
         if ADD:
-            y += tl.load(base_ptr + row * base_stride + n, mask=inside, other=0.0).to(tl.float32)
+            for s in tl.static_range(SPLITS):
+                y += tl.load(base_ptr + s * split_stride + row * base_stride + n, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * total + n, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return shrink, expand
@@ -200,30 +202,35 @@ def _expand_block(rows: int, total: int, processors: int, tiles: Tiles) -> int:
 
 
 def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
-                  tiles: Tiles | None = None) -> torch.Tensor:
+                  tiles: Tiles | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The expand alone, when the shrink was folded into the base matmul: y (rows, total +
     slots * G*r) is x times [W; A of slot 0; A of slot 1; ...] transposed, so y[:, :total] is the
-    base output and row i's own products sit at total + index[i] * G*r. Returns (rows, total)
-    in y's dtype: the base output plus each row's update, summed in float32."""
+    base output and row i's own products sit at total + index[i] * G*r; or y (splits, rows, ...)
+    holds that matmul's split-K partial sums (`matmul.partials`), which are summed here.
+    Returns (rows, total) in dtype (None: y's): the base output plus each row's update,
+    summed in float32."""
     _, expand = _kernels()
     tiles = tiles or Tiles()
     slots, r, total = b.shape
     groups = len(sizes)
     width = groups * r
-    if y.dim() != 2 or y.shape[1] != total + slots * width or sum(sizes) != total or groups > 3 or y.stride(1) != 1:
+    parts = y if y.dim() == 3 else y.unsqueeze(0)
+    if (y.dim() not in (2, 3) or y.shape[-1] != total + slots * width or sum(sizes) != total or groups > 3
+            or parts.stride(2) != 1 or parts.stride(0) % parts.stride(1)):
         raise ValueError(f"bgmv: the folded output {tuple(y.shape)}, B {tuple(b.shape)} and sizes {sizes} do not agree "
-                         f"(want (rows, {total} + {slots} slots x {width}), at most 3 projections)")
-    rows = y.shape[0]
+                         f"(want ([splits,] rows, {total} + {slots} slots x {width}), at most 3 projections)")
+    splits, rows = parts.shape[:2]
     b, index = b.contiguous(), index.contiguous()
-    out = torch.empty((rows, total), dtype=y.dtype, device=y.device)
+    out = torch.empty((rows, total), dtype=dtype or y.dtype, device=y.device)
     if rows == 0:
         return out
     bn = _expand_block(rows, total, _multiprocessors(y.device), tiles)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
+    row = parts.stride(1)
     expand[(rows, -(-total // bn))](
-        y[:, total:], b, index, out, y, rows, total, r, bounds[0], bounds[1], 0, y.stride(0), width, y.stride(0),
-        SPLITS=1, WP=max(16, _next_power_of_two(width)), G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn,
-        num_warps=tiles.expand_warps, ADD=True,
+        parts[:, :, total:], b, index, out, parts, rows, total, r, bounds[0], bounds[1], parts.stride(0) if splits > 1 else 0,
+        row, width, row, SPLITS=splits, WP=max(16, _next_power_of_two(width)), G=groups,
+        RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=tiles.expand_warps, ADD=True,
     )
     return out
 

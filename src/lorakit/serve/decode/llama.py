@@ -100,6 +100,8 @@ class DecoderModel:
         self.lora_kernel = bgmv.available(device) if lora_kernel is None else lora_kernel
         self.attention_kernel = attention.available(device) if attention_kernel is None else attention_kernel
         self.fold = self.lora_kernel if fold is None else fold
+        self.split_k = True
+        """Folded decoding steps run their matmul as `matmul.py`'s split-K kernel (False: cuBLAS)."""
         self.attention_writes = True
         """Decoding steps of the fused layers let the attention kernel apply RoPE and write the
         step's K/V (False: the compiled layers do RoPE and the cache write is its own op)."""
@@ -133,7 +135,7 @@ class DecoderModel:
             return "gather"
         folded = self._folded is not None and lora.capacity + 1 <= FOLD_SLOTS_PER_ROW * rows
         if self.lora_kernel:
-            return "folded-kernel" if folded else "kernel"
+            return ("folded-split-k" if self.split_k else "folded-kernel") if folded else "kernel"
         if folded:
             return "folded"
         return "dense" if not gathered and 3 * rows >= lora.capacity + 1 else "gather"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import LoraLinear
+from . import matmul
 from .bgmv import bgmv, bgmv_folded
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -31,7 +32,7 @@ PROJECTIONS = tuple(name for _, names in GROUPS for name in names)
 
 
 MODES = ("gather", "dense", "kernel")
-FOLDED = {"folded": "gather", "folded-kernel": "kernel"}
+FOLDED = {"folded": "gather", "folded-kernel": "kernel", "folded-split-k": "kernel"}
 """Modes of a decoding step whose base matmul also ran every slot's A (`folded_lora`), and
 the `batched_lora` mode a group without folded A slots takes instead."""
 
@@ -98,19 +99,26 @@ def batched_lora(
     return y.squeeze(1) if squeeze else y
 
 
-def folded_lora(y: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], index: torch.Tensor,
-                kernel: bool) -> torch.Tensor:
-    """A projection group's output with the rows' adapters when the shrink ran inside the base
-    matmul: y (rows, total + slots * G*r) = x @ [W; A[0]; A[1]; ...].T, the base output
-    followed by every slot's products (`batched_lora`'s h for each slot). Row i keeps its own
-    slot's products, h[i] = y[i, total + index[i]*G*r : total + (index[i]+1)*G*r], and adds
-    `batched_lora`'s expand of them to its base output; (rows, total) in y's dtype.
-    kernel: `bgmv`'s expand kernel (CUDA, float32 sums); else gathered batched matmuls."""
+def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], index: torch.Tensor,
+                mode: str) -> torch.Tensor:
+    """A projection group's output with the rows' adapters, one token per row, when the shrink
+    runs inside the base matmul: weight is [W; A[0]; A[1]; ...] (W's total rows, then every
+    slot's G*r rows of A), so y = x @ weight.T holds the base output followed by every slot's
+    products (`batched_lora`'s h for each slot). Row i keeps its own slot's products,
+    h[i] = y[i, total + index[i]*G*r : total + (index[i]+1)*G*r], and adds `batched_lora`'s
+    expand of them to its base output; (rows, total) in x's dtype.
+
+    mode "folded": PyTorch (gathered batched matmuls); "folded-kernel": cuBLAS, then `bgmv`'s
+    expand kernel (float32 sums); "folded-split-k": `matmul`'s split-K kernel and the expand
+    kernel, which sums its partials (cuBLAS where the kernel does not take the shape)."""
+    if mode == "folded-split-k" and matmul.supported(x.shape[0], x.shape[1]):
+        return matmul.folded_projection(x, weight, b, index, list(sizes))
+    y = F.linear(x, weight)
+    if mode != "folded":
+        return bgmv_folded(y, b, index, list(sizes))
     slots, r, total = b.shape
     width = len(sizes) * r
     rows = y.shape[0]
-    if kernel:
-        return bgmv_folded(y, b, index, list(sizes))
     h = y[:, total:].reshape(rows, slots, width)[torch.arange(rows, device=y.device), index]  # (rows, G*r)
     b_rows = b.index_select(0, index)
     parts, start = [], 0
