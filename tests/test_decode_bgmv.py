@@ -39,11 +39,12 @@ CHECK = textwrap.dedent(
         assert err < 1e-5, (rows, sizes, dtype, err)
         print("ok", rows, sizes, dtype, f"{err:.1e}")
     # the expand alone, after a base matmul that also ran every slot's A (the folded shrink)
+    from lorakit.serve.decode import matmul
     from lorakit.serve.decode.bgmv import launch_folded
     from lorakit.serve.decode.lora import folded_lora
     for rows, slots, r, d_in, sizes, dtype, tol in [(5, 4, 16, 200, (300, 70, 70), torch.float32, 1e-5),
                                                     (3, 3, 8, 130, (260, 260), torch.bfloat16, 1e-2),
-                                                    (6, 2, 4, 64, (17,), torch.float16, 2e-3)]:
+                                                    (6, 2, 4, 256, (17,), torch.float16, 2e-3)]:
         total, width = sum(sizes), len(sizes) * r
         a = torch.randn(slots, width, d_in, generator=g).to(dtype)
         b = torch.randn(slots, r, total, generator=g).to(dtype)
@@ -62,6 +63,8 @@ CHECK = textwrap.dedent(
         assert torch.equal(got[0], y[0, :total])  # the zero slot: the base output exactly
         # the same from x and the joined weight: PyTorch, cuBLAS (here F.linear) + the expand
         # kernel, and the split-K kernel whose partials the expand kernel sums
+        # (the split-K kernel takes the last case: k a multiple of 128 and longer than the output)
+        assert matmul.preferred(rows, joined.shape[0], d_in) == (d_in == 256)
         for mode in (None, "folded", "folded-kernel", "folded-split-k"):
             if mode is not None:
                 got = folded_lora(x, joined, b, sizes, index, mode)
@@ -70,7 +73,6 @@ CHECK = textwrap.dedent(
             assert err < tol, (mode, rows, sizes, dtype, err)
     print("ok", "folded expand")
     # the split-K matmul alone: partial sums over whole bk-wide parts of k, any split
-    from lorakit.serve.decode import matmul
     for rows, n, k, dtype, tiles in [(5, 300, 256, torch.float32, matmul.Tiles(bn=64, bk=64)),
                                      (3, 200, 512, torch.bfloat16, matmul.Tiles(bn=32, bk=128, splits=2)),
                                      (1, 70, 128, torch.float16, matmul.Tiles(bn=32, bk=32, splits=4))]:

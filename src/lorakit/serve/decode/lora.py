@@ -110,8 +110,8 @@ def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: S
 
     mode "folded": PyTorch (gathered batched matmuls); "folded-kernel": cuBLAS, then `bgmv`'s
     expand kernel (float32 sums); "folded-split-k": `matmul`'s split-K kernel and the expand
-    kernel, which sums its partials (cuBLAS where the kernel does not take the shape)."""
-    if mode == "folded-split-k" and matmul.supported(x.shape[0], x.shape[1]):
+    kernel, which sums its partials, where `matmul.preferred` (else as "folded-kernel")."""
+    if mode == "folded-split-k" and matmul.preferred(x.shape[0], weight.shape[0], x.shape[1]):
         return matmul.folded_projection(x, weight, b, index, list(sizes))
     y = F.linear(x, weight)
     if mode != "folded":

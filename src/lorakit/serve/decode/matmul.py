@@ -12,7 +12,8 @@ is how many multiprocessors stream at once. cuBLAS picks tiles for the output al
 8B model's O projection (4,096 + the slots' columns by 4,096) its tiles gave 73 blocks on
 132 multiprocessors. Here the reduction is split too, until the blocks cover the GPU about
 twice (`Tiles`), and the partial sums (float32) go to the expand kernel, which reads them
-anyway, so no reduction kernel is launched.
+anyway, so no reduction kernel is launched. Where cuBLAS measured faster (`preferred`),
+the folded step keeps it.
 
 `folded_projection` is a PyTorch custom op (`lorakit::folded_projection`): `torch.compile`
 keeps it whole and a CUDA graph captures its two launches. The CPU tests run the kernels
@@ -71,7 +72,7 @@ class Tiles:
     bk: int = 128
     splits: int | None = None
     programs_per_sm: int = 2
-    stages: int = 4
+    stages: int = 3
     warps: int = 4
 
 
@@ -90,6 +91,15 @@ def supported(rows: int, k: int, tiles: Tiles | None = None) -> bool:
     """Whether the kernel takes this shape: at most 128 rows, k a multiple of bk."""
     tiles = tiles or Tiles()
     return 0 < rows <= 128 and k % tiles.bk == 0
+
+
+def preferred(rows: int, n: int, k: int) -> bool:
+    """Whether a folded group's matmul (rows, k) x (n, k).T runs faster here than in cuBLAS.
+    Measured on an H200 at 32 rows (bench/RESULTS.md): the kernel won where the matmul is
+    long in one direction, a reduction longer than the output (down: 14% less time with the
+    expand for an 8B model, 6% for 1B) or an output at least four times the reduction (gate/
+    up: 4%, 1%), and lost or tied on Q/K/V and O, which stay with cuBLAS."""
+    return supported(rows, k) and (k > n or n >= 4 * k)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:

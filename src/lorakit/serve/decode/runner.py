@@ -40,7 +40,7 @@ from ..sampling import SamplingParams
 from . import prefill
 from .graphs import capture as capture_graph
 from .kv import SlotCache
-from .llama import DecoderModel
+from .llama import FOLD_SLOTS_PER_ROW, DecoderModel
 from .lora import AdapterSlots
 from .sampling import sample_rows
 
@@ -143,6 +143,8 @@ class FastDecoder:
     def describe(self) -> str:
         mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
         lora = " (Triton BGMV kernels when decoding)" if self.decoder.lora_kernel else ""
+        if self.decoder.fold and self.decoder.fused is not None:
+            lora += f"; LoRA shrink folded into the base matmul while slots <= {FOLD_SLOTS_PER_ROW} per row"
         if self.decoder.attention_kernel:
             lora += "; Triton decode attention"
         fused = self.decoder.fused
