@@ -15,7 +15,13 @@ from lorakit.layers import LoraLinear
 from lorakit.serve.decode import choose_path
 from lorakit.serve.decode.kv import SlotCache
 from lorakit.serve.decode.llama import DecoderModel, decode_reason
-from lorakit.serve.decode.lora import GROUPS, AdapterSlots, batched_lora, batched_lora_reference, split
+from lorakit.serve.decode.lora import (
+    GROUPS,
+    AdapterSlots,
+    batched_lora,
+    batched_lora_reference,
+    split,
+)
 from lorakit.serve.decode.runner import SlotBatch, batch_buckets
 from lorakit.serve.decode.sampling import sample_rows, uniform
 from lorakit.serve.sampling import SamplingParams

@@ -32,7 +32,6 @@ from .fused import FusedLayers, attend, layer_weights, rotate
 from .kv import SlotCache
 from .lora import GROUPS, AdapterSlots, batched_lora, split
 
-
 FOLD_SLOTS_PER_ROW = 2
 """A decoding step folds the LoRA shrink into the base matmul while the adapter slots are at
 most this many per row: the matmul then reads every slot's A, up to twice the A that the
