@@ -7,10 +7,12 @@ computes (its own RMSNorm and rotary modules are called, the projections' base w
 through the LoRA layer's `base_forward`, a 4-bit base included), with:
 
 - the adapters of all rows applied by `batched_lora` from `AdapterSlots` (Q/K/V and
-  gate/up sharing one shrink matmul), no per-layer Python dispatch on adapter names;
+  gate/up sharing one shrink matmul), no per-layer Python dispatch on adapter names; a
+  decoding step may run the shrink inside the base matmul (`fold_slots`, `folded_lora`);
 - attention over a view of the cache, `key position <= query position`: when decoding,
-  `attention.py`'s Triton kernel on CUDA (each row reads its keys only up to its position)
-  or batched matmuls under a boolean mask; a prefill's first chunk as a causal SDPA, later
+  `attention.py`'s Triton kernel on CUDA (each row reads its keys only up to its position;
+  for the fused layers it also applies RoPE and writes the step's K/V) or batched matmuls
+  under a boolean mask; a prefill's first chunk as a causal SDPA, later
   chunks as SDPA under the mask; grouped-query heads are never repeated;
 - fixed shapes for a given (rows, T, key length): with rows = slots 0..n-1 nothing in
   it syncs with the host, so a CUDA graph can capture a decoding step.
@@ -77,7 +79,9 @@ class DecoderModel:
     the base is dense); compile: the `torch.compile` backend for them (None: eager; worth
     "inductor" on a GPU, where a step is otherwise launch-bound); lora_kernel: decoding steps
     apply the rows' adapters with `bgmv`'s Triton kernels, and attention_kernel: they attend
-    with `attention`'s Triton kernel (None: where it can run).
+    with `attention`'s Triton kernel (None: where it can run); fold: the fused groups store
+    every adapter slot's A under their base weight (`fold_slots`) so that decoding steps fold
+    the LoRA shrink into the base matmul (None: where the LoRA kernels run).
     """
 
     def __init__(self, model: nn.Module, *, fused: bool | None = None, compile: str | Callable | None = None,
@@ -104,7 +108,7 @@ class DecoderModel:
         self.attention_writes = True
         """Decoding steps of the fused layers let the attention kernel apply RoPE and write the
         step's K/V (False: the compiled layers do RoPE and the cache write is its own op)."""
-        self._folded: tuple[int, int] | None = None  # (AdapterSlots id, layout) the weights hold
+        self._folded: tuple[AdapterSlots, int] | None = None  # the slots (and their layout) the weights hold
         self.fused: FusedLayers | None = None
         if fused is not False:
             weights = [layer_weights(layer) for layer in self.layers]
@@ -129,7 +133,10 @@ class DecoderModel:
         """How `batched_lora` runs for this call. Decoding (one token a row) takes the Triton
         kernels where they run; otherwise it reads every adapter slot once (dense) unless the
         rows are few against the slots: gathering moves each row's adapter three times (read,
-        write, read again), so dense wins from a third as many rows as slots. Prefill gathers."""
+        write, read again), so dense wins from a third as many rows as slots. Prefill gathers.
+        Once `fold_slots` has run, a decoding step with at most FOLD_SLOTS_PER_ROW slots per
+        row takes a folded mode (`lora.folded_lora`): split-K or cuBLAS with the kernels,
+        PyTorch's ops without them."""
         if steps != 1 or lora is None:
             return "gather"
         folded = self._folded is not None and lora.capacity + 1 <= FOLD_SLOTS_PER_ROW * rows
@@ -147,7 +154,8 @@ class DecoderModel:
         it, so nothing is stored twice and loading an adapter still writes its slot in place.
         Redone whenever the slots are reallocated (`lora.layout`)."""
         fused = self.fused
-        if fused is None or not self.fold or self._folded == (id(lora), lora.layout):
+        if fused is None or not self.fold or (self._folded is not None and self._folded[0] is lora
+                                              and self._folded[1] == lora.layout):
             return
         for i, weights in enumerate(fused.layers):
             groups = list(weights.groups)
@@ -166,7 +174,7 @@ class DecoderModel:
                 lora.a[i][g] = joined[total:].view(a.shape)
                 groups[g] = (joined, bias, sizes)
             weights.groups = tuple(groups)
-        self._folded = (id(lora), lora.layout)
+        self._folded = (lora, lora.layout)
 
     def forward(
         self,
@@ -263,9 +271,9 @@ class DecoderModel:
         if writes:
             group = self.heads // self.kv_heads
             out = attention.launch(
-                q.view(rows, self.kv_heads, group, self.head_dim), cache.keys[i][:rows, :, :key_length],
-                cache.values[i][:rows, :, :key_length], decoding, self.scaling, k_new=k.view(rows, self.kv_heads, -1),
-                v_new=v.view(rows, self.kv_heads, -1), cos=cos.reshape(rows, -1), sin=sin.reshape(rows, -1),
+                q.reshape(rows, self.kv_heads, group, self.head_dim), cache.keys[i][:rows, :, :key_length],
+                cache.values[i][:rows, :, :key_length], decoding, self.scaling, k_new=k.reshape(rows, self.kv_heads, -1),
+                v_new=v.reshape(rows, self.kv_heads, -1), cos=cos.reshape(rows, -1), sin=sin.reshape(rows, -1),
             ).view(rows, 1, self.heads * self.head_dim)
         else:
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
