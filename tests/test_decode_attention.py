@@ -90,51 +90,8 @@ CHECK = textwrap.dedent(
             assert torch.equal(cache.isnan()[untouched], start.isnan()[untouched])
             assert torch.equal(cache.nan_to_num()[untouched], start.nan_to_num()[untouched])
         print("ok", "rope and write", group, dim, dtype, splits)
-        # the same step when q, k, v are a folded Q/K/V group's base output: the kernel first adds
-        # each row's adapter update from the slots' products and B (slot 2: no adapter, zeros)
-        slots_n, r = 3, 4
-        width = (heads + 2 * kv_heads) * dim
-        y = torch.randn(rows, width + slots_n * 3 * r + 3, generator=g).to(dtype)  # base, products, padding
-        b = torch.randn(slots_n, r, width, generator=g).to(dtype)
-        b[2] = 0
-        index = torch.tensor([(i * 2) % slots_n for i in range(rows)])
-        h = y[:, width : width + slots_n * 3 * r].reshape(rows, slots_n, 3 * r)[torch.arange(rows), index].double()
-        bounds = [0, heads * dim, (heads + kv_heads) * dim, width]
-        full = y[:, :width].double() + torch.cat(
-            [torch.einsum("ir,irn->in", h[:, j * r : (j + 1) * r], b[index][:, :, bounds[j] : bounds[j + 1]].double())
-             for j in range(3)], dim=1)
-        full = full.to(dtype).double()  # the expand kernel's output is rounded to the model's dtype
-        q_full = full[:, : heads * dim].view(rows, kv_heads, group, dim)
-        k_full = full[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
-        v_full = full[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
-        q_rot = rotate(q_full, cos.double()[:, None, None], sin.double()[:, None, None])
-        k_rot = rotate(k_full, cos.double()[:, None], sin.double()[:, None])
-        expect = clean[:, :rows, :, :length].double().clone()
-        expect[0, torch.arange(rows), :, positions] = k_rot
-        expect[1, torch.arange(rows), :, positions] = v_full
-        want = reference(q_rot, expect[0], expect[1], positions, dim**-0.5)
-        q = y[:, : heads * dim].view(rows, kv_heads, group, dim)
-        k = y[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
-        v = y[:, (heads + kv_heads) * dim : width].view(rows, kv_heads, dim)
-        products = y[:, width : width + slots_n * 3 * r]
-        for s in splits:
-            cache = start.clone()
-            keys, values = cache[0, :rows, :, :length], cache[1, :rows, :, :length]
-            got = launch(q, keys, values, positions, dim**-0.5, block_l=block_l, splits=s, k_new=k, v_new=v, cos=cos,
-                         sin=sin, lora=(products, b, index))
-            err = ((got.double() - want).abs().max() / want.abs().max()).item()
-            assert err < bound, ("lora", group, dim, dtype, s, err)
-            k_written = cache[0, torch.arange(rows), :, positions]
-            v_written = cache[1, torch.arange(rows), :, positions]
-            assert (k_written.double() - k_rot).abs().max() <= bound * k_rot.abs().max(), ("lora k written", s)
-            assert (v_written.double() - v_full).abs().max() <= bound * v_full.abs().max(), ("lora v written", s)
-        print("ok", "adapter update, rope and write", group, dim, dtype, splits)
-    step = {"k_new": torch.zeros(2, 2, 32), "v_new": torch.zeros(2, 2, 32)}
     for kw in ({"k_new": torch.zeros(2, 2, 32)}, {"k_new": torch.zeros(2, 2, 32), "v_new": torch.zeros(2, 1, 32)},
-               {"cos": torch.zeros(2, 32)}, {"cos": torch.zeros(2, 32), "sin": torch.zeros(2, 16)},
-               {"lora": (torch.zeros(2, 24), torch.zeros(2, 4, 384), torch.zeros(2, dtype=torch.long))},  # no k_new
-               {**step, "lora": (torch.zeros(2, 20), torch.zeros(2, 4, 384), torch.zeros(2, dtype=torch.long))},
-               {**step, "lora": (torch.zeros(2, 24), torch.zeros(2, 4, 380), torch.zeros(2, dtype=torch.long))}):
+               {"cos": torch.zeros(2, 32)}, {"cos": torch.zeros(2, 32), "sin": torch.zeros(2, 16)}):
         try:
             launch(torch.zeros(2, 2, 4, 32), torch.zeros(2, 2, 50, 32), torch.zeros(2, 2, 50, 32),
                    torch.zeros(2, dtype=torch.long), 1.0, **kw)
@@ -180,7 +137,7 @@ CHECK = textwrap.dedent(
 
 def test_decode_attention_kernel_equals_the_reference_in_the_interpreter() -> None:
     ok = run_in_triton_interpreter(CHECK)
-    assert len(ok) == 11, ok
+    assert len(ok) == 9, ok
 
 
 def test_reference_equals_the_pytorch_decode_attention() -> None:

@@ -90,13 +90,6 @@ def _kernels():
         q_row,
         kn_row,
         vn_row,
-        h_ptr,
-        h_row,
-        index_ptr,
-        b_ptr,
-        b_total,
-        k_col,
-        v_col,
         m_ptr,
         l_ptr,
         acc_ptr,
@@ -122,8 +115,6 @@ def _kernels():
         PRECISION: tl.constexpr,
         ROPE: tl.constexpr,
         WRITE: tl.constexpr,
-        LORA: tl.constexpr,
-        R: tl.constexpr,
     ):
         # the online softmax of one (row, kv head)'s query heads over this split's key blocks;
         # scores are in log2 units (qk_scale = scaling * log2(e)) so that exp2 does the work
@@ -138,39 +129,13 @@ def _kernels():
         q_heads = q_ptr + row * q_row + (head * group + g[:, None]) * head_dim
         live = (g[:, None] < group) & live_d[None, :]
         q = tl.load(q_heads + d[None, :], mask=live, other=0.0)
-        half = head_dim // 2
-        partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
-        if LORA:  # this row's adapter update of its Q/K/V columns (and their RoPE partners)
-            slot = tl.load(index_ptr + row).to(tl.int64)
-            h_at = h_ptr + row * h_row + slot * (3 * R)
-            q_cols = (head * group + g[:, None]) * head_dim
-            k_cols = k_col + head * head_dim
-            v_cols = v_col + head * head_dim
-            dq = tl.zeros((GP, DP), tl.float32)
-            dq_half = tl.zeros((GP, DP), tl.float32)
-            dk = tl.zeros((DP,), tl.float32)
-            dk_half = tl.zeros((DP,), tl.float32)
-            dv = tl.zeros((DP,), tl.float32)
-            for i in range(R):
-                b_i = b_ptr + (slot * R + i) * b_total
-                hq = tl.load(h_at + i).to(tl.float32)
-                hk = tl.load(h_at + R + i).to(tl.float32)
-                hv = tl.load(h_at + 2 * R + i).to(tl.float32)
-                dq += hq * tl.load(b_i + q_cols + d[None, :], mask=live, other=0.0).to(tl.float32)
-                dq_half += hq * tl.load(b_i + q_cols + partner[None, :], mask=live, other=0.0).to(tl.float32)
-                dk += hk * tl.load(b_i + k_cols + d, mask=live_d, other=0.0).to(tl.float32)
-                dk_half += hk * tl.load(b_i + k_cols + partner, mask=live_d, other=0.0).to(tl.float32)
-                dv += hv * tl.load(b_i + v_cols + d, mask=live_d, other=0.0).to(tl.float32)
-            # rounded to the model's dtype, as the expand kernel writes a group's output
-            q = (q.to(tl.float32) + dq).to(q_ptr.dtype.element_ty)
         if ROPE:  # in float32, rounded once to q's dtype (as the compiled layers do)
+            half = head_dim // 2
+            partner = tl.where(d < half, d + half, d - half)  # rotate_half: (-x2, x1)
             sign = tl.where(d < half, -1.0, 1.0)
             cos = tl.load(cos_ptr + row * head_dim + d, mask=live_d, other=0.0).to(tl.float32)
             sin = tl.load(sin_ptr + row * head_dim + d, mask=live_d, other=0.0).to(tl.float32)
-            q_half = tl.load(q_heads + partner[None, :], mask=live, other=0.0)
-            if LORA:
-                q_half = (q_half.to(tl.float32) + dq_half).to(q_ptr.dtype.element_ty)
-            q_half = q_half.to(tl.float32)
+            q_half = tl.load(q_heads + partner[None, :], mask=live, other=0.0).to(tl.float32)
             q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_half * sin[None, :]).to(q_ptr.dtype.element_ty)
         q = q.to(DOT)
         end = tl.minimum(tl.maximum(tl.load(pos_ptr + row), 0), length - 1) + 1  # keys 0..end-1
@@ -182,13 +147,8 @@ def _kernels():
         if WRITE:
             k_at = tl.load(kn_ptr + row * kn_row + head * head_dim + d, mask=live_d, other=0.0)
             v_at = tl.load(vn_ptr + row * vn_row + head * head_dim + d, mask=live_d, other=0.0)
-            if LORA:
-                k_at = (k_at.to(tl.float32) + dk).to(kn_ptr.dtype.element_ty)
-                v_at = (v_at.to(tl.float32) + dv).to(vn_ptr.dtype.element_ty)
             if ROPE:
                 k_half = tl.load(kn_ptr + row * kn_row + head * head_dim + partner, mask=live_d, other=0.0)
-                if LORA:
-                    k_half = (k_half.to(tl.float32) + dk_half).to(kn_ptr.dtype.element_ty)
                 k_at = k_at.to(tl.float32) * cos + sign * k_half.to(tl.float32) * sin
             k_at = k_at.to(k_ptr.dtype.element_ty)
             v_at = v_at.to(v_ptr.dtype.element_ty)
@@ -279,7 +239,6 @@ def launch(
     v_new: torch.Tensor | None = None,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The kernels on q (rows, kv heads, group, D), keys/values (rows, kv heads, L, D) read
     in place through their strides, positions (rows,); (rows, kv heads, group, D) in q's
@@ -290,12 +249,7 @@ def launch(
     values at each row's position before attending (the cache needs no separate write).
     cos, sin (rows, D): q (and k_new) arrive without RoPE, which the kernel applies as
     transformers' rotate_half does. q, k_new and v_new may be row-strided views (a
-    projection group's output); within a row they must be contiguous, or they are copied.
-
-    lora (products, B, index): q, k_new and v_new are the Q/K/V group's base output, and the
-    kernel adds each row's adapter update first (`lora.folded_lora`'s expand, for a folded
-    group whose expand waits for this kernel): products (rows, slots * 3r) holds every slot's
-    shrink products (q's r, k's r, v's r), B (slots, r, q + k + v columns) the group's B."""
+    projection group's output); within a row they must be contiguous, or they are copied."""
     if q.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape:
         raise ValueError(
             f"decode attention: q {tuple(q.shape)} must be (rows, kv heads, group, D) and keys "
@@ -329,18 +283,6 @@ def launch(
             f"decode attention: cos {None if cos is None else tuple(cos.shape)} and sin "
             f"{None if sin is None else tuple(sin.shape)} must both be ({rows}, {head_dim}), D even"
         )
-    if lora is not None:
-        products, b, index = lora
-        slots, r, b_total = b.shape
-        if (not write or products.dim() != 2 or products.shape != (rows, slots * 3 * r) or index.shape != (rows,)
-                or b_total != (kv_heads * group + 2 * kv_heads) * head_dim):
-            raise ValueError(
-                f"decode attention: lora products {tuple(products.shape)}, B {tuple(b.shape)} and index "
-                f"{tuple(index.shape)} must be ({rows}, slots x 3 x r), (slots, r, {(kv_heads * group + 2 * kv_heads) * head_dim}) "
-                "and one slot per row, with k_new and v_new"
-            )
-        products = _rows_strided(products)
-        b, index = b.contiguous(), index.contiguous()
     partial, combine = _kernels()
     import triton.language as tl
 
@@ -380,13 +322,6 @@ def launch(
         q.stride(0),
         k_new.stride(0),
         v_new.stride(0),
-        products if lora is not None else q,
-        products.stride(0) if lora is not None else 0,
-        index if lora is not None else positions,
-        b if lora is not None else q,
-        b.shape[2] if lora is not None else 0,
-        kv_heads * group * head_dim,
-        (kv_heads * group + kv_heads) * head_dim,
         m,
         total,
         acc,
@@ -406,8 +341,6 @@ def launch(
         PRECISION=precision,
         ROPE=rope,
         WRITE=write,
-        LORA=lora is not None,
-        R=b.shape[1] if lora is not None else 1,
         num_warps=4,
     )
     if splits > 1:

@@ -4,13 +4,11 @@ Eager PyTorch runs a decoding step of a Llama-family layer as about ninety small
 (RMSNorm alone is six), and at decode batch sizes each costs more to launch than to run:
 a captured 1B step spent 4.7 ms on an H200 whose weights stream in 0.5 ms. Here a layer is
 
-    attention_inputs(h, residual, ...) -> h, q, k, v
-                                             residual add, RMSNorm, Q/K/V with the rows'
-                                             adapters, RoPE
+    attention_inputs(h, ...) -> q, k, v      RMSNorm, Q/K/V with the rows' adapters, RoPE
     (the caller writes k, v into the slot cache and attends: `attend`, or on CUDA when
     decoding, `attention.py`'s kernel, which also writes k, v and applies RoPE itself)
-    layer_rest(h, out, ...) -> h, residual   o, residual, RMSNorm, gate/up, SwiGLU, down
-                                             (its residual add is the next layer's)
+    layer_rest(h, out, ...) -> h             o, residual, RMSNorm, gate/up, SwiGLU, down,
+                                             residual
 
 Both take every weight as an argument and touch no module, so `torch.compile` traces each
 once and every layer reuses the compiled code (the guards see equal shapes, not which
@@ -191,7 +189,6 @@ def _projections(
 
 def attention_inputs(
     h: torch.Tensor,
-    residual: torch.Tensor,
     norm: torch.Tensor,
     q_norm: torch.Tensor | None,
     k_norm: torch.Tensor | None,
@@ -207,29 +204,11 @@ def attention_inputs(
     kv_heads: int,
     head_dim: int,
     rope: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The layer's input h + residual (the previous layer's last residual add, done here so that
-    it shares a kernel with this layer's RMSNorm; zeros for the first layer), q (rows, T,
-    heads, D), k, v (rows, T, kv heads, D), and None; cos, sin: (rows, T, 1, D).
-
-    rope=False: for the decode attention kernel, which applies RoPE itself. Then a folded
-    group without per-head norms also leaves its expand to the kernel: q, k, v are the base
-    output and the last item is every slot's products (rows, T, slots * 3r) (see
-    `attention.launch`'s lora)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (rows, T, heads, D) and k, v (rows, T, kv heads, D), RoPE applied unless rope=False
+    (the decode attention kernel applies it); cos, sin: (rows, T, 1, D)."""
     rows, steps, _ = h.shape
-    h = h + residual
     x = rms_norm(h, norm, eps)
-    weight, bias, sizes = qkv
-    total = sum(sizes)
-    if (not rope and q_norm is None and a is not None and b is not None and index is not None and mode in FOLDED
-            and weight.shape[0] > total):
-        y = F.linear(x, weight)
-        base = y[..., :total] if bias is None else y[..., :total] + bias
-        q, k, v = split(base, sizes)
-        q = q.view(rows, steps, heads, head_dim)
-        k = k.view(rows, steps, kv_heads, head_dim)
-        v = v.view(rows, steps, kv_heads, head_dim)
-        return h, q, k, v, y[..., total:]
     q, k, v = _projections(x, qkv, a, b, index, mode)
     q = q.view(rows, steps, heads, head_dim)
     k = k.view(rows, steps, kv_heads, head_dim)
@@ -237,8 +216,8 @@ def attention_inputs(
     if q_norm is not None and k_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     if not rope:
-        return h, q, k, v, None
-    return h, rotate(q, cos, sin), rotate(k, cos, sin), v, None
+        return q, k, v
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 def layer_rest(
@@ -252,9 +231,8 @@ def layer_rest(
     loras: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
     index: torch.Tensor | None,
     mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's output hidden state, from h and attention's output (rows, T, heads * D), as
-    two terms whose sum it is (the next `attention_inputs` adds them: `residual`);
+) -> torch.Tensor:
+    """The layer's output hidden state from h and attention's output (rows, T, heads * D);
     loras: (A, Bs) of the o, gate/up and down groups (None where no resident adapter has
     them); mode: `batched_lora`'s (or a folded one, see `_projections`)."""
     (attended,) = _projections(out, o, *loras[0], index, mode)
@@ -262,7 +240,7 @@ def layer_rest(
     x = rms_norm(h, post_norm, eps)
     gate, up = _projections(x, mlp, *loras[1], index, mode)
     (y,) = _projections(F.silu(gate) * up, down, *loras[2], index, mode)
-    return h, y
+    return h + y
 
 
 class FusedLayers:
@@ -298,9 +276,8 @@ class FusedLayers:
                 self.backend = None
         return (attention_inputs, layer_rest)[which](*args)
 
-    def attention_inputs(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor | None]:
+    def attention_inputs(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._call(0, *args)
 
-    def layer_rest(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_rest(self, *args) -> torch.Tensor:
         return self._call(1, *args)

@@ -215,11 +215,10 @@ class DecoderModel:
         if lora is not None:
             self.fold_slots(lora)
         mode = self.lora_mode(rows, steps, gathered, lora)
-        residual = torch.zeros_like(h) if self.fused is not None else None  # each fused layer's last add
         for i, layer in enumerate(self.layers):
-            if residual is not None:
-                h, residual = self._fused_layer(i, h, residual, cos, sin, mask, cache, slots, flat, key_length,
-                                                gathered, lora, index, mode, causal, decoding)
+            if self.fused is not None:
+                h = self._fused_layer(i, h, cos, sin, mask, cache, slots, flat, key_length, gathered, lora, index, mode,
+                                      causal, decoding)
                 continue
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -238,7 +237,7 @@ class DecoderModel:
             gate, up = self._group(i, 2, x, lora, index, mode)
             (down,) = self._group(i, 3, F.silu(gate) * up, lora, index, mode)
             h = h + down
-        return self.norm(h if residual is None else h + residual)
+        return self.norm(h)
 
     def _kv(self, i: int, k: torch.Tensor, v: torch.Tensor, cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor,
             key_length: int, gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,11 +251,10 @@ class DecoderModel:
             return keys[:, :, :key_length].index_select(0, slots), values[:, :, :key_length].index_select(0, slots)
         return keys[:rows, :, :key_length], values[:rows, :, :key_length]
 
-    def _fused_layer(self, i: int, h: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     mask: torch.Tensor | None, cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor,
-                     key_length: int, gathered: bool, lora: AdapterSlots | None, index: torch.Tensor | None, mode: str,
-                     causal: bool, decoding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i on h + residual; its output as (h, residual) for the next layer to add."""
+    def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                     cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
+                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str, causal: bool,
+                     decoding: torch.Tensor | None) -> torch.Tensor:
         fused = self.fused
         assert fused is not None
         w = fused.layers[i]
@@ -265,8 +263,8 @@ class DecoderModel:
                  for g in range(len(GROUPS))]
         # decoding through the attention kernel: it applies RoPE and writes the step's K/V itself
         writes = decoding is not None and not gathered and self.attention_writes
-        h, q, k, v, products = fused.attention_inputs(
-            h, residual, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, mode,
+        q, k, v = fused.attention_inputs(
+            h, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, mode,
             cos, sin, self.heads, self.kv_heads, self.head_dim, not writes,
         )
         rows = h.shape[0]
@@ -276,7 +274,6 @@ class DecoderModel:
                 q.reshape(rows, self.kv_heads, group, self.head_dim), cache.keys[i][:rows, :, :key_length],
                 cache.values[i][:rows, :, :key_length], decoding, self.scaling, k_new=k.reshape(rows, self.kv_heads, -1),
                 v_new=v.reshape(rows, self.kv_heads, -1), cos=cos.reshape(rows, -1), sin=sin.reshape(rows, -1),
-                lora=None if products is None else (products.reshape(rows, -1), loras[0][1], index),
             ).view(rows, 1, self.heads * self.head_dim)
         else:
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
