@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
+from pathlib import Path
 
 import torch
 
 from lorakit.serve.decode import attention
-from split_k_gpu import timed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bgmv_gpu import timed  # noqa: E402
 
 
 def main() -> None:

@@ -66,15 +66,8 @@ def _profile_case(suite: Suite, model, adapters: dict, rows: list[str], batch: i
             seconds = time.perf_counter() - t
             log(f"  {label}: {seconds * 1e3:.1f} ms ({len(rows) * tokens / seconds:,.0f} tokens/s)")
         decoder = engine.decoder
-        graphs = {k: v for k, v in decoder._graphs.items() if k[0] == batch and k[2]}
-        key = min(graphs, key=lambda k: k[1])
-        graph = graphs[key]
-        suite.sync()
-        t = time.perf_counter()
-        for _ in range(50):
-            graph.graph.replay()
-        suite.sync()
-        log(f"  graph {key}: {(time.perf_counter() - t) / 50 * 1e3:.3f} ms per step")
+        key, graph = greedy_graph(decoder, batch)
+        log(f"  graph {key}: {replay_ms(suite, graph):.3f} ms per step")
         steps = 5
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -83,20 +76,56 @@ def _profile_case(suite: Suite, model, adapters: dict, rows: list[str], batch: i
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         log(f"  profiler saw {len(kernels) / steps:.0f} kernels per replayed step")
         # the same step eagerly (compiled layers, no graph): every kernel visible
-        rows_n, key_length, greedy = key
-        for _ in range(2):
-            decoder.step(rows_n, key_length, greedy, graph.ints.clone(), graph.floats.clone())
-        suite.sync()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                decoder.step(rows_n, key_length, greedy, graph.ints.clone(), graph.floats.clone())
-            suite.sync()
-        kernel_table(prof, steps, "eager step", log)
+        kernel_table(profile_eager_step(suite, decoder, key, graph, steps), steps, "eager step", log)
         profile_prefill(suite, engine, rows, model.config.vocab_size, log)
         if len(rows) > 32:
             profile_prefill(suite, engine, rows, model.config.vocab_size, log, n=len(rows))
     _unload(engine, adapters)
     torch.cuda.empty_cache()
+
+
+def greedy_graph(decoder, batch: int):
+    """(key, captured step) of the greedy decoding graph for `batch` rows with the fewest keys,
+    or None where no graph was captured (no CUDA)."""
+    graphs = {k: g for k, g in decoder._graphs.items() if k[0] == batch and k[2] and g.graph is not None}
+    if not graphs:
+        return None, None
+    key = min(graphs, key=lambda k: k[1])
+    return key, graphs[key]
+
+
+def replay_ms(suite: Suite, graph, times: int = 50) -> float:
+    """Milliseconds per replay of a captured decoding step."""
+    suite.sync()
+    t = time.perf_counter()
+    for _ in range(times):
+        graph.graph.replay()
+    suite.sync()
+    return (time.perf_counter() - t) / times * 1e3
+
+
+def profile_eager_step(suite: Suite, decoder, key, graph, steps: int = 5):
+    """torch.profiler over `steps` runs of the graph's step run eagerly (after two warm-ups)."""
+    rows, key_length, greedy = key
+    for _ in range(2):
+        decoder.step(rows, key_length, greedy, graph.ints.clone(), graph.floats.clone())
+    suite.sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step(rows, key_length, greedy, graph.ints.clone(), graph.floats.clone())
+        suite.sync()
+    return prof
+
+
+def line_logger(out: Path):
+    """A function that prints a line and appends it to `out`."""
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+    return log
 
 
 def kernel_table(prof, runs: int, label: str, log, top: int = 30) -> float:
@@ -151,12 +180,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", default="1b,8b")
     args = parser.parse_args()
-    out = Path(args.out)
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        with out.open("a") as f:
-            f.write(line + "\n")
+    log = line_logger(Path(args.out))
 
     suite = Suite(Args(), build_model, byte_tokenizer, make_adapters)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -34,7 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit.serve import Engine, SamplingParams  # noqa: E402
 from serve import build_model, byte_tokenizer, make_adapters  # noqa: E402
 from serve_gpu import Suite, _unload  # noqa: E402
-from serve_profile import Args, kernel_table, profile_prefill  # noqa: E402
+from serve_profile import (  # noqa: E402
+    Args,
+    greedy_graph,
+    kernel_table,
+    line_logger,
+    profile_eager_step,
+    profile_prefill,
+    replay_ms,
+)
 
 VARIANTS = {  # name: (fold, attention writes, split-K, compile with every size symbolic)
     "unfolded": (False, False, False, True),
@@ -54,12 +62,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    out = Path(args.out)
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        with out.open("a") as f:
-            f.write(line + "\n")
+    log = line_logger(Path(args.out))
 
     compile_ = torch.compile
     Args.device = args.device
@@ -120,28 +123,12 @@ def run_case(suite: Suite, engine: Engine, prompts, rows: list[str], batch: int,
     record = dict(prefill_ms=round(seconds["prefill"] * 1e3, 1),
                   whole_ms=[round(seconds["whole"] * 1e3, 1), round(seconds["whole2"] * 1e3, 1)],
                   tokens_per_s=round(batch * 128 / best))
-    fast = engine.decoder
-    graphs = {k: g for k, g in fast._graphs.items() if k[0] == batch and k[2] and g.graph is not None}
-    if not graphs:  # no CUDA graphs (the CPU)
+    key, graph = greedy_graph(engine.decoder, batch)
+    if graph is None:  # no CUDA graphs (the CPU)
         return record
-    key = min(graphs, key=lambda k: k[1])
-    graph = graphs[key]
-    suite.sync()
-    t = time.perf_counter()
-    for _ in range(50):
-        graph.graph.replay()
-    suite.sync()
-    record.update(step_ms=round((time.perf_counter() - t) / 50 * 1e3, 3), key=list(key))
+    record.update(step_ms=round(replay_ms(suite, graph), 3), key=list(key))
     if profile:
-        rows_n, key_length, greedy = key
-        for _ in range(2):
-            fast.step(rows_n, key_length, greedy, graph.ints.clone(), graph.floats.clone())
-        suite.sync()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fast.step(rows_n, key_length, greedy, graph.ints.clone(), graph.floats.clone())
-            suite.sync()
-        kernel_table(prof, 5, "eager step", log, top=40)
+        kernel_table(profile_eager_step(suite, engine.decoder, key, graph), 5, "eager step", log, top=40)
         profile_prefill(suite, engine, rows, engine.model.config.vocab_size, log)
     return record
 

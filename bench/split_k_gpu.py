@@ -17,7 +17,9 @@ import argparse
 import functools
 import itertools
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,31 +27,8 @@ import torch.nn.functional as F
 from lorakit.serve.decode import matmul
 from lorakit.serve.decode.bgmv import launch_folded
 
-SHAPES = {"1b": (2048, 8192, 512), "8b": (4096, 14336, 1024)}  # hidden, intermediate, K/V width
-
-
-def timed(fn, repeats: int = 50) -> float:
-    """Microseconds per call, replayed from one CUDA graph of `repeats` calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1000
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bgmv_gpu import SHAPES, groups, timed  # noqa: E402
 
 
 def main() -> None:
@@ -67,12 +46,9 @@ def main() -> None:
         out.flush()
 
     device = torch.device("cuda")
-    hidden, inter, kv = SHAPES[args.size]
-    groups = {"qkv": ((hidden, kv, kv), hidden), "o": ((hidden,), hidden), "gate_up": ((inter, inter), hidden),
-              "down": ((hidden,), inter)}
     slots, r, rows = 33, 16, args.rows
     stop = time.time() + args.budget_s
-    for name, (sizes, k) in groups.items():
+    for name, (k, sizes) in groups(args.size).items():
         sweep_shape(name, list(sizes), k, slots, r, rows, stop, device, emit)
 
 
