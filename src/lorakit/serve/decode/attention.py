@@ -152,7 +152,10 @@ def _kernels():
                 k_at = k_at.to(tl.float32) * cos + sign * k_half.to(tl.float32) * sin
             k_at = k_at.to(k_ptr.dtype.element_ty)
             v_at = v_at.to(v_ptr.dtype.element_ty)
-            mine = live_d & (at >= lo) & (at < lo + blocks_per_split * BLOCK_L)  # one split writes
+            # one split writes; `at` as a vector (Triton 3.9's interpreter refuses a store mask
+            # combined from a scalar condition)
+            here = at + 0 * d
+            mine = live_d & (here >= lo) & (here < lo + blocks_per_split * BLOCK_L)
             tl.store(k_base + at * k_pos + d * k_dim, k_at, mask=mine)
             tl.store(v_base + at * v_pos + d * v_dim, v_at, mask=mine)
         m = tl.full((GP,), float("-inf"), tl.float32)
