@@ -211,7 +211,10 @@ class DecoderModel:
             group = self.heads // self.kv_heads
             mask = allowed.unsqueeze(1).unsqueeze(1).expand(rows, 1, group, steps, key_length)
             mask = mask.reshape(rows, 1, group * steps, key_length)
-        flat = cache.flat_index(slots, positions)  # where the tokens' K/V go in the flat cache
+        # the fused layers' decoding steps let the attention kernel write K/V (and apply RoPE);
+        # otherwise the tokens' K/V go to these places of the flat cache
+        writes = self.fused is not None and decoding is not None and not gathered and self.attention_writes
+        flat = None if writes else cache.flat_index(slots, positions)
         if lora is not None:
             self.fold_slots(lora)
         mode = self.lora_mode(rows, steps, gathered, lora)
@@ -252,17 +255,17 @@ class DecoderModel:
         return keys[:rows, :, :key_length], values[:rows, :, :key_length]
 
     def _fused_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                     cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor, key_length: int, gathered: bool,
-                     lora: AdapterSlots | None, index: torch.Tensor | None, mode: str, causal: bool,
+                     cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor | None, key_length: int,
+                     gathered: bool, lora: AdapterSlots | None, index: torch.Tensor | None, mode: str, causal: bool,
                      decoding: torch.Tensor | None) -> torch.Tensor:
+        """Layer i through the fused functions; flat None: the attention kernel writes K/V."""
         fused = self.fused
         assert fused is not None
         w = fused.layers[i]
         on = lora is not None and index is not None and lora.active
         loras = [(lora.a[i][g], lora.b[i][g]) if on and lora.a[i][g] is not None else (None, None)  # type: ignore[union-attr]
                  for g in range(len(GROUPS))]
-        # decoding through the attention kernel: it applies RoPE and writes the step's K/V itself
-        writes = decoding is not None and not gathered and self.attention_writes
+        writes = flat is None
         q, k, v = fused.attention_inputs(
             h, w.input_norm, w.q_norm, w.k_norm, fused.eps, w.groups[0], *loras[0], index, mode,
             cos, sin, self.heads, self.kv_heads, self.head_dim, not writes,
@@ -276,6 +279,7 @@ class DecoderModel:
                 v_new=v.reshape(rows, self.kv_heads, -1), cos=cos.reshape(rows, -1), sin=sin.reshape(rows, -1),
             ).view(rows, 1, self.heads * self.head_dim)
         else:
+            assert flat is not None
             keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
             out = attend(q, keys, values, mask, self.scaling, causal, decoding)
         return fused.layer_rest(h, out, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3], loras[1:],
