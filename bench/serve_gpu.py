@@ -26,6 +26,8 @@ first, so the whole suite fits in half the time; no case shares its GPU with ano
 
 Offline cases submit every request at once: 128-token prompts, 128 new tokens, random
 weights (bf16), end-of-sequence ignored, rank 16 on all seven projections.
+Each timed case, the engine's and transformers' alike, reports the median of three runs
+after a warm-up; PEFT's mixed-adapter generate (about half a minute a run) runs once.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class Suite:
             engine.load_adapter(name, files)
         return engine
 
-    def offline(self, engine: Engine, prompts, names, max_tokens: int, repeats: int = 2) -> dict:
+    def offline(self, engine: Engine, prompts, names, max_tokens: int, repeats: int = 3) -> dict:
         params = SamplingParams(max_tokens=max_tokens, temperature=0)
         engine.generate(prompts[: len(prompts)], names, SamplingParams(max_tokens=4, temperature=0))  # warm-up, graphs
         runs = []
@@ -232,7 +234,7 @@ class Suite:
             engine = self.engine(model, adapters, batch=128)
             with engine:
                 rows = [names[(7 * i) % 256] for i in range(128)]  # 128 distinct of the 256
-                self.record("fast-1b-b128-pool256", **self.offline(engine, prompts[:128], rows, self.args.new_tokens, repeats=1))
+                self.record("fast-1b-b128-pool256", **self.offline(engine, prompts[:128], rows, self.args.new_tokens))
             _unload(engine, adapters)
             torch.cuda.empty_cache()
         del adapters
@@ -257,7 +259,7 @@ class Suite:
                 tps = self.timed_generate(peft, ids, self.args.new_tokens, cache_implementation="static")
                 self.record("hf-static-peft-1b", tokens_per_s=tps)
             if self.wanted("peft-mixed-1b"):
-                tps = self.timed_generate(peft, ids, self.args.peft_tokens, adapter_names=names[:32])
+                tps = self.timed_generate(peft, ids, self.args.peft_tokens, repeats=1, adapter_names=names[:32])  # ~30 s a run
                 self.record("peft-mixed-1b", tokens_per_s=tps, new_tokens=self.args.peft_tokens)
             base = peft.unload()  # the plain base again
             if self.wanted("hf-static-1b"):
@@ -300,7 +302,7 @@ class Suite:
         adapters = self.adapters(model, 32)
         engine = self.engine(model, adapters, batch=32)
         with engine:
-            self.record("fast-1b-b32-32-nf4", **self.offline(engine, prompts, list(adapters), self.args.new_tokens, repeats=1))
+            self.record("fast-1b-b32-32-nf4", **self.offline(engine, prompts, list(adapters), self.args.new_tokens))
         _unload(engine, adapters)
         del engine, adapters, model
         gc.collect()
@@ -362,14 +364,19 @@ class Suite:
             out.append(y[0, len(ids):].tolist())
         return out
 
-    def timed_generate(self, model, ids, new_tokens: int, **kwargs) -> float:
+    def timed_generate(self, model, ids, new_tokens: int, repeats: int = 3, **kwargs) -> float:
+        """transformers' generate after a warm-up (which compiles for the static cache): the
+        median tokens/s of `repeats` runs, as the engine's cases report theirs."""
         mask = torch.ones_like(ids)
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-        self.sync()
-        t = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-        self.sync()
-        return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t)
+        runs = []
+        for _ in range(repeats):
+            self.sync()
+            t = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+            self.sync()
+            runs.append((out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t))
+        return sorted(runs)[len(runs) // 2]
 
     def eight_b(self) -> None:
         model = self.build_model(self.sizes[1], self.device, self.dtype)
@@ -378,7 +385,7 @@ class Suite:
             adapters = self.adapters(model, 32)
             engine = self.engine(model, adapters, batch=32)
             with engine:
-                self.record("fast-8b-b32-32", **self.offline(engine, prompts, list(adapters), self.args.new_tokens, repeats=1))
+                self.record("fast-8b-b32-32", **self.offline(engine, prompts, list(adapters), self.args.new_tokens))
             _unload(engine, adapters)
             del engine, adapters
             torch.cuda.empty_cache()

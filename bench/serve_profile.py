@@ -172,7 +172,7 @@ def profile_prefill(suite: Suite, engine, rows: list[str], vocab: int, log, runs
                 run()
             suite.sync()
     log(f"  prefill of {n} x {length} tokens: {wall:.1f} ms wall ({n * length / wall * 1e3:,.0f} tokens/s)")
-    kernel_table(prof, runs, "prefill", log, top=20)
+    kernel_table(prof, runs, "prefill", log, top=30)
 
 
 def main() -> None:

@@ -232,7 +232,7 @@ class DecoderModel:
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
+            keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered, causal)
             o = attend(q, keys, values, mask, self.scaling, causal, decoding)
             (o,) = self._group(i, 1, o, lora, index, mode)
             h = h + o
@@ -243,13 +243,18 @@ class DecoderModel:
         return self.norm(h)
 
     def _kv(self, i: int, k: torch.Tensor, v: torch.Tensor, cache: SlotCache, slots: torch.Tensor, flat: torch.Tensor,
-            key_length: int, gathered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's K/V into the rows' slots; the (rows, kv heads, key_length, D) K/V to read."""
+            key_length: int, gathered: bool, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's K/V into the rows' slots; the (rows, kv heads, key_length, D) K/V to read.
+        causal (a prefill's first chunk: the keys are exactly this call's tokens): the K/V just
+        written, as the cache holds them, without reading the slots back."""
         rows = slots.shape[0]
         keys, values = cache.keys[i], cache.values[i]
         flat_shape = (-1, self.head_dim)
-        keys.view(flat_shape).index_copy_(0, flat, k.reshape(flat_shape).to(keys.dtype))
-        values.view(flat_shape).index_copy_(0, flat, v.reshape(flat_shape).to(values.dtype))
+        k_cached, v_cached = k.to(keys.dtype), v.to(values.dtype)
+        keys.view(flat_shape).index_copy_(0, flat, k_cached.reshape(flat_shape))
+        values.view(flat_shape).index_copy_(0, flat, v_cached.reshape(flat_shape))
+        if causal:
+            return k_cached.transpose(1, 2), v_cached.transpose(1, 2)
         if gathered:
             return keys[:, :, :key_length].index_select(0, slots), values[:, :, :key_length].index_select(0, slots)
         return keys[:rows, :, :key_length], values[:rows, :, :key_length]
@@ -280,7 +285,7 @@ class DecoderModel:
             ).view(rows, 1, self.heads * self.head_dim)
         else:
             assert flat is not None
-            keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered)
+            keys, values = self._kv(i, k, v, cache, slots, flat, key_length, gathered, causal)
             out = attend(q, keys, values, mask, self.scaling, causal, decoding)
         return fused.layer_rest(h, out, w.post_norm, fused.eps, w.groups[1], w.groups[2], w.groups[3], loras[1:],
                                 index, mode)
