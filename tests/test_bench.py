@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,20 @@ def test_length_grouped_batches_hold_every_example_once_and_pad_less():
     assert bucketed > multiple
     assert round(bucketed, 2) == 0.50 and round(multiple, 2) == 0.46  # the figures BUCKETS' docstring states
     assert len(set(widths)) <= len(bench.BUCKETS)
+
+
+def test_serve_gpu_bars_divide_by_a_baselines_fastest_run():
+    """The suite's ratios take each transformers baseline at its best run, not its median."""
+    spec = importlib.util.spec_from_file_location("serve_gpu", SCRIPT.parent / "serve_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = {
+        "fast-1b-b32-32": {"tokens_per_s": 12000.0}, "fast-1b-b32-1": {"tokens_per_s": 12500.0},
+        "hf-static-peft-1b": {"tokens_per_s": 5000.0, "runs": [4000, 5000, 6500], "best": 6500.0},
+        "fast-8b-b32-32": {"tokens_per_s": 4600.0},
+        "hf-static-8b": {"tokens_per_s": 2500.0},  # one run: its figure is its best
+    }
+    lines = module.bars(results)
+    assert "1B b32 32 adapters / transformers+1 PEFT adapter (static, its fastest run): 1.85x (bar 2.0x) FAIL" in lines
+    assert "8B b32 32 adapters / transformers base (static, its fastest run): 1.84x (bar 1.8x) PASS" in lines
+    assert "1B b128 pool 256 tokens/s: not measured" in lines
