@@ -72,6 +72,49 @@ CHECK = textwrap.dedent(
             err = ((got.double() - want).abs() / (want.abs().max() + 1e-30)).max().item()
             assert err < tol, (mode, rows, sizes, dtype, err)
     print("ok", "folded expand")
+    # the expand kernel's epilogues, against the same expand without them in float64: a gate/up
+    # group's silu(gate) * up, and a residual added to one projection's output (both after the
+    # projections' outputs are rounded to the dtype); every fold mode, split-K included
+    import torch.nn.functional as F
+    for rows, slots, r, d_in, sizes, dtype, tol in [(5, 3, 8, 256, (70, 70), torch.float32, 1e-5),
+                                                    (4, 3, 8, 256, (100, 100), torch.bfloat16, 1e-2),
+                                                    (6, 3, 16, 256, (90,), torch.float32, 1e-5),
+                                                    (3, 2, 4, 256, (120,), torch.float16, 2e-3)]:
+        total, width = sum(sizes), len(sizes) * r
+        a = torch.randn(slots, width, d_in, generator=g).to(dtype)
+        b = torch.randn(slots, r, total, generator=g).to(dtype)
+        a[-1], b[-1] = 0, 0
+        x, w = torch.randn(rows, d_in, generator=g).to(dtype), torch.randn(total, d_in, generator=g).to(dtype)
+        joined = torch.cat([w, a.reshape(-1, d_in)])
+        index = torch.randint(0, slots, (rows,), generator=g)
+        plain = launch_folded((x.double() @ joined.double().T).to(dtype), b, index, list(sizes)).double()
+        glu = len(sizes) == 2
+        residual = None if glu else torch.randn(rows, total, generator=g).to(dtype)
+        want = F.silu(plain[:, : sizes[0]]) * plain[:, sizes[0] :] if glu else residual.double() + plain
+        assert matmul.preferred(rows, joined.shape[0], d_in)
+        for mode in ("folded", "folded-kernel", "folded-split-k"):
+            got = folded_lora(x, joined, b, sizes, index, mode, residual, glu)
+            assert got.dtype == dtype and got.shape == (rows, sizes[0]), (mode, got.dtype, got.shape)
+            err = ((got.double() - want).abs() / (want.abs().max() + 1e-30)).max().item()
+            assert err < tol, (mode, sizes, dtype, err)
+        # as the compiled layer functions hold them: the ops' fakes give the epilogue's shape
+        step = torch.compile(folded_lora, backend="aot_eager", fullgraph=True)
+        for mode in ("folded-kernel", "folded-split-k"):
+            assert torch.equal(step(x, joined, b, sizes, index, mode, residual, glu),
+                               folded_lora(x, joined, b, sizes, index, mode, residual, glu)), mode
+    y = torch.zeros(2, 10 + 2 * 3 * 4)
+    for sizes, residual, glu, message in [([4, 3, 3], None, True, "glu takes a gate/up group of two equal projections"),
+                                          ([6, 4], None, True, "glu takes a gate/up group of two equal projections"),
+                                          ([5, 5], torch.zeros(2, 10), True, "and a residual"),
+                                          ([4, 3, 3], torch.zeros(2, 9), False, "the residual (2, 9) must be (2, 10)")]:
+        try:
+            launch_folded(y if len(sizes) == 3 else torch.zeros(2, 10 + 2 * len(sizes) * 4), torch.zeros(2, 4, 10),
+                          torch.tensor([0, 1]), sizes, residual=residual, glu=glu)
+        except ValueError as err:
+            assert message in str(err), err
+        else:
+            raise AssertionError(f"an epilogue was accepted: sizes {sizes}, glu {glu}")
+    print("ok", "expand epilogues")
     # the split-K matmul alone: partial sums over whole bk-wide parts of k, any split
     for rows, n, k, dtype, tiles in [(5, 300, 256, torch.float32, matmul.Tiles(bn=64, bk=64)),
                                      (3, 200, 512, torch.bfloat16, matmul.Tiles(bn=32, bk=128, splits=2)),
@@ -180,4 +223,4 @@ CHECK = textwrap.dedent(
 
 def test_bgmv_kernels_equal_the_per_row_loop_in_the_interpreter() -> None:
     ok = run_in_triton_interpreter(CHECK)
-    assert len(ok) == 13, ok
+    assert len(ok) == 14, ok

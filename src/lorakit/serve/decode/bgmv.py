@@ -91,19 +91,20 @@ def _kernels():
         tl.store(part_ptr + (split * rows + row) * WP + w, acc)
 
     @triton.jit
-    def expand(part_ptr, b_ptr, index_ptr, out_ptr, base_ptr, rows, total, r, bound1, bound2,
-               split_stride, row_stride, slot_stride, base_stride,
+    def expand(part_ptr, b_ptr, index_ptr, out_ptr, base_ptr, res_ptr, rows, total, r, bound1, bound2,
+               split_stride, row_stride, slot_stride, base_stride, res_stride,
                SPLITS: tl.constexpr, WP: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr,
-               ADD: tl.constexpr):
+               ADD: tl.constexpr, EPILOGUE: tl.constexpr):
         # out[row, n] = h[row, j(n)*r : j(n)*r + r] @ B[index[row], :, n] (+ base[row, n] when ADD),
         # h = the sum of the row's partials at part + split * split_stride + row * row_stride
         # + index[row] * slot_stride (a folded shrink: the row's own slot's products), and base
-        # likewise the sum over splits at base + split * split_stride + row * base_stride
+        # likewise the sum over splits at base + split * split_stride + row * base_stride.
+        # EPILOGUE 1 (a gate/up group, G == 2, bound1 columns each): out[row, n] =
+        # silu(gate) * up of the two projections' outputs, each rounded to out's dtype first;
+        # EPILOGUE 2: out[row, n] = res[row, n] + the output rounded to out's dtype.
         row = tl.program_id(0)
         block = tl.program_id(1)
         slot = tl.load(index_ptr + row).to(tl.int64)
-        n = block * BLOCK + tl.arange(0, BLOCK)
-        inside = n < total
         rr = tl.arange(0, RP)
         live = rr < r
         h0 = tl.zeros((RP,), dtype=tl.float32)
@@ -116,18 +117,38 @@ def _kernels():
                 h1 += tl.load(at + r + rr, mask=live, other=0.0).to(tl.float32)
             if G > 2:
                 h2 += tl.load(at + 2 * r + rr, mask=live, other=0.0).to(tl.float32)
-        h = tl.broadcast_to(h0[:, None], (RP, BLOCK))
-        if G > 1:
-            h = tl.where((n >= bound1)[None, :], h1[:, None], h)
-        if G > 2:
-            h = tl.where((n >= bound2)[None, :], h2[:, None], h)
-        b = tl.load(b_ptr + slot * r * total + rr[:, None] * total + n[None, :],
-                    mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
-        y = tl.sum(h * b, axis=0)
-        if ADD:
+        b_rows = b_ptr + slot * r * total + rr[:, None] * total
+        if EPILOGUE == 1:
+            n = block * BLOCK + tl.arange(0, BLOCK)
+            inside = n < bound1
+            both = live[:, None] & inside[None, :]
+            gate = tl.sum(h0[:, None] * tl.load(b_rows + n[None, :], mask=both, other=0.0).to(tl.float32), axis=0)
+            up = tl.sum(h1[:, None] * tl.load(b_rows + bound1 + n[None, :], mask=both, other=0.0).to(tl.float32), axis=0)
             for s in tl.static_range(SPLITS):
-                y += tl.load(base_ptr + s * split_stride + row * base_stride + n, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * total + n, y.to(out_ptr.dtype.element_ty), mask=inside)
+                at = base_ptr + s * split_stride + row * base_stride + n
+                gate += tl.load(at, mask=inside, other=0.0).to(tl.float32)
+                up += tl.load(at + bound1, mask=inside, other=0.0).to(tl.float32)
+            gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
+            up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+            y = gate * tl.sigmoid(gate) * up
+            tl.store(out_ptr + row * bound1 + n, y.to(out_ptr.dtype.element_ty), mask=inside)
+        else:
+            n = block * BLOCK + tl.arange(0, BLOCK)
+            inside = n < total
+            h = tl.broadcast_to(h0[:, None], (RP, BLOCK))
+            if G > 1:
+                h = tl.where((n >= bound1)[None, :], h1[:, None], h)
+            if G > 2:
+                h = tl.where((n >= bound2)[None, :], h2[:, None], h)
+            b = tl.load(b_rows + n[None, :], mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
+            y = tl.sum(h * b, axis=0)
+            if ADD:
+                for s in tl.static_range(SPLITS):
+                    y += tl.load(base_ptr + s * split_stride + row * base_stride + n, mask=inside, other=0.0).to(tl.float32)
+            if EPILOGUE == 2:
+                y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+                y += tl.load(res_ptr + row * res_stride + n, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * total + n, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return shrink, expand
 
@@ -190,9 +211,9 @@ def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tenso
                            num_warps=tiles.shrink_warps)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
     expand[(rows, -(-total // bn))](
-        part, b, index, out, part, rows, total, r, bounds[0], bounds[1], rows * wp, wp, 0, 0,
+        part, b, index, out, part, part, rows, total, r, bounds[0], bounds[1], rows * wp, wp, 0, 0, 0,
         SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=tiles.expand_warps,
-        ADD=False,
+        ADD=False, EPILOGUE=0,
     )
     return out
 
@@ -202,13 +223,19 @@ def _expand_block(rows: int, total: int, processors: int, tiles: Tiles) -> int:
 
 
 def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
-                  tiles: Tiles | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  tiles: Tiles | None = None, dtype: torch.dtype | None = None,
+                  residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """The expand alone, when the shrink was folded into the base matmul: y (rows, total +
     slots * G*r) is x times [W; A of slot 0; A of slot 1; ...] transposed, so y[:, :total] is the
     base output and row i's own products sit at total + index[i] * G*r; or y (splits, rows, ...)
     holds that matmul's split-K partial sums (`matmul.partials`), which are summed here.
     Returns (rows, total) in dtype (None: y's): the base output plus each row's update,
-    summed in float32."""
+    summed in float32.
+
+    What reads the output can run in the same kernel (`lora.epilogue`'s semantics):
+    glu=True (a gate/up group, two projections of equal size) returns silu(gate) * up,
+    (rows, total / 2); residual (rows, total) returns residual + the output. The projections'
+    outputs are rounded to dtype first, as they would be if returned."""
     _, expand = _kernels()
     tiles = tiles or Tiles()
     slots, r, total = b.shape
@@ -220,17 +247,24 @@ def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: 
         raise ValueError(f"bgmv: the folded output {tuple(y.shape)}, B {tuple(b.shape)} and sizes {sizes} do not agree "
                          f"(want ([splits,] rows, {total} + {slots} slots x {width}), at most 3 projections)")
     splits, rows = parts.shape[:2]
+    if glu and (groups != 2 or sizes[0] != sizes[1] or residual is not None):
+        raise ValueError(f"bgmv: glu takes a gate/up group of two equal projections and no residual, got sizes {sizes}"
+                         f"{' and a residual' if residual is not None else ''}")
+    if residual is not None and (residual.shape != (rows, total) or residual.stride(-1) != 1):
+        raise ValueError(f"bgmv: the residual {tuple(residual.shape)} must be ({rows}, {total}), contiguous along {total}")
     b, index = b.contiguous(), index.contiguous()
-    out = torch.empty((rows, total), dtype=dtype or y.dtype, device=y.device)
+    columns = total // 2 if glu else total
+    out = torch.empty((rows, columns), dtype=dtype or y.dtype, device=y.device)
     if rows == 0:
         return out
-    bn = _expand_block(rows, total, _multiprocessors(y.device), tiles)
+    bn = _expand_block(rows, columns, _multiprocessors(y.device), tiles)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
     row = parts.stride(1)
-    expand[(rows, -(-total // bn))](
-        parts[:, :, total:], b, index, out, parts, rows, total, r, bounds[0], bounds[1], parts.stride(0) if splits > 1 else 0,
-        row, width, row, SPLITS=splits, WP=max(16, _next_power_of_two(width)), G=groups,
-        RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=tiles.expand_warps, ADD=True,
+    expand[(rows, -(-columns // bn))](
+        parts[:, :, total:], b, index, out, parts, parts if residual is None else residual, rows, total, r, bounds[0],
+        bounds[1], parts.stride(0) if splits > 1 else 0, row, width, row, 0 if residual is None else residual.stride(0),
+        SPLITS=splits, WP=max(16, _next_power_of_two(width)), G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn,
+        num_warps=tiles.expand_warps, ADD=True, EPILOGUE=1 if glu else 2 if residual is not None else 0,
     )
     return out
 
@@ -247,11 +281,13 @@ def _(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, si
 
 
 @torch.library.custom_op("lorakit::bgmv_folded", mutates_args=())
-def bgmv_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def bgmv_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
+                residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """`launch_folded` as an op that `torch.compile` and CUDA graphs keep whole."""
-    return launch_folded(y, b, index, sizes)
+    return launch_folded(y, b, index, sizes, residual=residual, glu=glu)
 
 
 @bgmv_folded.register_fake
-def _(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    return y.new_empty((y.shape[0], b.shape[2]))
+def _(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
+      residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+    return y.new_empty((y.shape[-2], b.shape[2] // 2 if glu else b.shape[2]))

@@ -34,7 +34,7 @@ from torch import nn
 
 from ...layers import LoraLinear
 from .attention import decode_attention
-from .lora import FOLDED, GROUPS, batched_lora, folded_lora, split
+from .lora import FOLDED, GROUPS, batched_lora, epilogue, folded_lora, split
 
 Dense = tuple[torch.Tensor, torch.Tensor | None]
 Group = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
@@ -187,6 +187,28 @@ def _projections(
     return split(y, sizes)
 
 
+def _projected(
+    x: torch.Tensor,
+    group: Group,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    index: torch.Tensor | None,
+    mode: str,
+    residual: torch.Tensor | None = None,
+    glu: bool = False,
+) -> torch.Tensor:
+    """A group's output with `lora.epilogue` applied: a folded decoding step runs the epilogue
+    inside its expand kernel (no kernel of its own, no round trip of the group's output)."""
+    weight, bias, sizes = group
+    total = sum(sizes)
+    if (a is not None and b is not None and index is not None and mode in FOLDED and weight.shape[0] > total
+            and bias is None):
+        flat = residual.reshape(-1, total) if residual is not None else None
+        y = folded_lora(x.reshape(-1, x.shape[-1]), weight, b, sizes, index, mode, flat, glu)  # type: ignore[arg-type]
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return epilogue(_projections(x, group, a, b, index, mode), residual, glu)
+
+
 def attention_inputs(
     h: torch.Tensor,
     norm: torch.Tensor,
@@ -238,9 +260,8 @@ def layer_rest(
     (attended,) = _projections(out, o, *loras[0], index, mode)
     h = h + attended
     x = rms_norm(h, post_norm, eps)
-    gate, up = _projections(x, mlp, *loras[1], index, mode)
-    (y,) = _projections(F.silu(gate) * up, down, *loras[2], index, mode)
-    return h + y
+    act = _projected(x, mlp, *loras[1], index, mode, glu=True)  # silu(gate) * up
+    return _projected(act, down, *loras[2], index, mode, residual=h)  # h + down
 
 
 class FusedLayers:

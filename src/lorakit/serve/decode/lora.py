@@ -99,8 +99,18 @@ def batched_lora(
     return y.squeeze(1) if squeeze else y
 
 
+def epilogue(parts: Sequence[torch.Tensor], residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+    """What reads a projection group's outputs, applied to them: glu=True, a gate/up group's
+    silu(gate) * up; residual: residual + the one projection's output; else that output."""
+    if glu:
+        gate, up = parts
+        return F.silu(gate) * up
+    (y,) = parts
+    return y if residual is None else residual + y
+
+
 def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], index: torch.Tensor,
-                mode: str) -> torch.Tensor:
+                mode: str, residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """A projection group's output with the rows' adapters, one token per row, when the shrink
     runs inside the base matmul: weight is [W; A[0]; A[1]; ...] (W's total rows, then every
     slot's G*r rows of A), so y = x @ weight.T holds the base output followed by every slot's
@@ -110,12 +120,14 @@ def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: S
 
     mode "folded": PyTorch (gathered batched matmuls); "folded-kernel": cuBLAS, then `bgmv`'s
     expand kernel (float32 sums); "folded-split-k": `matmul`'s split-K kernel and the expand
-    kernel, which sums its partials, where `matmul.preferred` (else as "folded-kernel")."""
+    kernel, which sums its partials, where `matmul.preferred` (else as "folded-kernel").
+
+    residual, glu: `epilogue` on the result, inside the expand kernel in the kernel modes."""
     if mode == "folded-split-k" and matmul.preferred(x.shape[0], weight.shape[0], x.shape[1]):
-        return matmul.folded_projection(x, weight, b, index, list(sizes))
+        return matmul.folded_projection(x, weight, b, index, list(sizes), residual, glu)
     y = F.linear(x, weight)
     if mode != "folded":
-        return bgmv_folded(y, b, index, list(sizes))
+        return bgmv_folded(y, b, index, list(sizes), residual, glu)
     slots, r, total = b.shape
     width = len(sizes) * r
     rows = y.shape[0]
@@ -127,7 +139,8 @@ def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: S
         start += size
     delta = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     acc = torch.promote_types(y.dtype, torch.float32)
-    return (y[:, :total].to(acc) + delta.to(acc)).to(y.dtype)
+    out = (y[:, :total].to(acc) + delta.to(acc)).to(y.dtype)
+    return epilogue(split(out, sizes), residual, glu) if glu or residual is not None else out
 
 
 def batched_lora_reference(

@@ -133,13 +133,14 @@ def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) ->
 
 @torch.library.custom_op("lorakit::folded_projection", mutates_args=())
 def folded_projection(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
-                      sizes: list[int]) -> torch.Tensor:
+                      sizes: list[int], residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """A folded projection group's decoding step, (rows, sum(sizes)) in x's dtype: the split-K
     matmul of x (rows, k) with weight = [W; A of every slot], then `bgmv.launch_folded` on its
-    partials (`lora.folded_lora`'s semantics)."""
-    return launch_folded(launch(x, weight), b, index, sizes, dtype=x.dtype)
+    partials (`lora.folded_lora`'s semantics), with its epilogue (residual, glu)."""
+    return launch_folded(launch(x, weight), b, index, sizes, dtype=x.dtype, residual=residual, glu=glu)
 
 
 @folded_projection.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    return x.new_empty((x.shape[0], b.shape[2]))
+def _(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
+      residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+    return x.new_empty((x.shape[0], b.shape[2] // 2 if glu else b.shape[2]))
