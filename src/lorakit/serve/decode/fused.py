@@ -17,7 +17,8 @@ Projections that read the same input run as one matmul: Q/K/V, and gate/up, are
 concatenated once (`layer_weights`), and the modules' own weights become views of the
 concatenated tensor, so the values exist once and the generic path reads the same numbers.
 A decoding step may also fold its LoRA shrink into these matmuls (`DecoderModel.fold_slots`
-appends every adapter slot's A to the group's weight). With
+appends every adapter slot's A to the group's weight); its expand kernels then also run
+SwiGLU after gate/up and the residual add after down (`_projected`). With
 `compile=False` the same functions run eagerly (the CPU tests check them against the
 module-by-module forward). Only dense bases take this path: a 4-bit base keeps the
 module-by-module forward, whose matmuls call bitsandbytes.
