@@ -42,15 +42,20 @@ CHECK = textwrap.dedent(
     from lorakit.serve.decode import matmul
     from lorakit.serve.decode.bgmv import launch_folded
     from lorakit.serve.decode.lora import folded_lora
+
+    def folded_case(rows, slots, r, d_in, sizes, dtype):
+        # x, the joined weight [W; A of every slot] and B, the last slot all zeros
+        a = torch.randn(slots, len(sizes) * r, d_in, generator=g).to(dtype)
+        b = torch.randn(slots, r, sum(sizes), generator=g).to(dtype)
+        a[-1], b[-1] = 0, 0
+        x, w = torch.randn(rows, d_in, generator=g).to(dtype), torch.randn(sum(sizes), d_in, generator=g).to(dtype)
+        return x, torch.cat([w, a.reshape(-1, d_in)]), b
+
     for rows, slots, r, d_in, sizes, dtype, tol in [(5, 4, 16, 200, (300, 70, 70), torch.float32, 1e-5),
                                                     (3, 3, 8, 130, (260, 260), torch.bfloat16, 1e-2),
                                                     (6, 2, 4, 256, (17,), torch.float16, 2e-3)]:
         total, width = sum(sizes), len(sizes) * r
-        a = torch.randn(slots, width, d_in, generator=g).to(dtype)
-        b = torch.randn(slots, r, total, generator=g).to(dtype)
-        a[-1], b[-1] = 0, 0
-        x, w = torch.randn(rows, d_in, generator=g).to(dtype), torch.randn(total, d_in, generator=g).to(dtype)
-        joined = torch.cat([w, a.reshape(-1, d_in)])
+        x, joined, b = folded_case(rows, slots, r, d_in, sizes, dtype)
         y = (x.double() @ joined.double().T).to(dtype)
         index = torch.randint(0, slots, (rows,), generator=g)
         index[0] = slots - 1
@@ -80,12 +85,8 @@ CHECK = textwrap.dedent(
                                                     (4, 3, 8, 256, (100, 100), torch.bfloat16, 1e-2),
                                                     (6, 3, 16, 256, (90,), torch.float32, 1e-5),
                                                     (3, 2, 4, 256, (120,), torch.float16, 2e-3)]:
-        total, width = sum(sizes), len(sizes) * r
-        a = torch.randn(slots, width, d_in, generator=g).to(dtype)
-        b = torch.randn(slots, r, total, generator=g).to(dtype)
-        a[-1], b[-1] = 0, 0
-        x, w = torch.randn(rows, d_in, generator=g).to(dtype), torch.randn(total, d_in, generator=g).to(dtype)
-        joined = torch.cat([w, a.reshape(-1, d_in)])
+        total = sum(sizes)
+        x, joined, b = folded_case(rows, slots, r, d_in, sizes, dtype)
         index = torch.randint(0, slots, (rows,), generator=g)
         plain = launch_folded((x.double() @ joined.double().T).to(dtype), b, index, list(sizes)).double()
         glu = len(sizes) == 2

@@ -18,7 +18,7 @@ concatenated once (`layer_weights`), and the modules' own weights become views o
 concatenated tensor, so the values exist once and the generic path reads the same numbers.
 A decoding step may also fold its LoRA shrink into these matmuls (`DecoderModel.fold_slots`
 appends every adapter slot's A to the group's weight); its expand kernels then also run
-SwiGLU after gate/up and the residual add after down (`_projected`). With
+SwiGLU after gate/up and the residual add after down (`_projections`). With
 `compile=False` the same functions run eagerly (the CPU tests check them against the
 module-by-module forward). Only dense bases take this path: a 4-bit base keeps the
 module-by-module forward, whose matmuls call bitsandbytes.
@@ -174,40 +174,30 @@ def _projections(
     b: torch.Tensor | None,
     index: torch.Tensor | None,
     mode: str,
+    residual: torch.Tensor | None = None,
+    glu: bool = False,
 ) -> list[torch.Tensor]:
+    """A group's projections' outputs; with residual or glu, [`lora.epilogue` of them], which a
+    folded decoding step runs inside its expand kernel (no kernel of its own, no round trip of
+    the group's output)."""
     weight, bias, sizes = group
     total = sum(sizes)
     lora = a is not None and b is not None and index is not None
+    then = glu or residual is not None
     if lora and mode in FOLDED and weight.shape[0] > total:  # weight is [W; A of every slot]
-        y = folded_lora(x.reshape(-1, x.shape[-1]), weight, b, sizes, index, mode)  # type: ignore[arg-type]
+        inside = then and bias is None
+        flat = residual.reshape(-1, total) if inside and residual is not None else None
+        y = folded_lora(x.reshape(-1, x.shape[-1]), weight, b, sizes, index, mode, flat, glu and inside)  # type: ignore[arg-type]
+        if inside:
+            return [y.view(*x.shape[:-1], y.shape[-1])]
         y = y.view(*x.shape[:-1], total)
-        return split(y if bias is None else y + bias, sizes)
-    y = F.linear(x, weight[:total], bias)
-    if lora:
-        y = y + batched_lora(x, a, b, sizes, index, FOLDED.get(mode, mode)).to(y.dtype)  # type: ignore[arg-type]
-    return split(y, sizes)
-
-
-def _projected(
-    x: torch.Tensor,
-    group: Group,
-    a: torch.Tensor | None,
-    b: torch.Tensor | None,
-    index: torch.Tensor | None,
-    mode: str,
-    residual: torch.Tensor | None = None,
-    glu: bool = False,
-) -> torch.Tensor:
-    """A group's output with `lora.epilogue` applied: a folded decoding step runs the epilogue
-    inside its expand kernel (no kernel of its own, no round trip of the group's output)."""
-    weight, bias, sizes = group
-    total = sum(sizes)
-    if (a is not None and b is not None and index is not None and mode in FOLDED and weight.shape[0] > total
-            and bias is None):
-        flat = residual.reshape(-1, total) if residual is not None else None
-        y = folded_lora(x.reshape(-1, x.shape[-1]), weight, b, sizes, index, mode, flat, glu)  # type: ignore[arg-type]
-        return y.view(*x.shape[:-1], y.shape[-1])
-    return epilogue(_projections(x, group, a, b, index, mode), residual, glu)
+        parts = split(y if bias is None else y + bias, sizes)
+    else:
+        y = F.linear(x, weight[:total], bias)
+        if lora:
+            y = y + batched_lora(x, a, b, sizes, index, FOLDED.get(mode, mode)).to(y.dtype)  # type: ignore[arg-type]
+        parts = split(y, sizes)
+    return [epilogue(parts, residual, glu)] if then else parts
 
 
 def attention_inputs(
@@ -261,8 +251,9 @@ def layer_rest(
     (attended,) = _projections(out, o, *loras[0], index, mode)
     h = h + attended
     x = rms_norm(h, post_norm, eps)
-    act = _projected(x, mlp, *loras[1], index, mode, glu=True)  # silu(gate) * up
-    return _projected(act, down, *loras[2], index, mode, residual=h)  # h + down
+    (act,) = _projections(x, mlp, *loras[1], index, mode, glu=True)  # silu(gate) * up
+    (y,) = _projections(act, down, *loras[2], index, mode, residual=h)  # h + down
+    return y
 
 
 class FusedLayers:
