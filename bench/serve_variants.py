@@ -15,7 +15,6 @@ one replayed decoding graph of the batch's size. Variants (the default path is t
     writes      + the attention kernel applies RoPE and writes the step's K/V
     static      + torch.compile's automatic dynamic sizes (the weights' sizes constant)
     default     + the split-K matmul where `matmul.preferred`
-    tuned       the default with `matmul.TUNED` read from --tuned (`stream_k_gpu.py --tuned`)
 
 --profile names variants whose step and prefill kernels are listed (`serve_profile.py`'s tables).
 """
@@ -33,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lorakit.serve import Engine, SamplingParams  # noqa: E402
-from lorakit.serve.decode import matmul  # noqa: E402
 from serve import build_model, byte_tokenizer, make_adapters  # noqa: E402
 from serve_gpu import Suite, _unload  # noqa: E402
 from serve_profile import (  # noqa: E402
@@ -52,7 +50,6 @@ VARIANTS = {  # name: (fold, attention writes, split-K, compile with every size 
     "writes": (True, True, False, True),
     "static": (True, True, False, False),
     "default": (True, True, True, False),
-    "tuned": (True, True, True, False),
 }
 
 
@@ -64,13 +61,8 @@ def main() -> None:
     parser.add_argument("--profile", default="")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tuned", help="the tuned variant's matmul tiles (JSON from stream_k_gpu.py --tuned)")
     args = parser.parse_args()
     log = line_logger(Path(args.out))
-    tuned = {}
-    if args.tuned:
-        tuned = {(e["n"], e["k"]): matmul.Tiles(**e["tiles"]) if e["tiles"] else None
-                 for e in json.loads(Path(args.tuned).read_text())}
 
     compile_ = torch.compile
     Args.device = args.device
@@ -89,8 +81,6 @@ def main() -> None:
             fold, writes, split_k, symbolic = VARIANTS[variant]
             torch.compile = (lambda f, **kw: compile_(f, **{**kw, "dynamic": True})) if symbolic else compile_
             engine = None
-            saved = dict(matmul.TUNED)
-            torch._dynamo.reset()  # no variant reuses another's compiled layers
             try:
                 start = time.perf_counter()
                 engine = Engine(model, suite.tok, max_batch=batch, max_queue=100000, max_adapters_on_device=pool,
@@ -98,8 +88,6 @@ def main() -> None:
                 engine.eos_ids = set()
                 decoder = engine.decoder.decoder
                 decoder.fold, decoder.attention_writes, decoder.split_k = fold, writes, split_k
-                if variant == "tuned":
-                    matmul.TUNED.update(tuned)
                 for name, files in adapters.items():
                     engine.load_adapter(name, files)
                 with engine:
@@ -116,8 +104,6 @@ def main() -> None:
                 log(f"b{batch}:{pool} {variant} failed\n" + traceback.format_exc())
             finally:
                 torch.compile = compile_
-                matmul.TUNED.clear()
-                matmul.TUNED.update(saved)
                 if engine is not None:
                     _unload(engine, adapters)
                     del engine

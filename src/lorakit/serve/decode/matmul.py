@@ -62,62 +62,6 @@ def _kernel():
     return partials
 
 
-@functools.cache
-def _stream_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def stream_partials(x_ptr, w_ptr, part_ptr, rows, n, x_stride, w_stride, total,
-                        PER_BLOCK: tl.constexpr, ITERS: tl.constexpr, SEGMENTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # The (column block, reduction step) pairs, block-major, dealt out ITERS to a program:
-        # program p runs pairs [p * ITERS, (p + 1) * ITERS). Each run of pairs inside one block
-        # is a piece; piece j of a block (the j-th program that works on it) stores its sum at
-        # part[j, :, block's columns], and the block's last piece stores zeros at the segments
-        # after its own, so part summed over segments is x @ W.T.
-        pid = tl.program_id(0)
-        m = tl.arange(0, BM)
-        row_live = m[:, None] < rows
-        acc = tl.zeros((BM, BN), tl.float32)
-        for i in tl.range(0, ITERS, num_stages=STAGES):
-            it = pid * ITERS + i
-            block = it // PER_BLOCK
-            step = it - block * PER_BLOCK
-            cols = block * BN + tl.arange(0, BN)
-            kk = step * BK + tl.arange(0, BK)
-            live = it < total
-            x = tl.load(x_ptr + m[:, None] * x_stride + kk[None, :], mask=row_live & live, other=0.0).to(DOT)
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * w_stride + kk[None, :],
-                        mask=(cols[:, None] < n) & live, other=0.0).to(DOT)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-            ends = step == PER_BLOCK - 1
-            if live & (ends | (i == ITERS - 1)):
-                piece = pid - block * PER_BLOCK // ITERS
-                at = part_ptr + m[:, None].to(tl.int64) * n + cols[None, :]
-                mask = row_live & (cols[None, :] < n)
-                tl.store(at + piece * rows * n, acc, mask=mask)
-                for later in tl.static_range(1, SEGMENTS):
-                    tl.store(at + later * rows * n, tl.zeros((BM, BN), tl.float32), mask=mask & ends & (later > piece))
-                acc = tl.zeros((BM, BN), tl.float32)
-
-    return stream_partials
-
-
-@functools.cache
-def stream_plan(n: int, k: int, bn: int, bk: int, programs: int) -> tuple[int, int, int]:
-    """How the stream kernel deals out x (rows, k) @ W (n, k).T over about `programs` programs:
-    (pairs per program, programs, segments), pairs being column blocks x reduction steps, and
-    segments the most programs that share a block."""
-    per_block = k // bk
-    blocks = -(-n // bn)
-    total = blocks * per_block
-    iters = -(-total // max(1, min(programs, total)))
-    programs = -(-total // iters)
-    segments = max((b * per_block + per_block - 1) // iters - b * per_block // iters + 1 for b in range(blocks))
-    return iters, programs, segments
-
-
 @dataclass(frozen=True)
 class Tiles:
     """How the matmul cuts the work. None: the defaults, from a sweep on an H200 (bench/
@@ -130,10 +74,6 @@ class Tiles:
     programs_per_sm: int = 2
     stages: int = 3
     warps: int = 4
-    stream: bool = False
-    """Deal the (column block, reduction step) pairs out evenly over programs_per_sm programs
-    per multiprocessor (`stream_plan`) instead of splitting every block's reduction alike: no
-    last wave of blocks leaves multiprocessors idle."""
 
 
 def splits_for(n: int, k: int, tiles: Tiles, processors: int) -> int:
@@ -162,31 +102,19 @@ def preferred(rows: int, n: int, k: int) -> bool:
     return supported(rows, k) and (k > n or n >= 4 * k)
 
 
-TUNED: dict[tuple[int, int], Tiles | None] = {}
-"""Tiles per (n, k) of a folded group's weight at decoding batch sizes (up to 64 rows) where a
-measurement chose them (None: cuBLAS); other shapes take `preferred`'s choice."""
-
-
-def choose(rows: int, n: int, k: int) -> Tiles | None:
-    """The tiles a folded group's matmul (rows, k) x (n, k).T runs with; None: cuBLAS."""
-    if not supported(rows, k):
-        return None
-    if rows <= 64 and (n, k) in TUNED:
-        tiles = TUNED[(n, k)]
-        return tiles if tiles is None or supported(rows, k, tiles) else None
-    return Tiles() if preferred(rows, n, k) else None
-
-
 def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:
     """The split-K partial sums of x (rows, k) @ weight (n, k).T: (splits, rows, n) float32.
-    Both must be contiguous along k; `supported` says which shapes. tiles None: `choose`'s,
-    else the defaults."""
+    Both must be contiguous along k; `supported` says which shapes."""
+    tiles = tiles or Tiles()
     rows, k = x.shape
     n = weight.shape[0]
-    tiles = tiles or choose(rows, n, k) or Tiles()
     if weight.shape[1] != k or not supported(rows, k, tiles) or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"split-K matmul: x {tuple(x.shape)} and weight {tuple(weight.shape)} (want at most 128 rows, "
                          f"a shared k that is a multiple of {tiles.bk}, both contiguous along k)")
+    splits = splits_for(n, k, tiles, _multiprocessors(x.device))
+    if (k // tiles.bk) % splits:
+        raise ValueError(f"split-K matmul: {splits} splits do not divide k {k} in whole {tiles.bk}-wide steps")
+    part = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
     import triton.language as tl
 
     # 16-bit inputs multiply on the tensor cores; float32 exactly (ieee). Triton's interpreter
@@ -195,24 +123,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) ->
     if x.device.type != "cuda":
         dot = tl.float32
     precision = "ieee" if dot == tl.float32 else "tf32"
-    bm = max(16, _next_power_of_two(rows))
-    if tiles.stream:
-        iters, programs, segments = stream_plan(n, k, tiles.bn, tiles.bk,
-                                                tiles.programs_per_sm * _multiprocessors(x.device))
-        part = torch.empty((segments, rows, n), dtype=torch.float32, device=x.device)
-        _stream_kernel()[(programs,)](
-            x, weight, part, rows, n, x.stride(0), weight.stride(0), -(-n // tiles.bn) * (k // tiles.bk),
-            PER_BLOCK=k // tiles.bk, ITERS=iters, SEGMENTS=segments, BM=bm, BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
-            num_warps=tiles.warps,
-        )
-        return part
-    splits = splits_for(n, k, tiles, _multiprocessors(x.device))
-    if (k // tiles.bk) % splits:
-        raise ValueError(f"split-K matmul: {splits} splits do not divide k {k} in whole {tiles.bk}-wide steps")
-    part = torch.empty((splits, rows, n), dtype=torch.float32, device=x.device)
     _kernel()[(-(-n // tiles.bn), splits)](
         x, weight, part, rows, n, x.stride(0), weight.stride(0), K_SPLIT=k // splits,
-        BM=bm, BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
+        BM=max(16, _next_power_of_two(rows)), BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
         num_warps=tiles.warps,
     )
     return part
