@@ -77,14 +77,8 @@ def agreement(args, dtype: torch.dtype) -> dict:
         _unload(engine, adapters)
         del engine
     base = lorakit.unload(model) if hasattr(model, "lora_state") else model
-    peft = suite.peft_model(base, adapters)
-    peft_tokens = []
     with torch.no_grad():
-        for i, ids in enumerate(asked):
-            peft.set_adapter(names[i])
-            x = torch.tensor([ids], device=suite.device)
-            y = peft.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False)
-            peft_tokens.append(cut(y[0, len(ids):].tolist(), stops))
+        peft_tokens = [cut(t, stops) for t in suite.peft_greedy(suite.peft_model(base, adapters), asked, stop=True)]
 
     def same(a: list[list[int]], b: list[list[int]]) -> int:
         return sum(x == y for x, y in zip(a, b, strict=True))

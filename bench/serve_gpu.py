@@ -353,13 +353,15 @@ class Suite:
             set_peft_model_state_dict(peft, files.tensors, adapter_name=name)
         return peft.eval()
 
-    def peft_greedy(self, peft, prompts) -> list[list[int]]:
-        """Each prompt alone through PEFT's generate with its own adapter (a0, a1, ...)."""
+    def peft_greedy(self, peft, prompts, stop: bool = False) -> list[list[int]]:
+        """Each prompt alone through PEFT's generate with its own adapter (a0, a1, ...): 32
+        new tokens, or fewer where stop=True and the model ends its turn."""
         out = []
         for i, ids in enumerate(prompts):
             peft.set_adapter(f"a{i}")
             x = torch.tensor([ids], device=self.device)
-            y = peft.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            y = peft.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=32,
+                              min_new_tokens=None if stop else 32, do_sample=False)
             out.append(y[0, len(ids):].tolist())
         return out
 
