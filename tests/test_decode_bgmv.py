@@ -127,6 +127,34 @@ CHECK = textwrap.dedent(
         want = x.double() @ w.double().T
         err = ((parts.sum(0).double() - want).abs().max() / want.abs().max()).item()
         assert err < 1e-6, (rows, n, k, dtype, err)
+    # the weight's tile first (swap), and the tiles loaded through tensor descriptors: rows and
+    # columns past the ends read as zeros; an x whose base is not 16-byte aligned (a view one
+    # element in) goes through pointers with the same tiles; the partials start as NaN
+    for rows, n, k, dtype, tiles in [(5, 300, 256, torch.bfloat16, matmul.WIDE),
+                                     (3, 200, 512, torch.float32, matmul.Tiles(bn=32, bk=64, splits=2, swap=True, tma=True)),
+                                     (7, 90, 256, torch.float16, matmul.Tiles(bn=32, bk=128, swap=True)),
+                                     (2, 70, 256, torch.bfloat16, matmul.Tiles(bn=64, bk=128, tma=True))]:
+        x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+        shifted = torch.empty(rows * k + 1, dtype=dtype)[1:].view(rows, k)
+        shifted.copy_(x)
+        want = x.double() @ w.double().T
+        for xin in (x, shifted):
+            real_empty = torch.empty
+            torch.empty = lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan"))
+            try:
+                parts = matmul.launch(xin, w, tiles)
+            finally:
+                torch.empty = real_empty
+            err = ((parts.sum(0).double() - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-6, (rows, n, k, dtype, tiles, xin.data_ptr() % 16, err)
+    # which tiles a folded group gets: WIDE only for 16-bit `wide` shapes on a Hopper GPU, so
+    # on the CPU the shape rule alone (`preferred`), and cuBLAS (None) elsewhere
+    assert [matmul.wide(n, k) for n, k in [(7728, 4096), (4624, 14336), (29728, 4096), (4656, 2048), (2576, 8192),
+                                           (17440, 2048), (1024, 4096), (4096, 1024)]] == [True] * 5 + [False] * 3
+    assert matmul.choose(torch.zeros(32, 4096, dtype=torch.bfloat16), 29728) == matmul.Tiles()
+    assert matmul.choose(torch.zeros(32, 4096, dtype=torch.bfloat16), 4624) is None
+    assert matmul.choose(torch.zeros(32, 256), 17) == matmul.Tiles()
+    print("ok", "swap and descriptors")
     for x, w, tiles in [(torch.zeros(2, 100), torch.zeros(8, 100), None), (torch.zeros(200, 128), torch.zeros(8, 128), None),
                         (torch.zeros(2, 128), torch.zeros(8, 256), None),
                         (torch.zeros(2, 256), torch.zeros(8, 256), matmul.Tiles(splits=3))]:
@@ -224,4 +252,4 @@ CHECK = textwrap.dedent(
 
 def test_bgmv_kernels_equal_the_per_row_loop_in_the_interpreter() -> None:
     ok = run_in_triton_interpreter(CHECK)
-    assert len(ok) == 14, ok
+    assert len(ok) == 15, ok

@@ -120,10 +120,10 @@ def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: S
 
     mode "folded": PyTorch (gathered batched matmuls); "folded-kernel": cuBLAS, then `bgmv`'s
     expand kernel (float32 sums); "folded-split-k": `matmul`'s split-K kernel and the expand
-    kernel, which sums its partials, where `matmul.preferred` (else as "folded-kernel").
+    kernel, which sums its partials, where `matmul.choose` names tiles (else as "folded-kernel").
 
     residual, glu: `epilogue` on the result, inside the expand kernel in the kernel modes."""
-    if mode == "folded-split-k" and matmul.preferred(x.shape[0], weight.shape[0], x.shape[1]):
+    if mode == "folded-split-k" and matmul.choose(x, weight.shape[0]) is not None:
         return matmul.folded_projection(x, weight, b, index, list(sizes), residual, glu)
     y = F.linear(x, weight)
     if mode != "folded":

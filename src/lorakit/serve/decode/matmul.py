@@ -13,7 +13,10 @@ is how many multiprocessors stream at once. cuBLAS picks tiles for the output al
 132 multiprocessors. Here the reduction is split too, until the blocks cover the GPU about
 twice (`Tiles`), and the partial sums (float32) go to the expand kernel, which reads them
 anyway, so no reduction kernel is launched. Where cuBLAS measured faster (`preferred`),
-the folded step keeps it.
+the folded step keeps it. On Hopper, the shapes of `wide` take `WIDE`'s tiles: loaded by the
+copy engine through tensor descriptors, with the weight's tile as the tensor cores' first
+operand (64 of its columns by the 32 rows), which streamed an 8B layer's weights about 7%
+faster than cuBLAS or the pointer loads (`choose` picks).
 
 `folded_projection` is a PyTorch custom op (`lorakit::folded_projection`): `torch.compile`
 keeps it whole and a CUDA graph captures its two launches. The CPU tests run the kernels
@@ -36,28 +39,49 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def partials(x_ptr, w_ptr, part_ptr, rows, n, x_stride, w_stride,
+    def partials(x_src, w_src, part_ptr, rows, n, x_stride, w_stride,
                  K_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # part[split, m, cols] = x[m, K_split] @ W[cols, K_split].T, K_split a multiple of BK
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SWAP: tl.constexpr):
+        # part[split, m, cols] = x[m, K_split] @ W[cols, K_split].T, K_split a multiple of BK.
+        # TMA: x_src and w_src are tensor descriptors (Hopper's copy engine loads the tiles,
+        # out-of-range rows and columns read as zeros), else plain pointers. SWAP: the tensor
+        # cores multiply W's tile by x's (BN, BM) rather than x's by W's (BM, BN), so the weight
+        # tile is the operand with the larger side (Hopper's warpgroup products start at 64).
         block = tl.program_id(0)
         split = tl.program_id(1)
-        cols = block * BN + tl.arange(0, BN)
+        col0 = block * BN
+        k0 = split * K_SPLIT
+        cols = col0 + tl.arange(0, BN)
         m = tl.arange(0, BM)
-        kk = split * K_SPLIT + tl.arange(0, BK)
-        x_tile = x_ptr + m[:, None] * x_stride + kk[None, :]
-        w_tile = w_ptr + cols[:, None].to(tl.int64) * w_stride + kk[None, :]
-        row_live = m[:, None] < rows
-        col_live = cols[:, None] < n
-        acc = tl.zeros((BM, BN), tl.float32)
-        for _ in tl.range(0, K_SPLIT, BK, num_stages=STAGES):
-            x = tl.load(x_tile, mask=row_live, other=0.0).to(DOT)
-            w = tl.load(w_tile, mask=col_live, other=0.0).to(DOT)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-            x_tile += BK
-            w_tile += BK
-        out = part_ptr + (split * rows + m[:, None]).to(tl.int64) * n + cols[None, :]
-        tl.store(out, acc, mask=row_live & (cols[None, :] < n))
+        if not TMA:
+            kk = k0 + tl.arange(0, BK)
+            x_tile = x_src + m[:, None] * x_stride + kk[None, :]
+            w_tile = w_src + cols[:, None].to(tl.int64) * w_stride + kk[None, :]
+            row_live = m[:, None] < rows
+            col_live = cols[:, None] < n
+        if SWAP:
+            acc = tl.zeros((BN, BM), tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), tl.float32)
+        for step in tl.range(0, K_SPLIT, BK, num_stages=STAGES):
+            if TMA:
+                x = x_src.load([0, k0 + step]).to(DOT)
+                w = w_src.load([col0, k0 + step]).to(DOT)
+            else:
+                x = tl.load(x_tile, mask=row_live, other=0.0).to(DOT)
+                w = tl.load(w_tile, mask=col_live, other=0.0).to(DOT)
+                x_tile += BK
+                w_tile += BK
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if SWAP:  # acc[col, row]
+            out = part_ptr + (split * rows + m[None, :]).to(tl.int64) * n + cols[:, None]
+            tl.store(out, acc, mask=(m[None, :] < rows) & (cols[:, None] < n))
+        else:
+            out = part_ptr + (split * rows + m[:, None]).to(tl.int64) * n + cols[None, :]
+            tl.store(out, acc, mask=(m[:, None] < rows) & (cols[None, :] < n))
 
     return partials
 
@@ -74,6 +98,25 @@ class Tiles:
     programs_per_sm: int = 2
     stages: int = 3
     warps: int = 4
+    swap: bool = False
+    """The weight's tile as the tensor cores' first operand (`partials`' SWAP)."""
+    tma: bool = False
+    """Tiles loaded through tensor descriptors (Hopper's copy engine); where x or the weight is
+    not aligned for it (16-byte base and row stride), `launch` loads through pointers."""
+
+
+WIDE: Tiles | None = Tiles(bn=64, bk=128, programs_per_sm=1, stages=4, swap=True, tma=True)
+"""The tiles for the 16-bit matmuls of `wide` shapes at up to 32 rows on Hopper: the fastest
+single setting of a sweep over tiles, stages, swap and descriptors on an H200. With weights
+cold in L2 it beat cuBLAS and the pointer kernel on all four groups of an 8B layer and on
+three of a 1B layer's; on the 1B gate/up group (17,440 x 2,048) it lost to both (bench/
+RESULTS.md). None: every shape goes by `preferred`."""
+
+
+def wide(n: int, k: int) -> bool:
+    """The shapes `WIDE` measured faster on: both sides at least 2,048, and a reduction of at
+    least 4,096 or an output of at most 8,192."""
+    return n >= 2048 and k >= 2048 and (k >= 4096 or n <= 8192)
 
 
 def splits_for(n: int, k: int, tiles: Tiles, processors: int) -> int:
@@ -102,6 +145,22 @@ def preferred(rows: int, n: int, k: int) -> bool:
     return supported(rows, k) and (k > n or n >= 4 * k)
 
 
+def choose(x: torch.Tensor, n: int) -> Tiles | None:
+    """The tiles for a folded group's matmul of x (rows, k) with a weight (n, k) on x's device,
+    or None where cuBLAS runs it: `WIDE` for 16-bit `wide` shapes at up to 32 rows on a Hopper
+    GPU (or later), else the defaults where `preferred`."""
+    rows, k = x.shape
+    if (WIDE is not None and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and rows <= 32
+            and wide(n, k) and supported(rows, k, WIDE) and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return WIDE
+    return Tiles() if preferred(rows, n, k) else None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can cover t: a 16-byte base and row stride."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:
     """The split-K partial sums of x (rows, k) @ weight (n, k).T: (splits, rows, n) float32.
     Both must be contiguous along k; `supported` says which shapes."""
@@ -123,10 +182,17 @@ def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) ->
     if x.device.type != "cuda":
         dot = tl.float32
     precision = "ieee" if dot == tl.float32 else "tf32"
+    bm = max(16, _next_power_of_two(rows))
+    x_src, w_src = x, weight
+    if tiles.tma and _aligned(x) and _aligned(weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_src = TensorDescriptor.from_tensor(x, [bm, tiles.bk])
+        w_src = TensorDescriptor.from_tensor(weight, [tiles.bn, tiles.bk])
     _kernel()[(-(-n // tiles.bn), splits)](
-        x, weight, part, rows, n, x.stride(0), weight.stride(0), K_SPLIT=k // splits,
-        BM=max(16, _next_power_of_two(rows)), BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
-        num_warps=tiles.warps,
+        x_src, w_src, part, rows, n, x.stride(0), weight.stride(0), K_SPLIT=k // splits,
+        BM=bm, BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
+        TMA=x_src is not x, SWAP=tiles.swap, num_warps=tiles.warps,
     )
     return part
 
@@ -136,8 +202,10 @@ def folded_projection(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, in
                       sizes: list[int], residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """A folded projection group's decoding step, (rows, sum(sizes)) in x's dtype: the split-K
     matmul of x (rows, k) with weight = [W; A of every slot], then `bgmv.launch_folded` on its
-    partials (`lora.folded_lora`'s semantics), with its epilogue (residual, glu)."""
-    return launch_folded(launch(x, weight), b, index, sizes, dtype=x.dtype, residual=residual, glu=glu)
+    partials (`lora.folded_lora`'s semantics), with its epilogue (residual, glu). The tiles are
+    `choose`'s (the defaults where it names cuBLAS)."""
+    tiles = choose(x, weight.shape[0]) or Tiles()
+    return launch_folded(launch(x, weight, tiles), b, index, sizes, dtype=x.dtype, residual=residual, glu=glu)
 
 
 @folded_projection.register_fake

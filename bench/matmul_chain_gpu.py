@@ -1,0 +1,173 @@
+"""The folded matmuls as a decoding step meets them: a chain of every layer's four groups,
+weights cold in L2, each way of running them side by side.
+
+    python bench/matmul_chain_gpu.py --sizes 8b,1b --out chain.jsonl [--rows 32] [--sweep]
+
+For a 1B or 8B Llama shape with the LoRA A of 33 adapter slots (rank 16) folded under each
+base weight, it builds 32 layers' weights (8B: 15 GB, far past the 60 MB L2, as a decoding
+step reads each weight once) and replays from one CUDA graph the 128 matmuls of a step
+(Q/K/V, O, gate/up, down of every layer, each group also alone), through:
+
+    cublas     F.linear
+    split-k    `matmul.launch` with the default tiles (pointer loads, x's tile first)
+    wide       `matmul.launch` with `matmul.WIDE` (tensor descriptors, the weight's tile first)
+    folded     what a folded decoding step runs now (`matmul.choose`; cuBLAS where it says None)
+
+with the expand left out (the same for every way). A read kernel that sums every weight once
+gives the bandwidth these matmuls can reach. --sweep adds, per group, the grid of tiles that
+`WIDE` was chosen from. Every kernel's result is checked against F.linear's in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.serve.decode import matmul
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bgmv_gpu import groups  # noqa: E402
+
+LAYERS, SLOTS, RANK = 32, 33, 16
+
+
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read(w_ptr, out_ptr, numel, BLOCK: tl.constexpr, PER: tl.constexpr, STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        base = pid.to(tl.int64) * PER * BLOCK
+        for i in tl.range(0, PER, num_stages=STAGES):
+            offs = base + i * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(w_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc))
+
+    return read, triton.cdiv
+
+
+def graph_us(fns, replays: int = 7) -> float:
+    """Median microseconds of one replay of a CUDA graph of fns, in order."""
+    for f in fns:
+        f()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def sweep():
+    for swap, tma, bn, bk, stages, pps in itertools.product((True, False), (True, False), (64, 128), (128, 256), (3, 4, 6),
+                                                           (1, 2)):
+        yield matmul.Tiles(bn=bn, bk=bk, stages=stages, programs_per_sm=pps, swap=swap, tma=tma)
+
+
+def run_size(size: str, rows: int, do_sweep: bool, budget_s: float, emit) -> None:
+    device = torch.device("cuda")
+    shapes = {}
+    for name, (k, sizes) in groups(size).items():
+        shapes[name] = (k, sum(sizes) + SLOTS * len(sizes) * RANK)
+    weights = {name: [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+               for name, (k, n) in shapes.items()}
+    xs = {name: torch.randn(rows, k, device=device, dtype=torch.bfloat16) for name, (k, n) in shapes.items()}
+    mb = {name: n * k * 2 / 1e6 for name, (k, n) in shapes.items()}
+    want = {name: xs[name].double() @ weights[name][0].double().T for name in shapes}
+
+    read, cdiv = _read_kernel()
+    sink = torch.empty(1 << 20, device=device)
+    flat = [w for ws in weights.values() for w in ws]
+    us = graph_us([lambda w=w: read[(cdiv(w.numel(), 4096 * 8),)](w, sink, w.numel(), BLOCK=4096, PER=8, STAGES=3,
+                                                                  num_warps=8) for w in flat])
+    emit(size=size, kind="read", us_per_layer=round(us / LAYERS, 2), tb_per_s=round(sum(mb.values()) * LAYERS / us, 2))
+
+    def make(way: str, name: str, x: torch.Tensor, w: torch.Tensor, tiles: matmul.Tiles | None = None):
+        if way == "cublas" or (way == "folded" and matmul.choose(x, w.shape[0]) is None):
+            return lambda: F.linear(x, w)
+        if way == "folded":
+            tiles = matmul.choose(x, w.shape[0])
+        elif tiles is None:
+            tiles = {"split-k": matmul.Tiles(), "wide": matmul.WIDE}[way]
+        return lambda: matmul.launch(x, w, tiles)
+
+    def chain(way: str, names: list[str], tiles: matmul.Tiles | None = None) -> dict:
+        fns = [make(way, name, xs[name], weights[name][layer], tiles) for layer in range(LAYERS) for name in names]
+        us = graph_us(fns)
+        err = 0.0
+        for name in names:
+            got = make(way, name, xs[name], weights[name][0], tiles)()
+            got = (got.sum(0) if got.dim() == 3 else got).double()
+            err = max(err, ((got - want[name]).abs().max() / want[name].abs().max()).item())
+        total = sum(mb[name] for name in names)
+        return dict(us_per_layer=round(us / LAYERS, 2), tb_per_s=round(total * LAYERS / us, 2), rel_err=round(err, 5))
+
+    order = list(shapes)
+    for names in [[name] for name in order] + [order]:
+        label = names[0] if len(names) == 1 else "layer"
+        for way in ("cublas", "split-k", "wide", "folded"):
+            if way != "cublas" and not all(matmul.supported(rows, shapes[name][0]) for name in names):
+                continue
+            emit(size=size, group=label, kind=way, **chain(way, names))
+    if not do_sweep:
+        return
+    stop = time.time() + budget_s
+    for name in order:
+        for tiles in sweep():
+            if time.time() > stop:
+                return
+            record = dict(size=size, group=name, kind="sweep", bn=tiles.bn, bk=tiles.bk, stages=tiles.stages,
+                          pps=tiles.programs_per_sm, swap=tiles.swap, tma=tiles.tma)
+            try:
+                emit(**record, **chain("sweep", [name], tiles))
+            except Exception as e:  # a tile too large for shared memory
+                emit(**record, error=str(e)[:120])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="8b")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="stop a size's sweep after this")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = open(args.out, "a")
+
+    def emit(**record) -> None:
+        print(json.dumps(record), flush=True)
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
+    emit(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    for size in args.sizes.split(","):
+        run_size(size, args.rows, args.sweep, args.budget_s, emit)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
