@@ -16,6 +16,12 @@ step reads each weight once) and replays from one CUDA graph the 128 matmuls of 
 with the expand left out (the same for every way). A read kernel that sums every weight once
 gives the bandwidth these matmuls can reach. --sweep adds, per group, the grid of tiles that
 `WIDE` was chosen from. Every kernel's result is checked against F.linear's in float64.
+
+--expand times the other half of a folded group, `bgmv.launch_folded`'s expand, the same way:
+every layer's own B for the 33 slots (cold in L2), the partials of the group's matmul as
+`matmul.choose` shapes them (just written, so warm), the group's epilogue (SwiGLU after
+gate/up, the residual after O and down), over a grid of expand tiles (columns per program,
+warps); each result is checked against the default tiles'.
 """
 
 from __future__ import annotations
@@ -148,11 +154,59 @@ def run_size(size: str, rows: int, do_sweep: bool, budget_s: float, emit) -> Non
                 emit(**record, error=str(e)[:120])
 
 
+def run_expand(size: str, rows: int, emit) -> None:
+    from lorakit.serve.decode import bgmv
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    cases = {}
+    for name, (k, sizes) in groups(size).items():
+        total, width = sum(sizes), len(sizes) * RANK
+        n = total + SLOTS * width
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        tiles = matmul.choose(x, n)
+        parts = matmul.launch(x, w, tiles) if tiles is not None else F.linear(x, w)
+        bs = [torch.randn(SLOTS, RANK, total, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+              for _ in range(LAYERS)]
+        index = torch.randperm(SLOTS - 1, device=device)[:rows]
+        glu = name == "gate_up"
+        residual = torch.randn(rows, total, device=device, dtype=torch.bfloat16) if name in ("o", "down") else None
+        cases[name] = (parts, bs, index, list(sizes), residual, glu, SLOTS * RANK * total * 2 / 1e6)
+        del w
+
+    def chain(names, tiles):
+        fns = [lambda c=cases[nm], layer=layer: bgmv.launch_folded(c[0], c[1][layer], c[2], c[3], tiles, torch.bfloat16,
+                                                                     c[4], c[5])
+               for layer in range(LAYERS) for nm in names]
+        us = graph_us(fns)
+        err = 0.0
+        for nm in names:
+            c = cases[nm]
+            want = bgmv.launch_folded(c[0], c[1][0], c[2], c[3], None, torch.bfloat16, c[4], c[5]).float()
+            got = bgmv.launch_folded(c[0], c[1][0], c[2], c[3], tiles, torch.bfloat16, c[4], c[5]).float()
+            err = max(err, ((got - want).abs().max() / want.abs().max()).item())
+        read = sum(cases[nm][6] * rows / SLOTS for nm in names)  # the rows' own B
+        return dict(us_per_layer=round(us / LAYERS, 2), b_tb_per_s=round(read * LAYERS / us, 2), rel_err=round(err, 4))
+
+    order = list(cases)
+    grid = [None] + [bgmv.Tiles(bn=bn, expand_warps=wp) for bn in (128, 256, 512, 1024) for wp in (1, 2, 4, 8)]
+    for tiles in grid:
+        label = dict(bn=None, warps=None) if tiles is None else dict(bn=tiles.bn, warps=tiles.expand_warps)
+        for names in [[nm] for nm in order] + [order]:
+            try:
+                emit(size=size, kind="expand", group=names[0] if len(names) == 1 else "layer", **label,
+                     **chain(names, tiles))
+            except Exception as e:
+                emit(size=size, kind="expand", group=names[0], **label, error=str(e)[:120])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8b")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--expand", action="store_true", help="time the expand over its tiles instead")
     parser.add_argument("--budget-s", type=float, default=120.0, help="stop a size's sweep after this")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -165,7 +219,10 @@ def main() -> None:
 
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     for size in args.sizes.split(","):
-        run_size(size, args.rows, args.sweep, args.budget_s, emit)
+        if args.expand:
+            run_expand(size, args.rows, emit)
+        else:
+            run_size(size, args.rows, args.sweep, args.budget_s, emit)
         torch.cuda.empty_cache()
 
 

@@ -15,7 +15,8 @@ one replayed decoding graph of the batch's size. Variants (the default path is t
     writes      + the attention kernel applies RoPE and writes the step's K/V
     static      + torch.compile's automatic dynamic sizes (the weights' sizes constant)
     split-k     + the split-K matmul where `matmul.preferred` (without `matmul.WIDE`)
-    default     + `matmul.WIDE`'s tiles for the shapes `matmul.choose` gives them
+    wide        + `matmul.WIDE`'s tiles for the shapes `matmul.choose` gives them
+    default     + the expand's tiles after a folded matmul (`bgmv.FOLDED`)
 
 --profile names variants whose step and prefill kernels are listed (`serve_profile.py`'s tables).
 """
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lorakit.serve import Engine, SamplingParams  # noqa: E402
-from lorakit.serve.decode import matmul  # noqa: E402
+from lorakit.serve.decode import bgmv, matmul  # noqa: E402
 from serve import build_model, byte_tokenizer, make_adapters  # noqa: E402
 from serve_gpu import Suite, _unload  # noqa: E402
 from serve_profile import (  # noqa: E402
@@ -46,13 +47,14 @@ from serve_profile import (  # noqa: E402
     replay_ms,
 )
 
-VARIANTS = {  # name: (fold, attention writes, split-K, compile with every size symbolic, matmul.WIDE)
-    "unfolded": (False, False, False, True, False),
-    "folded": (True, False, False, True, False),
-    "writes": (True, True, False, True, False),
-    "static": (True, True, False, False, False),
-    "split-k": (True, True, True, False, False),
-    "default": (True, True, True, False, True),
+VARIANTS = {  # name: (fold, attention writes, split-K, every size symbolic, matmul.WIDE, bgmv.FOLDED)
+    "unfolded": (False, False, False, True, False, False),
+    "folded": (True, False, False, True, False, False),
+    "writes": (True, True, False, True, False, False),
+    "static": (True, True, False, False, False, False),
+    "split-k": (True, True, True, False, False, False),
+    "wide": (True, True, True, False, True, False),
+    "default": (True, True, True, False, True, True),
 }
 
 
@@ -68,7 +70,7 @@ def main() -> None:
     log = line_logger(Path(args.out))
 
     compile_ = torch.compile
-    wide_tiles = matmul.WIDE
+    wide_tiles, folded_tiles = matmul.WIDE, bgmv.FOLDED
     Args.device = args.device
     suite = Suite(Args(), build_model, byte_tokenizer, make_adapters)
     if torch.cuda.is_available():
@@ -82,8 +84,9 @@ def main() -> None:
         rows = [names[(7 * i) % pool] for i in range(batch)] if pool > batch else names[:batch]
         prompts = suite.prompts(batch, model.config.vocab_size)
         for variant in args.variants.split(","):
-            fold, writes, split_k, symbolic, wide = VARIANTS[variant]
+            fold, writes, split_k, symbolic, wide, folded_expand = VARIANTS[variant]
             matmul.WIDE = wide_tiles if wide else None
+            bgmv.FOLDED = folded_tiles if folded_expand else None
             torch.compile = (lambda f, **kw: compile_(f, **{**kw, "dynamic": True})) if symbolic else compile_
             engine = None
             try:
@@ -109,7 +112,7 @@ def main() -> None:
                 log(f"b{batch}:{pool} {variant} failed\n" + traceback.format_exc())
             finally:
                 torch.compile = compile_
-                matmul.WIDE = wide_tiles
+                matmul.WIDE, bgmv.FOLDED = wide_tiles, folded_tiles
                 if engine is not None:
                     _unload(engine, adapters)
                     del engine
