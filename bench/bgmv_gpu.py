@@ -36,6 +36,19 @@ def groups(size: str) -> dict[str, tuple[int, tuple[int, ...]]]:
             "down": (inter, (hidden,))}
 
 
+def json_lines(path: str | None):
+    """emit(**record): the record as one JSON line on stdout and, with a path, appended there."""
+    out = open(path, "a") if path else None
+
+    def emit(**record) -> None:
+        print(json.dumps(record), flush=True)
+        if out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+    return emit
+
+
 def timed(fn, repeats: int = 50) -> float:
     for _ in range(3):
         fn()
@@ -93,14 +106,8 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--sweep", action="store_true", help="time the kernels' tile choices first")
     args = parser.parse_args()
-    out = open(args.out, "a") if args.out else None
     failed = 0
-
-    def emit(**values) -> None:
-        print(json.dumps(values), flush=True)
-        if out:
-            out.write(json.dumps(values) + "\n")
-            out.flush()
+    emit = json_lines(args.out)
 
     device = torch.device("cuda")
     g = torch.Generator(device=device).manual_seed(0)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from lorakit.serve.decode import matmul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bgmv_gpu import groups  # noqa: E402
+from bgmv_gpu import groups, json_lines  # noqa: E402
 
 LAYERS, SLOTS, RANK = 32, 33, 16
 
@@ -210,12 +209,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=120.0, help="stop a size's sweep after this")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    out = open(args.out, "a")
-
-    def emit(**record) -> None:
-        print(json.dumps(record), flush=True)
-        out.write(json.dumps(record) + "\n")
-        out.flush()
+    emit = json_lines(args.out)
 
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     for size in args.sizes.split(","):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from lorakit.serve.decode import matmul
 from lorakit.serve.decode.bgmv import launch_folded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bgmv_gpu import SHAPES, groups, timed  # noqa: E402
+from bgmv_gpu import SHAPES, groups, json_lines, timed  # noqa: E402
 
 
 def main() -> None:
@@ -38,12 +37,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=170.0, help="stop sweeping a shape's tiles after this")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    out = open(args.out, "a")
-
-    def emit(**record) -> None:
-        print(json.dumps(record), flush=True)
-        out.write(json.dumps(record) + "\n")
-        out.flush()
+    emit = json_lines(args.out)
 
     device = torch.device("cuda")
     slots, r, rows = 33, 16, args.rows
