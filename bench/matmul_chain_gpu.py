@@ -22,6 +22,10 @@ every layer's own B for the 33 slots (cold in L2), the partials of the group's m
 `matmul.choose` shapes them (just written, so warm), the group's epilogue (SwiGLU after
 gate/up, the residual after O and down), over a grid of expand tiles (columns per program,
 warps); each result is checked against the default tiles'.
+
+--pdl times whole folded projections (`matmul.folded_projection`, the matmul and the expand
+with its epilogue) the same way, with the expand launched as the matmul's programmatic
+dependent (`bgmv.PDL`) and without, twice each, and checks that both give equal outputs.
 """
 
 from __future__ import annotations
@@ -200,12 +204,54 @@ def run_expand(size: str, rows: int, emit) -> None:
                 emit(size=size, kind="expand", group=names[0], **label, error=str(e)[:120])
 
 
+def run_pdl(size: str, rows: int, emit) -> None:
+    """Whole folded projections (`matmul.folded_projection`: the matmul, then the expand with its
+    epilogue) over 32 layers, each layer's weight and B cold in L2, with the expand launched as
+    the matmul's programmatic dependent (`bgmv.PDL`) and without; the outputs must be equal."""
+    from lorakit.serve.decode import bgmv
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    cases = {}
+    for name, (k, sizes) in groups(size).items():
+        total, width = sum(sizes), len(sizes) * RANK
+        n = total + SLOTS * width
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(LAYERS)]
+        bs = [torch.randn(SLOTS, RANK, total, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+              for _ in range(LAYERS)]
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen)
+        index = torch.randperm(SLOTS - 1, device=device)[:rows]
+        glu = name == "gate_up"
+        residual = torch.randn(rows, total, device=device, dtype=torch.bfloat16) if name in ("o", "down") else None
+        cases[name] = (x, ws, bs, index, list(sizes), residual, glu)
+
+    def call(c, layer):
+        x, ws, bs, index, sizes, residual, glu = c
+        return matmul.folded_projection(x, ws[layer], bs[layer], index, sizes, residual, glu)
+
+    order = list(cases)
+    for names in [[nm] for nm in order] + [order]:
+        record = dict(size=size, kind="pdl", group=names[0] if len(names) == 1 else "layer")
+        outs = {}
+        for on in (False, True, False, True):
+            bgmv.PDL = on
+            try:
+                fns = [lambda c=cases[nm], layer=layer: call(c, layer) for layer in range(LAYERS) for nm in names]
+                record.setdefault("us_per_layer_pdl" if on else "us_per_layer", []).append(round(graph_us(fns) / LAYERS, 2))
+                outs[on] = [call(cases[nm], 0) for nm in names]
+            finally:
+                bgmv.PDL = True
+        record["equal"] = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+        emit(**record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8b")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--expand", action="store_true", help="time the expand over its tiles instead")
+    parser.add_argument("--pdl", action="store_true", help="time whole folded projections with and without PDL instead")
     parser.add_argument("--budget-s", type=float, default=120.0, help="stop a size's sweep after this")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -213,7 +259,9 @@ def main() -> None:
 
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     for size in args.sizes.split(","):
-        if args.expand:
+        if args.pdl:
+            run_pdl(size, args.rows, emit)
+        elif args.expand:
             run_expand(size, args.rows, emit)
         else:
             run_size(size, args.rows, args.sweep, args.budget_s, emit)

@@ -16,7 +16,8 @@ one replayed decoding graph of the batch's size. Variants (the default path is t
     static      + torch.compile's automatic dynamic sizes (the weights' sizes constant)
     split-k     + the split-K matmul where `matmul.preferred` (without `matmul.WIDE`)
     wide        + `matmul.WIDE`'s tiles for the shapes `matmul.choose` gives them
-    default     + the expand's tiles after a folded matmul (`bgmv.FOLDED`)
+    no-pdl      + the expand's tiles after a folded matmul (`bgmv.FOLDED`)
+    default     + the expand launched as the folded matmul's programmatic dependent (`bgmv.PDL`)
 
 --profile names variants whose step and prefill kernels are listed (`serve_profile.py`'s tables).
 """
@@ -55,6 +56,7 @@ VARIANTS = {  # name: (fold, attention writes, split-K, every size symbolic, mat
     "split-k": (True, True, True, False, False, False),
     "wide": (True, True, True, False, True, False),
     "default": (True, True, True, False, True, True),
+    "no-pdl": (True, True, True, False, True, True),  # the default with bgmv.PDL off
 }
 
 
@@ -87,6 +89,7 @@ def main() -> None:
             fold, writes, split_k, symbolic, wide, folded_expand = VARIANTS[variant]
             matmul.WIDE = wide_tiles if wide else None
             bgmv.FOLDED = folded_tiles if folded_expand else None
+            bgmv.PDL = variant not in ("unfolded", "folded", "writes", "static", "split-k", "wide", "no-pdl")
             torch.compile = (lambda f, **kw: compile_(f, **{**kw, "dynamic": True})) if symbolic else compile_
             engine = None
             try:
@@ -113,6 +116,7 @@ def main() -> None:
             finally:
                 torch.compile = compile_
                 matmul.WIDE, bgmv.FOLDED = wide_tiles, folded_tiles
+                bgmv.PDL = True
                 if engine is not None:
                     _unload(engine, adapters)
                     del engine

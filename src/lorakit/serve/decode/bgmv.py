@@ -70,6 +70,7 @@ def _works(device: torch.device) -> bool:
 def _kernels():
     import triton
     import triton.language as tl
+    import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_wait)
 
     @triton.jit
     def shrink(x_ptr, a_ptr, index_ptr, part_ptr, rows, d_in, x_stride,
@@ -94,7 +95,7 @@ def _kernels():
     def expand(part_ptr, b_ptr, index_ptr, out_ptr, base_ptr, res_ptr, rows, total, r, bound1, bound2,
                split_stride, row_stride, slot_stride, base_stride, res_stride,
                SPLITS: tl.constexpr, WP: tl.constexpr, G: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr,
-               ADD: tl.constexpr, EPILOGUE: tl.constexpr):
+               ADD: tl.constexpr, EPILOGUE: tl.constexpr, PDL: tl.constexpr):
         # out[row, n] = h[row, j(n)*r : j(n)*r + r] @ B[index[row], :, n] (+ base[row, n] when ADD),
         # h = the sum of the row's partials at part + split * split_stride + row * row_stride
         # + index[row] * slot_stride (a folded shrink: the row's own slot's products), and base
@@ -102,11 +103,27 @@ def _kernels():
         # EPILOGUE 1 (a gate/up group, G == 2, bound1 columns each): out[row, n] =
         # silu(gate) * up of the two projections' outputs, each rounded to out's dtype first;
         # EPILOGUE 2: out[row, n] = res[row, n] + the output rounded to out's dtype.
+        # PDL: launched as a programmatic dependent of the matmul that writes part and base:
+        # what that matmul does not write (index, B, res) is loaded before waiting for it.
         row = tl.program_id(0)
         block = tl.program_id(1)
         slot = tl.load(index_ptr + row).to(tl.int64)
         rr = tl.arange(0, RP)
         live = rr < r
+        b_rows = b_ptr + slot * r * total + rr[:, None] * total
+        n = block * BLOCK + tl.arange(0, BLOCK)
+        if EPILOGUE == 1:
+            inside = n < bound1
+            both = live[:, None] & inside[None, :]
+            b_gate = tl.load(b_rows + n[None, :], mask=both, other=0.0).to(tl.float32)
+            b_up = tl.load(b_rows + bound1 + n[None, :], mask=both, other=0.0).to(tl.float32)
+        else:
+            inside = n < total
+            b = tl.load(b_rows + n[None, :], mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
+            if EPILOGUE == 2:
+                res = tl.load(res_ptr + row * res_stride + n, mask=inside, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         h0 = tl.zeros((RP,), dtype=tl.float32)
         h1 = tl.zeros((RP,), dtype=tl.float32)
         h2 = tl.zeros((RP,), dtype=tl.float32)
@@ -117,13 +134,9 @@ def _kernels():
                 h1 += tl.load(at + r + rr, mask=live, other=0.0).to(tl.float32)
             if G > 2:
                 h2 += tl.load(at + 2 * r + rr, mask=live, other=0.0).to(tl.float32)
-        b_rows = b_ptr + slot * r * total + rr[:, None] * total
         if EPILOGUE == 1:
-            n = block * BLOCK + tl.arange(0, BLOCK)
-            inside = n < bound1
-            both = live[:, None] & inside[None, :]
-            gate = tl.sum(h0[:, None] * tl.load(b_rows + n[None, :], mask=both, other=0.0).to(tl.float32), axis=0)
-            up = tl.sum(h1[:, None] * tl.load(b_rows + bound1 + n[None, :], mask=both, other=0.0).to(tl.float32), axis=0)
+            gate = tl.sum(h0[:, None] * b_gate, axis=0)
+            up = tl.sum(h1[:, None] * b_up, axis=0)
             for s in tl.static_range(SPLITS):
                 at = base_ptr + s * split_stride + row * base_stride + n
                 gate += tl.load(at, mask=inside, other=0.0).to(tl.float32)
@@ -133,21 +146,18 @@ def _kernels():
             y = gate * tl.sigmoid(gate) * up
             tl.store(out_ptr + row * bound1 + n, y.to(out_ptr.dtype.element_ty), mask=inside)
         else:
-            n = block * BLOCK + tl.arange(0, BLOCK)
-            inside = n < total
             h = tl.broadcast_to(h0[:, None], (RP, BLOCK))
             if G > 1:
                 h = tl.where((n >= bound1)[None, :], h1[:, None], h)
             if G > 2:
                 h = tl.where((n >= bound2)[None, :], h2[:, None], h)
-            b = tl.load(b_rows + n[None, :], mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
             y = tl.sum(h * b, axis=0)
             if ADD:
                 for s in tl.static_range(SPLITS):
                     y += tl.load(base_ptr + s * split_stride + row * base_stride + n, mask=inside, other=0.0).to(tl.float32)
             if EPILOGUE == 2:
                 y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-                y += tl.load(res_ptr + row * res_stride + n, mask=inside, other=0.0).to(tl.float32)
+                y += res
             tl.store(out_ptr + row * total + n, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return shrink, expand
@@ -213,7 +223,7 @@ def launch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tenso
     expand[(rows, -(-total // bn))](
         part, b, index, out, part, part, rows, total, r, bounds[0], bounds[1], rows * wp, wp, 0, 0, 0,
         SPLITS=splits, WP=wp, G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn, num_warps=tiles.expand_warps,
-        ADD=False, EPILOGUE=0,
+        ADD=False, EPILOGUE=0, PDL=False,
     )
     return out
 
@@ -229,6 +239,18 @@ def _expand_block(rows: int, total: int, processors: int, tiles: Tiles) -> int:
     return tiles.bn or next((n for n in (1024, 512, 256) if rows * -(-total // n) >= 2 * processors), 128)
 
 
+PDL = True
+"""On Hopper (and later) GPUs, the expand after a folded matmul is launched as its programmatic
+dependent (`pdl`): its programs start while the matmul's last blocks run and load B before
+they wait for the matmul's output. False: launched after the matmul ends."""
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the expand after a folded matmul on `device` launches as its dependent: PDL,
+    CUDA and compute capability 9 or more (programmatic dependent launch)."""
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],
                   tiles: Tiles | None = None, dtype: torch.dtype | None = None,
                   residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
@@ -242,7 +264,9 @@ def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: 
     What reads the output can run in the same kernel (`lora.epilogue`'s semantics):
     glu=True (a gate/up group, two projections of equal size) returns silu(gate) * up,
     (rows, total / 2); residual (rows, total) returns residual + the output. The projections'
-    outputs are rounded to dtype first, as they would be if returned. tiles None: `FOLDED`."""
+    outputs are rounded to dtype first, as they would be if returned. tiles None: `FOLDED`.
+    Where `pdl`, the kernel launches as the programmatic dependent of the kernel before it,
+    which wrote y."""
     _, expand = _kernels()
     tiles = tiles or FOLDED or Tiles()
     slots, r, total = b.shape
@@ -267,11 +291,13 @@ def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: 
     bn = _expand_block(rows, columns, _multiprocessors(y.device), tiles)
     bounds = [sum(sizes[: j + 1]) for j in range(groups)] + [total, total]
     row = parts.stride(1)
+    dependent = pdl(y.device)
     expand[(rows, -(-columns // bn))](
         parts[:, :, total:], b, index, out, parts, parts if residual is None else residual, rows, total, r, bounds[0],
         bounds[1], parts.stride(0) if splits > 1 else 0, row, width, row, 0 if residual is None else residual.stride(0),
         SPLITS=splits, WP=max(16, _next_power_of_two(width)), G=groups, RP=max(16, _next_power_of_two(r)), BLOCK=bn,
         num_warps=tiles.expand_warps, ADD=True, EPILOGUE=1 if glu else 2 if residual is not None else 0,
+        PDL=dependent, launch_pdl=dependent,
     )
     return out
 

@@ -30,23 +30,29 @@ from dataclasses import dataclass
 
 import torch
 
-from .bgmv import _multiprocessors, _next_power_of_two, launch_folded
+from .bgmv import _multiprocessors, _next_power_of_two, launch_folded, pdl
 
 
 @functools.cache
 def _kernel():
     import triton
     import triton.language as tl
+    import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_launch_dependents)
 
     @triton.jit
     def partials(x_src, w_src, part_ptr, rows, n, x_stride, w_stride,
                  K_SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SWAP: tl.constexpr):
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SWAP: tl.constexpr,
+                 DEPENDENTS: tl.constexpr):
         # part[split, m, cols] = x[m, K_split] @ W[cols, K_split].T, K_split a multiple of BK.
         # TMA: x_src and w_src are tensor descriptors (Hopper's copy engine loads the tiles,
         # out-of-range rows and columns read as zeros), else plain pointers. SWAP: the tensor
         # cores multiply W's tile by x's (BN, BM) rather than x's by W's (BM, BN), so the weight
         # tile is the operand with the larger side (Hopper's warpgroup products start at 64).
+        # DEPENDENTS: the kernel launched after this one as its programmatic dependent (the
+        # expand) may start once every block has started.
+        if DEPENDENTS:
+            tl.extra.cuda.gdc_launch_dependents()
         block = tl.program_id(0)
         split = tl.program_id(1)
         col0 = block * BN
@@ -192,7 +198,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) ->
     _kernel()[(-(-n // tiles.bn), splits)](
         x_src, w_src, part, rows, n, x.stride(0), weight.stride(0), K_SPLIT=k // splits,
         BM=bm, BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
-        TMA=x_src is not x, SWAP=tiles.swap, num_warps=tiles.warps,
+        TMA=x_src is not x, SWAP=tiles.swap, DEPENDENTS=pdl(x.device), num_warps=tiles.warps,
     )
     return part
 
