@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .bgmv import _multiprocessors, _next_power_of_two, triton_device
+from .bgmv import _multiprocessors, _next_power_of_two, pdl, triton_device
 
 
 def available(device: torch.device) -> bool:
@@ -75,6 +75,7 @@ def reference(
 def _kernels():
     import triton
     import triton.language as tl
+    import triton.language.extra.cuda  # noqa: F401  (tl.extra.cuda.gdc_wait)
 
     @triton.jit
     def partial(
@@ -115,9 +116,15 @@ def _kernels():
         PRECISION: tl.constexpr,
         ROPE: tl.constexpr,
         WRITE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # the online softmax of one (row, kv head)'s query heads over this split's key blocks;
-        # scores are in log2 units (qk_scale = scaling * log2(e)) so that exp2 does the work
+        # scores are in log2 units (qk_scale = scaling * log2(e)) so that exp2 does the work.
+        # PDL: launched as the programmatic dependent of the kernel before it, waited for here
+        # before anything is read; the kernel after it may launch once every program started.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -312,6 +319,7 @@ def launch(
     if q.device.type != "cuda" and dot == tl.bfloat16:
         dot = tl.float32
     precision = "ieee" if dot == tl.float32 else "tf32"  # only float32 products read it
+    dependent = pdl(q.device)
     partial[(rows, kv_heads, splits)](
         q,
         keys,
@@ -344,7 +352,9 @@ def launch(
         PRECISION=precision,
         ROPE=rope,
         WRITE=write,
+        PDL=dependent,
         num_warps=4,
+        launch_pdl=dependent,
     )
     if splits > 1:
         combine[(rows, kv_heads)](m, total, acc, out, group, head_dim, SPLITS=splits, GP=gp, DP=dp, num_warps=4)

@@ -104,7 +104,10 @@ def _kernels():
         # silu(gate) * up of the two projections' outputs, each rounded to out's dtype first;
         # EPILOGUE 2: out[row, n] = res[row, n] + the output rounded to out's dtype.
         # PDL: launched as a programmatic dependent of the matmul that writes part and base:
-        # what that matmul does not write (index, B, res) is loaded before waiting for it.
+        # what that matmul does not write (index, B, res) is loaded before waiting for it; the
+        # kernel after this one may launch once every program has started.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         block = tl.program_id(1)
         slot = tl.load(index_ptr + row).to(tl.int64)
@@ -240,14 +243,16 @@ def _expand_block(rows: int, total: int, processors: int, tiles: Tiles) -> int:
 
 
 PDL = True
-"""On Hopper (and later) GPUs, the expand after a folded matmul is launched as its programmatic
-dependent (`pdl`): its programs start while the matmul's last blocks run and load B before
-they wait for the matmul's output. False: launched after the matmul ends."""
+"""On Hopper (and later) GPUs, a decoding step's kernels here (`matmul`'s split-K matmul, the
+expand after a folded matmul, the attention kernel) launch as programmatic dependents of the
+kernel before them (`pdl`): a kernel's programs start while the previous kernel's last ones
+run, and wait for it before reading what it writes; the expand loads B before it waits.
+False: each kernel launches after the previous one ends."""
 
 
 def pdl(device: torch.device) -> bool:
-    """Whether the expand after a folded matmul on `device` launches as its dependent: PDL,
-    CUDA and compute capability 9 or more (programmatic dependent launch)."""
+    """Whether the kernels `PDL` names launch as programmatic dependents on `device`: PDL, CUDA
+    and compute capability 9 or more."""
     return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 

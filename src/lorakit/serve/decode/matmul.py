@@ -49,10 +49,12 @@ def _kernel():
         # out-of-range rows and columns read as zeros), else plain pointers. SWAP: the tensor
         # cores multiply W's tile by x's (BN, BM) rather than x's by W's (BM, BN), so the weight
         # tile is the operand with the larger side (Hopper's warpgroup products start at 64).
-        # DEPENDENTS: the kernel launched after this one as its programmatic dependent (the
-        # expand) may start once every block has started.
+        # DEPENDENTS: launched as the programmatic dependent of the kernel before it (waits for
+        # it here, before reading x), and the kernel after it (the expand) may start once every
+        # block has started.
         if DEPENDENTS:
             tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         block = tl.program_id(0)
         split = tl.program_id(1)
         col0 = block * BN
@@ -195,10 +197,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, tiles: Tiles | None = None) ->
 
         x_src = TensorDescriptor.from_tensor(x, [bm, tiles.bk])
         w_src = TensorDescriptor.from_tensor(weight, [tiles.bn, tiles.bk])
+    dependent = pdl(x.device)
     _kernel()[(-(-n // tiles.bn), splits)](
         x_src, w_src, part, rows, n, x.stride(0), weight.stride(0), K_SPLIT=k // splits,
         BM=bm, BN=tiles.bn, BK=tiles.bk, STAGES=tiles.stages, DOT=dot, PRECISION=precision,
-        TMA=x_src is not x, SWAP=tiles.swap, DEPENDENTS=pdl(x.device), num_warps=tiles.warps,
+        TMA=x_src is not x, SWAP=tiles.swap, DEPENDENTS=dependent, num_warps=tiles.warps, launch_pdl=dependent,
     )
     return part
 
