@@ -245,6 +245,9 @@ CHECK = textwrap.dedent(
       print("ok", "decoding steps", sorted(kernels))
     # the start-up self-check that `available` runs on a GPU, here on the interpreter
     assert _works(torch.device("cpu")) and not available(torch.device("cpu"))
+    # programmatic dependent launch only on a Hopper (or later) GPU, and only while PDL is on
+    from lorakit.serve.decode import bgmv as bgmv_module
+    assert not bgmv_module.pdl(torch.device("cpu"))
     print("ok", "self-check")
     """
 )

@@ -16,7 +16,10 @@ anyway, so no reduction kernel is launched. Where cuBLAS measured faster (`prefe
 the folded step keeps it. On Hopper, the shapes of `wide` take `WIDE`'s tiles: loaded by the
 copy engine through tensor descriptors, with the weight's tile as the tensor cores' first
 operand (64 of its columns by the 32 rows), which streamed an 8B layer's weights in 6% less
-time than the pointer loads and 10% less than cuBLAS (`choose` picks).
+time than the pointer loads and 10% less than cuBLAS (`choose` picks). On Hopper both kernels
+launch as programmatic dependents (`bgmv.PDL`): the expand's programs start while the
+matmul's last blocks run and read their B before they wait for its partial sums, which took
+an 8B decoding step from 5.73 to 5.60 ms (bench/RESULTS.md, "Tenth GPU run").
 
 `folded_projection` is a PyTorch custom op (`lorakit::folded_projection`): `torch.compile`
 keeps it whole and a CUDA graph captures its two launches. The CPU tests run the kernels
