@@ -157,24 +157,36 @@ def run_size(size: str, rows: int, do_sweep: bool, budget_s: float, emit) -> Non
                 emit(**record, error=str(e)[:120])
 
 
+def _folded_groups(size: str):
+    """(name, reduction, projection sizes, total output, columns with the 33 slots' A folded in)
+    for each of a layer's four groups."""
+    for name, (k, sizes) in groups(size).items():
+        total = sum(sizes)
+        yield name, k, sizes, total, total + SLOTS * len(sizes) * RANK
+
+
+def _adapter_side(name: str, total: int, rows: int, device: torch.device, gen: torch.Generator):
+    """A group's B for 33 slots in every layer, the rows' slots (distinct), whether it is gate/up
+    (SwiGLU after it) and the residual the O and down groups add."""
+    bs = [torch.randn(SLOTS, RANK, total, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+          for _ in range(LAYERS)]
+    index = torch.randperm(SLOTS - 1, device=device)[:rows]
+    residual = torch.randn(rows, total, device=device, dtype=torch.bfloat16) if name in ("o", "down") else None
+    return bs, index, name == "gate_up", residual
+
+
 def run_expand(size: str, rows: int, emit) -> None:
     from lorakit.serve.decode import bgmv
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     cases = {}
-    for name, (k, sizes) in groups(size).items():
-        total, width = sum(sizes), len(sizes) * RANK
-        n = total + SLOTS * width
+    for name, k, sizes, total, n in _folded_groups(size):
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         tiles = matmul.choose(x, n)
         parts = matmul.launch(x, w, tiles) if tiles is not None else F.linear(x, w)
-        bs = [torch.randn(SLOTS, RANK, total, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
-              for _ in range(LAYERS)]
-        index = torch.randperm(SLOTS - 1, device=device)[:rows]
-        glu = name == "gate_up"
-        residual = torch.randn(rows, total, device=device, dtype=torch.bfloat16) if name in ("o", "down") else None
+        bs, index, glu, residual = _adapter_side(name, total, rows, device, gen)
         cases[name] = (parts, bs, index, list(sizes), residual, glu, SLOTS * RANK * total * 2 / 1e6)
         del w
 
@@ -213,16 +225,10 @@ def run_pdl(size: str, rows: int, emit) -> None:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     cases = {}
-    for name, (k, sizes) in groups(size).items():
-        total, width = sum(sizes), len(sizes) * RANK
-        n = total + SLOTS * width
+    for name, k, sizes, total, n in _folded_groups(size):
         ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(LAYERS)]
-        bs = [torch.randn(SLOTS, RANK, total, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
-              for _ in range(LAYERS)]
+        bs, index, glu, residual = _adapter_side(name, total, rows, device, gen)
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen)
-        index = torch.randperm(SLOTS - 1, device=device)[:rows]
-        glu = name == "gate_up"
-        residual = torch.randn(rows, total, device=device, dtype=torch.bfloat16) if name in ("o", "down") else None
         cases[name] = (x, ws, bs, index, list(sizes), residual, glu)
 
     def call(c, layer):
@@ -241,7 +247,7 @@ def run_pdl(size: str, rows: int, emit) -> None:
                 outs[on] = [call(cases[nm], 0) for nm in names]
             finally:
                 bgmv.PDL = True
-        record["equal"] = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+        record["equal"] = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True], strict=True))
         emit(**record)
 
 

@@ -15,11 +15,20 @@ transformers + PEFT `generate` (each request alone, its adapter set), the generi
 PEFT (the control: what two implementations that share no kernels give), and the fast path
 with every request given the next request's adapter against PEFT (the check's power: wrong
 adapters must disagree).
+
+For a 16-bit dtype it also looks at each request where an engine's output and PEFT's part
+(`divergences`): at the first token where they differ, both implementations saw the same
+prefix, so the float32 model (the same weights and adapter, upcast) says which of the two
+tokens it prefers and by how much (its logit margin between them), set beside the margin
+between its top two tokens at every step of PEFT's outputs (how decided a step usually is).
+Where float32 sides with either implementation about equally often, at margins far below the
+usual, the differences are rounding at near-ties rather than a fault of either.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -77,8 +86,15 @@ def agreement(args, dtype: torch.dtype) -> dict:
         _unload(engine, adapters)
         del engine
     base = lorakit.unload(model) if hasattr(model, "lora_state") else model
+    exact = copy.deepcopy(base).float() if dtype != torch.float32 else None
     with torch.no_grad():
-        peft_tokens = [cut(t, stops) for t in suite.peft_greedy(suite.peft_model(base, adapters), asked, stop=True)]
+        peft = suite.peft_model(base, adapters)
+        peft_tokens = [cut(t, stops) for t in suite.peft_greedy(peft, asked, stop=True)]
+        ties = None
+        if exact is not None:
+            exact = suite.peft_model(exact, adapters)
+            ties = {f"{label}_vs_peft": divergences(exact, asked, tokens[label], peft_tokens, args.device)
+                    for label in ("fast", "generic")}
 
     def same(a: list[list[int]], b: list[list[int]]) -> int:
         return sum(x == y for x, y in zip(a, b, strict=True))
@@ -89,7 +105,36 @@ def agreement(args, dtype: torch.dtype) -> dict:
             "wrong_adapters_vs_peft": same(tokens["fast_wrong_adapters"], peft_tokens), "of": len(asked),
             "paths": paths,
             "peft_lengths": [len(t) for t in peft_tokens], "sample": [tokenizer.decode(tokens["fast"][0]),
-                                                                      tokenizer.decode(peft_tokens[0])]}
+                                                                      tokenizer.decode(peft_tokens[0])],
+            "divergences": ties}
+
+
+def divergences(exact, asked: list[list[int]], other: list[list[int]], peft_tokens: list[list[int]], device) -> dict:
+    """At each request's first token where `other` and PEFT's output differ: which of the two
+    tokens the float32 model (`exact`, PEFT over the upcast weights) prefers, and its logit
+    margin between them; beside the float32 top-two margin at every step of PEFT's outputs."""
+    sides = {"peft": 0, "other": 0, "neither": 0}
+    margins, usual = [], []
+    for i, (ids, mine, ref) in enumerate(zip(asked, other, peft_tokens, strict=True)):
+        exact.set_adapter(f"a{i}")
+        x = torch.tensor([ids + ref], device=device)
+        logits = exact(input_ids=x).logits[0, len(ids) - 1 :].float()  # row j predicts ref[j]
+        top = logits.topk(2, dim=-1).values
+        usual.extend((top[: len(ref), 0] - top[: len(ref), 1]).tolist())
+        t = next((j for j, (a, b) in enumerate(zip(mine, ref, strict=False)) if a != b), None)
+        if t is None:
+            continue
+        a, b = ref[t], mine[t]
+        margin = (logits[t, a] - logits[t, b]).item()  # > 0: float32 prefers PEFT's token
+        best = int(logits[t].argmax())
+        sides["peft" if best == a else "other" if best == b else "neither"] += 1
+        margins.append(round(abs(margin), 4))
+    usual.sort()
+    return {"diverged": len(margins), "float32_picks": sides, "margins_at_divergence": sorted(margins),
+            "median_margin_at_divergence": sorted(margins)[len(margins) // 2] if margins else None,
+            "median_top2_margin_all_steps": round(usual[len(usual) // 2], 4),
+            "share_of_steps_below_largest_divergence_margin":
+                round(sum(u <= max(margins) for u in usual) / len(usual), 4) if margins else None}
 
 
 def main() -> None:
