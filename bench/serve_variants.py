@@ -17,7 +17,7 @@ one replayed decoding graph of the batch's size. Variants (the default path is t
     split-k     + the split-K matmul where `matmul.preferred` (without `matmul.WIDE`)
     wide        + `matmul.WIDE`'s tiles for the shapes `matmul.choose` gives them
     no-pdl      + the expand's tiles after a folded matmul (`bgmv.FOLDED`)
-    default     + the expand launched as the folded matmul's programmatic dependent (`bgmv.PDL`)
+    default     + the step's Triton kernels launched as programmatic dependents (`bgmv.PDL`)
 
 --profile names variants whose step and prefill kernels are listed (`serve_profile.py`'s tables).
 """
@@ -48,15 +48,15 @@ from serve_profile import (  # noqa: E402
     replay_ms,
 )
 
-VARIANTS = {  # name: (fold, attention writes, split-K, every size symbolic, matmul.WIDE, bgmv.FOLDED)
-    "unfolded": (False, False, False, True, False, False),
-    "folded": (True, False, False, True, False, False),
-    "writes": (True, True, False, True, False, False),
-    "static": (True, True, False, False, False, False),
-    "split-k": (True, True, True, False, False, False),
-    "wide": (True, True, True, False, True, False),
-    "default": (True, True, True, False, True, True),
-    "no-pdl": (True, True, True, False, True, True),  # the default with bgmv.PDL off
+VARIANTS = {  # name: (fold, attention writes, split-K, every size symbolic, matmul.WIDE, bgmv.FOLDED, bgmv.PDL)
+    "unfolded": (False, False, False, True, False, False, False),
+    "folded": (True, False, False, True, False, False, False),
+    "writes": (True, True, False, True, False, False, False),
+    "static": (True, True, False, False, False, False, False),
+    "split-k": (True, True, True, False, False, False, False),
+    "wide": (True, True, True, False, True, False, False),
+    "no-pdl": (True, True, True, False, True, True, False),
+    "default": (True, True, True, False, True, True, True),
 }
 
 
@@ -86,10 +86,10 @@ def main() -> None:
         rows = [names[(7 * i) % pool] for i in range(batch)] if pool > batch else names[:batch]
         prompts = suite.prompts(batch, model.config.vocab_size)
         for variant in args.variants.split(","):
-            fold, writes, split_k, symbolic, wide, folded_expand = VARIANTS[variant]
+            fold, writes, split_k, symbolic, wide, folded_expand, dependent = VARIANTS[variant]
             matmul.WIDE = wide_tiles if wide else None
             bgmv.FOLDED = folded_tiles if folded_expand else None
-            bgmv.PDL = variant not in ("unfolded", "folded", "writes", "static", "split-k", "wide", "no-pdl")
+            bgmv.PDL = dependent
             torch.compile = (lambda f, **kw: compile_(f, **{**kw, "dynamic": True})) if symbolic else compile_
             engine = None
             try:

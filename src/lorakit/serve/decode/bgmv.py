@@ -250,10 +250,17 @@ run, and wait for it before reading what it writes; the expand loads B before it
 False: each kernel launches after the previous one ends."""
 
 
+@functools.cache
+def hopper(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9 or more (Hopper's copy engine and
+    warpgroup products, programmatic dependent launch); asked once per device."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def pdl(device: torch.device) -> bool:
-    """Whether the kernels `PDL` names launch as programmatic dependents on `device`: PDL, CUDA
-    and compute capability 9 or more."""
-    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the kernels `PDL` names launch as programmatic dependents on `device`: PDL and
+    `hopper`."""
+    return PDL and hopper(device)
 
 
 def launch_folded(y: torch.Tensor, b: torch.Tensor, index: torch.Tensor, sizes: list[int],

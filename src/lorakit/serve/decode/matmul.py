@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bgmv import _multiprocessors, _next_power_of_two, launch_folded, pdl
+from .bgmv import _multiprocessors, _next_power_of_two, hopper, launch_folded, pdl
 
 
 @functools.cache
@@ -161,8 +161,8 @@ def choose(x: torch.Tensor, n: int) -> Tiles | None:
     or None where cuBLAS runs it: `WIDE` for 16-bit `wide` shapes at up to 32 rows on a Hopper
     GPU (or later), else the defaults where `preferred`."""
     rows, k = x.shape
-    if (WIDE is not None and x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and rows <= 32
-            and wide(n, k) and supported(rows, k, WIDE) and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if (WIDE is not None and x.dtype in (torch.float16, torch.bfloat16) and rows <= 32 and wide(n, k)
+            and supported(rows, k, WIDE) and hopper(x.device)):
         return WIDE
     return Tiles() if preferred(rows, n, k) else None
 
