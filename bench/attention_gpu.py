@@ -21,8 +21,9 @@ import sys
 import torch
 
 from bgmv_gpu import timed
-from lorakit.serve.decode.attention import available, launch, reference
 from lorakit.serve.decode.fused import attend
+from lorakit.serve.decode.ops.attention import available, launch
+from lorakit.serve.decode.ops.reference import attention_reference as reference
 
 SHAPES = {"1b": 64, "8b": 128}  # head dim; both have 8 K/V heads and 32 query heads
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.serve.decode import attention
+from lorakit.serve.decode.ops import attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bgmv_gpu import timed  # noqa: E402

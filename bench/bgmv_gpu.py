@@ -5,7 +5,7 @@ against the per-row loop, and their time beside the two PyTorch ways (`gather`, 
     PYTHONPATH=src python bench/bgmv_gpu.py [--out bgmv.jsonl] [--sweep]
 
 One JSON line per check and per timing; exit 1 when a check fails. `--sweep` first times the
-kernels' tile choices (`bgmv.Tiles`) on three groups (8B gate/up and Q/K/V at 32 rows, 1B
+kernels' tile choices (`tuning.ExpandTiles`) on three groups (8B gate/up and Q/K/V at 32 rows, 1B
 gate/up at 128 rows of 256 slots): the shrink's choices with the default expand, then the
 expand's with the best shrink; the defaults are the winners of that sweep.
 """
@@ -21,8 +21,10 @@ import sys
 
 import torch
 
-from lorakit.serve.decode.bgmv import Tiles, launch
-from lorakit.serve.decode.lora import batched_lora, batched_lora_reference
+from lorakit.serve.decode.lora import batched_lora
+from lorakit.serve.decode.ops.bgmv import launch
+from lorakit.serve.decode.ops.reference import batched_lora_reference
+from lorakit.serve.decode.tuning import ExpandTiles as Tiles
 
 SHAPES = {  # hidden, intermediate, kv width
     "1b": (2048, 8192, 512),

@@ -184,7 +184,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         import lorakit as lk
-        from lorakit.models import load_model
+        from lorakit.base.models import load_model
 
         ids = torch.arange(3, 40, device=device).unsqueeze(0)
         reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(device).eval()

@@ -23,7 +23,7 @@ import torch
 
 from lorakit.compare.command import CompareArgs, compare
 from lorakit.demo.__main__ import EVAL, TRAIN
-from lorakit.train import TrainArgs, train
+from lorakit.train.recipe import TrainArgs, train
 
 
 def run(output: Path, steps: int, lr: float, warmup: int | None, held_out: int) -> float:

@@ -9,7 +9,7 @@ rest is reported). A case that has not finished after --limit-s seconds is stopp
 steps it logged so far count.
 
     default    OMP_NUM_THREADS = the CPU count: PyTorch's default pool, no adaptation
-    adaptive   lorakit's choice (lorakit.threads: PyTorch's pool when idle, a probe when
+    adaptive   lorakit's choice (lorakit.base.threads: PyTorch's pool when idle, a probe when
                another process competes or the steps slow down)
     one        LORAKIT_THREADS=1
 
@@ -86,7 +86,7 @@ def main() -> None:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
-    from lorakit.threads import available_cpus
+    from lorakit.base.threads import available_cpus
 
     cpus = available_cpus()
     results = []

@@ -53,7 +53,7 @@ def one_run(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit import distributed
+    from lorakit.train import distributed
 
     cuda = torch.cuda.is_available()
     device = (

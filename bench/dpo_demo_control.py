@@ -18,7 +18,7 @@ import time
 
 from lorakit.demo import __main__ as demo
 from lorakit.demo import dpo
-from lorakit.train import TrainArgs, train
+from lorakit.train.recipe import TrainArgs, train
 
 
 def main() -> None:

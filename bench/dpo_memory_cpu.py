@@ -34,8 +34,8 @@ SIDES = ("trl", "trl-gc", "lorakit", "lorakit-fp32")
 def child(side: str, steps: int, batch: int, out: str) -> dict:
     import torch
 
+    from lorakit.base.models import load_model
     from lorakit.demo.__main__ import TRAIN_PAIRS
-    from lorakit.models import load_model
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def child(side: str, steps: int, batch: int, out: str) -> dict:
         trainer.train()
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     else:
-        from lorakit.train import TrainArgs, train
+        from lorakit.train.recipe import TrainArgs, train
 
         args = TrainArgs(data=str(TRAIN_PAIRS), output=out, objective="dpo", beta=0.1, lr=1e-4, batch_size=batch,
                          max_steps=steps, seq_len=512, rank=16, alpha=32, log_every=1, save_every=10**6,

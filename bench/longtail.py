@@ -59,7 +59,7 @@ def token_examples(n: int, seed: int, vocab: int, clip: int = CLIP):
     """n lorakit Examples of random token ids with these lengths, the loss on the reply only."""
     import torch
 
-    from lorakit.data import IGNORE, Example
+    from lorakit.data.sft import IGNORE, Example
 
     g = torch.Generator().manual_seed(seed)
     out = []

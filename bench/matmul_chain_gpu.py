@@ -10,12 +10,12 @@ step reads each weight once) and replays from one CUDA graph the 128 matmuls of 
 
     cublas     F.linear
     split-k    `matmul.launch` with the default tiles (pointer loads, x's tile first)
-    wide       `matmul.launch` with `matmul.WIDE` (tensor descriptors, the weight's tile first)
+    wide       `matmul.launch` with `tuning.WIDE_MATMUL` (tensor descriptors, the weight's tile first)
     folded     what a folded decoding step runs now (`matmul.choose`; cuBLAS where it says None)
 
 with the expand left out (the same for every way). A read kernel that sums every weight once
 gives the bandwidth these matmuls can reach. --sweep adds, per group, the grid of tiles that
-`WIDE` was chosen from. Every kernel's result is checked against F.linear's in float64.
+`WIDE_MATMUL` was chosen from. Every kernel's result is checked against F.linear's in float64.
 
 --expand times the other half of a folded group, `bgmv.launch_folded`'s expand, the same way:
 every layer's own B for the 33 slots (cold in L2), the partials of the group's matmul as
@@ -25,7 +25,7 @@ warps); each result is checked against the default tiles'.
 
 --pdl times whole folded projections (`matmul.folded_projection`, the matmul and the expand
 with its epilogue) the same way, with the expand launched as the matmul's programmatic
-dependent (`bgmv.PDL`) and without, twice each, and checks that both give equal outputs.
+dependent (`DecodeTuning.pdl`) and without, twice each, and checks that both give equal outputs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorakit.serve.decode import matmul
+from lorakit.serve.decode.ops import matmul
+from lorakit.serve.decode.tuning import WIDE_MATMUL, ExpandTiles, MatmulTiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bgmv_gpu import groups, json_lines  # noqa: E402
@@ -94,7 +95,7 @@ def graph_us(fns, replays: int = 7) -> float:
 def sweep():
     for swap, tma, bn, bk, stages, pps in itertools.product((True, False), (True, False), (64, 128), (128, 256), (3, 4, 6),
                                                            (1, 2)):
-        yield matmul.Tiles(bn=bn, bk=bk, stages=stages, programs_per_sm=pps, swap=swap, tma=tma)
+        yield MatmulTiles(bn=bn, bk=bk, stages=stages, programs_per_sm=pps, swap=swap, tma=tma)
 
 
 def run_size(size: str, rows: int, do_sweep: bool, budget_s: float, emit) -> None:
@@ -115,16 +116,16 @@ def run_size(size: str, rows: int, do_sweep: bool, budget_s: float, emit) -> Non
                                                                   num_warps=8) for w in flat])
     emit(size=size, kind="read", us_per_layer=round(us / LAYERS, 2), tb_per_s=round(sum(mb.values()) * LAYERS / us, 2))
 
-    def make(way: str, name: str, x: torch.Tensor, w: torch.Tensor, tiles: matmul.Tiles | None = None):
+    def make(way: str, name: str, x: torch.Tensor, w: torch.Tensor, tiles: MatmulTiles | None = None):
         if way == "cublas" or (way == "folded" and matmul.choose(x, w.shape[0]) is None):
             return lambda: F.linear(x, w)
         if way == "folded":
             tiles = matmul.choose(x, w.shape[0])
         elif tiles is None:
-            tiles = {"split-k": matmul.Tiles(), "wide": matmul.WIDE}[way]
+            tiles = {"split-k": MatmulTiles(), "wide": WIDE_MATMUL}[way]
         return lambda: matmul.launch(x, w, tiles)
 
-    def chain(way: str, names: list[str], tiles: matmul.Tiles | None = None) -> dict:
+    def chain(way: str, names: list[str], tiles: MatmulTiles | None = None) -> dict:
         fns = [make(way, name, xs[name], weights[name][layer], tiles) for layer in range(LAYERS) for name in names]
         us = graph_us(fns)
         err = 0.0
@@ -176,7 +177,7 @@ def _adapter_side(name: str, total: int, rows: int, device: torch.device, gen: t
 
 
 def run_expand(size: str, rows: int, emit) -> None:
-    from lorakit.serve.decode import bgmv
+    from lorakit.serve.decode.ops import bgmv
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -205,7 +206,7 @@ def run_expand(size: str, rows: int, emit) -> None:
         return dict(us_per_layer=round(us / LAYERS, 2), b_tb_per_s=round(read * LAYERS / us, 2), rel_err=round(err, 4))
 
     order = list(cases)
-    grid = [None] + [bgmv.Tiles(bn=bn, expand_warps=wp) for bn in (128, 256, 512, 1024) for wp in (1, 2, 4, 8)]
+    grid = [None] + [ExpandTiles(bn=bn, expand_warps=wp) for bn in (128, 256, 512, 1024) for wp in (1, 2, 4, 8)]
     for tiles in grid:
         label = dict(bn=None, warps=None) if tiles is None else dict(bn=tiles.bn, warps=tiles.expand_warps)
         for names in [[nm] for nm in order] + [order]:
@@ -219,8 +220,9 @@ def run_expand(size: str, rows: int, emit) -> None:
 def run_pdl(size: str, rows: int, emit) -> None:
     """Whole folded projections (`matmul.folded_projection`: the matmul, then the expand with its
     epilogue) over 32 layers, each layer's weight and B cold in L2, with the expand launched as
-    the matmul's programmatic dependent (`bgmv.PDL`) and without; the outputs must be equal."""
-    from lorakit.serve.decode import bgmv
+    the matmul's programmatic dependent (`DecodeTuning.pdl`) and without; the outputs must be equal."""
+    from lorakit.serve.decode import tuning
+
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -240,13 +242,13 @@ def run_pdl(size: str, rows: int, emit) -> None:
         record = dict(size=size, kind="pdl", group=names[0] if len(names) == 1 else "layer")
         outs = {}
         for on in (False, True, False, True):
-            bgmv.PDL = on
+            tuning.install(tuning.DecodeTuning(pdl=on))
             try:
                 fns = [lambda c=cases[nm], layer=layer: call(c, layer) for layer in range(LAYERS) for nm in names]
                 record.setdefault("us_per_layer_pdl" if on else "us_per_layer", []).append(round(graph_us(fns) / LAYERS, 2))
                 outs[on] = [call(cases[nm], 0) for nm in names]
             finally:
-                bgmv.PDL = True
+                tuning.install(tuning.DecodeTuning())
         record["equal"] = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True], strict=True))
         emit(**record)
 

@@ -46,7 +46,7 @@ import rich.progress  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-import lorakit.train as recipe
+import lorakit.train.recipe as recipe
 from lorakit.cli import main
 
 baseline = status("VmRSS")
@@ -105,7 +105,7 @@ def measure(precision: str, max_tokens: int, allocator: str, *, batch_size: int,
 
 def predict(precision: str, max_tokens: int, *, batch_size: int, seq_len: int) -> dict:
     """What `lorakit plan --device cpu` predicts for the same settings, in MiB."""
-    from lorakit.plan import PlanArgs, plan
+    from lorakit.train.plan import PlanArgs, plan
 
     predicted = plan(PlanArgs(device="cpu", precision=precision, batch_size=batch_size, seq_len=seq_len,
                               max_tokens=max_tokens))

@@ -467,8 +467,8 @@ def as_lorakit(argv: list[str]) -> int:
     parser.add_argument("--stop-step", type=int)
     parser.add_argument("--deterministic", action="store_true")
     opts = parser.parse_args(argv[:split])
-    from lorakit import objectives
     from lorakit.cli import main as cli_main
+    from lorakit.train import objectives
 
     if opts.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -42,8 +42,8 @@ def worker(name: str, steps: int, warmup: int, batch: int, seq: int, rank: int, 
     from transformers import AutoModelForCausalLM
 
     import lorakit
-    from lorakit import quant
-    from lorakit.models import default_model_path
+    from lorakit.base import quant
+    from lorakit.base.models import default_model_path
 
     torch.set_num_threads(threads)
     spec = CONFIGS[name]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.files import load_adapter
+from lorakit.base.models import load_model
 from lorakit.demo.__main__ import EVAL, TRAIN, measure, read
-from lorakit.io import load_adapter
-from lorakit.models import load_model
 
 
 def main() -> None:

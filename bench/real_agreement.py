@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lorakit  # noqa: E402
-from lorakit.models import load_model  # noqa: E402
+from lorakit.base.models import load_model  # noqa: E402
 from lorakit.serve import SamplingParams  # noqa: E402
 from serve import make_adapters  # noqa: E402
 from serve_gpu import Suite, _unload  # noqa: E402

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.inject import delete_adapter
-from lorakit.io import AdapterFiles, adapter_config_dict, adapter_state_dict
+from lorakit.adapters.files import AdapterFiles, adapter_config_dict, adapter_state_dict
+from lorakit.adapters.inject import delete_adapter
 from lorakit.serve import Engine, SamplingParams
 from serve_gpu import CASES, Suite, bars
 

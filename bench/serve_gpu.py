@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.io import AdapterFiles
+from lorakit.adapters.files import AdapterFiles
 from lorakit.serve import Engine, SamplingParams
 
 CASES = (
@@ -294,7 +294,7 @@ class Suite:
 
     def nf4(self) -> None:
         """The 1B base quantized to NF4 (bitsandbytes), 32 distinct adapters, on the fast path."""
-        from lorakit import quant
+        from lorakit.base import quant
 
         model = quant.quantize_model(self.build_model(self.sizes[0], self.device, self.dtype), "nf4")
         prompts = self.prompts(32, model.config.vocab_size)

@@ -14,10 +14,10 @@ one replayed decoding graph of the batch's size. Variants (the default path is t
     folded      + the shrink folded into the base matmul (cuBLAS)
     writes      + the attention kernel applies RoPE and writes the step's K/V
     static      + torch.compile's automatic dynamic sizes (the weights' sizes constant)
-    split-k     + the split-K matmul where `matmul.preferred` (without `matmul.WIDE`)
-    wide        + `matmul.WIDE`'s tiles for the shapes `matmul.choose` gives them
-    no-pdl      + the expand's tiles after a folded matmul (`bgmv.FOLDED`)
-    default     + the step's Triton kernels launched as programmatic dependents (`bgmv.PDL`)
+    split-k     + the split-K matmul where `matmul.preferred` (without `DecodeTuning.wide`)
+    wide        + `DecodeTuning.wide`'s tiles for the shapes `matmul.choose` gives them
+    no-pdl      + the expand's tiles after a folded matmul (`DecodeTuning.folded_expand`)
+    default     + the step's Triton kernels launched as programmatic dependents (`DecodeTuning.pdl`)
 
 --profile names variants whose step and prefill kernels are listed (`serve_profile.py`'s tables).
 """
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lorakit.serve import Engine, SamplingParams  # noqa: E402
-from lorakit.serve.decode import bgmv, matmul  # noqa: E402
+from lorakit.serve.decode.tuning import DecodeTuning  # noqa: E402
 from serve import build_model, byte_tokenizer, make_adapters  # noqa: E402
 from serve_gpu import Suite, _unload  # noqa: E402
 from serve_profile import (  # noqa: E402
@@ -48,15 +48,16 @@ from serve_profile import (  # noqa: E402
     replay_ms,
 )
 
-VARIANTS = {  # name: (fold, attention writes, split-K, every size symbolic, matmul.WIDE, bgmv.FOLDED, bgmv.PDL)
-    "unfolded": (False, False, False, True, False, False, False),
-    "folded": (True, False, False, True, False, False, False),
-    "writes": (True, True, False, True, False, False, False),
-    "static": (True, True, False, False, False, False, False),
-    "split-k": (True, True, True, False, False, False, False),
-    "wide": (True, True, True, False, True, False, False),
-    "no-pdl": (True, True, True, False, True, True, False),
-    "default": (True, True, True, False, True, True, True),
+_OFF = dict(wide=None, folded_expand=None, pdl=False)
+VARIANTS = {  # each variant adds one change to the one before it; "default" is DecodeTuning()
+    "unfolded": DecodeTuning(fold=False, attention_writes=False, split_k=False, dynamic=True, **_OFF),
+    "folded": DecodeTuning(fold=True, attention_writes=False, split_k=False, dynamic=True, **_OFF),
+    "writes": DecodeTuning(fold=True, attention_writes=True, split_k=False, dynamic=True, **_OFF),
+    "static": DecodeTuning(fold=True, attention_writes=True, split_k=False, **_OFF),
+    "split-k": DecodeTuning(fold=True, **_OFF),
+    "wide": DecodeTuning(fold=True, folded_expand=None, pdl=False),
+    "no-pdl": DecodeTuning(fold=True, pdl=False),
+    "default": DecodeTuning(fold=True),
 }
 
 
@@ -71,8 +72,6 @@ def main() -> None:
     args = parser.parse_args()
     log = line_logger(Path(args.out))
 
-    compile_ = torch.compile
-    wide_tiles, folded_tiles = matmul.WIDE, bgmv.FOLDED
     Args.device = args.device
     suite = Suite(Args(), build_model, byte_tokenizer, make_adapters)
     if torch.cuda.is_available():
@@ -86,19 +85,13 @@ def main() -> None:
         rows = [names[(7 * i) % pool] for i in range(batch)] if pool > batch else names[:batch]
         prompts = suite.prompts(batch, model.config.vocab_size)
         for variant in args.variants.split(","):
-            fold, writes, split_k, symbolic, wide, folded_expand, dependent = VARIANTS[variant]
-            matmul.WIDE = wide_tiles if wide else None
-            bgmv.FOLDED = folded_tiles if folded_expand else None
-            bgmv.PDL = dependent
-            torch.compile = (lambda f, **kw: compile_(f, **{**kw, "dynamic": True})) if symbolic else compile_
             engine = None
             try:
                 start = time.perf_counter()
                 engine = Engine(model, suite.tok, max_batch=batch, max_queue=100000, max_adapters_on_device=pool,
-                                context_length=512, decode_path="fast")
+                                context_length=512, decode_path="fast", tuning=VARIANTS[variant])
                 engine.eos_ids = set()
                 decoder = engine.decoder.decoder
-                decoder.fold, decoder.attention_writes, decoder.split_k = fold, writes, split_k
                 for name, files in adapters.items():
                     engine.load_adapter(name, files)
                 with engine:
@@ -114,9 +107,6 @@ def main() -> None:
 
                 log(f"b{batch}:{pool} {variant} failed\n" + traceback.format_exc())
             finally:
-                torch.compile = compile_
-                matmul.WIDE, bgmv.FOLDED = wide_tiles, folded_tiles
-                bgmv.PDL = True
                 if engine is not None:
                     _unload(engine, adapters)
                     del engine

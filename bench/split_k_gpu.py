@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorakit.serve.decode import matmul
-from lorakit.serve.decode.bgmv import launch_folded
+from lorakit.serve.decode.ops import matmul
+from lorakit.serve.decode.ops.bgmv import launch_folded
+from lorakit.serve.decode.tuning import MatmulTiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bgmv_gpu import SHAPES, groups, json_lines, timed  # noqa: E402
@@ -54,7 +55,7 @@ def sweep_shape(name: str, sizes: list[int], k: int, slots: int, r: int, rows: i
     index = torch.randperm(slots - 1, device=device)[:rows]
     mb = w.numel() * 2 / 1e6
 
-    def kernel(tiles: matmul.Tiles) -> torch.Tensor:
+    def kernel(tiles: MatmulTiles) -> torch.Tensor:
         return launch_folded(matmul.launch(x, w, tiles), b, index, sizes, dtype=x.dtype)
 
     cublas = timed(lambda: F.linear(x, w))
@@ -66,7 +67,7 @@ def sweep_shape(name: str, sizes: list[int], k: int, slots: int, r: int, rows: i
     for bn, bk, pps, stages in itertools.product((32, 64, 128), (128, 256), (1, 2, 4), (3, 5)):
         if time.time() > stop:
             break
-        tiles = matmul.Tiles(bn=bn, bk=bk, programs_per_sm=pps, stages=stages, warps=8 if bn == 128 else 4)
+        tiles = MatmulTiles(bn=bn, bk=bk, programs_per_sm=pps, stages=stages, warps=8 if bn == 128 else 4)
         try:
             gemm = timed(functools.partial(matmul.launch, x, w, tiles))
             both = timed(functools.partial(kernel, tiles))
@@ -82,7 +83,7 @@ def sweep_shape(name: str, sizes: list[int], k: int, slots: int, r: int, rows: i
         if best is None or both < best["all_us"]:
             best = record
     emit(best=True, **(best or {}), cublas_all_us=round(cublas_all, 2))
-    emit(shape=name, default=True, all_us=round(timed(functools.partial(kernel, matmul.Tiles())), 2))
+    emit(shape=name, default=True, all_us=round(timed(functools.partial(kernel, MatmulTiles())), 2))
 
 if __name__ == "__main__":
     main()

@@ -12,11 +12,11 @@ sides alternate for `--rounds` rounds so that load from other processes hits bot
                    (the issue's baseline)
 - peft-bf16:       the same on a bf16 base under torch.autocast(bfloat16), fp32 adapter: PEFT
                    given the same precision as lorakit's default on a CPU with native bf16
-- lorakit:         lorakit train's CPU step: lorakit.inject + compute_loss (output head and
+- lorakit:         lorakit train's CPU step: lorakit.adapters.inject + compute_loss (output head and
                    cross-entropy only at supervised positions, in chunks), batch 8 run in
                    pieces of at most CPU_MAX_TOKENS tokens (the same update), precision
                    "auto": on a CPU with native bf16 a bf16 base under bf16 autocast with
-                   attention in fp32 (lorakit.precision), fp32 elsewhere
+                   attention in fp32 (lorakit.train.precision), fp32 elsewhere
 - lorakit-fp32:    the same with --precision fp32
 
 tokens/s counts real (non-padding) tokens; every side trains on the same tokens. Accuracy:
@@ -40,7 +40,7 @@ SIDES = ("peft", "peft-bf16", "lorakit", "lorakit-fp32")
 
 
 def load(model_dir: str | None, random_init: bool, dtype: torch.dtype = torch.float32):
-    from lorakit.models import load_model
+    from lorakit.base.models import load_model
 
     if not random_init:
         return load_model(model_dir, device="cpu", dtype=dtype)
@@ -54,11 +54,12 @@ def load(model_dir: str | None, random_init: bool, dtype: torch.dtype = torch.fl
 
 def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, max_tokens: int | None,
           seed: int = 0) -> dict:
-    from lorakit import LoraConfig, inject, load_adapter, save_adapter
-    from lorakit.data import as_sequences, collate, load_examples, split_rows
+    from lorakit import LoraConfig, load_adapter, save_adapter
+    from lorakit.adapters import inject
+    from lorakit.data.sft import as_sequences, collate, load_examples, split_rows
     from lorakit.demo.__main__ import EVAL, TRAIN
-    from lorakit.precision import attention_in_fp32, autocast_dtype_for
-    from lorakit.train import CPU_MAX_TOKENS, compute_loss, evaluate
+    from lorakit.train.precision import attention_in_fp32, autocast_dtype_for
+    from lorakit.train.recipe import CPU_MAX_TOKENS, compute_loss, evaluate
 
     cpu = torch.device("cpu")
     if side.startswith("peft"):

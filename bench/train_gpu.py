@@ -88,8 +88,8 @@ CASES = {
     # Long-tailed chat lengths (bench/longtail.py), loss on replies, tokens/s counting real
     # tokens only. PEFT: a plain loop over padded batches of `batch` random examples (right
     # padding, attention mask); -compile-model pads to a multiple of 256 (fewer recompiles).
-    # lorakit: `lorakit train`'s own path: padding-free token-budget batches (lorakit.packing),
-    # settings from --memory auto under `memory_limit` GiB (lorakit.memory), the recipe's loss.
+    # lorakit: `lorakit train`'s own path: padding-free token-budget batches (lorakit.data.packing),
+    # settings from --memory auto under `memory_limit` GiB (lorakit.train.memory), the recipe's loss.
     "8b-peft-padded-b2": ("8b", "peft", False, {"data": "longtail", "batch": 2}),
     "8b-peft-padded-b4": ("8b", "peft", False, {"data": "longtail", "batch": 4}),
     "8b-peft-padded-b8": ("8b", "peft", False, {"data": "longtail", "batch": 8}),
@@ -297,7 +297,7 @@ def run_case(
             info = "per-layer torch.compile"
     else:
         import lorakit
-        from lorakit.kernels import FastPathConfig, enable_fast_path
+        from lorakit.train.fastpath import FastPathConfig, enable_fast_path
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -305,7 +305,7 @@ def run_case(
             model, lorakit.LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS)
         )
         if quantized:  # lorakit's own NF4 base (double-quantized, bf16 compute), under the adapters
-            from lorakit.quant import quantize_model
+            from lorakit.base.quant import quantize_model
 
             quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
             if DEVICE == "cuda":
@@ -409,11 +409,11 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
 
     import longtail
     import lorakit
-    from lorakit.data import collate
-    from lorakit.kernels import enable_fast_path
-    from lorakit.memory import after_first_step, fit_for_training
-    from lorakit.packing import layout
-    from lorakit.train import compute_loss
+    from lorakit.data.packing import layout
+    from lorakit.data.sft import collate
+    from lorakit.train.fastpath import enable_fast_path
+    from lorakit.train.memory import after_first_step, fit_for_training
+    from lorakit.train.recipe import compute_loss
 
     shape, stack, _quantized, opts = CASES[name]
     s = SHAPES[shape]
@@ -428,7 +428,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
         examples = longtail.token_examples(60 + measure + extra, DATA_SEED, VOCAB, clip=2 * SEQ)  # 4096 on the GPU
         timed, warm = examples[60 : 60 + measure], examples[:60] + examples[60 + measure :]
     else:  # the fixed-length batch: rows of SEQ tokens, all supervised
-        from lorakit.data import Example
+        from lorakit.data.sft import Example
 
         g = torch.Generator().manual_seed(1)
         rows = [torch.randint(0, VOCAB, (SEQ,), generator=g).tolist() for _ in range(s["batch"] * (warmup + 8))]
@@ -454,10 +454,10 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
                 if widths is not None:  # the warm-up: a batch at each of `widths`, rows cut to fit
                     # (every token supervised: a cut row may have lost its whole reply)
                     rows = exs[k * b : (k + 1) * b] if (k + 1) * b <= len(exs) else exs[:b]
-                    group = [lorakit.data.TokenRow(e.input_ids[:members], e.input_ids[:members], list(range(len(e.input_ids[:members]))))
+                    group = [lorakit.data.sft.TokenRow(e.input_ids[:members], e.input_ids[:members], list(range(len(e.input_ids[:members]))))
                              for e in rows]
                 else:
-                    group = [lorakit.data.TokenRow(exs[i].input_ids, exs[i].labels, list(range(len(exs[i].input_ids))))
+                    group = [lorakit.data.sft.TokenRow(exs[i].input_ids, exs[i].labels, list(range(len(exs[i].input_ids))))
                              for i in members]
                 longest = max(len(r.input_ids) for r in group)
                 width = members if widths is not None else (
@@ -496,7 +496,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
             if not packed:
                 for i in range(0, len(exs), s["batch"]):
                     group = exs[i : i + s["batch"]]
-                    yield collate([lorakit.data.TokenRow(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in group], 0)
+                    yield collate([lorakit.data.sft.TokenRow(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in group], 0)
                 return
             plan = layout(exs, packing=None, tokens_per_batch=tokens, seq_len=SEQ * 2, batch_size=1, seed=DATA_SEED,
                           padding_free=True, budget_cap=cap)
@@ -697,7 +697,7 @@ def check() -> dict:
     from torch import nn
 
     import lorakit
-    from lorakit.kernels.elementwise import (
+    from lorakit.train.fastpath.elementwise import (
         rms_norm,
         rms_norm_reference,
         rope,
@@ -705,7 +705,7 @@ def check() -> dict:
         swiglu,
         swiglu_reference,
     )
-    from lorakit.kernels.lora_linear import (
+    from lorakit.train.fastpath.lora_linear import (
         KEEP_NOTHING,
         Keep,
         Projection,
@@ -716,7 +716,7 @@ def check() -> dict:
         swiglu_lora,
         swiglu_lora_reference,
     )
-    from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
+    from lorakit.train.fastpath.loss import linear_cross_entropy, linear_cross_entropy_reference
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -849,15 +849,15 @@ def packed_checks() -> dict:
 
     import longtail
     import lorakit
-    from lorakit.data import collate
-    from lorakit.kernels import FastPathConfig, enable_fast_path, fused_loss_sum
-    from lorakit.kernels.attention import (
+    from lorakit.data.packing import pack_to_budget
+    from lorakit.data.sft import collate
+    from lorakit.train.fastpath import FastPathConfig, enable_fast_path, fused_loss_sum
+    from lorakit.train.fastpath.attention import (
         Segments,
         backend,
         packed_attention,
         packed_attention_reference,
     )
-    from lorakit.packing import pack_to_budget
 
     out: dict = {"packed_backend": backend(torch.device(DEVICE))}
     lengths = [700, 3, 1200, 45, 2000, 148] if DEVICE == "cuda" else [7, 3, 12, 5]
@@ -917,7 +917,7 @@ def loss_curves(steps: int = 30) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.kernels import FastPathConfig, enable_fast_path
+    from lorakit.train.fastpath import FastPathConfig, enable_fast_path
 
     curves = {}
     for fast in (False, True):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.base.models import load_model
 from lorakit.cli import main, parse
-from lorakit.models import load_model
 
 
 def test_train_info_generate_eval_merge(tmp_path, tiny_model_dir, chat_data, capsys):

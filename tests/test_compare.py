@@ -12,9 +12,9 @@ import torch
 import lorakit
 from conftest import make_serve_adapter, tiny_llama_for_tokenizer
 from lorakit.cli import main
-from lorakit.compare.measure import divergence, general_prompts, generated_reference
-from lorakit.data import IGNORE, TokenRow
+from lorakit.data.sft import IGNORE, TokenRow
 from lorakit.demo.__main__ import EVAL as EVAL_PATH
+from lorakit.evaluation.measure import divergence, general_prompts, generated_reference
 
 
 def _rows(seed: int = 0, n: int = 5) -> list[TokenRow]:
@@ -166,9 +166,9 @@ def test_compare_refuses_bad_input_and_writes_nothing(tmp_path, tiny_model_dir, 
 
 
 def test_compare_on_the_users_reference_file(tmp_path, tiny_model_dir, capsys):
-    from lorakit.compare.measure import file_reference
-    from lorakit.data import load_examples
-    from lorakit.models import load_model
+    from lorakit.base.models import load_model
+    from lorakit.data.sft import load_examples
+    from lorakit.evaluation.measure import file_reference
 
     reference = tmp_path / "general.jsonl"
     rows = [{"prompt": "The sky is ", "completion": "blue."}, {"text": "Water boils at 100 degrees."}]
@@ -195,8 +195,8 @@ def test_the_demo_ends_with_compares_headline_for_its_adapter(tmp_path, monkeypa
     """`make demo`'s last step: `lorakit compare` on the demo adapter, its headline printed and
     report.html written beside the adapter. A tiny random model stands in for the bundled one
     (placed where the bundled model's converted copy is looked up), so this takes seconds."""
+    from lorakit.base.models import DEFAULT_MODEL_NAME
     from lorakit.demo.__main__ import main as demo
-    from lorakit.models import DEFAULT_MODEL_NAME
 
     model, tok = tiny_llama_for_tokenizer()
     cache = tmp_path / "cache"
@@ -204,7 +204,7 @@ def test_the_demo_ends_with_compares_headline_for_its_adapter(tmp_path, monkeypa
     tok.save_pretrained(cache / DEFAULT_MODEL_NAME)
     monkeypatch.setenv("LORAKIT_CACHE", str(cache))
     shipped = general_prompts
-    monkeypatch.setattr("lorakit.compare.measure.general_prompts", lambda limit=None: shipped(3))
+    monkeypatch.setattr("lorakit.evaluation.measure.general_prompts", lambda limit=None: shipped(3))
     # One thread: a tiny model gains nothing from more, and loses much on a CPU that is busy.
     monkeypatch.setenv("LORAKIT_THREADS", "1")
     threads = torch.get_num_threads()

@@ -13,7 +13,7 @@ from torch import nn
 
 import lorakit
 from conftest import MODELS, example_input, run, tiny_llama, tiny_mlp
-from lorakit.layers import LoraLayer
+from lorakit.adapters.layers import LoraLayer
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "gate_proj"],

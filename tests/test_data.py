@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama_for_tokenizer, tiny_tokenizer
-from lorakit.data import (
+from lorakit.data.sft import (
     IGNORE,
     DataError,
     as_sequences,
@@ -118,7 +118,7 @@ def test_messages_train_on_assistant_turns_only():
 
 
 def read_rows_from(rows):
-    from lorakit.data import Row
+    from lorakit.data.sft import Row
 
     return [Row(r, "mem.jsonl", i) for i, r in enumerate(rows, start=1)]
 
@@ -145,7 +145,7 @@ def test_packing_keeps_examples_whole_and_restarts_positions():
 
 def test_packed_loss_equals_the_loss_of_separate_examples():
     """transformers turns restarting position ids into a block-diagonal mask: no cross-talk."""
-    from lorakit.train import compute_loss
+    from lorakit.train.recipe import compute_loss
 
     model, tok = tiny_llama_for_tokenizer()
     examples, _ = tokenize_rows(read_rows_from(ROWS["prompt_completion"] + ROWS["text"]), tok, 128)

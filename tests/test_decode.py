@@ -11,19 +11,22 @@ import torch
 
 import lorakit
 from conftest import tiny_llama
-from lorakit.layers import LoraLinear
-from lorakit.serve.decode import choose_path
+from lorakit.adapters.layers import LoraLinear
+from lorakit.serve.decode import FastDecoder
 from lorakit.serve.decode.kv import SlotCache
-from lorakit.serve.decode.llama import DecoderModel, decode_reason
 from lorakit.serve.decode.lora import (
     GROUPS,
     AdapterSlots,
     batched_lora,
-    batched_lora_reference,
     split,
 )
+from lorakit.serve.decode.model import DecoderModel, decode_reason
+from lorakit.serve.decode.ops.reference import batched_lora_reference
 from lorakit.serve.decode.runner import SlotBatch, batch_buckets
-from lorakit.serve.decode.sampling import sample_rows, uniform
+from lorakit.serve.decode.sampler import sample_rows, uniform
+from lorakit.serve.decode.tuning import DecodeTuning
+from lorakit.serve.decoder import choose_decoder
+from lorakit.serve.generic import GenericDecoder
 from lorakit.serve.sampling import SamplingParams
 
 # the slot KV cache --------------------------------------------------------------------
@@ -228,7 +231,7 @@ def test_forward_equals_the_generic_mixed_batch(kind, fused) -> None:
     seqs = [torch.randint(0, 128, (n + 3,), generator=g) for n in lengths]
     with torch.no_grad():
         want = [lorakit.forward_mixed(model, [name], s.unsqueeze(0)).logits[0] for name, s in zip(rows, seqs, strict=True)]
-        decoder = DecoderModel(model, fused=bool(fused), fold=fused == "fold")
+        decoder = DecoderModel(model, fused=bool(fused), tuning=DecodeTuning(fold=fused == "fold"))
         assert (decoder.fused is not None) == bool(fused)
         cache = SlotCache(2, 4, 2, 32, decoder.head_dim, dtype=torch.float64, device="cpu")
         lora = AdapterSlots(decoder.layers, 2, torch.float64, torch.device("cpu"))
@@ -274,19 +277,22 @@ def test_a_causal_forward_must_read_as_many_keys_as_tokens() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, cache.keys, strict=True))
 
 
-def test_decode_reason_and_choose_path() -> None:
+def test_decode_reason_and_choose_decoder() -> None:
     from conftest import tiny_gpt2
 
     assert "not a Llama-family model" in decode_reason(tiny_gpt2(), 64)
     llama = tiny_llama()
-    decoder, line = choose_path(llama, "auto", max_batch=2, context_length=64, max_adapters=2)
-    assert decoder is None and line.startswith("generic") and "cpu" in line
-    decoder, line = choose_path(llama, "fast", max_batch=2, context_length=64, max_adapters=2)
-    assert decoder is not None and line.startswith("fast") and "eager" in line
+    decoder = choose_decoder(llama, None, "auto", max_batch=2, context_length=64, max_adapters=2)
+    assert isinstance(decoder, GenericDecoder)
+    assert decoder.describe().startswith("generic") and "cpu" in decoder.describe()
+    decoder = choose_decoder(llama, None, "generic", max_batch=2, context_length=64, max_adapters=2)
+    assert isinstance(decoder, GenericDecoder) and "asked for" in decoder.describe()
+    decoder = choose_decoder(llama, None, "fast", max_batch=2, context_length=64, max_adapters=2)
+    assert isinstance(decoder, FastDecoder) and decoder.describe().startswith("fast") and "eager" in decoder.describe()
     with pytest.raises(ValueError, match="decode_path 'fast' cannot run this model: GPT2LMHeadModel is not a Llama-family"):
-        choose_path(tiny_gpt2(), "fast", max_batch=2, context_length=64, max_adapters=2)
+        choose_decoder(tiny_gpt2(), None, "fast", max_batch=2, context_length=64, max_adapters=2)
     with pytest.raises(ValueError, match="decode_path must be one of auto, fast, generic; got 'quick'"):
-        choose_path(llama, "quick", max_batch=2, context_length=64, max_adapters=2)
+        choose_decoder(llama, None, "quick", max_batch=2, context_length=64, max_adapters=2)
     from transformers import MistralConfig, MistralForCausalLM
 
     mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -429,7 +435,7 @@ def test_folded_slots_keep_one_copy_and_follow_loads_and_reallocation() -> None:
     ids = torch.randint(0, 128, (3, 6), generator=g)
     with torch.no_grad():
         base = lorakit.forward_mixed(model, [None] * 3, ids).logits
-    decoder = DecoderModel(model, fused=True, fold=True)
+    decoder = DecoderModel(model, fused=True, tuning=DecodeTuning(fold=True))
     cache = SlotCache(2, 3, 2, 16, decoder.head_dim, dtype=torch.float64, device="cpu")
     lora = AdapterSlots(decoder.layers, 3, torch.float64, torch.device("cpu"))
     slots = torch.tensor([cache.allocate() for _ in range(3)])

@@ -10,13 +10,14 @@ import textwrap
 import torch
 
 from conftest import run_in_triton_interpreter
-from lorakit.serve.decode.attention import reference
 from lorakit.serve.decode.fused import attend
+from lorakit.serve.decode.ops.reference import attention_reference as reference
 
 CHECK = textwrap.dedent(
     """
     import torch
-    from lorakit.serve.decode.attention import _works, available, decode_attention, launch, reference
+    from lorakit.serve.decode.ops.attention import _works, available, decode_attention, launch
+    from lorakit.serve.decode.ops.reference import attention_reference as reference
 
     g = torch.Generator().manual_seed(0)
     cases = [

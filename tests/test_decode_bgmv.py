@@ -11,8 +11,8 @@ from conftest import run_in_triton_interpreter
 CHECK = textwrap.dedent(
     """
     import torch
-    from lorakit.serve.decode.bgmv import _works, available, launch
-    from lorakit.serve.decode.lora import batched_lora_reference
+    from lorakit.serve.decode.ops.bgmv import _works, available, launch
+    from lorakit.serve.decode.ops.reference import batched_lora_reference
 
     g = torch.Generator().manual_seed(0)
     cases = [
@@ -39,8 +39,9 @@ CHECK = textwrap.dedent(
         assert err < 1e-5, (rows, sizes, dtype, err)
         print("ok", rows, sizes, dtype, f"{err:.1e}")
     # the expand alone, after a base matmul that also ran every slot's A (the folded shrink)
-    from lorakit.serve.decode import matmul
-    from lorakit.serve.decode.bgmv import launch_folded
+    from lorakit.serve.decode.ops import matmul
+    from lorakit.serve.decode.tuning import WIDE_MATMUL, MatmulTiles
+    from lorakit.serve.decode.ops.bgmv import launch_folded
     from lorakit.serve.decode.lora import folded_lora
 
     def folded_case(rows, slots, r, d_in, sizes, dtype):
@@ -117,9 +118,9 @@ CHECK = textwrap.dedent(
             raise AssertionError(f"an epilogue was accepted: sizes {sizes}, glu {glu}")
     print("ok", "expand epilogues")
     # the split-K matmul alone: partial sums over whole bk-wide parts of k, any split
-    for rows, n, k, dtype, tiles in [(5, 300, 256, torch.float32, matmul.Tiles(bn=64, bk=64)),
-                                     (3, 200, 512, torch.bfloat16, matmul.Tiles(bn=32, bk=128, splits=2)),
-                                     (1, 70, 128, torch.float16, matmul.Tiles(bn=32, bk=32, splits=4))]:
+    for rows, n, k, dtype, tiles in [(5, 300, 256, torch.float32, MatmulTiles(bn=64, bk=64)),
+                                     (3, 200, 512, torch.bfloat16, MatmulTiles(bn=32, bk=128, splits=2)),
+                                     (1, 70, 128, torch.float16, MatmulTiles(bn=32, bk=32, splits=4))]:
         x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
         parts = matmul.launch(x, w, tiles)
         assert parts.dtype == torch.float32 and parts.shape[1:] == (rows, n), parts.shape
@@ -130,10 +131,10 @@ CHECK = textwrap.dedent(
     # the weight's tile first (swap), and the tiles loaded through tensor descriptors: rows and
     # columns past the ends read as zeros; an x whose base is not 16-byte aligned (a view one
     # element in) goes through pointers with the same tiles; the partials start as NaN
-    for rows, n, k, dtype, tiles in [(5, 300, 256, torch.bfloat16, matmul.WIDE),
-                                     (3, 200, 512, torch.float32, matmul.Tiles(bn=32, bk=64, splits=2, swap=True, tma=True)),
-                                     (7, 90, 256, torch.float16, matmul.Tiles(bn=32, bk=128, swap=True)),
-                                     (2, 70, 256, torch.bfloat16, matmul.Tiles(bn=64, bk=128, tma=True))]:
+    for rows, n, k, dtype, tiles in [(5, 300, 256, torch.bfloat16, WIDE_MATMUL),
+                                     (3, 200, 512, torch.float32, MatmulTiles(bn=32, bk=64, splits=2, swap=True, tma=True)),
+                                     (7, 90, 256, torch.float16, MatmulTiles(bn=32, bk=128, swap=True)),
+                                     (2, 70, 256, torch.bfloat16, MatmulTiles(bn=64, bk=128, tma=True))]:
         x, w = torch.randn(rows, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
         shifted = torch.empty(rows * k + 1, dtype=dtype)[1:].view(rows, k)
         shifted.copy_(x)
@@ -151,13 +152,13 @@ CHECK = textwrap.dedent(
     # on the CPU the shape rule alone (`preferred`), and cuBLAS (None) elsewhere
     assert [matmul.wide(n, k) for n, k in [(7728, 4096), (4624, 14336), (29728, 4096), (4656, 2048), (2576, 8192),
                                            (17440, 2048), (1024, 4096), (4096, 1024)]] == [True] * 5 + [False] * 3
-    assert matmul.choose(torch.zeros(32, 4096, dtype=torch.bfloat16), 29728) == matmul.Tiles()
+    assert matmul.choose(torch.zeros(32, 4096, dtype=torch.bfloat16), 29728) == MatmulTiles()
     assert matmul.choose(torch.zeros(32, 4096, dtype=torch.bfloat16), 4624) is None
-    assert matmul.choose(torch.zeros(32, 256), 17) == matmul.Tiles()
+    assert matmul.choose(torch.zeros(32, 256), 17) == MatmulTiles()
     print("ok", "swap and descriptors")
     for x, w, tiles in [(torch.zeros(2, 100), torch.zeros(8, 100), None), (torch.zeros(200, 128), torch.zeros(8, 128), None),
                         (torch.zeros(2, 128), torch.zeros(8, 256), None),
-                        (torch.zeros(2, 256), torch.zeros(8, 256), matmul.Tiles(splits=3))]:
+                        (torch.zeros(2, 256), torch.zeros(8, 256), MatmulTiles(splits=3))]:
         try:
             matmul.launch(x, w, tiles)
         except ValueError as err:
@@ -196,7 +197,8 @@ CHECK = textwrap.dedent(
     import lorakit
     from transformers import LlamaConfig, LlamaForCausalLM
     from lorakit.serve.decode.kv import SlotCache
-    from lorakit.serve.decode.llama import DecoderModel
+    from lorakit.serve.decode.model import DecoderModel
+    from lorakit.serve.decode.tuning import DecodeTuning
     from lorakit.serve.decode.lora import AdapterSlots
 
     torch.manual_seed(0)
@@ -219,8 +221,9 @@ CHECK = textwrap.dedent(
     for kernels in ({"lora_kernel": True, "fold": False}, {"lora_kernel": True, "split_k": False},
                     {"lora_kernel": True}, {"lora_kernel": True, "attention_kernel": True}):
       with torch.no_grad():
-        decoder = DecoderModel(model, fused=True, **{k: v for k, v in kernels.items() if k != "split_k"})
-        decoder.split_k = kernels.get("split_k", True)
+        tuning = DecodeTuning(fold=kernels.get("fold"), split_k=kernels.get("split_k", True))
+        decoder = DecoderModel(model, fused=True, lora_kernel=kernels["lora_kernel"],
+                               attention_kernel=kernels.get("attention_kernel"), tuning=tuning)
         cache = SlotCache(2, 3, 2, 16, decoder.head_dim, dtype=torch.float32, device="cpu")
         lora = AdapterSlots(decoder.layers, 2, torch.float32, torch.device("cpu"))
         lora.sync({"p": 1, "q": 2})
@@ -246,8 +249,8 @@ CHECK = textwrap.dedent(
     # the start-up self-check that `available` runs on a GPU, here on the interpreter
     assert _works(torch.device("cpu")) and not available(torch.device("cpu"))
     # programmatic dependent launch only on a Hopper (or later) GPU, and only while PDL is on
-    from lorakit.serve.decode import bgmv as bgmv_module
-    assert not bgmv_module.pdl(torch.device("cpu"))
+    from lorakit.serve.decode.ops import launch as launch_module
+    assert not launch_module.pdl(torch.device("cpu"))
     print("ok", "self-check")
     """
 )

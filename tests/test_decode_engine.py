@@ -14,9 +14,10 @@ import lorakit
 import test_serve_api as api_tests
 import test_serve_engine as engine_tests
 from conftest import SERVE_ADAPTERS, tiny_llama_for_tokenizer
-from lorakit.inject import lora_layers
+from lorakit.adapters.inject import lora_layers
 from lorakit.serve import AdapterMismatch, Engine, SamplingParams
 from lorakit.serve.api import create_app
+from lorakit.serve.generic import GenericDecoder
 
 _generic_make_engine = engine_tests.make_engine
 
@@ -97,7 +98,7 @@ def test_slots_are_given_back_and_outputs_match_the_generic_path(serve_adapter_d
     names = [*SERVE_ADAPTERS, None, "alpha", "alpha", "beta", None]
     params = engine_tests.greedy(9)
     with _generic_make_engine(serve_adapter_dirs, max_batch=3) as generic:
-        assert generic.decoder is None
+        assert isinstance(generic.decoder, GenericDecoder)
         want = [c.token_ids for c in generic.generate(prompts, names, params)]
     with fast_engine(serve_adapter_dirs, max_batch=3) as engine:
         got = [c.token_ids for c in engine.generate(prompts, names, params)]
@@ -119,7 +120,7 @@ def test_an_adapter_outside_the_projections_is_refused(tmp_path) -> None:
 
 def test_nf4_base_on_the_fast_path(serve_adapter_dirs) -> None:
     """A 4-bit base (bitsandbytes) on the fast path gives the generic path's tokens."""
-    from lorakit import quant
+    from lorakit.base import quant
 
     outs = {}
     for path in ("generic", "fast"):

@@ -11,10 +11,10 @@ import random
 import torch
 from safetensors.torch import load_file
 
-from lorakit import objectives
+from lorakit.adapters.files import load_adapter
+from lorakit.base.models import load_model
 from lorakit.demo import dpo as demo_dpo
-from lorakit.io import load_adapter
-from lorakit.models import load_model
+from lorakit.train import objectives
 
 
 def chat_pairs(n: int, seed: int) -> list[dict]:

@@ -139,7 +139,7 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_llama_for_tokenizer
 import lorakit
 from lorakit import distributed
-from lorakit.quant import quantize_model
+from lorakit.base.quant import quantize_model
 model, _ = tiny_llama_for_tokenizer()
 # A bf16 base with fp32 adapters: FSDP2 then gathers each block in bf16, packed bytes included.
 model = model.to(torch.bfloat16)
@@ -201,14 +201,14 @@ def test_fsdp_shards_the_4bit_storage(tmp_path) -> None:
 
 
 def test_unknown_strategy_is_refused() -> None:
-    from lorakit.train import TrainArgs
+    from lorakit.train.recipe import TrainArgs
 
     with pytest.raises(ValueError, match="--strategy must be one of auto, ddp, fsdp, got 'zero3'"):
         TrainArgs(data="d.jsonl", output="out", strategy="zero3")
 
 
 def test_optimizer_state_for_another_model_is_refused() -> None:
-    from lorakit import distributed
+    from lorakit.train import distributed
 
     model, _ = tiny_llama_for_tokenizer()
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))

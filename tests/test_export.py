@@ -10,10 +10,10 @@ import torch
 
 import lorakit
 from conftest import CHAT_TEMPLATE, adapter_on_tiny_base, tiny_tokenizer
+from lorakit.adapters.layers import LoraLinear
 from lorakit.cli import main
 from lorakit.export.gguf_lora import permute_rows
 from lorakit.export.ollama import go_template, turn_pieces
-from lorakit.layers import LoraLinear
 
 # SmolLM2-Instruct's template: a default system prompt when the conversation has none.
 SMOLLM_TEMPLATE = (

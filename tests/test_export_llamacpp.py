@@ -34,9 +34,9 @@ def demo_adapter() -> Path:
     given = os.environ.get("LORAKIT_DEMO_ADAPTER")
     if given:
         return Path(given)
+    from lorakit.base.models import cache_dir
     from lorakit.demo.__main__ import EVAL, TRAIN
-    from lorakit.models import cache_dir
-    from lorakit.train import TrainArgs, train
+    from lorakit.train.recipe import TrainArgs, train
 
     out = cache_dir() / "test-demo-adapter"
     if (out / "adapter_model.safetensors").is_file():
@@ -52,11 +52,11 @@ def demo_adapter() -> Path:
 
 
 def test_llama_cpp_runs_the_exported_adapter_like_lorakit(demo_adapter, tmp_path):
+    from lorakit.adapters.files import load_adapter
+    from lorakit.base.models import default_gguf_path, load_model
+    from lorakit.base.templates import use_adapter_template
     from lorakit.cli import main
     from lorakit.demo.__main__ import EVAL
-    from lorakit.io import load_adapter
-    from lorakit.models import default_gguf_path, load_model
-    from lorakit.templates import use_adapter_template
 
     exported = tmp_path / "demo.gguf"
     assert main(["export", str(demo_adapter), "--format", "gguf-lora", "--output", str(exported)]) == 0

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 import lorakit
 from conftest import tiny_llama, tiny_llama_for_tokenizer
-from lorakit import train as recipe
-from lorakit.config import matches
-from lorakit.data import DataError, load_examples
-from lorakit.inject import has_adapters
-from lorakit.io import read_adapter
+from lorakit.adapters.config import matches
+from lorakit.adapters.files import read_adapter
+from lorakit.adapters.state import has_adapters
+from lorakit.data.sft import DataError, load_examples
+from lorakit.train import recipe
 from test_train import args_for
 
 
@@ -65,7 +65,7 @@ def test_item2_a_second_run_never_mixes_with_the_first(tmp_path, tiny_model_dir,
 
 
 def test_item2_checkpoints_name_their_run_and_rotate_within_it(tmp_path, tiny_model_dir, chat_data):
-    from lorakit.checkpoint import checkpoint_dirs
+    from lorakit.train.checkpoint import checkpoint_dirs
 
     out = tmp_path / "run"
     recipe.train(args_for(tiny_model_dir, chat_data, out, max_steps=4, save_every=1, keep_checkpoints=2))

@@ -13,8 +13,8 @@ from torch import nn
 
 import lorakit
 from conftest import tiny_llama
-from lorakit.kernels import FastPathConfig, disable_fast_path, enable_fast_path, supported
-from lorakit.kernels.elementwise import (
+from lorakit.train.fastpath import FastPathConfig, disable_fast_path, enable_fast_path, supported
+from lorakit.train.fastpath.elementwise import (
     rms_norm,
     rms_norm_reference,
     rope,
@@ -22,7 +22,7 @@ from lorakit.kernels.elementwise import (
     swiglu,
     swiglu_reference,
 )
-from lorakit.kernels.lora_linear import (
+from lorakit.train.fastpath.lora_linear import (
     KEEP_ALL,
     KEEP_NOTHING,
     Keep,
@@ -34,7 +34,7 @@ from lorakit.kernels.lora_linear import (
     swiglu_lora,
     swiglu_lora_reference,
 )
-from lorakit.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
+from lorakit.train.fastpath.loss import linear_cross_entropy, linear_cross_entropy_reference
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -379,8 +379,8 @@ def test_qwen3_matches_unpatched():
 
 
 def test_training_loss_sum_matches_generic_path():
-    from lorakit.data import IGNORE
-    from lorakit.train import compute_loss
+    from lorakit.data.sft import IGNORE
+    from lorakit.train.recipe import compute_loss
 
     model = _adapted_llama(torch.float64)
     ids, labels = _batch(seed=5)
@@ -395,7 +395,7 @@ def test_training_loss_sum_matches_generic_path():
     _close(got_sum, ref_sum, 1e-6)
     # packed rows: the fast path's variable-length attention, the generic path's block mask
     packed = dict(batch, position_ids=torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5]).expand_as(ids))
-    from lorakit.kernels import fused_loss_sum
+    from lorakit.train.fastpath import fused_loss_sum
 
     ref_packed, _ = compute_loss(reference, packed)
     got_packed = fused_loss_sum(model, ids, labels, packed["position_ids"])
@@ -407,7 +407,7 @@ _FSDP_SCRIPT = """
 import os, torch, torch.distributed as dist
 from conftest import tiny_llama
 import lorakit
-from lorakit.kernels import supported
+from lorakit.train.fastpath import supported
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 dist.init_process_group("gloo", rank=0, world_size=1)
 from torch.distributed.fsdp import fully_shard
@@ -448,7 +448,7 @@ def _fast_path_run(config: FastPathConfig | None, nf4: bool):
     dtype = torch.float32 if nf4 else torch.float64
     model = _adapted_llama(dtype)  # same seeds: the same weights on every call
     if nf4:
-        from lorakit.quant import quantize_model
+        from lorakit.base.quant import quantize_model
 
         quantize_model(model, "nf4", compute_dtype=torch.float32)
     if config is not None:
@@ -529,7 +529,7 @@ def test_recompute_skips_the_down_projection_and_changes_no_gradient(nf4, monkey
     # the forward only, while the gradients equal those of a run that recomputes nothing
     if nf4:
         pytest.importorskip("bitsandbytes")
-    from lorakit.kernels import lora_linear
+    from lorakit.train.fastpath import lora_linear
 
     calls = {"down": 0}
     addmm = torch.addmm

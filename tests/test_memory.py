@@ -1,10 +1,10 @@
-"""--memory auto's arithmetic and decisions on fake device budgets (lorakit.memory)."""
+"""--memory auto's arithmetic and decisions on fake device budgets (lorakit.train.memory)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorakit.memory import (
+from lorakit.train.memory import (
     ADAM_BYTES,
     GiB,
     MemoryFit,
@@ -15,7 +15,7 @@ from lorakit.memory import (
     piece_tokens,
     transient_bytes,
 )
-from lorakit.train import TrainArgs
+from lorakit.train.recipe import TrainArgs
 
 LLAMA_8B = Shape(layers=32, hidden=4096, intermediate=14336, q_dim=4096, kv_dim=1024, vocab=128256)
 LLAMA_1B = Shape(layers=16, hidden=2048, intermediate=8192, q_dim=2048, kv_dim=512, vocab=128256)
@@ -177,7 +177,7 @@ def test_fit_decides_from_the_devices_free_memory_or_the_limit(monkeypatch, free
     the weights are what is allocated before the first step, and the choice is `choose`'s for them."""
     import torch
 
-    from lorakit.memory import fit
+    from lorakit.train.memory import fit
 
     _FakeDevice(monkeypatch, int(free_gib * GiB), WEIGHTS_8B)
     fitted = fit(_meta_8b(), torch.device("cuda"), 8192, limit)
@@ -198,8 +198,8 @@ def test_after_first_step_applies_the_measured_correction_to_the_fast_path(monke
     fit and in the fast path's settings the training loop uses, and the log says so."""
     import torch
 
-    from lorakit.kernels import FastPathConfig
-    from lorakit.memory import after_first_step, fit
+    from lorakit.train.fastpath import FastPathConfig
+    from lorakit.train.memory import after_first_step, fit
 
     device = _FakeDevice(monkeypatch, 120 * GiB, WEIGHTS_8B)
     fitted = fit(_meta_8b(), torch.device("cuda"), 8192, 24.0)
@@ -207,7 +207,7 @@ def test_after_first_step_applies_the_measured_correction_to_the_fast_path(monke
     before = fitted.choice.keep_layers
     device.peak = fitted.choice.peak - 8 * TRAINABLE_8B + int(1.5 * GiB)  # no AdamW moments yet
     logged = []
-    monkeypatch.setattr("lorakit.runlog.log", logged.append)
+    monkeypatch.setattr("lorakit.train.runlog.log", logged.append)
     after_first_step(fitted, torch.device("cuda"), 8192)
     assert fitted.choice.keep_layers < before
     assert fitted.config.keep_layers == fitted.choice.keep_layers

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import tiny_tokenizer
-from lorakit.data import DataError
-from lorakit.metrics import check_references, load_prompts, parse_metric
+from lorakit.data.sft import DataError
+from lorakit.evaluation.metrics import check_references, load_prompts, parse_metric
 
 
 def test_exact_ignores_surrounding_whitespace_only():

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from lorakit import models
+from lorakit.base import models
 from lorakit.cli import main
 
 

@@ -18,15 +18,15 @@ import trl  # noqa: F401  (the reference; a test-time dependency)
 
 import lorakit
 from conftest import tiny_llama_for_tokenizer
-from lorakit.data import IGNORE, Row
-from lorakit.objectives import (
+from lorakit.data.pairs import collate_pairs, tokenize_pair
+from lorakit.data.sft import IGNORE, Row
+from lorakit.train.objectives import (
     PreferenceConfig,
     PreferenceLoss,
     reference_mode,
     sequence_logps,
     stats_record,
 )
-from lorakit.prefdata import collate_pairs, tokenize_pair
 
 ROWS = [
     {"prompt": "1+2=", "chosen": "3", "rejected": "4"},

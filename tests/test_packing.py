@@ -14,16 +14,16 @@ from torch import nn
 
 import lorakit
 from conftest import tiny_llama
-from lorakit.data import IGNORE, Example, collate, epoch_order, micro_batch
-from lorakit.kernels import FastPathConfig, enable_fast_path, fused_loss_sum
-from lorakit.kernels.attention import (
+from lorakit.data.packing import budget_bins, layout, pack_to_budget
+from lorakit.data.sft import IGNORE, Example, collate, epoch_order, micro_batch
+from lorakit.train.fastpath import FastPathConfig, enable_fast_path, fused_loss_sum
+from lorakit.train.fastpath.attention import (
     Segments,
     packed_attention,
     packed_attention_reference,
     segments_from_positions,
 )
-from lorakit.kernels.llama import forward_reason
-from lorakit.packing import budget_bins, layout, pack_to_budget
+from lorakit.train.fastpath.decoder import forward_reason
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -247,7 +247,7 @@ def test_layout_packs_by_default_only_where_padding_free():
 
 def test_generic_path_on_packed_rows_equals_each_sequence_alone():
     """The recipe's loss off the fast path (the CPU, other models) masks packed examples apart."""
-    from lorakit.train import compute_loss
+    from lorakit.train.recipe import compute_loss
 
     model = _adapted_llama()
     reference = copy.deepcopy(model)
@@ -265,7 +265,7 @@ def test_generic_path_on_packed_rows_equals_each_sequence_alone():
 
 
 def test_packed_mask_is_none_for_plain_rows():
-    from lorakit.packing import packed_mask
+    from lorakit.data.packing import packed_mask
 
     assert packed_mask(torch.arange(5).repeat(3, 1)) is None
     mask = packed_mask(torch.tensor([[0, 1, 0, 1, 2]]))

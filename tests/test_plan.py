@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.base.quant import memory_report
 from lorakit.cli import main
-from lorakit.memory import GiB, Shape
-from lorakit.plan import PlanArgs, plan, tokens_per_second
-from lorakit.quant import memory_report
+from lorakit.train.memory import GiB, Shape
+from lorakit.train.plan import PlanArgs, plan, tokens_per_second
 
 
 def _tiny_model_dir(tmp_path):
@@ -40,7 +40,7 @@ def test_plan_counts_the_bytes_the_loaded_model_holds(tmp_path, quantize):
     model.requires_grad_(False)
     lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     if quantize:
-        from lorakit.quant import quantize_model
+        from lorakit.base.quant import quantize_model
 
         quantize_model(model, quantize, compute_dtype=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +108,7 @@ def test_plan_refuses_bad_options_by_name(options, message, capsys):
 
 def _saved_bytes(model, batch, bf16: bool) -> int:
     """Bytes autograd keeps for the backward of the recipe's loss (distinct storages, weights excluded)."""
-    from lorakit.train import compute_loss
+    from lorakit.train.recipe import compute_loss
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     vocab = model.config.vocab_size
@@ -129,13 +129,13 @@ def _saved_bytes(model, batch, bf16: bool) -> int:
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dims", [(64, 4, 2, 24, 160, 4), (48, 6, 3, 8, 96, 8)], ids=["q-wider", "q-narrower"])
 def test_generic_activation_bytes_equal_what_autograd_saves(bf16, dims):
-    """The per-token, per-layer formula of lorakit.memory against autograd's own saved tensors, as a
+    """The per-token, per-layer formula of lorakit.train.memory against autograd's own saved tensors, as a
     layer's difference (three layers less two), for transformers' Llama layers with adapters on all
     seven projections, in fp32 and under bf16 autocast with attention in fp32 (as lorakit train on CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.memory import generic_activation_bytes
-    from lorakit.precision import attention_in_fp32
+    from lorakit.train.memory import generic_activation_bytes
+    from lorakit.train.precision import attention_in_fp32
 
     hidden, heads, kv_heads, head_dim, intermediate, rank = dims
     tokens = 24
@@ -188,7 +188,7 @@ def test_cpu_plan_matches_the_peak_rss_of_lorakit_train_on_the_bundled_model(tmp
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from lorakit.plan import CPU_RUNTIME
+    from lorakit.train.plan import CPU_RUNTIME
 
     if platform.system() != "Linux" or not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak RSS is read from /proc (Linux)")
@@ -233,7 +233,7 @@ def test_cpu_plan_refuses_bad_options_by_name(options, message, capsys):
 def test_cpu_plan_counts_pieces_as_lorakit_train_splits_them(tiny_model_dir):
     """Rows of --seq-len per piece of --max-tokens (at least one row, at most --batch-size), and the
     precision lorakit train would pick: fp32 activations cost twice bf16's for the MLP's values."""
-    from lorakit.plan import PlanArgs
+    from lorakit.train.plan import PlanArgs
 
     def piece(**kw):
         return plan(PlanArgs(model=str(tiny_model_dir), device="cpu", precision="fp32", **kw))["piece_tokens"]
@@ -252,7 +252,7 @@ def test_cpu_plan_counts_pieces_as_lorakit_train_splits_them(tiny_model_dir):
 def test_cpu_plan_refuses_a_model_that_is_not_llama_shaped(tmp_path):
     from transformers import GPT2Config
 
-    from lorakit.plan import PlanArgs
+    from lorakit.train.plan import PlanArgs
 
     GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError) as err:

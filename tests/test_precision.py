@@ -6,12 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lorakit import precision
-from lorakit.precision import (
-    attention_in_fp32,
-    autocast_dtype_for,
-    cpu_has_native_bf16,
-)
+from lorakit.train import precision
+from lorakit.train.precision import attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"

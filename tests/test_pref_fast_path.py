@@ -15,11 +15,16 @@ import torch
 
 import lorakit
 from conftest import tiny_llama_for_tokenizer
-from lorakit.data import Row
-from lorakit.kernels import FastPathConfig, enable_fast_path, fused_token_logps
-from lorakit.kernels.loss import linear_token_logps, linear_token_logps_reference
-from lorakit.objectives import REFERENCE_ADAPTER, PreferenceConfig, PreferenceLoss, stats_record
-from lorakit.prefdata import collate_pairs, tokenize_pair
+from lorakit.data.pairs import collate_pairs, tokenize_pair
+from lorakit.data.sft import Row
+from lorakit.train.fastpath import FastPathConfig, enable_fast_path, fused_token_logps
+from lorakit.train.fastpath.loss import linear_token_logps, linear_token_logps_reference
+from lorakit.train.objectives import (
+    REFERENCE_ADAPTER,
+    PreferenceConfig,
+    PreferenceLoss,
+    stats_record,
+)
 
 ROWS = [
     {"prompt": "1+2=", "chosen": "3", "rejected": "4"},
@@ -91,7 +96,7 @@ def test_preference_loss_on_the_fast_path_equals_the_generic_path(objective, ref
     if objective == "orpo":
         batch = dict(batch, nll_scale=torch.tensor(0.25, dtype=torch.float64))
     calls = []
-    import lorakit.kernels as kernels
+    import lorakit.train.fastpath as kernels
 
     original = kernels.causal_lm_token_logps
     monkeypatch.setattr(kernels, "causal_lm_token_logps", lambda *a, **k: calls.append(1) or original(*a, **k))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama_for_tokenizer, tiny_tokenizer
-from lorakit.data import IGNORE, DataError, Row
-from lorakit.prefdata import collate_pairs, load_pairs, split_pairs, tokenize_pair
+from lorakit.data.pairs import collate_pairs, load_pairs, split_pairs, tokenize_pair
+from lorakit.data.sft import IGNORE, DataError, Row
 
 TEXT_ROWS = [
     {"prompt": "2+2=", "chosen": "4", "rejected": "5"},

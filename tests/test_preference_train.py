@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit import objectives
-from lorakit import train as recipe
 from lorakit.cli import main as cli_main
-from lorakit.train import TrainArgs
+from lorakit.train import objectives, recipe
+from lorakit.train.recipe import TrainArgs
 
 
 def pair_rows(n: int, seed: int) -> list[dict]:
@@ -110,9 +109,9 @@ def test_rpo_alpha_logs_the_nll_and_keeps_the_chosen_answers_likely(tmp_path, ti
     """The logged eval nll is the chosen answers' mean nll per token (computed here from the saved
     adapter), the eval loss is DPO's plus rpo_alpha times it, and the nll term keeps the chosen
     answers more likely than plain DPO leaves them."""
-    from lorakit.io import load_adapter
-    from lorakit.models import load_model
-    from lorakit.prefdata import collate_pairs, load_pairs
+    from lorakit.adapters.files import load_adapter
+    from lorakit.base.models import load_model
+    from lorakit.data.pairs import collate_pairs, load_pairs
 
     runs = {alpha: recipe.train(args_for(tiny_model_dir, pair_data, tmp_path / f"rpo-{alpha}", rpo_alpha=alpha,
                                          lr=2e-2, max_steps=6, eval_every=6))

@@ -12,8 +12,9 @@ from torch import nn
 
 import lorakit
 from conftest import tiny_llama
-from lorakit import quant, qweights
-from lorakit.layers import LoraLinear, RequantizationWarning
+from lorakit.adapters import qweights
+from lorakit.adapters.layers import LoraLinear, RequantizationWarning
+from lorakit.base import quant
 
 bnb = qweights.bitsandbytes()
 BF = bnb.functional
@@ -245,7 +246,7 @@ def test_load_quantized_equals_quantize_after_loading(tiny_model_dir) -> None:
 
 
 def test_bundled_default_nf4_linear_bytes_under_35_percent() -> None:
-    from lorakit.models import default_model_path
+    from lorakit.base.models import default_model_path
 
     model = quant.load_quantized(default_model_path(), "nf4")
     stored, fp32 = quant.linear_weight_bytes(model)
@@ -455,7 +456,7 @@ def test_mixed_batch_on_a_4bit_base_equals_one_adapter_per_forward() -> None:
 def test_unmappable_checkpoint_falls_back_to_load_then_quantize(tiny_model_dir) -> None:
     from safetensors.torch import load_file, save_file
 
-    from lorakit.models import load_model
+    from lorakit.base.models import load_model
 
     file = tiny_model_dir / "model.safetensors"
     tensors = load_file(str(file))
@@ -471,7 +472,7 @@ def test_unmappable_checkpoint_falls_back_to_load_then_quantize(tiny_model_dir) 
 _PEAK_PROBE = """
 import json, sys
 from lorakit import quant
-from lorakit.models import default_model_path
+from lorakit.base.models import default_model_path
 
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -490,7 +491,7 @@ def test_layer_by_layer_load_peaks_far_below_full_precision() -> None:
     import json
     import subprocess
 
-    from lorakit.models import default_model_path
+    from lorakit.base.models import default_model_path
 
     fp32_bytes = (default_model_path() / "model.safetensors").stat().st_size
     done = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, check=True)

@@ -272,7 +272,7 @@ def test_mixed_batch_slots_cache_follows_adapter_changes(serve_adapter_dirs) -> 
 
 def test_nf4_base_serves_mixed_adapters(serve_adapter_dirs) -> None:
     """`lorakit serve --quantize nf4`: a 4-bit base (bitsandbytes) runs the same mixed batches."""
-    from lorakit import quant
+    from lorakit.base import quant
 
     def quantized():
         model, tok = tiny_llama_for_tokenizer()

@@ -141,10 +141,10 @@ def run_together(engine, cases) -> list:
 class NanLogits:
     """A fault in some rows' logits: from the 3rd call of `sample` that includes a target
     request on, the target rows' scores are NaN (what an adapter overflowing in low
-    precision gives). Wraps the engine's own `sample`, so the real check and draw run."""
+    precision gives). Wraps the generic decoder's own `sample`, so the real check and draw run."""
 
     def __init__(self, is_target, monkeypatch) -> None:
-        import lorakit.serve.engine as engine_module
+        import lorakit.serve.generic as engine_module
 
         self.is_target, self.calls, self.batch_sizes = is_target, 0, []
         self.sample = engine_module.sample
@@ -164,16 +164,16 @@ class NanLogits:
 def fault_in_forward(engine, adapter: str):
     """A fault in the forward pass of one adapter's rows (a failing adapter kernel): every
     decoding step whose batch holds a row of `adapter` raises."""
-    forward = engine._forward
+    forward = engine.decoder._forward
     sizes: list[int] = []
 
-    def failing(names, **inputs):
+    def failing(names, adapters, **inputs):
         if adapter in names and inputs["input_ids"].shape[1] == 1:
             sizes.append(len(names))
             raise RuntimeError(f"the LoRA kernel failed for adapter {adapter!r}")
-        return forward(names, **inputs)
+        return forward(names, adapters, **inputs)
 
-    engine._forward = failing
+    engine.decoder._forward = failing
     return sizes
 
 
@@ -362,7 +362,7 @@ def test_item9_a_client_that_leaves_stops_its_generation(serve_adapter_dirs) -> 
 
 def test_item7_zero_cpu_adapters_and_other_bad_numbers_are_refused(serve_adapter_dirs, tmp_path) -> None:
     from lorakit.serve.command import ServeArgs
-    from lorakit.train import TrainArgs
+    from lorakit.train.recipe import TrainArgs
 
     for options, text in [
         ({"max_adapters_on_cpu": 0}, "--max-adapters-on-cpu must be an integer >= 1, got 0"),

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import CHAT_TEMPLATE, chat_rows, tiny_llama_for_tokenizer
+from lorakit.base.templates import TEMPLATE_FILE, saved_chat_template
 from lorakit.cli import main
-from lorakit.templates import TEMPLATE_FILE, saved_chat_template
 
 # The same turns with other markers: what a base model with a different template renders.
 OTHER_TEMPLATE = (
@@ -75,7 +75,7 @@ def test_generate_uses_the_adapters_template_and_warns(trained, tmp_path, capsys
     assert "differs from the one the adapter was trained with" in captured.err
     # The reference: the same greedy decode on the adapter's template, by hand.
     import lorakit
-    from lorakit.models import load_model
+    from lorakit.base.models import load_model
 
     model, tok = load_model(str(other), device="cpu")
     lorakit.load_adapter(model, out)
@@ -101,7 +101,7 @@ def test_merge_writes_the_adapters_template(trained, tmp_path):
 
 
 def test_serve_renders_chat_with_each_adapters_template(trained, tmp_path):
-    from lorakit.models import load_model
+    from lorakit.base.models import load_model
     from lorakit.serve import Engine
     from lorakit.serve.api import create_app
     from test_serve_api import Server

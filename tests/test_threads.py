@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.threads import (
+from lorakit.base.threads import (
     ThreadTuner,
     available_cpus,
     candidates,

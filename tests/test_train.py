@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 import lorakit
 from conftest import tiny_llama, tiny_llama_for_tokenizer, tiny_tokenizer
-from lorakit import train as recipe
-from lorakit.data import IGNORE, as_sequences, collate, load_examples
-from lorakit.precision import attention_in_fp32
-from lorakit.train import TrainArgs, compute_loss, lr_lambda
+from lorakit.data.sft import IGNORE, as_sequences, collate, load_examples
+from lorakit.train import recipe
+from lorakit.train.precision import attention_in_fp32
+from lorakit.train.recipe import TrainArgs, compute_loss, lr_lambda
 
 
 def base_hash(model) -> str:
@@ -53,7 +53,7 @@ def test_compute_loss_matches_transformers_loss_and_gradients(chunk):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # make the adapter matter
     rows_path = [{"prompt": "12+30=", "completion": "42"}, {"text": "some plain text to learn"}]
-    from lorakit.data import Row, tokenize_rows
+    from lorakit.data.sft import Row, tokenize_rows
 
     examples, _ = tokenize_rows([Row(r, "m", i) for i, r in enumerate(rows_path)], tok, 64)
     batch = collate(as_sequences(examples, 64, False), tok.pad_token_id)
@@ -221,7 +221,7 @@ def test_pieces_of_max_tokens_give_the_same_update(tmp_path, tiny_model_dir, cha
 
 
 def test_split_rows_respects_the_token_budget():
-    from lorakit.data import TokenRow, split_rows
+    from lorakit.data.sft import TokenRow, split_rows
 
     rows = [TokenRow([1] * n, [1] * n, list(range(n))) for n in (30, 10, 25, 5, 12)]
     pieces = split_rows(rows, 64)  # widest row 30 -> 2 rows a piece

@@ -15,8 +15,8 @@ import torch
 import lorakit
 from conftest import chat_rows, tiny_llama_for_tokenizer
 from lorakit.cli import main
-from lorakit.compare.measure import divergence, general_prompts, generated_reference
-from lorakit.metrics import load_prompts
+from lorakit.evaluation.measure import divergence, general_prompts, generated_reference
+from lorakit.evaluation.metrics import load_prompts
 
 STEPS, EVAL_EVERY = 8, 2
 
@@ -89,7 +89,7 @@ def test_samples_are_the_adapters_greedy_answers(watched_run):
     assert [s["step"] for s in samples] == [s for r in _evals(records) for s in (r["step"],) * 2]
     # The last evaluation's answers, regenerated one prompt at a time by transformers from the
     # final adapter, and the metric recomputed over all held-out rows.
-    model, tok = lorakit.models.load_model(str(watched_run["model_dir"]), device="cpu")
+    model, tok = lorakit.base.models.load_model(str(watched_run["model_dir"]), device="cpu")
     lorakit.load_adapter(model, out)
     prompts = load_prompts(watched_run["held"], tok)
     answers = []
@@ -109,7 +109,7 @@ def test_forgetting_kl_matches_compares_measurement(watched_run):
     out, records = watched_run["out"], watched_run["records"]
     evals = _evals(records)
     assert all(r["kl"] > 0 and 0 <= r["agreement"] <= 1 and r["kl_p95"] >= 0 for r in evals)
-    model, tok = lorakit.models.load_model(str(watched_run["model_dir"]), device="cpu")
+    model, tok = lorakit.base.models.load_model(str(watched_run["model_dir"]), device="cpu")
     reference = generated_reference(model, tok, general_prompts(), 32, sampled=0)
     lorakit.load_adapter(model, out)
     [div] = divergence(model, reference.rows, ["default"], tok.pad_token_id)
@@ -210,7 +210,7 @@ def test_watching_options_are_refused_with_reasons(tmp_path, tiny_model_dir, cha
 
 
 def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(tmp_path):
-    from lorakit.watch import _drop_after
+    from lorakit.train.watch import _drop_after
 
     path = tmp_path / "samples.jsonl"
     lines = [json.dumps({"step": s, "prompt": "p", "reference": "r", "output": "o"}) for s in (2, 2, 4, 6)]
@@ -224,7 +224,7 @@ def test_a_resumed_run_keeps_the_samples_up_to_its_checkpoint(tmp_path):
 def test_overwrite_removes_the_previous_runs_samples_best_and_report(tmp_path):
     from types import SimpleNamespace
 
-    from lorakit.rundir import prepare_output
+    from lorakit.train.rundir import prepare_output
 
     out = tmp_path / "run"
     (out / "best").mkdir(parents=True)

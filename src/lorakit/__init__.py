@@ -4,9 +4,10 @@ A frozen base model with small trainable low-rank adapters beside chosen layers,
 saved in PEFT's file format, swapped and mixed per request on one base.
 """
 
-from .config import LoraConfig
-from .embedding import LoraEmbedding
-from .inject import (
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.embedding import LoraEmbedding
+from lorakit.adapters.files import load_adapter, read_adapter, save_adapter
+from lorakit.adapters.inject import (
     active_adapters,
     add_adapter,
     delete_adapter,
@@ -21,8 +22,7 @@ from .inject import (
     unload,
     unmerge,
 )
-from .io import load_adapter, read_adapter, save_adapter
-from .layers import LoraLinear, lora_mixed_delta
+from lorakit.adapters.layers import LoraLinear, lora_mixed_delta
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """`python -m lorakit` is the `lorakit` command."""
 
-from .cli import main
+from lorakit.cli import main
 
 raise SystemExit(main())

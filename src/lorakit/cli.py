@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DataError
+from lorakit.data.sft import DataError
 
 COMMANDS = {
     "train": "fine-tune a base model with LoRA on your data",
@@ -142,7 +142,7 @@ class CheckArgs:
     """Base model to check against (default: the one recorded in adapter_config.json)."""
 
     def __post_init__(self) -> None:
-        from .export.check import parse_targets
+        from lorakit.export.check import parse_targets
 
         parse_targets(self.target)
 
@@ -206,7 +206,7 @@ class ExportArgs:
 
 
 def run_train(args: Any) -> None:
-    from .train import train
+    from lorakit.train.recipe import train
 
     train(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -222,9 +222,9 @@ def run_train(args: Any) -> None:
 def _load(model: str | None, adapter: str | None, device: str | None = None, quantize: str | None = None,
           warn: bool = True):
     """Base model and tokenizer, with the adapter and the chat template saved beside it."""
-    from .io import load_adapter
-    from .models import load_model
-    from .templates import use_adapter_template
+    from lorakit.adapters.files import load_adapter
+    from lorakit.base.models import load_model
+    from lorakit.base.templates import use_adapter_template
 
     base, tokenizer = load_model(model, device=device, quantize=quantize)
     if adapter is not None:
@@ -262,8 +262,8 @@ def run_generate(args: GenerateArgs) -> None:
 
 
 def run_eval(args: EvalArgs) -> None:
-    from .data import as_sequences, load_examples
-    from .train import evaluate, log
+    from lorakit.data.sft import as_sequences, load_examples
+    from lorakit.train.recipe import evaluate, log
 
     model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize, warn=False)
     device = next(model.parameters()).device
@@ -275,8 +275,8 @@ def run_eval(args: EvalArgs) -> None:
 
 
 def run_merge(args: MergeArgs) -> None:
-    from .inject import merge_and_unload
-    from .models import DEFAULT_MODEL_NAME, cache_dir
+    from lorakit.adapters.inject import merge_and_unload
+    from lorakit.base.models import DEFAULT_MODEL_NAME, cache_dir
 
     out_real = Path(args.output).resolve()
     base = Path(args.model) if args.model else cache_dir() / DEFAULT_MODEL_NAME
@@ -292,13 +292,13 @@ def run_merge(args: MergeArgs) -> None:
 
 
 def run_plan(args: Any) -> None:
-    from .plan import plan, report
+    from lorakit.train.plan import plan, report
 
     print(report(plan(args)))
 
 
 def run_info(adapter: str) -> None:
-    from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+    from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
     files = read_adapter(adapter)
     config = files.config
@@ -323,7 +323,7 @@ def run_info(adapter: str) -> None:
 
 
 def _template_summary(adapter: str) -> str:
-    from .templates import TEMPLATE_FILE, saved_chat_template
+    from lorakit.base.templates import TEMPLATE_FILE, saved_chat_template
 
     template = saved_chat_template(adapter)
     if template is None:
@@ -333,7 +333,7 @@ def _template_summary(adapter: str) -> str:
 
 
 def run_check(args: CheckArgs) -> int:
-    from .export.check import REFUSED, check, format_verdicts, parse_targets, read_facts
+    from lorakit.export.check import REFUSED, check, format_verdicts, parse_targets, read_facts
 
     verdicts = check(read_facts(args.adapter, args.model), parse_targets(args.target))
     print(format_verdicts(verdicts))
@@ -341,7 +341,7 @@ def run_check(args: CheckArgs) -> int:
 
 
 def run_convert(args: ConvertArgs) -> None:
-    from .export.convert import convert_to_plain
+    from lorakit.export.convert import convert_to_plain
 
     output = args.output or f"{str(Path(args.adapter)).rstrip('/')}-plain"
     result = convert_to_plain(args.adapter, output, args.model, args.rank, args.max_error)
@@ -357,17 +357,17 @@ def run_convert(args: ConvertArgs) -> None:
 def run_export(args: ExportArgs) -> None:
     stem = str(Path(args.adapter)).rstrip("/")
     if args.format == "gguf-lora":
-        from .export.gguf_lora import write_gguf_lora
+        from lorakit.export.gguf_lora import write_gguf_lora
 
         path = write_gguf_lora(args.adapter, args.output or f"{stem}.gguf", args.model, args.dtype or "f32")
         print(f"llama.cpp LoRA adapter written to {path} (llama-server -m BASE.gguf --lora {path})")
     elif args.format == "gguf":
-        from .export.gguf_model import write_gguf_model
+        from lorakit.export.gguf_model import write_gguf_model
 
         path = write_gguf_model(args.adapter, args.output or f"{stem}-{args.dtype}.gguf", args.model, args.dtype or "q8_0")
         print(f"merged model written to {path} (llama-cli -m {path})")
     else:
-        from .export.ollama import write_ollama
+        from lorakit.export.ollama import write_ollama
 
         path = write_ollama(args.adapter, args.output or f"{stem}-ollama", args.model, args.dtype or "q8_0")
         print(f"Ollama model written to {path} (cd {path} && ollama create NAME -f Modelfile)")
@@ -376,9 +376,9 @@ def run_export(args: ExportArgs) -> None:
 def run_data(args: DataArgs) -> None:
     from transformers import AutoTokenizer
 
-    from .models import resolve_model
-    from .preview import run_preview
-    from .templates import use_adapter_template
+    from lorakit.base.models import resolve_model
+    from lorakit.base.templates import use_adapter_template
+    from lorakit.data.preview import run_preview
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     if args.adapter is not None:
@@ -392,7 +392,7 @@ def run_data(args: DataArgs) -> None:
 def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
     """The options dataclass and the handler of a subcommand, imported on demand."""
     if name == "train":
-        from .train_args import TrainArgs
+        from lorakit.train.args import TrainArgs
 
         return TrainArgs, run_train
     if name == "generate":
@@ -404,7 +404,7 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
     if name == "info":
         return None, run_info
     if name == "plan":
-        from .plan import PlanArgs
+        from lorakit.train.plan import PlanArgs
 
         return PlanArgs, run_plan
     if name == "data":
@@ -416,12 +416,12 @@ def _command(name: str) -> tuple[type | None, Callable[[Any], None]]:
     if name == "convert":
         return ConvertArgs, run_convert
     if name == "compare":
-        from .compare.command import CompareArgs, run_compare
+        from lorakit.compare.command import CompareArgs, run_compare
 
         return CompareArgs, run_compare
     if name == "serve":
         try:
-            from .serve.command import ServeArgs, run_serve
+            from lorakit.serve.command import ServeArgs, run_serve
         except ImportError as err:
             raise SystemExit(f"lorakit serve is not available in this installation ({err})") from None
         return ServeArgs, run_serve

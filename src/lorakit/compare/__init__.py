@@ -4,7 +4,7 @@
 `lorakit compare`.
 """
 
-from .measure import (
+from lorakit.evaluation.measure import (
     Divergence,
     Reference,
     divergence,

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .measure import Divergence
+from lorakit.evaluation.measure import Divergence
 
 if TYPE_CHECKING:
-    from ..io import AdapterFiles
-    from ..metrics import Metric
-    from ..threads import ThreadTuner
+    from lorakit.adapters.files import AdapterFiles
+    from lorakit.base.threads import ThreadTuner
+    from lorakit.evaluation.metrics import Metric
 
 
 @dataclass
@@ -25,7 +25,7 @@ class CompareArgs:
     data: str | None = None
     """Task data with answers (prompt/completion or messages rows): task loss and --metric, base vs adapters."""
     metric: str = "exact"
-    """Task metric on --data: exact, json, regex:PATTERN or MODULE:FUNCTION (lorakit.metrics)."""
+    """Task metric on --data: exact, json, regex:PATTERN or MODULE:FUNCTION (lorakit.evaluation.metrics)."""
     task_rows: int | None = None
     """Rows of --data the metric generates answers for (default: all)."""
     reference: str | None = None
@@ -56,7 +56,7 @@ class CompareArgs:
     """cpu, cuda, ... (default: cuda when available)."""
 
     def __post_init__(self) -> None:
-        from ..metrics import parse_metric
+        from lorakit.evaluation.metrics import parse_metric
 
         if isinstance(self.adapter, str):
             self.adapter = [self.adapter]
@@ -96,11 +96,11 @@ def _label(path: str, taken: set[str]) -> str:
 
 def compare(args: CompareArgs) -> dict[str, Any]:
     """Measure, write report.json and report.html, and return the report."""
-    from ..io import read_adapter
-    from ..metrics import parse_metric
-    from ..models import load_model
-    from ..runlog import log
-    from ..threads import tuner_for
+    from lorakit.adapters.files import read_adapter
+    from lorakit.base.models import load_model
+    from lorakit.base.threads import tuner_for
+    from lorakit.evaluation.metrics import parse_metric
+    from lorakit.train.runlog import log
 
     metric = parse_metric(args.metric)
     files = [read_adapter(a) for a in args.adapter]  # every adapter is checked before the model loads
@@ -119,12 +119,10 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
                        tuner: ThreadTuner | None) -> dict[str, Any]:
     import torch
 
-    from ..inject import disable_adapters, set_adapter
-    from ..io import load_adapter
-    from ..metrics import check_references, greedy_answers, load_prompts
-    from ..runlog import log
-    from ..train import evaluate
-    from .measure import (
+    from lorakit.adapters.files import load_adapter
+    from lorakit.adapters.inject import disable_adapters, set_adapter
+    from lorakit.compare.report import write_report
+    from lorakit.evaluation.measure import (
         continue_prompts,
         divergence,
         file_reference,
@@ -132,7 +130,9 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
         generated_reference,
         prompt_ids,
     )
-    from .report import write_report
+    from lorakit.evaluation.metrics import check_references, greedy_answers, load_prompts
+    from lorakit.train.recipe import evaluate
+    from lorakit.train.runlog import log
 
     def next_phase() -> None:
         if tuner is not None:
@@ -180,7 +180,7 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
 
     task: dict[str, Any] | None = None
     if task_prompts is not None:
-        from ..data import as_sequences, load_examples
+        from lorakit.data.sft import as_sequences, load_examples
 
         rows = as_sequences(load_examples(args.data, tokenizer, args.seq_len)[0], args.seq_len, False)
         references = [p.reference for p in task_prompts]

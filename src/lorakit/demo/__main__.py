@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .make_data import SYSTEM
+from lorakit.demo.make_data import SYSTEM
 
 HERE = Path(__file__).parent
 TRAIN = HERE / "train.jsonl"
@@ -62,8 +62,8 @@ def exact(prediction: str, row: dict) -> bool:
 
 
 def measure(model: Any, tokenizer: Any, rows: list[dict], eval_path: Path) -> tuple[float, float, list[str]]:
-    from ..data import as_sequences, load_examples
-    from ..train import evaluate
+    from lorakit.data.sft import as_sequences, load_examples
+    from lorakit.train.recipe import evaluate
 
     examples, _ = load_examples(eval_path, tokenizer, 512)
     loss, _ = evaluate(model, as_sequences(examples, 512, False), 16, tokenizer.pad_token_id,
@@ -76,8 +76,8 @@ def measure(model: Any, tokenizer: Any, rows: list[dict], eval_path: Path) -> tu
 @torch.no_grad()
 def preference_accuracy(model: Any, tokenizer: Any, path: Path) -> float:
     """The share of pairs whose chosen answer the model finds more likely than the rejected one."""
-    from ..objectives import sequence_logps
-    from ..prefdata import collate_pairs, load_pairs
+    from lorakit.data.pairs import collate_pairs, load_pairs
+    from lorakit.train.objectives import sequence_logps
 
     pairs, _ = load_pairs(path, tokenizer, 512)
     device = next(model.parameters()).device
@@ -100,10 +100,10 @@ def report(loss: float, accuracy: float, notes: int, preference: float | None) -
 def measured(output: str | None, held: list[dict], preference: bool) -> tuple[float, float, list[str], float | None]:
     """Eval loss, exact match, answers and (for preference runs) preference accuracy of the
     bundled base with the adapter in `output` (None: the base alone)."""
-    from ..io import load_adapter
-    from ..models import load_model
-    from ..runlog import log
-    from ..threads import tuner_for
+    from lorakit.adapters.files import load_adapter
+    from lorakit.base.models import load_model
+    from lorakit.base.threads import tuner_for
+    from lorakit.train.runlog import log
 
     model, tokenizer = load_model(device="cpu")
     if output is not None:
@@ -121,7 +121,7 @@ def measured(output: str | None, held: list[dict], preference: bool) -> tuple[fl
 
 
 def train_timed(args: Any) -> float:
-    from ..train import train
+    from lorakit.train.recipe import train
 
     t0 = time.perf_counter()
     train(args)
@@ -129,8 +129,8 @@ def train_timed(args: Any) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..train import TrainArgs
-    from . import dpo
+    from lorakit.demo import dpo
+    from lorakit.train.recipe import TrainArgs
 
     parser = argparse.ArgumentParser(prog="python -m lorakit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=None, help="where the adapter and its logs go (default runs/demo, "
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"after     {after[i]}\n")
 
     # What the adapter did to everything else: KL from the base on the base's own text.
-    from ..compare.command import CompareArgs, compare
+    from lorakit.compare.command import CompareArgs, compare
 
     print("== lorakit compare: the adapter against its base, on the base's own answers to general prompts")
     result = compare(CompareArgs(adapter=[adapter], data=str(EVAL), task_rows=opts.held_out, device="cpu"))

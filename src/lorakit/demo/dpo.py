@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train import TrainArgs, train
+from lorakit.train.recipe import TrainArgs, train
 
 HERE = Path(__file__).parent
 

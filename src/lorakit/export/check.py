@@ -100,7 +100,7 @@ class AdapterFacts:
 
     def scalings(self) -> dict[str, float]:
         """Module path -> the scaling PEFT (and lorakit) apply: alpha_m / r_m (sqrt with rsLoRA)."""
-        from ..config import LoraConfig
+        from lorakit.adapters.config import LoraConfig
 
         # Only the fields that decide alpha per module; the rest (bias, ...) may be anything here.
         config = LoraConfig(alpha=float(self.raw.get("lora_alpha", 8)), target_modules=["unused"],
@@ -142,7 +142,7 @@ def read_files(directory: str | os.PathLike) -> AdapterFacts:
     """The adapter's own facts (config and tensor shapes), the base model not yet inspected."""
     from safetensors import safe_open
 
-    from ..io import CONFIG_NAME, WEIGHTS_NAME
+    from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -167,7 +167,7 @@ def _inspect_base(facts: AdapterFacts, base: str | None) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import DEFAULT_HUB_ID, default_model_path
+    from lorakit.base.models import DEFAULT_HUB_ID, default_model_path
 
     if not base:
         facts.base_note = "the adapter does not record its base model (pass --model)"
@@ -187,8 +187,8 @@ def _inspect_base(facts: AdapterFacts, base: str | None) -> None:
 
 def facts_from_modules(facts: AdapterFacts, model: nn.Module) -> None:
     """Fill in module kinds, vocabulary size and tying from a (meta or real) model."""
-    from ..inject import unwrap_shell
-    from ..layers import LoraLayer
+    from lorakit.adapters.inject import unwrap_shell
+    from lorakit.adapters.layers import LoraLayer
 
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -207,10 +207,11 @@ def facts_from_modules(facts: AdapterFacts, model: nn.Module) -> None:
 
 def facts_from_model(model: nn.Module, adapter_name: str = "default") -> AdapterFacts:
     """Facts for an adapter still on a model (as `lorakit train` sets it up), without copying weights."""
-    from ..embedding import LoraEmbedding
-    from ..inject import ModulesToSave, get_state
-    from ..io import adapter_config_dict
-    from ..layers import LoraLinear
+    from lorakit.adapters.embedding import LoraEmbedding
+    from lorakit.adapters.files import adapter_config_dict
+    from lorakit.adapters.inject import ModulesToSave
+    from lorakit.adapters.layers import LoraLinear
+    from lorakit.adapters.state import get_state
 
     shapes: dict[str, tuple[int, ...]] = {}
     for path in get_state(model).targets[adapter_name]:
@@ -310,7 +311,7 @@ def check_sglang(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
 
 
 def check_llama_cpp(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
-    from .gguf_lora import SUPPORTED_ARCHS
+    from lorakit.export.gguf_lora import SUPPORTED_ARCHS
 
     findings = list(_common(facts, "llama.cpp"))
     # llama.cpp reads one alpha for the file and each tensor's rank from its shape; lorakit's

@@ -41,7 +41,7 @@ class Conversion:
 
 def _weight_change(model: nn.Module, path: str, name: str) -> torch.Tensor:
     """W' - W of a LoRA layer, (out, in) in fp32, whatever it is (LoRA, DoRA)."""
-    from ..layers import LoraLinear
+    from lorakit.adapters.layers import LoraLinear
 
     layer = model.get_submodule(path)
     assert isinstance(layer, LoraLinear)
@@ -72,10 +72,17 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
                      rank: int | None = None, max_error: float = 0.05,
                      prompts: tuple[str, ...] = DEFAULT_PROMPTS, new_tokens: int = 16) -> Conversion:
     """Convert, measure, and write the plain adapter (only when every error is within `max_error`)."""
-    from ..embedding import LoraEmbedding
-    from ..inject import ModulesToSave, get_state
-    from ..io import PREFIX, adapter_config_dict, load_adapter, read_adapter, write_adapter
-    from ..models import DEFAULT_HUB_ID, load_model
+    from lorakit.adapters.embedding import LoraEmbedding
+    from lorakit.adapters.files import (
+        PREFIX,
+        adapter_config_dict,
+        load_adapter,
+        read_adapter,
+        write_adapter,
+    )
+    from lorakit.adapters.inject import ModulesToSave
+    from lorakit.adapters.state import get_state
+    from lorakit.base.models import DEFAULT_HUB_ID, load_model
 
     if rank is not None and rank <= 0:
         raise ValueError(f"--rank must be a positive integer, got {rank}")

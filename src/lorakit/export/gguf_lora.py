@@ -35,7 +35,7 @@ def base_config(adapter_config: dict, model: str | None) -> Any:
     """The transformers config of the adapter's base model (`model` overrides the recorded one)."""
     from transformers import AutoConfig
 
-    from ..models import DEFAULT_HUB_ID, resolve_model
+    from lorakit.base.models import DEFAULT_HUB_ID, resolve_model
 
     name = model or adapter_config.get("base_model_name_or_path")
     if not name:
@@ -100,7 +100,7 @@ def atomic_output(path: str | os.PathLike, write: Callable[[str], None]) -> Path
 
 def lora_tensors(adapter_dir: str | os.PathLike, config: Any) -> tuple[dict[str, np.ndarray], float]:
     """The adapter's tensors under llama.cpp's names, and the file's alpha."""
-    from ..io import PREFIX, read_adapter
+    from lorakit.adapters.files import PREFIX, read_adapter
 
     files = read_adapter(adapter_dir)
     lora = files.config
@@ -147,7 +147,7 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, output: str | os.PathLike, m
     """Write the adapter as a llama.cpp LoRA GGUF; returns the file's path."""
     import gguf
 
-    from ..io import read_adapter
+    from lorakit.adapters.files import read_adapter
 
     if dtype not in LORA_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not accepted for gguf-lora; accepted: {', '.join(LORA_DTYPES)}")

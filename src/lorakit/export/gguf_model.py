@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .gguf_lora import atomic_output, base_config, permute_rows, row_permutation, tensor_namer
+from lorakit.export.gguf_lora import (
+    atomic_output,
+    base_config,
+    permute_rows,
+    row_permutation,
+    tensor_namer,
+)
 
 MODEL_DTYPES = ("f16", "bf16", "q8_0")
 
@@ -73,10 +79,10 @@ def write_gguf_model(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
     """Merge the adapter into its base and write one GGUF file; returns its path."""
     import gguf
 
-    from ..inject import merge_and_unload
-    from ..io import load_adapter, read_adapter
-    from ..models import DEFAULT_HUB_ID, default_gguf_path, load_model
-    from ..templates import use_adapter_template
+    from lorakit.adapters.files import load_adapter, read_adapter
+    from lorakit.adapters.inject import merge_and_unload
+    from lorakit.base.models import DEFAULT_HUB_ID, default_gguf_path, load_model
+    from lorakit.base.templates import use_adapter_template
 
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not accepted for gguf; accepted: {', '.join(MODEL_DTYPES)}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .gguf_lora import atomic_output
+from lorakit.export.gguf_lora import atomic_output
 
 MARK = {"system": "\u2991SYSTEM\u2992", "u1": "\u2991USER1\u2992", "a1": "\u2991ASSISTANT1\u2992",
         "u2": "\u2991USER2\u2992"}
@@ -102,7 +102,7 @@ def go_template(p: TurnPieces) -> str:
 
 
 def modelfile(template: str, tokenizer: Any, gguf_name: str) -> str:
-    from ..templates import end_of_turn_strings
+    from lorakit.base.templates import end_of_turn_strings
 
     pieces = turn_pieces(template, tokenizer)
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(pieces)}"""']
@@ -115,10 +115,10 @@ def write_ollama(adapter_dir: str | os.PathLike, output: str | os.PathLike, mode
     """Write OUTPUT/model.gguf (merged) and OUTPUT/Modelfile; returns OUTPUT."""
     from transformers import AutoTokenizer
 
-    from ..io import read_adapter
-    from ..models import DEFAULT_HUB_ID, resolve_model
-    from ..templates import use_adapter_template
-    from .gguf_model import write_gguf_model
+    from lorakit.adapters.files import read_adapter
+    from lorakit.base.models import DEFAULT_HUB_ID, resolve_model
+    from lorakit.base.templates import use_adapter_template
+    from lorakit.export.gguf_model import write_gguf_model
 
     raw = read_adapter(adapter_dir).raw_config
     base = model or raw.get("base_model_name_or_path")

@@ -1,7 +1,7 @@
 """Serving one base model with many LoRA adapters: the batching engine and its HTTP API."""
 
-from .adapters import AdapterMismatch
-from .engine import (
+from lorakit.serve.adapters import AdapterMismatch
+from lorakit.serve.engine import (
     Completion,
     Engine,
     Event,
@@ -10,7 +10,7 @@ from .engine import (
     QueueFull,
     UnknownAdapter,
 )
-from .sampling import SamplingParams
+from lorakit.serve.sampling import SamplingParams
 
 __all__ = [
     "AdapterMismatch",

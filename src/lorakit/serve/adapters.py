@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import delete_adapter, load_adapter, read_adapter
-from ..io import AdapterFiles
+from lorakit import delete_adapter, load_adapter, read_adapter
+from lorakit.adapters.files import AdapterFiles
 
 
 class AdapterMismatch(ValueError):

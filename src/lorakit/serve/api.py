@@ -38,11 +38,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
-from ..inject import check_adapter_name
-from ..templates import saved_chat_template
-from .adapters import AdapterMismatch
-from .engine import Engine, Event, InvalidPrompt, PromptTooLong, QueueFull, UnknownAdapter
-from .guards import (
+from lorakit.adapters.inject import check_adapter_name
+from lorakit.base.templates import saved_chat_template
+from lorakit.serve.adapters import AdapterMismatch
+from lorakit.serve.engine import (
+    Engine,
+    Event,
+    InvalidPrompt,
+    PromptTooLong,
+    QueueFull,
+    UnknownAdapter,
+)
+from lorakit.serve.guards import (
     DEFAULT_MAX_BODY_BYTES,
     AdapterPathRefused,
     BodyLimit,
@@ -51,8 +58,8 @@ from .guards import (
     client_gone,
     prompt_char_limit,
 )
-from .metrics import CONTENT_TYPE, ServerMetrics
-from .sampling import SamplingParams
+from lorakit.serve.prometheus import CONTENT_TYPE, ServerMetrics
+from lorakit.serve.sampling import SamplingParams
 
 # request bodies ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .guards import DEFAULT_MAX_BODY_BYTES
+from lorakit.serve.guards import DEFAULT_MAX_BODY_BYTES
 
 SHUTDOWN_GRACE_S = 3
 """On SIGTERM / Ctrl-C, open connections get this long to finish before the server stops anyway."""
@@ -103,16 +103,16 @@ def run_serve(args: ServeArgs) -> None:
     """Load everything, then serve until interrupted."""
     import uvicorn
 
-    from ..models import DEFAULT_MODEL_NAME, load_model
-    from ..templates import template_warning
-    from .adapters import AdapterMismatch
-    from .api import create_app
-    from .engine import Engine
-    from .ui import mount_ui
+    from lorakit.base.models import DEFAULT_MODEL_NAME, load_model
+    from lorakit.base.templates import template_warning
+    from lorakit.serve.adapters import AdapterMismatch
+    from lorakit.serve.api import create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.ui import mount_ui
 
     model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
     if next(model.parameters()).device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        from ..threads import serving_threads
+        from lorakit.base.threads import serving_threads
 
         serving_threads(log=lambda line: print(f"lorakit serve: {line}", file=sys.stderr))
     engine = Engine(

@@ -19,7 +19,6 @@ Results go back through a callback per request (`Event`s), called on the engine 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import threading
@@ -30,15 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import mixed_batch, read_adapter
-from ..inject import check_adapter_name, has_adapters
-from ..io import AdapterFiles
-from .adapters import AdapterCache, AdapterMismatch
-from .batch import Batch
-from .decode import SlotBatch, adapter_reason, choose_path
-from .faults import error_text, run_step
-from .guards import vocab_size
-from .requests import (
+from lorakit.adapters.files import AdapterFiles, read_adapter
+from lorakit.adapters.inject import check_adapter_name
+from lorakit.serve.adapters import AdapterCache, AdapterMismatch
+from lorakit.serve.batch import Batch
+from lorakit.serve.decode import SlotBatch
+from lorakit.serve.decode.tuning import DecodeTuning
+from lorakit.serve.decoder import Decoder, choose_decoder
+from lorakit.serve.faults import error_text
+from lorakit.serve.guards import vocab_size
+from lorakit.serve.requests import (
     Completion,
     Event,
     InvalidPrompt,
@@ -50,7 +50,7 @@ from .requests import (
     _Collector,
     _Reply,
 )
-from .sampling import Detokenizer, SamplingParams, make_generator, sample
+from lorakit.serve.sampling import Detokenizer, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Engine:
         max_prefill_tokens: int = 4096,
         context_length: int | None = None,
         decode_path: str = "auto",
+        tuning: DecodeTuning | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -89,10 +90,11 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.stats = Stats()
         self.adapters = AdapterCache(model, max_adapters_on_device, max_adapters_on_cpu, self._wake)
-        self.decoder, self.decode_path = choose_path(
-            model, decode_path, max_batch=max_batch, context_length=self.context_length,
-            max_adapters=max_adapters_on_device,
+        self.decoder: Decoder = choose_decoder(
+            model, tokenizer, decode_path, max_batch=max_batch, context_length=self.context_length,
+            max_adapters=max_adapters_on_device, tuning=tuning,
         )
+        self.decode_path = self.decoder.describe()
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], object], _Reply]] = deque()
@@ -100,11 +102,6 @@ class Engine:
         self._batch: Batch[Request] | SlotBatch = self._new_batch()
         self._pending_unload: set[str] = set()
         self._admitting: list[Request] = []
-        # Only the last position's logits are needed; models that take `logits_to_keep` skip the rest.
-        accepted = inspect.signature(model.forward).parameters
-        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-        # transformers renamed `past_key_values` to `cache` (5.2x); take whichever this version has.
-        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -168,7 +165,7 @@ class Engine:
         if name in self._pending_unload:
             raise ValueError(f"adapter {name!r} is already being unloaded (running requests still use it); retry shortly")
         self.adapters.register(name, files, self._busy())
-        reason = adapter_reason(self.model, name) if self.decoder is not None else None
+        reason = self.decoder.adapter_reason(name)
         if reason is not None:
             self.adapters.unregister(name)
             raise AdapterMismatch(f"{files.directory}: {reason}")
@@ -283,11 +280,7 @@ class Engine:
 
     def _loop(self) -> None:
         with torch.no_grad():
-            if self.decoder is not None:
-                try:  # compile and capture the fast path's steps before the first request
-                    self.decoder.sync_adapters(self.adapters.on_device)
-                except Exception as err:
-                    log.warning("the fast decode path's warm-up failed (%s: %s); it runs when first used", type(err).__name__, err)
+            self.decoder.warm_up(self.adapters)
             while True:
                 with self._cond:
                     while not (self._stopping or self._commands or self._batch.rows or self._admissible()):
@@ -396,77 +389,23 @@ class Engine:
             if request in self._waiting:
                 self._waiting.remove(request)
 
-    def _forward(self, names: list[str | None], **inputs: torch.Tensor):
-        if has_adapters(self.model):
-            with mixed_batch(self.model, names, slots=self.adapters.slots):
-                return self.model(**inputs, use_cache=True)
-        return self.model(**inputs, use_cache=True)
-
     def _new_batch(self) -> Batch[Request] | SlotBatch:
-        return self.decoder.new_batch() if self.decoder is not None else Batch()
+        return self.decoder.new_batch()
 
     def _prefill(self, requests: list[Request]) -> None:
-        if self.decoder is not None:
-            self.decoder.sync_adapters(self.adapters.on_device)
-            self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-            self._emit(requests, self.decoder.prefill(requests))
-            return
-        length = max(len(r.prompt_ids) for r in requests)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(requests), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), length), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, length - len(r.prompt_ids) :] = 1
-            r.generator = make_generator(r.params.seed, self.device)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(
-            [r.adapter for r in requests],
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **self._keep_last,
-        )
-        tokens = sample(out.logits[:, -1], [r.params for r in requests], [r.generator for r in requests])
-        self._batch.merge(requests, out.get(self._cache_arg), mask, tokens)
+        tokens = self.decoder.prefill_rows(requests, self.adapters)
         self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-        self._emit(requests, tokens.tolist())
+        self._emit(requests, tokens)
 
     def _decode(self) -> None:
-        if self.decoder is not None:
-            self.decoder.sync_adapters(self.adapters.on_device)
-            try:
-                rows, tokens = self.decoder.decode()  # pipelined: the rows the step ran for
-            except Exception:
-                # each row steps alone once: those that fail end, the others go on
-                rows, tokens, failed = self.decoder.decode_each()
-                if not rows:
-                    raise
-                for request, err in failed:
-                    self._drop([request], "error", error_text(err))
-            self.stats.decode_steps += 1
-            self.stats.batch_rows += len(rows)
-            self.stats.last_batch_size = len(rows)
-            self._emit(rows, tokens)
-            return
-        batch = self._batch
-        # A row whose step fails ends alone; the others step again without it (faults.py).
-        stepped = run_step(batch, self._decode_step, lambda rows, error: self._drop(rows, "error", error))
+        stepped = self.decoder.decode_rows(self.adapters, lambda rows, error: self._drop(rows, "error", error))
         if stepped is None:
             return
-        cache, tokens = stepped
-        batch.advance(cache, tokens)
+        rows, tokens = stepped
         self.stats.decode_steps += 1
-        self.stats.batch_rows += len(batch)
-        self.stats.last_batch_size = len(batch)
-        self._emit(list(batch.rows), tokens.tolist())
-
-    def _decode_step(self, batch: Batch[Request]) -> tuple[object, torch.Tensor]:
-        """One decoding step's new cache and tokens; `batch.advance` records them."""
-        out = self._forward([r.adapter for r in batch.rows], **batch.step_inputs(), **{self._cache_arg: batch.cache})
-        tokens = sample(out.logits[:, -1], [r.params for r in batch.rows], [r.generator for r in batch.rows])
-        return out.get(self._cache_arg), tokens
+        self.stats.batch_rows += len(rows)
+        self.stats.last_batch_size = len(rows)
+        self._emit(rows, tokens)
 
     def _emit(self, requests: list[Request], tokens: list[int]) -> None:
         """Hand each row its new token; finished rows leave the batch."""

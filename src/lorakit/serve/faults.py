@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .batch import Batch
+from lorakit.serve.batch import Batch
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import Detokenizer, SamplingParams
+from lorakit.serve.sampling import Detokenizer, SamplingParams
 
 
 class UnknownAdapter(KeyError):

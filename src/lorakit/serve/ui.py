@@ -27,8 +27,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from torch import nn
 
-from .api import ApiError
-from .engine import Engine
+from lorakit.serve.api import ApiError
+from lorakit.serve.engine import Engine
 
 WEB = Path(__file__).parent / "web"
 
@@ -136,7 +136,7 @@ def adapter_info(name: str, directory: Path, model_name: str, model: nn.Module |
 def _verdicts(name: str, directory: Path, model: nn.Module) -> list[dict[str, Any]] | str:
     """`lorakit check`'s verdict per target (vLLM, SGLang, llama.cpp, PEFT) against the served
     base, or why there is none."""
-    from ..export.check import check, read_facts_on
+    from lorakit.export.check import check, read_facts_on
 
     try:
         verdicts = check(read_facts_on(directory, model), name=name)

@@ -33,9 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers import LoraLinear
-from .attention import decode_attention
-from .lora import FOLDED, GROUPS, batched_lora, epilogue, folded_lora, split
+from lorakit.adapters.layers import LoraLinear
+from lorakit.serve.decode.lora import (
+    FOLDED_MODES,
+    GROUPS,
+    batched_lora,
+    epilogue,
+    folded_lora,
+    split,
+)
+from lorakit.serve.decode.ops.attention import decode_attention
 
 Dense = tuple[torch.Tensor, torch.Tensor | None]
 Group = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
@@ -184,7 +191,7 @@ def _projections(
     total = sum(sizes)
     lora = a is not None and b is not None and index is not None
     then = glu or residual is not None
-    if lora and mode in FOLDED and weight.shape[0] > total:  # weight is [W; A of every slot]
+    if lora and mode in FOLDED_MODES and weight.shape[0] > total:  # weight is [W; A of every slot]
         inside = then and bias is None
         flat = residual.reshape(-1, total) if inside and residual is not None else None
         y = folded_lora(x.reshape(-1, x.shape[-1]), weight, b, sizes, index, mode, flat, glu and inside)  # type: ignore[arg-type]
@@ -195,7 +202,7 @@ def _projections(
     else:
         y = F.linear(x, weight[:total], bias)
         if lora:
-            y = y + batched_lora(x, a, b, sizes, index, FOLDED.get(mode, mode)).to(y.dtype)  # type: ignore[arg-type]
+            y = y + batched_lora(x, a, b, sizes, index, FOLDED_MODES.get(mode, mode)).to(y.dtype)  # type: ignore[arg-type]
         parts = split(y, sizes)
     return [epilogue(parts, residual, glu)] if then else parts
 
@@ -259,7 +266,8 @@ def layer_rest(
 class FusedLayers:
     """The two functions, compiled by `backend` (None: run eagerly), and each layer's weights."""
 
-    def __init__(self, layers: Sequence[LayerWeights], eps: float, backend: str | Callable | None) -> None:
+    def __init__(self, layers: Sequence[LayerWeights], eps: float, backend: str | Callable | None,
+                 dynamic: bool | None = None) -> None:
         self.layers = list(layers)
         self.eps = eps
         self.backend = backend
@@ -269,12 +277,13 @@ class FusedLayers:
             # and a size that changes between calls (rows, tokens) turns dynamic (dynamic=None):
             # the weights' sizes stay constants, so Inductor's kernels index with constants
             # (with every size symbolic, an 8B prefill of 32 x 128 tokens took 129 ms on an
-            # H200, against 106 ms so).
+            # H200, against 106 ms so). `dynamic` True (DecodeTuning.dynamic) makes every size
+            # symbolic, for comparing the two.
             limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
             self._compiled = (
-                torch.compile(attention_inputs, backend=backend, dynamic=None, fullgraph=True),
-                torch.compile(layer_rest, backend=backend, dynamic=None, fullgraph=True),
+                torch.compile(attention_inputs, backend=backend, dynamic=dynamic, fullgraph=True),
+                torch.compile(layer_rest, backend=backend, dynamic=dynamic, fullgraph=True),
             )
         self.compile_error: str | None = None
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers import LoraLinear
-from . import matmul
-from .bgmv import bgmv, bgmv_folded
+from lorakit.adapters.layers import LoraLinear
+from lorakit.serve.decode.ops import matmul
+from lorakit.serve.decode.ops.bgmv import bgmv, bgmv_folded
 
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self_attn", ("q_proj", "k_proj", "v_proj")),
@@ -32,7 +32,7 @@ PROJECTIONS = tuple(name for _, names in GROUPS for name in names)
 
 
 MODES = ("gather", "dense", "kernel")
-FOLDED = {"folded": "gather", "folded-kernel": "kernel", "folded-split-k": "kernel"}
+FOLDED_MODES = {"folded": "gather", "folded-kernel": "kernel", "folded-split-k": "kernel"}
 """Modes of a decoding step whose base matmul also ran every slot's A (`folded_lora`), and
 the `batched_lora` mode a group without folded A slots takes instead."""
 
@@ -141,24 +141,6 @@ def folded_lora(x: torch.Tensor, weight: torch.Tensor, b: torch.Tensor, sizes: S
     acc = torch.promote_types(y.dtype, torch.float32)
     out = (y[:, :total].to(acc) + delta.to(acc)).to(y.dtype)
     return epilogue(split(out, sizes), residual, glu) if glu or residual is not None else out
-
-
-def batched_lora_reference(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int], index: torch.Tensor
-) -> torch.Tensor:
-    """`batched_lora` as a loop over rows and projections (one token per row): the definition
-    the op is tested against."""
-    r = b.shape[1]
-    rows = []
-    for i in range(x.shape[0]):
-        slot = int(index[i])
-        parts, start = [], 0
-        for j, size in enumerate(sizes):
-            h = x[i].to(a.dtype) @ a[slot, j * r : (j + 1) * r].T
-            parts.append(h @ b[slot, :, start : start + size])
-            start += size
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
 
 
 def split(y: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

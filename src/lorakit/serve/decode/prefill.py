@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .graphs import capture as capture_graph
+from lorakit.serve.decode.graphs import capture as capture_graph
 
 ROWS = 4
 """Prefills of at most this many prompts run padded to a length bucket (a graph on CUDA)."""

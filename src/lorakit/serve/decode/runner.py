@@ -29,6 +29,7 @@ others decode) is padded to a length bucket and replayed from a graph (`prefill.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
@@ -36,15 +37,19 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-from ..sampling import SamplingParams
-from . import prefill
-from .graphs import capture as capture_graph
-from .kv import SlotCache
-from .llama import FOLD_SLOTS_PER_ROW, DecoderModel
-from .lora import AdapterSlots
-from .sampling import sample_rows
+from lorakit.adapters.state import get_state
+from lorakit.serve.decode import prefill
+from lorakit.serve.decode.graphs import capture as capture_graph
+from lorakit.serve.decode.kv import SlotCache
+from lorakit.serve.decode.lora import PROJECTIONS, AdapterSlots
+from lorakit.serve.decode.model import FOLD_SLOTS_PER_ROW, DecoderModel
+from lorakit.serve.decode.sampler import sample_rows
+from lorakit.serve.decode.tuning import DecodeTuning, install
+from lorakit.serve.faults import error_text
+from lorakit.serve.sampling import SamplingParams
 
 Row = TypeVar("Row")
+log = logging.getLogger(__name__)
 
 
 class SlotBatch(Generic[Row]):
@@ -104,13 +109,16 @@ class FastDecoder:
         key_block: int = 256,
         graphs: bool | None = None,
         compile: str | None = "auto",
+        tuning: DecodeTuning | None = None,
     ) -> None:
         config = model.config
+        tuning = tuning or DecodeTuning()
+        install(tuning)  # the kernels launch with it (tuning.py)
         self.model = model
         self.device = next(model.parameters()).device
         if compile == "auto":  # compiled layers on a GPU, where eager steps are launch-bound
             compile = "inductor" if self.device.type == "cuda" else None
-        self.decoder = DecoderModel(model, compile=compile)
+        self.decoder = DecoderModel(model, compile=compile, tuning=tuning)
         self.dtype = self.decoder.embed.weight.dtype
         if not self.dtype.is_floating_point:
             self.dtype = torch.bfloat16
@@ -154,6 +162,37 @@ class FastDecoder:
             f"fast (slot KV cache {self.max_batch} x {self.context_length} tokens, "
             f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA{lora}; {mode})"
         )
+
+    # the engine's Decoder interface (serve/decoder.py) --------------------------------------
+
+    def adapter_reason(self, name: str) -> str | None:
+        for path in get_state(self.model).targets[name]:
+            if path.rsplit(".", 1)[-1] not in PROJECTIONS:
+                return f"it adapts {path}; the fast decode path runs adapters on {', '.join(PROJECTIONS)} only"
+        return None
+
+    def warm_up(self, adapters) -> None:
+        try:  # compile and capture the steps before the first request
+            self.sync_adapters(adapters.on_device)
+        except Exception as err:
+            log.warning("the fast decode path's warm-up failed (%s: %s); it runs when first used", type(err).__name__, err)
+
+    def prefill_rows(self, requests: Sequence, adapters) -> list[int]:
+        self.sync_adapters(adapters.on_device)
+        return self.prefill(requests)
+
+    def decode_rows(self, adapters, drop) -> tuple[list, list[int]]:
+        self.sync_adapters(adapters.on_device)
+        try:
+            return self.decode()  # pipelined: the rows the step ran for
+        except Exception:
+            # each row steps alone once: those that fail end, the others go on
+            rows, tokens, failed = self.decode_each()
+            if not rows:
+                raise
+            for request, err in failed:
+                drop([request], error_text(err))
+            return rows, tokens
 
     def new_batch(self) -> SlotBatch:
         self._inflight = None

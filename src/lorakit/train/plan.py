@@ -1,0 +1,351 @@
+"""`lorakit plan`: how much GPU memory a training run needs and how long an epoch takes,
+predicted without loading any weights (the model is built on the meta device).
+
+    lorakit plan --model meta-llama/Llama-3.1-8B --gpu H100 --tokens-per-batch 8192
+    lorakit plan --model ./my-model --quantize nf4 --gpu 24 --data train.jsonl
+    lorakit plan --device cpu --batch-size 8 --seq-len 256     # peak RSS of a CPU run
+
+Memory is `lorakit.train.memory`'s arithmetic for the GPU fast path (the same numbers `--memory auto`
+starts from): base weights in bf16 (or NF4 / int8), adapter, its gradients and AdamW moments,
+the activations kept for the backward and the step's transient tensors, the loss's logit
+chunks. Time assumes the fast path's measured efficiency on an H200 (bench/RESULTS.md: about
+54% of the dense bf16 peak) and scales it by each GPU's peak.
+
+With `--device cpu` it predicts the peak resident memory of `lorakit train --device cpu` (a
+Llama-family model, no gradient checkpointing) above
+what the interpreter and the imports hold: the generic path (transformers' own layers) in the
+precision the run would pick, each micro-batch in pieces of `--max-tokens` tokens, plus the
+load, which maps the checkpoint while it makes a copy in another dtype. Checked against the
+bundled model's measured peaks (tests/test_plan.py, bench/plan_cpu.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.adapters.config import ALL_LINEAR, LoraConfig
+from lorakit.train.memory import (
+    ADAM_BYTES,
+    GiB,
+    Shape,
+    activation_bytes,
+    choose,
+    generic_activation_bytes,
+    generic_logit_bytes,
+    transient_bytes,
+)
+
+GPUS = {
+    "H100": (79.1, 989.0),
+    "H200": (139.8, 989.0),
+    "A100-80": (79.1, 312.0),
+    "L4": (22.0, 121.0),
+}
+"""name -> (GiB the device reports, dense bf16 TFLOP/s by the vendor's datasheet)."""
+EFFICIENCY = 0.54
+"""Share of the dense bf16 peak the fast path reached on an H200 (8B, long-tailed data: 13,561
+tokens/s at about 40 GFLOP per token; fixed length: 13,759 at about 38)."""
+USABLE = 0.92
+"""Share of the device's memory a run plans for (as --memory auto does with free memory)."""
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Bytes per NF4 weight: 4 bits, an 8-bit absmax per 64 weights, an fp32 per 256 absmax blocks."""
+NF4_TABLES = 4 * (16 + 256 + 1)
+"""Bytes per NF4 tensor: the 16-value code, the absmax's own 256-value code and its offset (fp32)."""
+CPU_RUNTIME = 48 * 2**20
+"""What a CPU run holds beside its tensors (tokenizer, data, PyTorch's kernel buffers): 48 MiB
+measured with the bundled model, after loading it and before its weights were read."""
+CPU_RETENTION = 2.0
+"""glibc's malloc keeps freed blocks under its mmap threshold (which grows to 32 MiB) in its heaps
+rather than returning them, so a step's freed activations can still count in the peak RSS:
+measured on the bundled model: 0.7x to 0.8x the activations in bf16, 1.25x to 1.8x in fp32 (bench/RESULTS.md)."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class PlanArgs:
+    """Predict peak GPU memory and time per epoch of `lorakit train` without loading weights."""
+
+    model: str | None = None
+    """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
+    gpu: str = "H100"
+    """H100, H200, A100-80, L4, or a memory size in GiB (then no time estimate)."""
+    quantize: str | None = None
+    """nf4 or int8: the base quantized as `lorakit train --quantize` would."""
+    tokens_per_batch: int = 8192
+    """Tokens per micro-batch (packed: --tokens-per-batch; padded: batch_size x seq_len)."""
+    rank: int = 16
+    """LoRA rank r."""
+    targets: str = ALL_LINEAR
+    """Modules to adapt (as lorakit train's --targets)."""
+    data: str | None = None
+    """A training data file: its tokens give the time per epoch."""
+    seq_len: int = 1024
+    """Maximum tokens per example (as lorakit train's --seq-len)."""
+    device: str = "cuda"
+    """cuda (the GPU fast path's memory, against --gpu) or cpu (peak RSS of lorakit train --device cpu)."""
+    precision: str = "auto"
+    """--device cpu: auto (bf16 where this CPU has native bf16, as lorakit train picks), fp32 or bf16."""
+    batch_size: int = 8
+    """--device cpu: sequences per micro-batch, each counted as --seq-len tokens (as lorakit train's --batch-size)."""
+    max_tokens: int | None = None
+    """--device cpu: tokens per piece of a micro-batch (as lorakit train's --max-tokens; default 256)."""
+
+    def __post_init__(self) -> None:
+        gpu_spec(self.gpu)  # a bad --gpu fails before anything is built
+        if self.quantize not in (None, "nf4", "int8"):
+            raise ValueError(f"--quantize must be nf4 or int8 (or omitted), got {self.quantize!r}")
+        for name in ("tokens_per_batch", "rank", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise ValueError(f"--max-tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
+        from lorakit.train.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device == "cpu" and self.data is not None:
+            raise ValueError(f"--data {self.data} with --device cpu: the time per epoch is predicted for GPUs "
+                             "only; drop --data")
+        if self.device == "cpu" and self.quantize is not None:
+            raise ValueError(f"--quantize {self.quantize} with --device cpu: the CPU plan covers a full-precision "
+                             "base only; drop --quantize or plan for --device cuda")
+
+
+def gpu_spec(gpu: str) -> tuple[float, float | None]:
+    """(GiB, dense bf16 TFLOP/s or None) of a --gpu value."""
+    if gpu in GPUS:
+        return GPUS[gpu]
+    try:
+        gib = float(gpu)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0:
+        raise ValueError(f"--gpu must be one of {', '.join(GPUS)} or a memory size in GiB, got {gpu!r}")
+    return gib, None
+
+
+def meta_model(args: PlanArgs) -> torch.nn.Module:
+    """The model with its adapter, on the meta device: shapes only, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.adapters.inject import inject
+    from lorakit.base.models import resolve_model
+    from lorakit.train.args import parse_targets
+
+    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inject(model, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=parse_targets(args.targets)))
+    return model
+
+
+def weight_bytes(model: torch.nn.Module, quantize: str | None) -> tuple[int, int]:
+    """(base, adapter) bytes on the device: a bf16 base (decoder linears in NF4 / int8 when
+    quantized, as `lorakit.base.quant` stores them) and fp32 adapters."""
+    base = adapter = 0
+    quantized = set()
+    if quantize is not None:  # every frozen linear weight but the output head's
+        from lorakit.adapters.layers import LoraLinear
+
+        for layer in getattr(getattr(model, "model", None), "layers", []):
+            for module in layer.modules():
+                if isinstance(module, LoraLinear | torch.nn.Linear) and not module.weight.requires_grad:
+                    quantized.add(id(module.weight))
+    for p in model.parameters():
+        if p.requires_grad:
+            adapter += 4 * p.numel()
+        elif id(p) in quantized:
+            rows = p.shape[0]
+            base += math.ceil(NF4_BYTES * p.numel()) + NF4_TABLES if quantize == "nf4" else p.numel() + 4 * rows
+        else:
+            base += 2 * p.numel()
+    return base, adapter
+
+
+def plan(args: PlanArgs) -> dict:
+    """The prediction, as numbers (the command prints it)."""
+    model = meta_model(args)
+    if args.device == "cpu":
+        return cpu_plan(args, model)
+    shape = Shape.of(model.config)
+    base, adapter = weight_bytes(model, args.quantize)
+    trainable = adapter // 4
+    fixed = base + adapter + ADAM_BYTES * trainable
+    tokens = args.tokens_per_batch
+    gib, tflops = gpu_spec(args.gpu)
+    budget = int(USABLE * gib * GiB)
+    result: dict = {
+        "model": type(model).__name__,
+        "gpu": args.gpu,
+        "budget_gib": budget / GiB,
+        "base_gib": base / GiB,
+        "adapter_gib": adapter / GiB,
+        "optimizer_gib": ADAM_BYTES * trainable / GiB,
+        "trainable": trainable,
+        "tokens_per_batch": tokens,
+        "activations_gib": {
+            "all recomputed": activation_bytes(shape, tokens, 0) / GiB,
+            "none recomputed": activation_bytes(shape, tokens, shape.layers) / GiB,
+        },
+        "transient_gib": transient_bytes(shape, tokens) / GiB,
+    }
+    try:
+        choice = choose(shape, tokens, fixed, budget, min_tokens=min(tokens, args.seq_len))
+    except ValueError as err:
+        result.update(fits=False, why=str(err))
+        return result
+    result.update(fits=True, keep_layers=choice.keep_layers, tokens=choice.tokens, peak_gib=choice.peak / GiB,
+                  why=choice.reason)
+    if tflops is not None:
+        result["tokens_per_s"] = tokens_per_second(shape, base_params(model), choice.keep_layers, args.seq_len, tflops)
+    if args.data is not None:
+        result.update(data_time(args, result.get("tokens_per_s")))
+    return result
+
+
+def base_params(model: torch.nn.Module) -> int:
+    """Parameters of the decoder layers' linear weights (what every token multiplies through)."""
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    return sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2 and not p.requires_grad)
+
+
+def tokens_per_second(shape: Shape, params: int, keep_layers: int, context: int, tflops: float) -> float:
+    """Forward, input-gradient backward and the recomputed layers' second forward of the
+    decoder's matmuls, the output head (about two thirds of positions supervised in chat data)
+    and attention over `context / 2` earlier tokens on average, at EFFICIENCY of the peak."""
+    recomputed = (shape.layers - keep_layers) / shape.layers
+    decoder = 2 * params * (2 + recomputed)
+    head = 2 * shape.hidden * shape.vocab * 2 * 0.65
+    attention = shape.layers * 2 * context * shape.q_dim * (3.5 + recomputed) / 2
+    return EFFICIENCY * tflops * 1e12 / (decoder + head + attention)
+
+
+def cpu_plan(args: PlanArgs, model: torch.nn.Module) -> dict:
+    """Peak RSS of `lorakit train --device cpu` above the interpreter and imports, in bytes."""
+    from lorakit.adapters.layers import LoraLinear
+    from lorakit.base.models import resolve_model
+    from lorakit.train.args import TrainArgs
+    from lorakit.train.precision import autocast_dtype_for
+    from lorakit.train.recipe import CPU_MAX_TOKENS
+
+    bf16 = autocast_dtype_for(args.precision, torch.device("cpu")) is not None
+    element = 2 if bf16 else 4
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not hasattr(model.config, "intermediate_size"):
+        raise ValueError(f"--device cpu plans Llama-family decoders (model.layers of attention and a gated MLP); "
+                         f"{type(model).__name__} is not one")
+    shape = Shape.of(model.config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = element * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    width = args.rank * sum(isinstance(m, LoraLinear) for m in layers[0].modules())
+    # a piece: whole rows of --seq-len tokens (padded, every position supervised: the worst case)
+    rows = min(args.batch_size, max(1, (args.max_tokens or CPU_MAX_TOKENS) // args.seq_len))
+    parts = {
+        "base": base,
+        "adapter": 4 * trainable,
+        "optimizer": ADAM_BYTES * trainable,
+        "casts": 2 * trainable if bf16 else 0,  # autocast's bf16 copies of the adapter weights
+        "activations": generic_activation_bytes(shape, rows * args.seq_len, width, bf16),
+        "logits": generic_logit_bytes(shape, rows * (args.seq_len - 1), TrainArgs.loss_chunk, bf16),
+        "runtime": CPU_RUNTIME,
+    }
+    peak = sum(parts.values())
+    source = resolve_model(args.model)
+    # transformers maps the checkpoint: in the run's dtype its pages are the weights (read
+    # as the first step touches them); in another dtype they stay mapped while the copy is made
+    load = checkpoint_bytes(source, model) + base + CPU_RUNTIME if stored_element(model) != element else 0
+    return {
+        "model": type(model).__name__,
+        "device": "cpu",
+        "precision": "bf16 base and autocast, fp32 adapter" if bf16 else "fp32",
+        "trainable": trainable,
+        "piece_tokens": rows * args.seq_len,
+        "parts_gib": {k: v / GiB for k, v in parts.items()},
+        "train_peak_gib": peak / GiB,
+        "load_peak_gib": load / GiB,
+        "peak_gib": max(peak, load) / GiB,
+        "retention_gib": CPU_RETENTION * parts["activations"] / GiB,
+    }
+
+
+def stored_element(model: torch.nn.Module) -> int:
+    """Bytes per weight in the dtype the model's config records (fp32 when it records none)."""
+    return DTYPE_BYTES.get(str(getattr(model.config, "dtype", None) or "float32").removeprefix("torch."), 4)
+
+
+def checkpoint_bytes(source: str, model: torch.nn.Module) -> int:
+    """Bytes of the model's safetensors files where they are local, else its parameters in the
+    dtype its config records."""
+    from pathlib import Path
+
+    files = list(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    if files:
+        return sum(f.stat().st_size for f in files)
+    return stored_element(model) * sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
+def cpu_report(result: dict) -> str:
+    parts = result["parts_gib"]
+    lines = [
+        f"{result['model']}, {result['trainable']:,} trainable parameters; on the CPU in {result['precision']}, "
+        f"pieces of {result['piece_tokens']} tokens",
+        f"peak RSS above the interpreter and imports (GiB): training {result['train_peak_gib']:.2f} = base "
+        f"{parts['base']:.2f} | adapter {parts['adapter']:.2f} | gradients + AdamW {parts['optimizer']:.2f} | "
+        f"activations {parts['activations']:.2f} | loss logits {parts['logits']:.2f} | autocast copies "
+        f"{parts['casts']:.2f} | tokenizer, data, buffers {parts['runtime']:.2f}",
+    ]
+    if result["load_peak_gib"]:
+        lines.append(f"loading: {result['load_peak_gib']:.2f} (the checkpoint stays mapped while its copy in the "
+                     "run's dtype is made)")
+    lines.append(f"peak: {result['peak_gib']:.2f} GiB; glibc's malloc may hold up to {result['retention_gib']:.2f} "
+                 "GiB more of freed activations (MALLOC_MMAP_THRESHOLD_=131072 makes it return them)")
+    return "\n".join(lines)
+
+
+def data_time(args: PlanArgs, rate: float | None) -> dict:
+    from transformers import AutoTokenizer
+
+    from lorakit.base.models import resolve_model
+    from lorakit.data.packing import budget_bins
+    from lorakit.data.sft import load_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    examples, stats = load_examples(args.data, tokenizer, args.seq_len)
+    lengths = [len(e.input_ids) for e in examples]
+    out = {"data_examples": len(examples), "data_tokens": stats.tokens,
+           "data_batches": len(budget_bins(lengths, max(args.tokens_per_batch, args.seq_len)))}
+    if rate:
+        out["epoch_s"] = stats.tokens / rate
+    return out
+
+
+def report(result: dict) -> str:
+    if result.get("device") == "cpu":
+        return cpu_report(result)
+    lines = [
+        f"{result['model']}, {result['trainable']:,} trainable parameters; {result['tokens_per_batch']} tokens per micro-batch",
+        f"memory (GiB): base {result['base_gib']:.2f} | adapter {result['adapter_gib']:.2f} | gradients + AdamW "
+        f"{result['optimizer_gib']:.2f} | activations {result['activations_gib']['all recomputed']:.2f} (every layer "
+        f"recomputed) to {result['activations_gib']['none recomputed']:.2f} (none) | transient and logits "
+        f"{result['transient_gib']:.2f}",
+    ]
+    where = f"on {result['gpu']} (planning for {result['budget_gib']:.1f} GiB)"
+    if not result["fits"]:
+        lines.append(f"{where}: does not fit: {result['why']}")
+        return "\n".join(lines)
+    lines.append(f"{where}: fits with keep_layers {result['keep_layers']}: {result['why']}")
+    if "tokens_per_s" in result:
+        lines.append(f"speed: about {result['tokens_per_s']:,.0f} tokens/s on the GPU fast path")
+    if "data_tokens" in result:
+        text = f"data: {result['data_examples']} examples, {result['data_tokens']:,} tokens, {result['data_batches']} packed batches"
+        if "epoch_s" in result:
+            seconds = result["epoch_s"]
+            text += f"; about {seconds / 60:.0f} minutes per epoch" if seconds >= 120 else f"; about {seconds:.0f} s per epoch"
+        lines.append(text)
+    return "\n".join(lines)

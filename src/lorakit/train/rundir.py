@@ -1,0 +1,108 @@
+"""The output directory of a training run: one run per directory.
+
+- A directory that already holds files is refused unless the run continues what is
+  there (`--resume`) or replaces it (`--overwrite`), so two runs never mix.
+- `--resume` continues only a run with the same settings: every setting that changes
+  the result is recorded in each checkpoint and compared, and the differences are named.
+- Every checkpoint carries its run's id, so rotation never deletes another run's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lorakit.train.checkpoint import checkpoint_dirs, load_tensors
+
+RESUME_SETTINGS = (
+    "model", "data", "eval_data", "rank", "alpha", "dropout", "targets", "use_rslora", "use_dora",
+    "epochs", "max_steps", "lr", "loraplus_ratio", "weight_decay", "schedule", "warmup_steps",
+    "batch_size", "grad_accum", "seq_len", "packing", "loss_on", "max_grad_norm", "precision",
+    "seed", "quantize",
+)
+"""TrainArgs fields a resumed run must share with the run it continues: each changes the adapter."""
+
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.yaml",
+             "samples.jsonl", "report.json", "report.html")
+"""What a run writes beside its checkpoints (what --overwrite removes)."""
+
+
+def settings(args: Any) -> dict[str, Any]:
+    values = asdict(args)
+    return {name: values[name] for name in RESUME_SETTINGS if name in values}
+
+
+def prepare_output(args: Any) -> tuple[Path | None, str]:
+    """Check (and with --overwrite, clear) the output directory; returns (checkpoint to resume, run id).
+
+    Raises ValueError, changing nothing, when the directory holds another run's files
+    and neither --resume nor --overwrite was given, or when --resume's checkpoint was
+    made with different settings.
+    """
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a directory")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --output and --overwrite replaces it; give one of them")
+    contents = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if args.resume:
+        found = checkpoint_dirs(output)
+        if found:
+            check_resume(args, found[-1])
+            return found[-1], _state(found[-1]).get("run_id") or uuid.uuid4().hex
+        if contents:
+            raise ValueError(
+                f"--resume: {output} holds no checkpoint to continue, but holds other files "
+                f"({', '.join(contents[:6])}); pass --overwrite to replace them or pick an empty directory"
+            )
+        return None, uuid.uuid4().hex
+    if contents and not args.overwrite:
+        raise ValueError(
+            f"--output {output} already holds files ({', '.join(contents[:6])}{', ...' if len(contents) > 6 else ''}); "
+            "pass --resume to continue that run, --overwrite to replace it, or pick an empty directory"
+        )
+    if contents:
+        for path in checkpoint_dirs(output):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in output.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+        for name in RUN_FILES:
+            (output / name).unlink(missing_ok=True)
+        shutil.rmtree(output / "best", ignore_errors=True)  # --save-best's adapter
+    return None, uuid.uuid4().hex
+
+
+def _state(checkpoint: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: {checkpoint / 'trainer_state.json'} is missing or unreadable: {err}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"--resume: {checkpoint / 'trainer_state.json'} has no step; the checkpoint is incomplete")
+    return state
+
+
+def check_resume(args: Any, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose run had other settings, or whose files are not plain tensors."""
+    state = _state(checkpoint)
+    saved = state.get("settings")
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"--resume: {checkpoint} does not record its run's settings, so lorakit cannot tell whether "
+            "this command continues it; pass --overwrite to start over"
+        )
+    wanted = settings(args)
+    differ = [f"{name}: checkpoint {saved.get(name)!r}, now {wanted[name]!r}"
+              for name in RESUME_SETTINGS if name in wanted and saved.get(name) != wanted[name]]
+    if differ:
+        raise ValueError(
+            f"--resume: {checkpoint} was made with other settings ({'; '.join(differ)}); "
+            "run with the checkpoint's settings, or pass --overwrite to start a new run"
+        )
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt"):
+        load_tensors(checkpoint / name)
