@@ -19,7 +19,7 @@ operand (64 of its columns by the 32 rows), which streamed an 8B layer's weights
 time than the pointer loads and 10% less than cuBLAS (`choose` picks). On Hopper both kernels
 launch as programmatic dependents (`DecodeTuning.pdl`): the expand's programs start while the
 matmul's last blocks run and read their B before they wait for its partial sums, which took
-an 8B decoding step from 5.73 to 5.60 ms (bench/RESULTS.md, "Tenth GPU run").
+an 8B decoding step from 5.73 to 5.60 ms (bench/history/2026-11-30-gpu-run-10-pdl.md).
 
 `folded_projection` is a PyTorch custom op (`lorakit::folded_projection`): `torch.compile`
 keeps it whole and a CUDA graph captures its two launches. The CPU tests run the kernels
