@@ -23,6 +23,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
+	cd src && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
 
 test: install lint
 	$(PY) -m pytest -p no:cacheprovider

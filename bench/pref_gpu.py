@@ -468,7 +468,7 @@ def as_lorakit(argv: list[str]) -> int:
     parser.add_argument("--deterministic", action="store_true")
     opts = parser.parse_args(argv[:split])
     from lorakit.cli import main as cli_main
-    from lorakit.train import objectives
+    from lorakit.train.objectives import preference as objectives
 
     if opts.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

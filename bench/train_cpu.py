@@ -58,8 +58,9 @@ def child(side: str, n_examples: int, model_dir: str | None, random_init: bool, 
     from lorakit.adapters import inject
     from lorakit.data.sft import as_sequences, collate, load_examples, split_rows
     from lorakit.demo.__main__ import EVAL, TRAIN
+    from lorakit.train.objectives.sft import compute_loss, evaluate
     from lorakit.train.precision import attention_in_fp32, autocast_dtype_for
-    from lorakit.train.recipe import CPU_MAX_TOKENS, compute_loss, evaluate
+    from lorakit.train.recipe import CPU_MAX_TOKENS
 
     cpu = torch.device("cpu")
     if side.startswith("peft"):

@@ -413,7 +413,7 @@ def run_data_case(name: str, warmup: int, diagnose: bool = False) -> dict:
     from lorakit.data.sft import collate
     from lorakit.train.fastpath import enable_fast_path
     from lorakit.train.memory import after_first_step, fit_for_training
-    from lorakit.train.recipe import compute_loss
+    from lorakit.train.objectives.sft import compute_loss
 
     shape, stack, _quantized, opts = CASES[name]
     s = SHAPES[shape]

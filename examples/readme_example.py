@@ -7,10 +7,9 @@ ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
 with torch.no_grad():
     base = model(ids).logits
 lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
-print(lorakit.trainable_parameters(model))  # only the adapter's A and B train
+print(lorakit.trainable_parameters(model))  # only A and B train; B starts at zero
 with torch.no_grad():
-    logits = model(ids).logits  # the adapted model; B starts at zero, so untrained it is the base
+    print(tokenizer.decode(model(ids).logits[0, -1].argmax()))  # adapted forward: " Paris"
     with lorakit.disable_adapters(model):
         assert torch.equal(model(ids).logits, base)  # adapter off: the base model, bit for bit
 lorakit.save_adapter(model, "out/my-adapter")  # adapter_config.json + adapter_model.safetensors
-print("next token:", tokenizer.decode(logits[0, -1].argmax()))

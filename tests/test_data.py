@@ -145,7 +145,7 @@ def test_packing_keeps_examples_whole_and_restarts_positions():
 
 def test_packed_loss_equals_the_loss_of_separate_examples():
     """transformers turns restarting position ids into a block-diagonal mask: no cross-talk."""
-    from lorakit.train.recipe import compute_loss
+    from lorakit.train.objectives.sft import compute_loss
 
     model, tok = tiny_llama_for_tokenizer()
     examples, _ = tokenize_rows(read_rows_from(ROWS["prompt_completion"] + ROWS["text"]), tok, 128)

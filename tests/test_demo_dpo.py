@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lorakit.adapters.files import load_adapter
 from lorakit.base.models import load_model
 from lorakit.demo import dpo as demo_dpo
-from lorakit.train import objectives
+from lorakit.train.objectives import preference as objectives
 
 
 def chat_pairs(n: int, seed: int) -> list[dict]:

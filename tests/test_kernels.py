@@ -380,7 +380,7 @@ def test_qwen3_matches_unpatched():
 
 def test_training_loss_sum_matches_generic_path():
     from lorakit.data.sft import IGNORE
-    from lorakit.train.recipe import compute_loss
+    from lorakit.train.objectives.sft import compute_loss
 
     model = _adapted_llama(torch.float64)
     ids, labels = _batch(seed=5)

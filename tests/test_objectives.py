@@ -20,7 +20,7 @@ import lorakit
 from conftest import tiny_llama_for_tokenizer
 from lorakit.data.pairs import collate_pairs, tokenize_pair
 from lorakit.data.sft import IGNORE, Row
-from lorakit.train.objectives import (
+from lorakit.train.objectives.preference import (
     PreferenceConfig,
     PreferenceLoss,
     reference_mode,

@@ -247,7 +247,7 @@ def test_layout_packs_by_default_only_where_padding_free():
 
 def test_generic_path_on_packed_rows_equals_each_sequence_alone():
     """The recipe's loss off the fast path (the CPU, other models) masks packed examples apart."""
-    from lorakit.train.recipe import compute_loss
+    from lorakit.train.objectives.sft import compute_loss
 
     model = _adapted_llama()
     reference = copy.deepcopy(model)

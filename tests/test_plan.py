@@ -108,7 +108,7 @@ def test_plan_refuses_bad_options_by_name(options, message, capsys):
 
 def _saved_bytes(model, batch, bf16: bool) -> int:
     """Bytes autograd keeps for the backward of the recipe's loss (distinct storages, weights excluded)."""
-    from lorakit.train.recipe import compute_loss
+    from lorakit.train.objectives.sft import compute_loss
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     vocab = model.config.vocab_size

@@ -19,7 +19,7 @@ from lorakit.data.pairs import collate_pairs, tokenize_pair
 from lorakit.data.sft import Row
 from lorakit.train.fastpath import FastPathConfig, enable_fast_path, fused_token_logps
 from lorakit.train.fastpath.loss import linear_token_logps, linear_token_logps_reference
-from lorakit.train.objectives import (
+from lorakit.train.objectives.preference import (
     REFERENCE_ADAPTER,
     PreferenceConfig,
     PreferenceLoss,

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli import main as cli_main
-from lorakit.train import objectives, recipe
+from lorakit.train import recipe
+from lorakit.train.objectives import preference as objectives
 from lorakit.train.recipe import TrainArgs
 
 

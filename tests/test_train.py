@@ -15,8 +15,10 @@ import lorakit
 from conftest import tiny_llama, tiny_llama_for_tokenizer, tiny_tokenizer
 from lorakit.data.sft import IGNORE, as_sequences, collate, load_examples
 from lorakit.train import recipe
+from lorakit.train.objectives import sft
+from lorakit.train.objectives.sft import compute_loss
 from lorakit.train.precision import attention_in_fp32
-from lorakit.train.recipe import TrainArgs, compute_loss, lr_lambda
+from lorakit.train.recipe import TrainArgs, lr_lambda
 
 
 def base_hash(model) -> str:
@@ -155,7 +157,7 @@ def test_resume_after_interrupt_ends_with_the_same_adapter(tmp_path, tiny_model_
     whole = recipe.train(args_for(tiny_model_dir, chat_data, tmp_path / "whole", **options))
 
     calls = {"n": 0}
-    real_loss = recipe.compute_loss
+    real_loss = sft.compute_loss
 
     def interrupted(model, batch, chunk=2048):
         calls["n"] += model.training  # evaluation calls do not count
@@ -163,7 +165,7 @@ def test_resume_after_interrupt_ends_with_the_same_adapter(tmp_path, tiny_model_
             raise KeyboardInterrupt
         return real_loss(model, batch, chunk)
 
-    monkeypatch.setattr(recipe, "compute_loss", interrupted)
+    monkeypatch.setattr(sft, "compute_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         recipe.train(args_for(tiny_model_dir, chat_data, tmp_path / "cut", **options))
     cut = tmp_path / "cut"
@@ -172,7 +174,7 @@ def test_resume_after_interrupt_ends_with_the_same_adapter(tmp_path, tiny_model_
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "adapter_model.safetensors"):
         assert (cut / "checkpoint-5" / name).is_file()
 
-    monkeypatch.setattr(recipe, "compute_loss", real_loss)
+    monkeypatch.setattr(sft, "compute_loss", real_loss)
     recipe.train(args_for(tiny_model_dir, chat_data, cut, resume=True, **options))
     a, b = adapter_tensors(whole), adapter_tensors(cut)
     assert a.keys() == b.keys()

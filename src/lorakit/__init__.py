@@ -2,6 +2,13 @@
 
 A frozen base model with small trainable low-rank adapters beside chosen layers,
 saved in PEFT's file format, swapped and mixed per request on one base.
+
+    model, tokenizer = lorakit.load_model()       # the bundled SmolLM2-135M-Instruct, or a path
+    lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+
+The package's layers, bottom up (docs/architecture.md): adapters/ (the LoRA core), base/
+(base models, quantization, templates), data/, evaluation/ and export/, train/, then
+compare/ and serve/, and cli.py on top.
 """
 
 from lorakit.adapters.config import LoraConfig
@@ -23,6 +30,7 @@ from lorakit.adapters.inject import (
     unmerge,
 )
 from lorakit.adapters.layers import LoraLinear, lora_mixed_delta
+from lorakit.base.models import load_model
 
 __version__ = "0.1.0"
 
@@ -37,6 +45,7 @@ __all__ = [
     "forward_mixed",
     "inject",
     "load_adapter",
+    "load_model",
     "lora_mixed_delta",
     "merge",
     "merge_and_unload",

@@ -263,7 +263,8 @@ def run_generate(args: GenerateArgs) -> None:
 
 def run_eval(args: EvalArgs) -> None:
     from lorakit.data.sft import as_sequences, load_examples
-    from lorakit.train.recipe import evaluate, log
+    from lorakit.train.objectives.sft import evaluate
+    from lorakit.train.runlog import log
 
     model, tokenizer = _load(args.model, args.adapter, args.device, args.quantize, warn=False)
     device = next(model.parameters()).device
@@ -356,20 +357,29 @@ def run_convert(args: ConvertArgs) -> None:
 
 def run_export(args: ExportArgs) -> None:
     stem = str(Path(args.adapter)).rstrip("/")
+
+    def wrote(file: Path) -> None:
+        size = file.stat().st_size
+        print(f"wrote {file} ({size:,} bytes, {size / 2**20:.1f} MiB)")
+
     if args.format == "gguf-lora":
         from lorakit.export.gguf_lora import write_gguf_lora
 
         path = write_gguf_lora(args.adapter, args.output or f"{stem}.gguf", args.model, args.dtype or "f32")
+        wrote(path)
         print(f"llama.cpp LoRA adapter written to {path} (llama-server -m BASE.gguf --lora {path})")
     elif args.format == "gguf":
         from lorakit.export.gguf_model import write_gguf_model
 
         path = write_gguf_model(args.adapter, args.output or f"{stem}-{args.dtype}.gguf", args.model, args.dtype or "q8_0")
+        wrote(path)
         print(f"merged model written to {path} (llama-cli -m {path})")
     else:
         from lorakit.export.ollama import write_ollama
 
         path = write_ollama(args.adapter, args.output or f"{stem}-ollama", args.model, args.dtype or "q8_0")
+        for name in ("model.gguf", "Modelfile"):
+            wrote(path / name)
         print(f"Ollama model written to {path} (cd {path} && ollama create NAME -f Modelfile)")
 
 

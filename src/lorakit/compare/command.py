@@ -131,7 +131,7 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
         prompt_ids,
     )
     from lorakit.evaluation.metrics import check_references, greedy_answers, load_prompts
-    from lorakit.train.recipe import evaluate
+    from lorakit.train.objectives.sft import evaluate
     from lorakit.train.runlog import log
 
     def next_phase() -> None:

@@ -63,7 +63,7 @@ def exact(prediction: str, row: dict) -> bool:
 
 def measure(model: Any, tokenizer: Any, rows: list[dict], eval_path: Path) -> tuple[float, float, list[str]]:
     from lorakit.data.sft import as_sequences, load_examples
-    from lorakit.train.recipe import evaluate
+    from lorakit.train.objectives.sft import evaluate
 
     examples, _ = load_examples(eval_path, tokenizer, 512)
     loss, _ = evaluate(model, as_sequences(examples, 512, False), 16, tokenizer.pad_token_id,
@@ -77,7 +77,7 @@ def measure(model: Any, tokenizer: Any, rows: list[dict], eval_path: Path) -> tu
 def preference_accuracy(model: Any, tokenizer: Any, path: Path) -> float:
     """The share of pairs whose chosen answer the model finds more likely than the rejected one."""
     from lorakit.data.pairs import collate_pairs, load_pairs
-    from lorakit.train.objectives import sequence_logps
+    from lorakit.train.objectives.preference import sequence_logps
 
     pairs, _ = load_pairs(path, tokenizer, 512)
     device = next(model.parameters()).device

@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.export.convert import convert_command
+
 TARGETS = ("vllm", "sglang", "llama.cpp", "peft")
 LOADS, WARNS, REFUSED = "loads and acts", "loads with warnings", "refused"
 
@@ -237,11 +239,19 @@ def facts_from_model(model: nn.Module, adapter_name: str = "default") -> Adapter
 # the rules ------------------------------------------------------------------------------
 
 
+BUNDLED_BASE_NOTE = (
+    "the bundled base is SmolLM2-135M-Instruct dequantized from a Q4_1 GGUF, not the original weights: "
+    "a server loading the original fp16/bf16 weights (HuggingFaceTB/SmolLM2-135M-Instruct) gets slightly "
+    "different logits than lorakit did"
+)
+
+
 def _common(facts: AdapterFacts, loader: str, convert_hint: bool = True) -> Iterable[Finding]:
     """What none of vLLM, SGLang and llama.cpp load: DoRA, modules_to_save, bias."""
     if facts.dora():
         yield Finding("dora", REFUSED, f"{loader} does not load DoRA adapters (lora_magnitude_vector); "
-                      "retrain without --use-dora, or merge the adapter into the base (lorakit merge)")
+                      f"{convert_command(facts.directory)}, retrain without --use-dora, or merge the adapter "
+                      "into the base (lorakit merge)")
     saved = facts.saved_modules()
     if saved:
         yield Finding("modules_to_save", REFUSED, f"{loader} loads LoRA weights only, not modules trained in full "
@@ -361,8 +371,16 @@ def check(facts: AdapterFacts, targets: Iterable[str] = TARGETS, name: str | Non
         else:
             verdict = LOADS
         notes = [f"not checked against the base model: {facts.base_note}"] if facts.base_note and target != "peft" else []
+        if verdict != REFUSED and _bundled_base(facts):
+            notes.append(BUNDLED_BASE_NOTE)
         out.append(Verdict(target, verdict, findings, None if verdict == REFUSED else command, notes))
     return out
+
+
+def _bundled_base(facts: AdapterFacts) -> bool:
+    from lorakit.base.models import DEFAULT_HUB_ID
+
+    return facts.raw.get("base_model_name_or_path") == DEFAULT_HUB_ID
 
 
 def format_verdicts(verdicts: list[Verdict]) -> str:

@@ -190,3 +190,11 @@ def _agreement(original: nn.Module, converted: nn.Module, tokenizer: Any, prompt
         same += int((outs[0] == outs[1]).sum())
         total += outs[0].numel()
     return same / max(total, 1)
+
+
+def convert_command(adapter: str | os.PathLike) -> str:
+    """How to get a plain LoRA adapter out of a DoRA one (the words a refusal points to)."""
+    name = str(adapter).rstrip("/")
+    return (f"convert it to plain LoRA: lorakit convert {name} --to plain-lora --output {name}-plain "
+            "(DoRA goes through an SVD; convert refuses when a module's relative error is above "
+            "--max-error, 0.05 by default: raise --rank or --max-error then)")

@@ -82,6 +82,13 @@ def row_permutation(path: str, config: Any) -> int | None:
     return None
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_output(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run `write(temporary path)`, then rename the file into place; nothing is left on failure."""
     path = Path(path)
@@ -89,6 +96,7 @@ def atomic_output(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the mode a new file gets
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -101,13 +109,15 @@ def atomic_output(path: str | os.PathLike, write: Callable[[str], None]) -> Path
 def lora_tensors(adapter_dir: str | os.PathLike, config: Any) -> tuple[dict[str, np.ndarray], float]:
     """The adapter's tensors under llama.cpp's names, and the file's alpha."""
     from lorakit.adapters.files import PREFIX, read_adapter
+    from lorakit.export.convert import convert_command
 
     files = read_adapter(adapter_dir)
     lora = files.config
     if lora.use_dora or lora.modules_to_save:
         feature = "DoRA" if lora.use_dora else f"modules_to_save ({', '.join(lora.modules_to_save or [])})"
+        hint = f"; {convert_command(adapter_dir)}" if lora.use_dora else ""
         raise ValueError(f"{adapter_dir}: llama.cpp loads plain LoRA only; this adapter uses {feature} "
-                         f"(lorakit check {adapter_dir} --target llama.cpp)")
+                         f"(lorakit check {adapter_dir} --target llama.cpp){hint}")
     name_of = tensor_namer(config)
     alpha = float(lora.alpha)
     if alpha == 0:

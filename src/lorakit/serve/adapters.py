@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit import delete_adapter, load_adapter, read_adapter
-from lorakit.adapters.files import AdapterFiles
+from lorakit.adapters.files import AdapterFiles, load_adapter, read_adapter
+from lorakit.adapters.inject import delete_adapter
 
 
 class AdapterMismatch(ValueError):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from lorakit.adapters.config import ALL_LINEAR, LoraConfig
 from lorakit.evaluation.metrics import parse_metric
-from lorakit.train import distributed, objectives
+from lorakit.train import distributed
 from lorakit.train.memory import check_memory_args
+from lorakit.train.objectives import preference
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.track import parse_report_to
 
@@ -140,6 +142,9 @@ class TrainArgs:
     reference: str = "auto"
     """DPO's reference: base (the model with its adapter disabled), init (a frozen copy of
     --init-adapter) or auto (init when --init-adapter is given, else base)."""
+    resolved: dict[str, Any] | None = None
+    """Ignored: the facts a run records in its train_config.yaml (device, steps, ...), accepted so that
+    file can be passed back with --config; the new run records its own."""
 
     def __post_init__(self) -> None:
         positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -172,7 +177,7 @@ class TrainArgs:
         check_memory_args(self.memory, self.memory_limit)
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
-        objectives.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
+        preference.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
                                          self.label_smoothing, self.packing, self.rpo_alpha)
         self.lora_config()  # validates rank, alpha, dropout and targets early
         _check_watching(self)

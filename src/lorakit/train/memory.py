@@ -149,7 +149,7 @@ def generic_activation_bytes(shape: Shape, tokens: int, adapter_width: int, bf16
 
 
 def generic_logit_bytes(shape: Shape, supervised: int, chunk: int, bf16: bool) -> int:
-    """The loss's peak on the generic path (`lorakit.train.recipe.compute_loss`: the head runs on at
+    """The loss's peak on the generic path (`lorakit.train.objectives.sft.compute_loss`: the head runs on at
     most `chunk` supervised positions at a time): in the backward, the saved fp32
     log-softmax, its gradient and the logits' gradient, 12 bytes a logit, and under bf16
     autocast the gradient's bf16 copy, 2 more."""

@@ -8,8 +8,9 @@ predicted without loading any weights (the model is built on the meta device).
 Memory is `lorakit.train.memory`'s arithmetic for the GPU fast path (the same numbers `--memory auto`
 starts from): base weights in bf16 (or NF4 / int8), adapter, its gradients and AdamW moments,
 the activations kept for the backward and the step's transient tensors, the loss's logit
-chunks. Time assumes the fast path's measured efficiency on an H200 (bench/RESULTS.md: about
-54% of the dense bf16 peak) and scales it by each GPU's peak.
+chunks. Time assumes the fast path's matmul efficiency fitted to the H200 measurements
+(bench/RESULTS.md: about 60% of the dense bf16 peak, scaled by each GPU's peak), plus a memory-bound
+cost per token and a kernel-launch cost per step, which bound small models.
 
 With `--device cpu` it predicts the peak resident memory of `lorakit train --device cpu` (a
 Llama-family model, no gradient checkpointing) above
@@ -45,9 +46,19 @@ GPUS = {
     "L4": (22.0, 121.0),
 }
 """name -> (GiB the device reports, dense bf16 TFLOP/s by the vendor's datasheet)."""
-EFFICIENCY = 0.54
-"""Share of the dense bf16 peak the fast path reached on an H200 (8B, long-tailed data: 13,561
-tokens/s at about 40 GFLOP per token; fixed length: 13,759 at about 38)."""
+EFFICIENCY = 0.60
+"""Share of the dense bf16 peak the fast path's matmuls reach, fitted with MEMORY_S to the H200
+measurements (8B, long-tailed data: 13,561 tokens/s at about 40 GFLOP per token; fixed length:
+13,759 at about 38; 1B fixed length: 81,103 at about 5)."""
+MEMORY_S = 9e-11
+"""Seconds per token per (layer x hidden size) that no matmul hides: norms, rotary embeddings,
+activations, the rank-r LoRA products, all bound by memory traffic. Without it a peak-FLOPs model
+predicts nearly a million tokens/s for a 135M model; with it, the 1B is within 12% and the 8B within 8%."""
+LAUNCH_S = 150e-6
+"""Seconds per decoder layer per micro-batch of kernel launches (forward and backward): the floor
+that bounds small models at small batches."""
+MEASURED_PARAMS = 0.9e9
+"""Below about the 1B's decoder parameters the speed is an extrapolation (no small model was measured)."""
 USABLE = 0.92
 """Share of the device's memory a run plans for (as --memory auto does with free memory)."""
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -203,7 +214,10 @@ def plan(args: PlanArgs) -> dict:
     result.update(fits=True, keep_layers=choice.keep_layers, tokens=choice.tokens, peak_gib=choice.peak / GiB,
                   why=choice.reason)
     if tflops is not None:
-        result["tokens_per_s"] = tokens_per_second(shape, base_params(model), choice.keep_layers, args.seq_len, tflops)
+        params = base_params(model)
+        result["tokens_per_s"] = tokens_per_second(shape, params, choice.keep_layers, args.seq_len, tflops,
+                                                   tokens_per_step=choice.tokens)
+        result["speed_extrapolated"] = params < MEASURED_PARAMS
     if args.data is not None:
         result.update(data_time(args, result.get("tokens_per_s")))
     return result
@@ -215,15 +229,21 @@ def base_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2 and not p.requires_grad)
 
 
-def tokens_per_second(shape: Shape, params: int, keep_layers: int, context: int, tflops: float) -> float:
+def tokens_per_second(shape: Shape, params: int, keep_layers: int, context: int, tflops: float,
+                      tokens_per_step: int | None = None) -> float:
     """Forward, input-gradient backward and the recomputed layers' second forward of the
     decoder's matmuls, the output head (about two thirds of positions supervised in chat data)
-    and attention over `context / 2` earlier tokens on average, at EFFICIENCY of the peak."""
+    and attention over `context / 2` earlier tokens on average, at EFFICIENCY of the peak; plus
+    the memory-bound work per token (MEMORY_S) and, given the tokens per micro-batch, the kernel
+    launches per step (LAUNCH_S), which dominate small models."""
     recomputed = (shape.layers - keep_layers) / shape.layers
     decoder = 2 * params * (2 + recomputed)
     head = 2 * shape.hidden * shape.vocab * 2 * 0.65
     attention = shape.layers * 2 * context * shape.q_dim * (3.5 + recomputed) / 2
-    return EFFICIENCY * tflops * 1e12 / (decoder + head + attention)
+    seconds = (decoder + head + attention) / (EFFICIENCY * tflops * 1e12) + MEMORY_S * shape.layers * shape.hidden
+    if tokens_per_step:
+        seconds += LAUNCH_S * shape.layers / tokens_per_step
+    return 1 / seconds
 
 
 def cpu_plan(args: PlanArgs, model: torch.nn.Module) -> dict:
@@ -341,7 +361,11 @@ def report(result: dict) -> str:
         return "\n".join(lines)
     lines.append(f"{where}: fits with keep_layers {result['keep_layers']}: {result['why']}")
     if "tokens_per_s" in result:
-        lines.append(f"speed: about {result['tokens_per_s']:,.0f} tokens/s on the GPU fast path")
+        text = f"speed: about {result['tokens_per_s']:,.0f} tokens/s on the GPU fast path"
+        if result.get("speed_extrapolated"):
+            text += " (extrapolated: the speed model is fitted to 1B and 8B measurements; smaller models are " \
+                    "bound by memory traffic and kernel launches, so treat it as a rough upper bound)"
+        lines.append(text)
     if "data_tokens" in result:
         text = f"data: {result['data_examples']} examples, {result['data_tokens']:,} tokens, {result['data_batches']} packed batches"
         if "epoch_s" in result:

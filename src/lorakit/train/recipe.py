@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lorakit.adapters.files import load_adapter, read_adapter, save_adapter
 from lorakit.adapters.inject import inject, trainable_parameters
@@ -34,25 +32,16 @@ from lorakit.base.models import DEFAULT_HUB_ID, default_device, default_dtype, l
 from lorakit.base.quant import memory_report
 from lorakit.base.templates import save_tokenizer
 from lorakit.base.threads import tuner_for
-from lorakit.data.packing import layout, packed_mask
 from lorakit.data.sft import (
-    IGNORE,
-    TokenRow,
-    as_sequences,
     batches_per_epoch,
-    collate,
-    eval_batches,
-    load_examples,
-    micro_batch,
-    split_rows,
 )
 from lorakit.export.check import vllm_verdict_for_training
 from lorakit.train import distributed, objectives, sharded, watch
 from lorakit.train.args import TrainArgs
 from lorakit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from lorakit.train.fastpath import enable_fast_path, fused_loss_sum
+from lorakit.train.fastpath import enable_fast_path
 from lorakit.train.memory import after_first_step, fit_for_training, piece_tokens
-from lorakit.train.objectives import PreferenceLoss, body_and_head
+from lorakit.train.objectives.sft import to_device
 from lorakit.train.precision import attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from lorakit.train.run import Run
 from lorakit.train.rundir import prepare_output, settings
@@ -82,7 +71,8 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     start_from = resume_from or (Path(args.init_adapter) if args.init_adapter else None)
     start_config = read_adapter(start_from).config if start_from is not None else args.lora_config()
     lazy_source, why = sharded.choose(args.model, env, start_config, args.quantize)
-    if lazy_source is not None and objectives.second_adapter(args):
+    objective = objectives.for_args(args)
+    if lazy_source is not None and objective.second_adapter:
         lazy_source, why = None, "loading the whole model in every process: --reference init holds a second adapter"
     if env.strategy == "fsdp":
         log(f"FSDP2: {why}")
@@ -92,19 +82,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     else:
         model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
         device = next(model.parameters()).device
-    preference = args.objective != "sft"
-    train_examples: list = []
-    eval_rows = None
-    if preference:  # pairs in place of rows: micro_batch and the loop treat them alike
-        pairs, eval_rows = objectives.load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len,
-                                                           args.skip_bad)
-    else:
-        train_examples, train_stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
-        log(train_stats.summary(f"train data {args.data}"))
-    if args.eval_data and not preference:
-        eval_examples, eval_stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
-        log(eval_stats.summary(f"eval data {args.eval_data}"))
-        eval_rows = as_sequences(eval_examples, args.seq_len, False)
+    train_data, eval_rows = objective.load_data(tokenizer)
 
     torch.manual_seed(args.seed)
     start_adapter: dict[str, torch.Tensor] = {}  # whole tensors for a shard-by-shard load
@@ -123,33 +101,24 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
                                                     next(model.parameters()).dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    objectives.setup_reference(model, args)
+    objective.setup_model(model)
     fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.train.memory)
     if args.fast_path and device.type == "cuda":
-        # a preference batch holds a chosen and a rejected row per pair
-        tokens = 2 * args.batch_size * args.seq_len if preference else args.tokens_per_batch or args.batch_size * args.seq_len
         fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
-                                  tokens, args.seq_len)
+                                  objective.batch_tokens(), args.seq_len)
         status = enable_fast_path(model, fitted.config if fitted else None)
         fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
-    if preference:
-        train_rows, rows_per_batch = pairs, args.batch_size
-    else:
-        plan = layout(train_examples, packing=args.packing, tokens_per_batch=args.tokens_per_batch, seq_len=args.seq_len,
-                      batch_size=args.batch_size, seed=args.seed, padding_free=fast and not env.enabled,
-                      world_size=env.world_size, budget_cap=fitted.choice.tokens if fitted else None)
-        train_rows, rows_per_batch = plan.rows, plan.rows_per_batch
-        if plan.message:
-            log(plan.message)
+    train_rows, rows_per_batch = objective.plan(train_data, padding_free=fast and not env.enabled, env=env,
+                                                budget_cap=fitted.choice.tokens if fitted else None)
     per_epoch = batches_per_epoch(len(train_rows), rows_per_batch)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
-              rows_per_batch=rows_per_batch, memory=fitted)
+              rows_per_batch=rows_per_batch, memory=fitted, objective=objective)
     # Wrap before the optimizer is built: FSDP2 replaces the parameters by sharded ones.
-    loss_module = PreferenceLoss(model, objectives.preference_config(args)) if preference else LossModule(model, args.loss_chunk)
+    loss_module = objective.loss_module(model)
     run.loss_module = distributed.wrap(loss_module, env, device)
     if lazy_source is not None:
         held = sharded.materialize(model, lazy_source, env, device, start_adapter)
@@ -197,87 +166,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-# the loss ---------------------------------------------------------------------------------
-
-
-def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    # (N, vocab) logits only for the N supervised positions; fp32 for the softmax.
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 2048) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised positions, and their count.
-
-    The output head runs only at positions that have a target, in chunks of `chunk`
-    rows that are recomputed in the backward pass, so the (tokens, vocab) logits of the
-    whole batch never exist at once. Most positions of a chat example are prompt, so
-    this skips most of the head's work as well as its memory.
-    """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE  # (B, T-1): position t predicts token t+1
-    count = int(mask.sum())
-    fused = fused_loss_sum(model, batch["input_ids"], labels, batch.get("position_ids"))
-    if fused is not None:  # the GPU fast path is on for this model and this batch (lorakit.train.fastpath)
-        return fused, count
-    body, head = body_and_head(model)
-    blocks = packed_mask(batch["position_ids"])  # packed rows: attention within each example only
-    if body is None:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum"), count
-    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=blocks, use_cache=False)[0]
-    selected = hidden[:, :-1][mask]  # (N, d)
-    wanted = targets[mask]  # (N,)
-    if count <= chunk:
-        return _head_loss(selected, wanted, head), count
-    total = selected.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_head_loss, selected[part], wanted[part], head, use_reentrant=False)
-    return total, count
-
-
-class LossModule(nn.Module):
-    """`compute_loss` as a module, so DDP and FSDP2 see one forward per micro-batch."""
-
-    def __init__(self, model: nn.Module, chunk: int) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk = chunk
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return compute_loss(self.model, batch, self.chunk)[0]
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, rows: list[TokenRow], batch_size: int, pad_id: int,
-             device: torch.device, autocast_dtype: torch.dtype | None = None, chunk: int = 2048,
-             loss_module: nn.Module | None = None) -> tuple[float, int]:
-    """Mean loss per supervised token over `rows`, and the token count.
-
-    `loss_module` (a wrapped `LossModule`) is what a multi-process run calls instead of
-    `compute_loss`; every process then evaluates every row, in the same order.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for seqs in eval_batches(rows, batch_size):
-        batch = to_device(collate(seqs, pad_id), device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            if loss_module is not None:
-                loss, n = loss_module(batch), int((batch["labels"][:, 1:] != IGNORE).sum())
-            else:
-                loss, n = compute_loss(model, batch, chunk)
-        total += float(loss)
-        count += n
-    model.train(was_training)
-    return total / max(count, 1), count
-
-
 # outputs ----------------------------------------------------------------------------------
 
 
@@ -285,6 +173,9 @@ def write_config(args: TrainArgs, run: Run, path: Path) -> None:
     import yaml
 
     resolved = asdict(args)
+    # The file can be passed back as is (--config): a rerun neither resumes nor clears a directory
+    # unless asked on its own command line; the `resolved` facts are accepted there and ignored.
+    resolved.update(resume=False, overwrite=False)
     resolved["resolved"] = {
         "device": str(run.device),
         "total_steps": run.total_steps,
@@ -301,6 +192,9 @@ def write_config(args: TrainArgs, run: Run, path: Path) -> None:
 
 def train(args: TrainArgs) -> Path:
     """Run the whole recipe; returns the output directory (which holds the final adapter)."""
+    from dataclasses import replace
+
+    args = replace(args, resolved=None)  # a --config file's recorded facts are not options
     output = Path(args.output)
     resume_from, run_id = prepare_output(args)  # one run per directory (rundir.py)
     output.mkdir(parents=True, exist_ok=True)
@@ -314,7 +208,7 @@ def train(args: TrainArgs) -> Path:
     loss_module = run.loss_module
     assert optimizer is not None and scheduler is not None and loss_module is not None
     pad_id = run.tokenizer.pad_token_id
-    preference = args.objective != "sft"
+    objective = run.objective
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
     per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch)
@@ -329,6 +223,11 @@ def train(args: TrainArgs) -> Path:
     if resume_from is not None:
         state = load_checkpoint(run, resume_from)
         start = state["step"]
+        if start >= run.total_steps:  # nothing left: the final adapter stays as it is
+            log(f"the run in {output} is already complete (step {start} of {run.total_steps}); nothing to train")
+            distributed.barrier(run.env)
+            distributed.cleanup(run.env)
+            return output
         # Drop metrics logged after the checkpoint (an interrupted run may have logged more).
         if metrics_path.exists() and env.is_main:
             kept = [line for line in metrics_path.read_text().splitlines()
@@ -358,23 +257,14 @@ def train(args: TrainArgs) -> Path:
             # On one CPU process each micro-batch runs in pieces of at most max_tokens tokens (same
             # update, a fraction of the activation memory); GEMMs of a few hundred rows are as fast
             # per token on a CPU. Sharded runs keep whole micro-batches (same backward count per rank).
-            if preference:  # pairs: the same (seed, index) order, normalised by the step's pairs
-                batches = objectives.step_batches(run.train_rows, args, step, env, pad_id, max_tokens)
-            else:
-                batches = [collate(piece, pad_id)
-                           for k in range(args.grad_accum)
-                           for piece in split_rows(distributed.shard(micro_batch(run.train_rows, run.rows_per_batch,
-                                                                                 args.seed, step * args.grad_accum + k),
-                                                                     env), max_tokens)]
+            batches = objective.step_batches(run.train_rows, run.rows_per_batch, step, env, pad_id, max_tokens)
             # Normalise by the supervised tokens of the whole step on all processes, so accumulation
             # and sharding both equal one big batch. DDP and FSDP2 average gradients over processes,
             # hence the factor world_size.
-            local_count = sum(len(b["input_ids"]) // 2 if preference else int((b["labels"][:, 1:] != IGNORE).sum())
-                              for b in batches)
+            local_count = sum(objective.count(b) for b in batches)  # supervised tokens, or pairs
             local_tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)  # for tokens/s
             step_count, step_tokens = (int(v) for v in distributed.all_sum([local_count, local_tokens], env))
-            if objectives.has_nll(args):
-                objectives.set_nll_scale(batches, step_count, env)
+            objective.prepare_step(batches, step_count, env)
             step_loss = 0.0
             in_step = True
             for batch in batches:
@@ -409,25 +299,16 @@ def train(args: TrainArgs) -> Path:
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == run.total_steps:
                 record.update(loss=window_loss / max(window_count, 1), tokens_per_s=round(tps, 1))
-                if preference:
-                    sums = distributed.all_sum(distributed.unwrap(loss_module).pop_stats().tolist(), env)
-                    record.update(objectives.stats_record(sums, nll=objectives.has_nll(args)))
+                record.update(objective.train_stats(loss_module, env))
                 memory = memory_report(model, optimizer)
                 record.update(memory.as_dict())
                 if step - start <= args.log_every and env.is_main:
                     progress.console.print(str(memory))
                 window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
             evaluated = run.eval_rows is not None and (step % eval_every == 0 or step == run.total_steps)
-            if evaluated and preference:
-                record.update(objectives.evaluate_pairs(loss_module, run.eval_rows, args.batch_size, pad_id, run.device,
-                                             run.autocast_dtype, args.loss_on == "all"))
-                eval_loss = record["eval_loss"]
-            elif evaluated:
-                eval_loss, _ = evaluate(model, run.eval_rows, args.batch_size, pad_id, run.device,
-                                        run.autocast_dtype, args.loss_chunk,
-                                        loss_module=loss_module if env.enabled else None)
-                record["eval_loss"] = eval_loss
             if evaluated:
+                record.update(objective.evaluate(run, loss_module, pad_id))
+                eval_loss = record["eval_loss"]
                 record.update(watcher.evaluate(step, progress.console))
                 best = state["best_eval_loss"]
                 if best is None or eval_loss < best:

@@ -36,3 +36,5 @@ class Run:
     """Rows of train_rows per micro-batch (batch_size, or one packed row per process)."""
     memory: MemoryFit | None = None
     """What --memory auto chose, and from what (lorakit.train.memory)."""
+    objective: Any = None
+    """What the run optimises: an object of `objectives` (SFT, Preference for DPO and ORPO)."""

@@ -5,10 +5,14 @@
 - `--resume` continues only a run with the same settings: every setting that changes
   the result is recorded in each checkpoint and compared, and the differences are named.
 - Every checkpoint carries its run's id, so rotation never deletes another run's.
+- A run holds an exclusive lock on the output directory itself (flock, taken without waiting)
+  for the rest of its process, so a second run on the same directory fails at once instead of
+  mixing files; no lock file is left in the directory.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from dataclasses import asdict
@@ -30,6 +34,59 @@ RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl"
 """What a run writes beside its checkpoints (what --overwrite removes)."""
 
 
+_held: dict[Path, int] = {}
+"""Output directory -> the open, locked descriptor of it: held until the process ends or release_output."""
+
+
+def _holder_pid(directory: Path) -> str:
+    """The pid holding a flock on `directory`, read from /proc/locks (Linux); 'unknown' elsewhere."""
+    try:
+        info = directory.stat()
+        inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and len(fields) > 5 and fields[-3] == inode:
+                return fields[-4]
+    except (OSError, ValueError):
+        pass
+    return "unknown"
+
+
+def lock_output(output: Path) -> None:
+    """Lock the output directory itself (flock, exclusive, without waiting) for this process;
+    ValueError naming the holder's pid when another process has it. Nothing is written into
+    the directory. Taking it again in the same process is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    key = output.resolve()
+    held = _held.get(key)
+    if held is not None:
+        try:
+            if os.path.samestat(os.fstat(held), os.stat(output)):
+                return
+        except OSError:
+            pass
+        release_output(output)  # the directory was removed and made again: lock the new one
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"another lorakit run is writing to {output} (pid {_holder_pid(output)}); wait for it "
+                         "to finish or pick another --output") from None
+    _held[key] = fd
+
+
+def release_output(output: str | os.PathLike) -> None:
+    """Give up this process's lock on `output` (a run that ends releases it by exiting)."""
+    fd = _held.pop(Path(output).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def settings(args: Any) -> dict[str, Any]:
     values = asdict(args)
     return {name: values[name] for name in RESUME_SETTINGS if name in values}
@@ -48,6 +105,7 @@ def prepare_output(args: Any) -> tuple[Path | None, str]:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --output and --overwrite replaces it; give one of them")
     contents = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    lock_output(output)  # after the checks that change nothing, before anything is read or removed
     if args.resume:
         found = checkpoint_dirs(output)
         if found:

@@ -97,6 +97,27 @@ def progress_bar(enabled: bool = True):
     )
 
 
+_SHOWN = frozenset({"step", "epoch", "lr", "loss", "tokens_per_s", "nll_loss"})
+"""Record keys format_record prints itself (the mem_* byte counts have their own memory line)."""
+_WATCH_ORDER = ("kl", "kl_p95", "agreement")
+
+
+def watched(record: dict[str, Any]) -> dict[str, float]:
+    """The values an evaluation's watch added to a record: the task metric (--metric: exact, json,
+    regex or a function's name), then kl, kl_p95 and agreement (--track-forgetting)."""
+    def plain(key: str, value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _SHOWN
+                and not key.startswith(("eval_", "mem_")) and "/" not in key)
+
+    keys = [k for k, v in record.items() if plain(k, v) and k not in _WATCH_ORDER]
+    keys += [k for k in _WATCH_ORDER if plain(k, record.get(k))]
+    return {k: record[k] for k in keys}
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def format_record(record: dict[str, Any], total: int) -> str:
     parts = [f"step {record['step']}/{total}", f"epoch {record['epoch']:.2f}"]
     if "loss" in record:
@@ -111,6 +132,7 @@ def format_record(record: dict[str, Any], total: int) -> str:
         parts.append(f"eval margin {record['eval_rewards/margins']:.3f}  eval acc {record['eval_rewards/accuracies']:.0%}")
     if "eval_nll_loss" in record:
         parts.append(f"eval nll {record['eval_nll_loss']:.4f}")
+    parts += [f"{key} {_number(value)}" for key, value in watched(record).items()]
     parts.append(f"lr {record['lr']:.2e}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:.0f} tok/s")

@@ -1,7 +1,7 @@
 """Objectives beside supervised fine-tuning: DPO and ORPO on preference pairs.
 
 Both score whole answers: the sum of the log-probabilities of an answer's tokens given its
-prompt, `logp(y | x)`, computed the way `train.compute_loss` computes the SFT loss (the output
+prompt, `logp(y | x)`, computed the way `sft.compute_loss` computes the SFT loss (the output
 head only at answer positions, in recomputed chunks). A batch holds B chosen sequences then
 their B rejected ones (`prefdata.collate_pairs`), so one forward pass scores both.
 
@@ -53,6 +53,7 @@ from lorakit.data.sft import IGNORE, micro_batch
 from lorakit.train import distributed
 from lorakit.train.distributed import DistEnv
 from lorakit.train.fastpath import fused_token_logps
+from lorakit.train.objectives.sft import body_and_head
 from lorakit.train.runlog import log
 
 OBJECTIVES = ("sft", "dpo", "orpo")
@@ -98,21 +99,6 @@ def load_preference_data(data: str, eval_data: str | None, tokenizer, seq_len: i
         eval_pairs, stats = load_pairs(eval_data, tokenizer, seq_len, skip_bad)
         log(stats.summary(f"eval data {eval_data}").replace("examples", "preference pairs", 1))
     return pairs, eval_pairs
-
-
-def body_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The transformer body and the output head of a transformers causal LM, when separable.
-
-    Models that post-process their logits (soft-capping, scaling) take the plain path.
-    """
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None, None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    if head is None or body is None or body is model:
-        return None, None
-    return body, head
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -360,3 +346,52 @@ def evaluate_pairs(loss_module: nn.Module, pairs: list[Pair], batch_size: int, p
     inner.stats = kept
     model.train(was_training)
     return {"eval_loss": total / max(float(sums[-1]), 1.0), **stats_record(sums, "eval_", inner.config.has_nll)}
+
+
+class Preference:
+    """DPO or ORPO on preference pairs, as the objective the recipe runs; `args` a `TrainArgs`."""
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.name = args.objective
+        self.config = preference_config(args)
+        self.second_adapter = second_adapter(args)
+        """Whether the run holds a frozen copy of the starting adapter as DPO's reference."""
+
+    def load_data(self, tokenizer) -> tuple[list[Pair], list[Pair] | None]:
+        args = self.args
+        return load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len, args.skip_bad)
+
+    def setup_model(self, model: nn.Module) -> None:
+        setup_reference(model, self.args)
+
+    def batch_tokens(self) -> int:
+        return 2 * self.args.batch_size * self.args.seq_len  # a chosen and a rejected row per pair
+
+    def plan(self, train_data: list[Pair], *, padding_free: bool, env: DistEnv, budget_cap: int | None
+             ) -> tuple[list[Pair], int]:
+        return train_data, self.args.batch_size  # pairs in place of rows: micro_batch treats them alike
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return PreferenceLoss(model, self.config)
+
+    def step_batches(self, rows: list[Pair], rows_per_batch: int, step: int, env: DistEnv, pad_id: int,
+                     max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+        return step_batches(rows, self.args, step, env, pad_id, max_tokens)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the step's loss is a mean over: pairs."""
+        return len(batch["input_ids"]) // 2
+
+    def prepare_step(self, batches: list[dict[str, torch.Tensor]], step_count: int, env: DistEnv) -> None:
+        if self.config.has_nll:
+            set_nll_scale(batches, step_count, env)
+
+    def train_stats(self, loss_module: nn.Module, env: DistEnv) -> dict[str, float]:
+        sums = distributed.all_sum(distributed.unwrap(loss_module).pop_stats().tolist(), env)
+        return stats_record(sums, nll=self.config.has_nll)
+
+    def evaluate(self, run: Any, loss_module: nn.Module, pad_id: int) -> dict[str, float]:
+        args = self.args
+        return evaluate_pairs(loss_module, run.eval_rows, args.batch_size, pad_id, run.device, run.autocast_dtype,
+                              args.loss_on == "all")
