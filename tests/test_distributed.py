@@ -138,7 +138,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_llama_for_tokenizer
 import lorakit
-from lorakit import distributed
+from lorakit.train import distributed
 from lorakit.base.quant import quantize_model
 model, _ = tiny_llama_for_tokenizer()
 # A bf16 base with fp32 adapters: FSDP2 then gathers each block in bf16, packed bytes included.

@@ -471,7 +471,7 @@ def test_unmappable_checkpoint_falls_back_to_load_then_quantize(tiny_model_dir) 
 
 _PEAK_PROBE = """
 import json, sys
-from lorakit import quant
+from lorakit.base import quant
 from lorakit.base.models import default_model_path
 
 def hwm():

@@ -32,9 +32,7 @@ from lorakit.base.models import DEFAULT_HUB_ID, default_device, default_dtype, l
 from lorakit.base.quant import memory_report
 from lorakit.base.templates import save_tokenizer
 from lorakit.base.threads import tuner_for
-from lorakit.data.sft import (
-    batches_per_epoch,
-)
+from lorakit.data.sft import batches_per_epoch
 from lorakit.export.check import vllm_verdict_for_training
 from lorakit.train import distributed, objectives, sharded, watch
 from lorakit.train.args import TrainArgs

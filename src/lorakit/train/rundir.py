@@ -55,7 +55,10 @@ def _holder_pid(directory: Path) -> str:
 def lock_output(output: Path) -> None:
     """Lock the output directory itself (flock, exclusive, without waiting) for this process;
     ValueError naming the holder's pid when another process has it. Nothing is written into
-    the directory. Taking it again in the same process is a no-op."""
+    the directory. Taking it again in the same process is a no-op. Under torchrun the
+    processes of one run share the directory: the first (RANK 0) holds the lock for them all."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     try:
         import fcntl
     except ImportError:  # no flock on this platform: no lock
