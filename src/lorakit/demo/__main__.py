@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
               f"pairs, lr {lr:g}, beta {beta:g}, rpo_alpha {opts.rpo_alpha:g}, on CPU")
     else:
         before_name, after_name = "the base", f"the base with the {objective} adapter"
-        print("== before: the bundled SmolLM2-135M-Instruct alone")
-        loss0, acc0, before, pref0 = measured(None, held, preference)
-        report(loss0, acc0, len(held), pref0)
+        if preference:
+            print("== before: the bundled SmolLM2-135M-Instruct alone")
+            loss0, acc0, before, pref0 = measured(None, held, preference)
+            report(loss0, acc0, len(held), pref0)
         unit = "preference pairs" if preference else "notes"
         print(f"== training a LoRA adapter ({objective}): {steps} steps of 8 {unit}, lr {lr:g}, on CPU")
         args = TrainArgs(
@@ -186,9 +187,29 @@ def main(argv: list[str] | None = None) -> None:
     train_time += train_timed(args)
     adapter = args.output
 
-    print(f"\n== after: the same base with the {objective} adapter ({adapter})")
-    loss1, acc1, after, pref1 = measured(adapter, held, preference)
-    report(loss1, acc1, len(held), pref1)
+    # What the adapter did to everything else: KL from the base on the base's own text. For SFT,
+    # compare's task measurement (eval loss and exact match of the base and of the adapter on the
+    # held-out notes) is the before and after: the demo measures each once.
+    from lorakit.compare.command import CompareArgs, compare
+
+    if preference:
+        print(f"\n== after: the same base with the {objective} adapter ({adapter})")
+        loss1, acc1, after, pref1 = measured(adapter, held, preference)
+        report(loss1, acc1, len(held), pref1)
+    print("== lorakit compare: the base and the adapter on the held-out notes, and the adapter against its base "
+          "on the base's own answers to general prompts")
+    result = compare(CompareArgs(adapter=[adapter], data=str(EVAL), task_rows=opts.held_out, device="cpu"))
+    headline = result["adapters"][0]["headline"]
+    if not preference:
+        task = result["task"]
+        loss0, acc0 = task["base"]["loss"], task["base"]["metric"]
+        loss1, acc1 = task["adapters"][result["adapters"][0]["name"]]["loss"], result["adapters"][0]["task_metric"]
+        before = [sample["base"] for sample in task["samples"]]
+        after = [next(iter(sample["adapters"].values())) for sample in task["samples"]]
+        print("\n== before: the bundled SmolLM2-135M-Instruct alone")
+        report(loss0, acc0, len(held), None)
+        print(f"== after: the same base with the {objective} adapter ({adapter})")
+        report(loss1, acc1, len(held), None)
 
     # The notes where before and after differ say most; the first few otherwise.
     shown = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a][:3] or [0, 1, 2]
@@ -197,13 +218,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"expected  {held[i]['messages'][2]['content']}")
         print(f"before    {before[i][:160]!s}")
         print(f"after     {after[i]}\n")
-
-    # What the adapter did to everything else: KL from the base on the base's own text.
-    from lorakit.compare.command import CompareArgs, compare
-
-    print("== lorakit compare: the adapter against its base, on the base's own answers to general prompts")
-    result = compare(CompareArgs(adapter=[adapter], data=str(EVAL), task_rows=opts.held_out, device="cpu"))
-    headline = result["adapters"][0]["headline"]
 
     total = time.perf_counter() - began
     print(f"== summary (before: {before_name}; after: {after_name})")

@@ -30,6 +30,10 @@ from lorakit.adapters.inject import disable_adapters, set_adapter
 from lorakit.data.sft import IGNORE, TokenRow, as_sequences, collate, eval_batches, load_examples
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "general.jsonl"
+BUNDLED_REFERENCE = PROMPTS.with_name("general_bundled_reference.json")
+"""The bundled model's own continuations of the general prompts at `compare`'s default settings,
+as token ids (`demo/make_reference.py` writes it; `make test-experiment` checks it against a
+fresh generation): `compare` on the bundled model reads them instead of generating them again."""
 
 
 @dataclass
@@ -116,14 +120,29 @@ def generated_reference(model: Any, tokenizer: Any, prompts: Sequence[dict], max
 
     Call it with the adapter disabled (or before any is loaded): the text must be the base's own.
     """
+    return _reference_from([prompt_ids(tokenizer, p["messages"]) for p in prompts],
+                           [p["messages"][-1]["content"] for p in prompts],
+                           generated_continuations(model, tokenizer, prompts, max_new_tokens, sampled, temperature,
+                                                   seed, batch_size, autocast_dtype), tokenizer)
+
+
+def generated_continuations(model: Any, tokenizer: Any, prompts: Sequence[dict], max_new_tokens: int,
+                            sampled: int = 1, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
+                            autocast_dtype: torch.dtype | None = None) -> list[list[list[int]]]:
+    """The token ids of `generated_reference`'s passes: [greedy, sampled...][prompt]."""
     ids = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
-    texts = [p["messages"][-1]["content"] for p in prompts]
+    return [continue_prompts(model, tokenizer, ids, max_new_tokens, 0.0 if k == 0 else temperature, seed + k,
+                             batch_size, autocast_dtype)
+            for k in range(1 + sampled)]
+
+
+def _reference_from(ids: Sequence[list[int]], texts: Sequence[str], continuations: Sequence[Sequence[list[int]]],
+                    tokenizer: Any) -> Reference:
+    """Reference rows from each prompt's continuations: continuations[k][i] is pass k (0: greedy,
+    then sampled) of prompt i; empty continuations are left out."""
     ref = Reference([], [], [], [])
-    for k in range(1 + sampled):
-        temp = 0.0 if k == 0 else temperature
-        continuations = continue_prompts(model, tokenizer, ids, max_new_tokens, temp, seed + k, batch_size,
-                                         autocast_dtype)
-        for prompt, text, cont in zip(ids, texts, continuations, strict=True):
+    for k, conts in enumerate(continuations):
+        for prompt, text, cont in zip(ids, texts, conts, strict=True):
             if not cont:
                 continue
             seq = prompt + cont
@@ -132,6 +151,43 @@ def generated_reference(model: Any, tokenizer: Any, prompts: Sequence[dict], max
             ref.continuations.append(tokenizer.decode(cont, skip_special_tokens=True).strip())
             ref.how.append("greedy" if k == 0 else "sampled")
     return ref
+
+
+def reference_settings(prompts: Sequence[dict], max_new_tokens: int, sampled: int, temperature: float, seed: int,
+                       batch_size: int) -> dict[str, Any]:
+    """What a generated reference depends on besides the model (the key of the shipped one)."""
+    return {"prompts": [p["messages"] for p in prompts], "max_new_tokens": max_new_tokens, "sampled": sampled,
+            "temperature": temperature, "seed": seed, "batch_size": batch_size}
+
+
+def bundled_model_key() -> dict[str, Any]:
+    """Which weights a shipped reference was generated from: the bundled model's converted
+    safetensors file, by size and the SHA-256 of its first MiB (its header, which names every
+    tensor and its place, and the first weights)."""
+    import hashlib
+
+    from lorakit.base.models import default_model_path
+
+    path = default_model_path() / "model.safetensors"
+    with path.open("rb") as f:
+        head = hashlib.sha256(f.read(2**20)).hexdigest()
+    return {"bytes": path.stat().st_size, "sha256_first_mib": head}
+
+
+def shipped_reference(tokenizer: Any, settings: dict[str, Any], path: Path = BUNDLED_REFERENCE) -> Reference | None:
+    """The bundled model's continuations shipped in `path`, when they were made with `settings`
+    from the installed bundled model file (None otherwise: generate them)."""
+    if not path.is_file():
+        return None
+    try:
+        shipped = json.loads(path.read_text())
+        if shipped["settings"] != json.loads(json.dumps(settings)) or shipped["model"] != bundled_model_key():
+            return None
+    except (OSError, ValueError, KeyError, FileNotFoundError):
+        return None
+    ids = [prompt_ids(tokenizer, messages) for messages in settings["prompts"]]
+    texts = [messages[-1]["content"] for messages in settings["prompts"]]
+    return _reference_from(ids, texts, shipped["continuations"], tokenizer)
 
 
 def file_reference(path: str | Path, tokenizer: Any, seq_len: int) -> Reference:
