@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         unit = "preference pairs" if preference else "notes"
         print(f"== training a LoRA adapter ({objective}): {steps} steps of 8 {unit}, lr {lr:g}, on CPU")
         args = TrainArgs(
-            data=str(TRAIN_PAIRS if preference else TRAIN), eval_data=str(EVAL_PAIRS if preference else EVAL),
+            # SFT: compare measures the held-out loss once training ends, so training does not
+            data=str(TRAIN_PAIRS if preference else TRAIN), eval_data=str(EVAL_PAIRS) if preference else None,
             output=output, max_steps=steps, lr=lr, batch_size=8, seq_len=512, rank=16, alpha=32,
             log_every=10 if not preference else 5, eval_every=max(1, steps // 2), device="cpu",
             objective=objective, beta=beta,

@@ -193,6 +193,7 @@ def train(args: TrainArgs) -> Path:
     from dataclasses import replace
 
     args = replace(args, resolved=None)  # a --config file's recorded facts are not options
+    began = time.perf_counter()
     output = Path(args.output)
     resume_from, run_id = prepare_output(args)  # one run per directory (rundir.py)
     output.mkdir(parents=True, exist_ok=True)
@@ -240,6 +241,7 @@ def train(args: TrainArgs) -> Path:
     model.train()
     step = start
     window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
+    steps_time = 0.0  # the optimizer steps alone: what the rest of the run costs is measured against it
     stop_reason = "done"
     progress = progress_bar(enabled=env.is_main)
     task = progress.add_task("train", total=run.total_steps, completed=start, loss=float("nan"), tps=0.0)
@@ -286,6 +288,7 @@ def train(args: TrainArgs) -> Path:
             step += 1
             rng_at_step = rng_state()  # nothing below draws random numbers before the next step
             window_time += (elapsed := time.perf_counter() - t0)
+            steps_time += elapsed
             if tuner is not None:
                 tuner.after_step(step_tokens, elapsed)
             window_loss += step_loss
@@ -348,7 +351,8 @@ def train(args: TrainArgs) -> Path:
     if metrics_path.exists() and env.is_main:
         plot_losses(metrics_path, output / "loss.png", watcher.plotted)
     watcher.close(adapter=output)
-    log(f"{stop_reason} at step {step}: adapter saved to {output}")
+    log(f"{stop_reason} at step {step}: adapter saved to {output} ({steps_time:.1f} s in {step - start} optimizer "
+        f"steps, {time.perf_counter() - began:.1f} s in all)")
     distributed.barrier(env)
     distributed.cleanup(env)
     return output
