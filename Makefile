@@ -30,7 +30,7 @@ demo: install
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests bench examples
-	cd src && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+	cd src && ../$(VENV)/bin/lint-imports --no-cache --config ../pyproject.toml
 
 test: install-test lint
 	$(PY) -m pytest -p no:cacheprovider

@@ -36,7 +36,7 @@ def test_a_planted_cycle_is_found(tmp_path, monkeypatch) -> None:
 
 def test_the_layers_contract_holds() -> None:
     done = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
-                           "lint_imports_command(['--config', 'pyproject.toml'])"],
+                           "lint_imports_command(['--no-cache', '--config', 'pyproject.toml'])"],
                           capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert "0 broken" in done.stdout, done.stdout + done.stderr
 

@@ -83,6 +83,22 @@ def test_dora_goes_through_an_svd_whose_error_is_reported(tmp_path, base_dir):
     assert 0 < low.agreement <= 1
 
 
+def test_a_fresh_dora_adapter_converts_at_the_default_max_error(tmp_path, base_dir):
+    # Untrained, a DoRA layer changes its weight only by float32 rounding (the magnitude is the
+    # weight's own norm): no rank reproduces that noise, so its error is measured against a floor of
+    # the weight's size, and the conversion (the command the README shows) goes through.
+    model, tok = tiny_llama_for_tokenizer()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, use_dora=True, target_modules="all-linear",
+                                             base_model_name_or_path=str(base_dir)))
+    path = lorakit.save_adapter(model, tmp_path / "fresh")
+    tok.save_pretrained(path)
+    with torch.no_grad():
+        want = model(IDS).logits
+    result = convert_to_plain(path, tmp_path / "plain")  # the default --max-error, 0.05
+    assert max(result.errors.values()) < 0.05 and result.agreement == 1.0
+    torch.testing.assert_close(peft_logits(base_dir, result.output), want, rtol=1e-4, atol=1e-4)
+
+
 def test_modules_to_save_becomes_lora(tmp_path, base_dir):
     path, want = make(tmp_path / "mts", base_dir, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
     result = convert_to_plain(path, tmp_path / "out", rank=32, max_error=1e-4)

@@ -56,6 +56,23 @@ def test_export_prints_each_file_and_writes_it_with_the_umask_mode(tmp_path, bas
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_saved_adapter_and_compare_report_files_get_the_umask_mode(tmp_path, base_dir, mask):
+    # every file lorakit writes through a temporary name (adapter files, reports) is an ordinary
+    # file afterwards, not mkstemp's private 0600
+    from lorakit.adapters.files import atomic_write
+
+    old = os.umask(mask)
+    try:
+        adapter = _adapter(tmp_path / "plain", base_dir, r=4, alpha=8)
+        report = tmp_path / "report.json"
+        atomic_write(report, lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(old)
+    for path in (adapter / "adapter_config.json", adapter / "adapter_model.safetensors", report):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
 # 2. plan -------------------------------------------------------------------------------------
 
 

@@ -148,20 +148,31 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
             raise
         return
     (directory / CONFIG_NAME).unlink(missing_ok=True)
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
-    _atomic_write(
+    atomic_write(
         directory / CONFIG_NAME,
         lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     )
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Run `write(temporary path)` beside `path`, then rename it into place: readers see the old
+    file or the whole new one, and a failure leaves nothing behind. The file gets the mode a new
+    file gets under the umask (mkstemp's own is 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        write(tmp)  # (a writer may make the file anew, so the mode is set after it)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,15 +6,14 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from lorakit.adapters.files import atomic_write
+
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _png(fig: Any) -> str:

@@ -54,8 +54,17 @@ def _weight_change(model: nn.Module, path: str, name: str) -> torch.Tensor:
     return magnitude * (weight + delta) / norm - weight
 
 
-def _factor(delta: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A (rank, in), B (out, rank)) with scaling * B A the best rank-`rank` approximation of delta."""
+NEGLIGIBLE = 1e-5
+"""A weight change smaller than this share of the weight (Frobenius norms) counts as none: the
+relative error of its approximation is taken against this floor instead. Such a change is far
+below what a 16-bit base can hold (its rounding is about 4e-3 of a weight); a fresh DoRA
+adapter's change, for one, is float32 rounding noise, which no low-rank factor reproduces."""
+
+
+def _factor(delta: torch.Tensor, rank: int, scaling: float, weight: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A (rank, in), B (out, rank)) with scaling * B A the best rank-`rank` approximation of delta,
+    and its relative error (against `NEGLIGIBLE` of `weight`'s norm where the change is smaller)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     k = min(rank, s.numel())
     root = s[:k].sqrt()
@@ -64,7 +73,8 @@ def _factor(delta: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tenso
     a[:k] = root[:, None] * vh[:k]
     b[:, :k] = (u[:, :k] * root) / scaling
     approx = (b @ a) * scaling
-    error = float(torch.linalg.norm(approx - delta.double()) / torch.linalg.norm(delta.double()).clamp_min(1e-30))
+    floor = NEGLIGIBLE * float(torch.linalg.norm(weight.double())) if weight is not None else 0.0
+    error = float(torch.linalg.norm(approx - delta.double()) / max(float(torch.linalg.norm(delta.double())), floor, 1e-30))
     return a.float(), b.float(), error
 
 
@@ -129,7 +139,8 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
                 b[:, : ranks[path]] = b_old * (layer.scaling[name] / scaling)
                 errors[path] = 0.0
             else:
-                a, b, errors[path] = _factor(_weight_change(net, path, name), target_rank, scaling)
+                a, b, errors[path] = _factor(_weight_change(net, path, name), target_rank, scaling,
+                                             layer.base_weight_oi().float())
             tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
         extra_targets = []
         for path, module in net.named_modules():
@@ -141,7 +152,7 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
                 raise ValueError(f"modules_to_save {path!r} is a {type(original).__name__}; only linear layers "
                                  "without a trained bias convert to LoRA")
             delta = trained.weight.float() - original.weight.float()
-            a, b, errors[path] = _factor(delta, target_rank, scaling)
+            a, b, errors[path] = _factor(delta, target_rank, scaling, original.weight.float())
             tensors[PREFIX + path + ".lora_A.weight"], tensors[PREFIX + path + ".lora_B.weight"] = a, b
             extra_targets.append(path.rsplit(".", 1)[-1])
 

@@ -18,13 +18,14 @@ permutes the base weights (its rotary embedding pairs dimensions differently fro
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from lorakit.adapters.files import atomic_write
 
 SUPPORTED_ARCHS = ("llama", "mistral")
 """transformers model types whose tensors map onto llama.cpp's "llama" architecture."""
@@ -82,27 +83,12 @@ def row_permutation(path: str, config: Any) -> int | None:
     return None
 
 
-def current_umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_output(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run `write(temporary path)`, then rename the file into place; nothing is left on failure."""
+    """Run `write(temporary path)`, then rename the file into place (`files.atomic_write`); its
+    folder is made when missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the mode a new file gets
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
     return path
 
 
