@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: install install-test demo test test-experiment test-browser test-llamacpp lint clean
 
 # What lorakit needs to run (the demo needs no more); the test extras come on top for the tests.
-# --no-compile: Python compiles the modules it imports when it first imports them, instead of pip
-# compiling every file of every package up front (most of torch's install time).
+# --no-compile: Python compiles the modules it imports when it imports them, instead of pip compiling
+# every file of every package up front (most of torch's install time), which the demo's one process
+# does not need. The test suite starts many processes, so install-test compiles it all once.
 PIP := $(PY) -m pip install -q --no-compile
 
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
+	# (a file a package ships that is not Python 3 fails to compile: that is no reason to stop)
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	touch $@
 
 install: $(VENV)/.installed
