@@ -36,6 +36,18 @@ COMMANDS = {
 }
 
 
+MAX_COUNT = 2**31 - 1
+"""The largest token count or batch size an option accepts."""
+
+
+def _positive(**values: int) -> None:
+    """Refuse a count that is not a positive integer of at most MAX_COUNT, naming its option."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}; "
+                             f"at most {MAX_COUNT:,} accepted")
+
+
 @dataclass
 class GenerateArgs:
     """Complete a prompt with the base model, with or without an adapter."""
@@ -66,8 +78,8 @@ class GenerateArgs:
             raise ValueError("give exactly one of --prompt TEXT or --chat TEXT")
         if self.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
 
 
 @dataclass
@@ -93,6 +105,9 @@ class EvalArgs:
     device: str | None = None
     """cpu, cuda, ... (default: cuda when available)."""
 
+    def __post_init__(self) -> None:
+        _positive(seq_len=self.seq_len, batch_size=self.batch_size)
+
 
 @dataclass
 class MergeArgs:
@@ -101,9 +116,12 @@ class MergeArgs:
     adapter: str
     """Adapter directory to merge."""
     output: str
-    """Directory for the merged model (safetensors + tokenizer)."""
+    """Directory for the merged model (safetensors + tokenizer); an existing one only when an earlier
+    merge wrote it (or with --overwrite)."""
     model: str | None = None
     """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
+    overwrite: bool = False
+    """Write into an existing --output that merge did not write; only the files merge writes are replaced."""
 
 
 @dataclass
@@ -122,10 +140,13 @@ class DataArgs:
     """Maximum tokens per example (longer ones are truncated, as in training)."""
     loss_on: str = "completion"
     """completion: loss on completions / assistant turns only; all: on every token."""
+    special_tokens_in_content: bool = False
+    """Read special-token text in the data as control tokens, as `lorakit train --special-tokens-in-content` does."""
 
     def __post_init__(self) -> None:
         if self.preview <= 0:
             raise ValueError(f"--preview must be a positive number of rows, got {self.preview}")
+        _positive(seq_len=self.seq_len)
         if self.loss_on not in ("completion", "all"):
             raise ValueError(f"--loss-on must be completion or all, got {self.loss_on!r}")
 
@@ -160,17 +181,21 @@ class ConvertArgs:
     max_error: float = 0.05
     """Refuse (and write nothing) when a module's relative error ||dW' - dW|| / ||dW|| is above this."""
     output: str | None = None
-    """Directory for the converted adapter (default: ADAPTER-plain beside it)."""
+    """Directory for the converted adapter (default: ADAPTER-plain beside it); an existing one only when
+    an earlier convert wrote it (or with --overwrite). It may not be or hold the adapter or the base."""
     model: str | None = None
     """Base model (default: the one recorded in adapter_config.json)."""
+    overwrite: bool = False
+    """Write into an existing --output that convert did not write; only the files convert writes are
+    replaced, nothing else there is removed."""
 
     def __post_init__(self) -> None:
         if self.to != "plain-lora":
             raise ValueError(f"--to must be plain-lora, got {self.to!r}")
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"--rank must be a positive integer, got {self.rank}")
-        if not self.max_error >= 0:
-            raise ValueError(f"--max-error must be >= 0, got {self.max_error}")
+        if not (math.isfinite(self.max_error) and self.max_error >= 0):
+            raise ValueError(f"--max-error must be a finite number >= 0, got {self.max_error}")
 
 
 EXPORT_FORMATS = ("gguf-lora", "gguf", "ollama")
@@ -192,6 +217,9 @@ class ExportArgs:
     """gguf-lora: f32 (default) or f16; gguf and ollama: q8_0 (default), f16 or bf16."""
     model: str | None = None
     """Base model (default: the one recorded in adapter_config.json)."""
+    overwrite: bool = False
+    """Replace an existing --output that an earlier export of this --format did not write (ollama: only
+    model.gguf and Modelfile in it); never the adapter's or the base model's files."""
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
@@ -277,19 +305,20 @@ def run_eval(args: EvalArgs) -> None:
 
 def run_merge(args: MergeArgs) -> None:
     from lorakit.adapters.inject import merge_and_unload
+    from lorakit.adapters.outputs import claim, input_paths
     from lorakit.base.models import DEFAULT_MODEL_NAME, cache_dir
 
-    out_real = Path(args.output).resolve()
     base = Path(args.model) if args.model else cache_dir() / DEFAULT_MODEL_NAME
-    for option, path in (("the base model's", base), ("the adapter's", Path(args.adapter))):
-        if path.exists() and path.resolve() == out_real:
-            raise ValueError(f"--output {args.output} is {option} directory; merging there would overwrite it; pick another")
+    inputs = input_paths(("the adapter's directory", args.adapter), ("the base model's directory", base))
+    target = claim(args.output, "merge", overwrite=args.overwrite, inputs=inputs)
     model, tokenizer = _load(args.model, args.adapter, "cpu", warn=False)
     merged = merge_and_unload(model)
-    out = Path(args.output)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    print(f"merged model written to {out}")
+    # Weights and tokenizer go into one staging directory renamed into place: a killed merge
+    # never leaves a model without its tokenizer.
+    with target.staged() as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    print(f"merged model written to {target.path}")
 
 
 def run_plan(args: Any) -> None:
@@ -345,7 +374,7 @@ def run_convert(args: ConvertArgs) -> None:
     from lorakit.export.convert import convert_to_plain
 
     output = args.output or f"{str(Path(args.adapter)).rstrip('/')}-plain"
-    result = convert_to_plain(args.adapter, output, args.model, args.rank, args.max_error)
+    result = convert_to_plain(args.adapter, output, args.model, args.rank, args.max_error, overwrite=args.overwrite)
     errors = sorted(result.errors.items(), key=lambda kv: -kv[1])
     width = max(len(p) for p, _ in errors)
     print("relative error per module (||dW' - dW||_F / ||dW||_F), largest first:")
@@ -365,19 +394,22 @@ def run_export(args: ExportArgs) -> None:
     if args.format == "gguf-lora":
         from lorakit.export.gguf_lora import write_gguf_lora
 
-        path = write_gguf_lora(args.adapter, args.output or f"{stem}.gguf", args.model, args.dtype or "f32")
+        path = write_gguf_lora(args.adapter, args.output or f"{stem}.gguf", args.model, args.dtype or "f32",
+                               overwrite=args.overwrite)
         wrote(path)
         print(f"llama.cpp LoRA adapter written to {path} (llama-server -m BASE.gguf --lora {path})")
     elif args.format == "gguf":
         from lorakit.export.gguf_model import write_gguf_model
 
-        path = write_gguf_model(args.adapter, args.output or f"{stem}-{args.dtype}.gguf", args.model, args.dtype or "q8_0")
+        path = write_gguf_model(args.adapter, args.output or f"{stem}-{args.dtype}.gguf", args.model, args.dtype or "q8_0",
+                                overwrite=args.overwrite)
         wrote(path)
         print(f"merged model written to {path} (llama-cli -m {path})")
     else:
         from lorakit.export.ollama import write_ollama
 
-        path = write_ollama(args.adapter, args.output or f"{stem}-ollama", args.model, args.dtype or "q8_0")
+        path = write_ollama(args.adapter, args.output or f"{stem}-ollama", args.model, args.dtype or "q8_0",
+                            overwrite=args.overwrite)
         for name in ("model.gguf", "Modelfile"):
             wrote(path / name)
         print(f"Ollama model written to {path} (cd {path} && ollama create NAME -f Modelfile)")
@@ -393,7 +425,7 @@ def run_data(args: DataArgs) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     if args.adapter is not None:
         use_adapter_template(tokenizer, args.adapter)
-    run_preview(args.data, tokenizer, args.preview, args.seq_len, args.loss_on)
+    run_preview(args.data, tokenizer, args.preview, args.seq_len, args.loss_on, args.special_tokens_in_content)
 
 
 # parsing ----------------------------------------------------------------------------------

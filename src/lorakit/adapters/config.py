@@ -8,6 +8,7 @@ both ways.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -22,6 +23,12 @@ ALL_LINEAR = "all-linear"
 
 REGEX_TIMEOUT_S = 0.5
 """Longest a regex that RE2 cannot run (lookaround, backreferences) may take on one module name."""
+
+MAX_RANK = 2**16
+"""Largest rank accepted (`r`, `rank_pattern` values): wider than the layers of any model in use."""
+MAX_SCALING = 1e4
+"""Largest |alpha / r| (|alpha / sqrt(r)| with rsLoRA) accepted for any module; usual values are 0.25 to 4.
+Past it an update swamps the base layer's output, and in float16 / float32 files it overflows."""
 
 
 @dataclass
@@ -39,6 +46,10 @@ class LoraConfig:
     (full match on the dotted path) or "all-linear" (every linear layer but the output head)."""
     exclude_modules: list[str] | str | None = None
     """Modules never to adapt, matched like target_modules (list = suffix, str = regex)."""
+    target_parameters: list[str] | None = None
+    """Expert parameters of mixture-of-experts layers to adapt, by suffix of their dotted name
+    (PEFT's `target_parameters`, e.g. "mlp.experts.gate_up_proj"). "all-linear" adapts every
+    expert parameter anyway; this names them when target_modules is a list or a regex."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classifier head), by suffix."""
     use_rslora: bool = False
@@ -70,9 +81,19 @@ class LoraConfig:
             )
         if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
             raise ValueError(f"LoraConfig.loftq_iters must be an integer >= 1, got {self.loftq_iters!r}")
-        self.target_modules = _check_selector("target_modules", self.target_modules)
+        if not (self.target_parameters and list(self.target_modules) == []):  # experts alone: no modules
+            self.target_modules = _check_selector("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             self.exclude_modules = _check_selector("exclude_modules", self.exclude_modules)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(
+                isinstance(p, str) and p.strip(".") for p in self.target_parameters
+            ):
+                raise ValueError(
+                    "LoraConfig.target_parameters must be a list of parameter names, matched at the end of "
+                    f"their dotted path (e.g. 'mlp.experts.gate_up_proj'); got {self.target_parameters!r}"
+                )
+            self.target_parameters = list(self.target_parameters) or None
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save
@@ -97,6 +118,7 @@ class LoraConfig:
                     raise ValueError(
                         f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}"
                     )
+        check_scale(self.r, self.alpha, self.rank_pattern, self.alpha_pattern, self.use_rslora, "LoraConfig.", "alpha")
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the adapter on `module_name`, after rank_pattern."""
@@ -113,9 +135,12 @@ class LoraConfig:
 
     # PEFT's adapter_config.json -------------------------------------------------
 
-    def to_peft_dict(self, resolved_targets: list[str] | str | None = None) -> dict[str, Any]:
+    def to_peft_dict(
+        self, resolved_targets: list[str] | str | None = None, resolved_parameters: list[str] | None = None
+    ) -> dict[str, Any]:
         """The config as PEFT writes it, so PEFT and vLLM read our files."""
         targets = resolved_targets if resolved_targets is not None else self.target_modules
+        parameters = resolved_parameters if resolved_parameters is not None else self.target_parameters
         init: bool | str = True if self.init == "default" else self.init
         if self.init == "gaussian":
             init = "gaussian"
@@ -128,6 +153,7 @@ class LoraConfig:
             "lora_dropout": self.dropout,
             "target_modules": targets,
             "exclude_modules": self.exclude_modules,
+            "target_parameters": parameters or None,
             "modules_to_save": self.modules_to_save,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
@@ -175,7 +201,10 @@ class LoraConfig:
                 f"{source}: init_lora_weights={init!r} is not supported; accepted: {INITS}"
             )
         targets = data.get("target_modules")
-        if targets is None:
+        parameters = data.get("target_parameters") or None
+        if targets is None and parameters:
+            targets = []  # PEFT allows an adapter on expert parameters alone
+        elif targets is None:
             raise ValueError(f"{source}: target_modules is missing")
         if isinstance(targets, (set, tuple)):
             targets = list(targets)
@@ -184,12 +213,14 @@ class LoraConfig:
             r = int(r)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
+        check_peft_scale(data, source)
         return cls(
             r=r,
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             target_modules=targets,
             exclude_modules=data.get("exclude_modules"),
+            target_parameters=parameters,
             modules_to_save=data.get("modules_to_save"),
             use_rslora=bool(data.get("use_rslora", False)),
             use_dora=bool(data.get("use_dora", False)),
@@ -206,6 +237,55 @@ class LoraConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def check_peft_scale(data: dict[str, Any], source: str) -> None:
+    """`check_scale` on an adapter_config.json read as a dict: errors name `source`, the field
+    (PEFT's names: r, lora_alpha, rank_pattern, alpha_pattern) and the value."""
+    r = data.get("r", 8)
+    if isinstance(r, float) and r.is_integer():
+        r = int(r)
+    patterns = [data.get(key) or None for key in ("rank_pattern", "alpha_pattern")]
+    ranks, alphas = (p if isinstance(p, dict) else None for p in patterns)
+    check_scale(r, data.get("lora_alpha", 8), ranks, alphas, bool(data.get("use_rslora")), f"{source}: ", "lora_alpha")
+
+
+def check_scale(
+    r: Any, alpha: Any, rank_pattern: dict[str, Any] | None, alpha_pattern: dict[str, Any] | None,
+    use_rslora: bool, where: str, alpha_name: str,
+) -> None:
+    """Refuse a rank or an alpha that cannot scale an update sanely: a rank that is not an
+    integer in 1..MAX_RANK, an alpha that is not a finite number, or one whose scaling
+    (alpha / r, alpha / sqrt(r) with rsLoRA) would pass MAX_SCALING for the smallest rank.
+
+    A NaN or infinite alpha passes every shape check and then turns each output of the
+    adapter into NaN; a huge one overflows the float32 a GGUF file stores it in.
+    `where` starts each message ("LoraConfig." or "FILE: "); `alpha_name` is alpha's name there.
+    """
+    ranks = {"r": r} | {f"rank_pattern[{k!r}]": v for k, v in (rank_pattern or {}).items()}
+    for name, value in ranks.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}{name} must be a positive integer, got {value!r}")
+        if value > MAX_RANK:
+            raise ValueError(f"{where}{name} is {value}; a rank is at most {MAX_RANK}")
+    smallest = min(ranks.values())
+    divisor = math.sqrt(smallest) if use_rslora else smallest
+    alphas = {alpha_name: alpha} | {f"alpha_pattern[{k!r}]": v for k, v in (alpha_pattern or {}).items()}
+    for name, value in alphas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}{name} must be a number, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"{where}{name} must be a finite number, got {value!r}; accepted: a number with "
+                f"|alpha / r| at most {MAX_SCALING:g}"
+            )
+        if abs(value) > MAX_SCALING * divisor:  # (compared before dividing: an int may be too big for a float)
+            scale = "alpha / sqrt(r)" if use_rslora else "alpha / r"
+            shown = repr(value) if len(repr(value)) <= 24 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+            raise ValueError(
+                f"{where}{name} is {shown}: with r={smallest} the update would be scaled by over "
+                f"{MAX_SCALING:g}; accepted: |{scale}| at most {MAX_SCALING:g} (usual values: 0.25 to 4)"
+            )
 
 
 def _compile(what: str, pattern: str) -> re.Pattern[str]:

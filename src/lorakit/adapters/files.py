@@ -29,25 +29,32 @@ from torch.distributed.tensor import DTensor
 
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.embedding import LoraEmbedding
+from lorakit.adapters.experts import LoraExperts, expert_parameters, file_prefixes, split_nested
 from lorakit.adapters.inits import olora, pissa
 from lorakit.adapters.inject import (
-    ModulesToSave,
     attach,
     check_adapter_name,
     find_saved,
-    find_targets,
     get_state,
     has_adapters,
-    resolved_target_names,
     set_adapter,
 )
 from lorakit.adapters.layers import LoraLayer, LoraLinear, adapter_dtype
+from lorakit.adapters.saved import ModulesToSave
+from lorakit.adapters.targets import (
+    expert_targets,
+    find_targets,
+    resolved_target_names,
+    resolved_target_parameters,
+)
 
 MAX_CONFIG_BYTES = 2**20
 """adapter_config.json is a few KB; a rank_pattern over every module of a large model stays under 1 MiB."""
 MAX_HEADER_BYTES = 16 * 2**20
 """A safetensors header is ~100 bytes a tensor: 16 MiB is over 100,000 tensors."""
 MAX_TENSORS = 100_000
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""What an adapter file's tensors are stored as (float8 kinds load too)."""
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -82,6 +89,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         elif isinstance(layer, LoraEmbedding):
             out[key + ".lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
             out[key + ".lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+        elif isinstance(layer, LoraExperts):
+            params = layer.targets[adapter_name]
+            for param, prefix in file_prefixes(key, params, layer.expert_params).items():
+                out[prefix + ".lora_A.weight"] = layer.lora_A[adapter_name][param]
+                out[prefix + ".lora_B.weight"] = layer.lora_B[adapter_name][param]
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for pname, tensor in module.modules_to_save[adapter_name].state_dict().items():
@@ -99,7 +111,9 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict:
     state = get_state(model)
     config = state.configs[adapter_name]
-    data = config.to_peft_dict(resolved_target_names(model, adapter_name))
+    data = config.to_peft_dict(
+        resolved_target_names(model, adapter_name), resolved_target_parameters(model, adapter_name)
+    )
     if data["base_model_name_or_path"] is None:
         model_config = getattr(model, "config", None)
         data["base_model_name_or_path"] = getattr(model_config, "name_or_path", None) or None
@@ -228,8 +242,13 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights_path} is truncated or corrupt: {err}") from None
     for key, tensor in tensors.items():
+        # Loading casts to the layer's dtype: a bool or integer tensor would be silently turned
+        # into weights it never held.
+        if not tensor.is_floating_point():
+            raise ValueError(f"{weights_path}: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                             f"adapter tensors must be floating point ({', '.join(FLOAT_DTYPES)})")
         # A NaN or infinity would poison every output of the adapter (and a sampled batch with it).
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{weights_path}: {key} holds NaN or infinite values")
     return AdapterFiles(directory, config, raw, tensors)
 
@@ -264,6 +283,8 @@ class _Plan:
     linear: dict[str, dict[str, torch.Tensor]]
     embedding: dict[str, dict[str, torch.Tensor]]
     saved: dict[str, dict[str, torch.Tensor]]
+    experts: dict[str, dict[str, dict[str, torch.Tensor]]]
+    """{experts module path: {parameter: {".lora_A.weight": A, ".lora_B.weight": B}}}"""
 
 
 def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
@@ -291,7 +312,8 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
         saved[owner][rest[len(owner) + 1 :]] = tensor
 
     expected = set(find_targets(model, config))
-    missing = sorted(expected - set(per_module))
+    experts = _expert_parts(model, config, per_module, expected, weights_path)
+    missing = sorted(expected - set(per_module) - set(experts))
     if missing:
         raise ValueError(
             f"{weights_path}: missing LoRA weights for {len(missing)} targeted module(s), e.g. "
@@ -354,7 +376,54 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
             raise ValueError(
                 f"{weights_path}: modules_to_save {path!r} holds {got}, this model needs {want}"
             )
-    return _Plan(linear, embedding, saved)
+    return _Plan(linear, embedding, saved, experts)
+
+
+def _expert_parts(
+    model: nn.Module, config: LoraConfig, per_module: dict[str, dict[str, torch.Tensor]],
+    expected: set[str], weights_path: Path,
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Take the expert factors out of `per_module` (keyed as PEFT nests them) and check them."""
+    found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for prefix in list(per_module):
+        path, _ = split_nested(prefix)
+        if path not in expected:
+            continue
+        module = model.get_submodule(path)
+        base = module._base_shell[0] if isinstance(module, LoraLayer) else module
+        order = expert_parameters(base)
+        if not order:
+            continue
+        params = expert_targets(config, path, module)
+        by_prefix = {v: k for k, v in file_prefixes(path, params, order).items()}
+        param = by_prefix.get(prefix)
+        if param is None:
+            raise ValueError(
+                f"{weights_path}: unexpected key {PREFIX}{prefix}.lora_A.weight: the config adapts "
+                f"{list(params)} of {path}, which PEFT keys as {sorted(PREFIX + p for p in by_prefix)}"
+            )
+        parts = per_module.pop(prefix)
+        layer = module if isinstance(module, LoraExperts) else LoraExperts(base)
+        r = config.rank_for(path)
+        shapes = dict(zip((".lora_A.weight", ".lora_B.weight"), layer.factor_shapes(param, r), strict=True))
+        for suffix, shape in shapes.items():
+            if suffix not in parts:
+                raise ValueError(f"{weights_path}: missing key {PREFIX}{prefix}{suffix}")
+            if tuple(parts[suffix].shape) != shape:
+                raise ValueError(
+                    f"{weights_path}: {PREFIX}{prefix}{suffix} has shape {tuple(parts[suffix].shape)}, "
+                    f"this model's {path}.{param} needs {shape} (rank {r}, {layer.num_experts} experts)"
+                )
+        extra = sorted(set(parts) - set(shapes))
+        if extra:
+            raise ValueError(f"{weights_path}: unexpected key {PREFIX}{prefix}{extra[0]}")
+        found.setdefault(path, {})[param] = parts
+    for path, params in found.items():
+        module = model.get_submodule(path)
+        missing = [p for p in expert_targets(config, path, module) if p not in params]
+        if missing:
+            raise ValueError(f"{weights_path}: missing LoRA weights for {path}.{missing[0]}")
+    return found
 
 
 def _check_embedding_copy(
@@ -411,7 +480,7 @@ def load_adapter(
         model,
         name,
         config,
-        [*plan.linear, *plan.embedding],
+        [*plan.linear, *plan.embedding, *plan.experts],
         list(plan.saved),
         trainable=trainable,
     )
@@ -432,6 +501,12 @@ def load_adapter(
             layer.lora_B[name].weight.copy_(parts[".lora_B.weight"].to(dtype))
             if config.use_dora:
                 layer.lora_magnitude_vector[name].copy_(parts[".lora_magnitude_vector"].to(dtype))
+        for path, params in plan.experts.items():
+            layer = model.get_submodule(path)
+            assert isinstance(layer, LoraExperts)
+            for param, parts in params.items():
+                layer.lora_A[name][param].copy_(parts[".lora_A.weight"])
+                layer.lora_B[name][param].copy_(parts[".lora_B.weight"])
         for path, parts in plan.embedding.items():
             layer = model.get_submodule(path)
             assert isinstance(layer, LoraEmbedding)

@@ -7,7 +7,7 @@ remembers its adapters in `model.lora_state` (an `AdapterState`).
 
 from __future__ import annotations
 
-import copy
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -16,16 +16,23 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.config import ALL_LINEAR, LoraConfig, matches
+from lorakit.adapters.config import LoraConfig, matches
+from lorakit.adapters.coverage import report
 from lorakit.adapters.embedding import LoraEmbedding
+from lorakit.adapters.experts import LoraExperts, expert_parameters
 from lorakit.adapters.inits import initialise
 from lorakit.adapters.layers import LoraLayer, LoraLinear, MixedBatch
+from lorakit.adapters.saved import ModulesToSave
 from lorakit.adapters.state import AdapterState, get_state, has_adapters
+from lorakit.adapters.targets import (
+    SUPPORTED,
+    base_modules,
+    expert_targets,
+    find_targets,
+    walk_modules,
+)
 
-SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
-"""Module types that can carry adapters."""
-
-LINEAR_TYPES = (nn.Linear, Conv1D)
+log = logging.getLogger(__name__)
 
 
 def wrap(module: nn.Module) -> LoraLayer:
@@ -38,60 +45,24 @@ def wrap(module: nn.Module) -> LoraLayer:
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
+    if expert_parameters(module):
+        return LoraExperts(module)
     supported = ", ".join(t.__name__ for t in SUPPORTED)
     raise TypeError(
-        f"cannot put a LoRA adapter on {type(module).__name__}; supported layers: {supported}"
+        f"cannot put a LoRA adapter on {type(module).__name__}; supported layers: {supported} "
+        "and fused mixture-of-experts modules"
     )
 
 
 def unwrap(layer: LoraLayer) -> nn.Module:
     """The original module, holding the layer's current base parameters."""
+    if isinstance(layer, LoraExperts):
+        return layer.unwrap()
     base = layer._base_shell[0]
     base.weight = layer.weight
     if isinstance(layer, LoraLinear):
         base.bias = layer.bias
     return base
-
-
-class ModulesToSave(nn.Module):
-    """A module trained in full for some adapters (e.g. a classifier head).
-
-    The original module's parameters, buffers and children stay registered under their
-    own names, so the base state-dict keys do not change; each adapter that trains the
-    module gets a copy in `modules_to_save[adapter]`.
-    """
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self._original = [original]
-        for name, param in original.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in original.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-
-    @property
-    def original(self) -> nn.Module:
-        return self._original[0]
-
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original)
-        for p in self.modules_to_save[name].parameters():
-            p.requires_grad_(True)
-
-    def _current(self) -> nn.Module:
-        if not self.disabled:
-            for name in self.active_adapters:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name]
-        return self.original
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._current()(*args, **kwargs)
 
 
 class ParamCount(NamedTuple):
@@ -109,102 +80,17 @@ class ParamCount(NamedTuple):
 # targeting ---------------------------------------------------------------------------
 
 
-def output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            return getter()
-        except (NotImplementedError, AttributeError):
-            return None
-    return None
-
-
-def _walk(model: nn.Module, stop: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
-    """`named_modules`, but the children of a module of a `stop` type are not visited (an
-    adapter's own weights grow with every adapter loaded: walking them made loading the
-    n-th adapter cost O(n))."""
-    seen: set[int] = set()
-    pending: list[tuple[str, nn.Module]] = [("", model)]
-    while pending:
-        name, module = pending.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        if isinstance(module, stop):
-            continue
-        children = [(f"{name}.{child_name}" if name else child_name, child)
-                    for child_name, child in module._modules.items() if child is not None]
-        pending.extend(reversed(children))
-
-
-def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules of the base model: adapter internals and saved copies are skipped."""
-    return _walk(model, (LoraLayer, ModulesToSave))
-
-
-def _layer_type(module: nn.Module) -> type:
-    if isinstance(module, LoraLayer):
-        return type(unwrap_shell(module))
-    return type(module)
-
-
-def unwrap_shell(layer: LoraLayer) -> nn.Module:
-    return layer._base_shell[0]
-
-
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Dotted paths of the modules `config` selects, or a ValueError that lists the candidates."""
-    head = output_head(model)
-    modules = [(n, m) for n, m in base_modules(model) if n]
-    matched: list[str] = []
-    for name, module in modules:
-        base_type = _layer_type(module)
-        if config.target_modules == ALL_LINEAR:
-            selected = issubclass(base_type, LINEAR_TYPES) and module is not head
-        else:
-            selected = matches(config.target_modules, name)
-        if not selected:
-            continue
-        if config.exclude_modules is not None and matches(config.exclude_modules, name):
-            continue
-        if not issubclass(base_type, SUPPORTED):
-            kinds = ", ".join(t.__name__ for t in SUPPORTED)
-            raise ValueError(
-                f"target_modules selected {name!r}, a {base_type.__name__}; LoRA layers support {kinds}"
-            )
-        matched.append(name)
-    if not matched:
-        candidates = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in modules if issubclass(_layer_type(m), SUPPORTED)}
-        )
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched nothing; "
-            f"linear/embedding modules in this model: {', '.join(candidates) or '(none)'}"
-        )
-    return matched
-
-
-def resolved_target_names(model: nn.Module, adapter_name: str) -> list[str] | str:
-    """What to write as target_modules: the regex as given, else the leaf names actually adapted."""
-    state = get_state(model)
-    config = state.configs[adapter_name]
-    if isinstance(config.target_modules, str) and config.target_modules != ALL_LINEAR:
-        return config.target_modules
-    return sorted({name.rsplit(".", 1)[-1] for name in state.targets[adapter_name]})
-
-
 # state ---------------------------------------------------------------------------------
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in _walk(model, (LoraLayer,)):
+    for name, module in walk_modules(model, (LoraLayer,)):
         if isinstance(module, LoraLayer):
             yield name, module
 
 
 def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in _walk(model, (LoraLayer, ModulesToSave)):
+    for name, module in walk_modules(model, (LoraLayer, ModulesToSave)):
         if isinstance(module, ModulesToSave):
             yield name, module
 
@@ -260,6 +146,7 @@ def attach(
         if layer is not module:
             layer.set_active(state.active)
             replace_module(model, path, layer)
+        extra = {"params": expert_targets(config, path, layer)} if isinstance(layer, LoraExperts) else {}
         layer.add(
             name,
             r=config.rank_for(path),
@@ -267,6 +154,7 @@ def attach(
             dropout=config.dropout,
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
+            **extra,
         )
     for path in saved_names:
         module = model.get_submodule(path)
@@ -321,6 +209,8 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
         for pname, param in model.named_parameters():
             param.requires_grad_(_is_adapter_param(pname))
     initialise(model, name, config)
+    # What was adapted, by kind; a spec that leaves most projection weights out warns here.
+    log.info("adapter %r: %s", name, report(model, name, stacklevel=3))
 
 
 def _is_adapter_param(param_name: str) -> bool:
@@ -518,7 +408,7 @@ def _refuse_tied(model: nn.Module, names: Sequence[str]) -> None:
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
     for path, layer in lora_layers(model):
-        if any(n in layer.r for n in names):
+        if any(n in layer.r for n in names) and hasattr(layer, "weight"):
             shared = [p for p in owners.get(id(layer.weight), []) if p != f"{path}.weight"]
             if shared:
                 raise ValueError(
@@ -528,6 +418,8 @@ def _refuse_tied(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def _merged_preview(layer: LoraLayer, name: str) -> torch.Tensor:
+    if isinstance(layer, LoraExperts):
+        return torch.cat([w.flatten() for w in layer.merged_preview(name)])
     with torch.no_grad():
         if hasattr(layer, "delta_oi"):
             return layer.base_weight_oi().float() + layer.delta_oi(name)

@@ -32,17 +32,10 @@ import torch
 from torch import nn
 
 from lorakit.adapters import qweights
-from lorakit.adapters.inject import (
-    base_modules,
-    get_state,
-    lora_layers,
-    merge,
-    merge_and_unload,
-    output_head,
-    replace_module,
-)
+from lorakit.adapters.inject import get_state, lora_layers, merge, merge_and_unload, replace_module
 from lorakit.adapters.layers import LoraLayer, LoraLinear, RequantizationWarning
 from lorakit.adapters.qweights import KINDS, QuantizationUnavailable, check_kind
+from lorakit.adapters.targets import base_modules, output_head
 
 __all__ = [
     "KINDS",

@@ -41,7 +41,10 @@ class CompareArgs:
     """Mean KL (nats per token) above which the headline flags general behaviour as changed (1.0: on
     the bundled model the demo adapter measures 0.56, one trained at 10x its learning rate 2.5)."""
     output: str | None = None
-    """Directory for report.json and report.html (default: the first adapter's directory)."""
+    """Directory for report.json and report.html (default: the first adapter's directory); report files
+    there that compare did not write are refused unless --overwrite."""
+    overwrite: bool = False
+    """Replace a report.json or report.html in --output that is not an earlier compare report."""
     show: int = 4
     """Generations shown side by side in report.html (base vs each adapter)."""
     batch_size: int = 8
@@ -92,6 +95,47 @@ def headline(name: str, div: Divergence, threshold: float, task: dict[str, Any] 
     return line
 
 
+REPORT_FILES = ("report.json", "report.html")
+HTML_TITLE = b"<title>lorakit compare</title>"
+"""What the head of a report.html that compare wrote holds (lorakit.compare.report.render_html)."""
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` is a report compare wrote (replaced without --overwrite)."""
+    import json
+
+    try:
+        if path.name == "report.html":
+            with path.open("rb") as f:
+                return HTML_TITLE in f.read(512)
+        if path.stat().st_size > 256 * 2**20:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"adapters", "reference", "kl_threshold"} <= data.keys()
+
+
+def report_dir(args: CompareArgs) -> Path:
+    """The directory report.json and report.html go to, checked before anything is measured:
+    neither file may be an input, nor a file compare did not write (unless --overwrite)."""
+    from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+    from lorakit.adapters.outputs import check_not_input, input_paths
+
+    output = Path(args.output) if args.output else Path(args.adapter[0])
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; compare writes report.json and report.html into a directory")
+    inputs = input_paths(("--model", args.model), ("--data", args.data), ("--reference", args.reference))
+    inputs += [(f"a file of --adapter {a}", Path(a) / name) for a in args.adapter for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    for name in REPORT_FILES:
+        path = output / name
+        check_not_input(path, inputs)
+        if path.exists() and not args.overwrite and not (path.is_file() and _is_report(path)):
+            raise ValueError(f"--output {output} holds a {name} that lorakit compare did not write; pass "
+                             "--overwrite to replace it, or pick another --output")
+    return output
+
+
 def _label(path: str, taken: set[str]) -> str:
     p = Path(path)
     label = f"{p.parent.name}/{p.name}" if p.name.startswith("checkpoint-") else p.name or str(p)
@@ -111,6 +155,7 @@ def compare(args: CompareArgs) -> dict[str, Any]:
 
     metric = parse_metric(args.metric)
     files = [read_adapter(a) for a in args.adapter]  # every adapter is checked before the model loads
+    report_dir(args)
     model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
     # On a CPU shared with other busy processes, torch's full thread pool can run many times
     # slower than one thread: measure, as train does (threads.py), and again before each phase.
@@ -128,6 +173,7 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
 
     from lorakit.adapters.files import load_adapter
     from lorakit.adapters.inject import disable_adapters, set_adapter
+    from lorakit.adapters.outputs import staged_files
     from lorakit.compare.report import write_report
     from lorakit.evaluation.measure import (
         continue_prompts,
@@ -242,8 +288,8 @@ def _measure_and_write(args: CompareArgs, metric: Metric, files: list[AdapterFil
         "generations": generations,
         "torch_threads": torch.get_num_threads(),
     }
-    output = Path(args.output) if args.output else Path(args.adapter[0])
-    write_report(report, output)
+    with staged_files(report_dir(args), "compare") as staging:
+        write_report(report, staging)
     return report
 
 

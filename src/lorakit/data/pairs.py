@@ -24,13 +24,16 @@ from typing import Any
 
 import torch
 
+from lorakit.base.templates import TemplateError, encode_chat, render_chat
 from lorakit.data.sft import (
     IGNORE,
+    MAX_MESSAGES,
     DataError,
     DataStats,
     Example,
     Row,
     TokenRow,
+    check_field_length,
     collate,
     read_rows,
     tokenize_row,
@@ -52,9 +55,13 @@ class Pair:
 def _messages(row: Row, key: str, value: Any) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{row.location()}: '{key}' must be a non-empty string or list of messages, got {value!r:.80}")
+    if len(value) > MAX_MESSAGES:
+        raise DataError(f"{row.location()}: '{key}' has {len(value)} messages; a row may hold at most "
+                        f"{MAX_MESSAGES} (MAX_MESSAGES); split the conversation into several rows")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{row.location()}: {key}[{i}] must have a string 'role' and a string 'content', got {m!r:.80}")
+        check_field_length(row, f"{key}[{i}].content", m["content"])
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -103,30 +110,37 @@ def _chat_sides(row: Row) -> tuple[list[dict], list[dict], list[dict]]:
     return prompt, chosen, rejected
 
 
-def _chat_example(row: Row, tokenizer: Any, prompt: list[dict], answer: list[dict]) -> Example:
-    render = tokenizer.apply_chat_template
-    before = render(prompt, tokenize=False, add_generation_prompt=True) if prompt else ""
-    full = render(prompt + answer, tokenize=False, add_generation_prompt=False)
-    if not full.startswith(before):
+def _chat_example(row: Row, tokenizer: Any, prompt: list[dict], answer: list[dict], special: bool) -> Example:
+    before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if prompt else ""
+    chat = render_chat(tokenizer, prompt + answer, add_generation_prompt=False)
+    if not chat.text.startswith(before):
         raise DataError(f"{row.location()}: the chat template does not render the prompt as a prefix of the "
                         "conversation, so the answer cannot be located; use prompt/chosen/rejected strings")
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    labels = [t if start >= len(before) else IGNORE for t, (start, _) in zip(ids, encoded["offset_mapping"], strict=True)]
-    return Example(ids, labels)
+    try:
+        encoded = encode_chat(tokenizer, chat, special_tokens_in_content=special, offsets=True)
+    except TemplateError as err:
+        raise DataError(f"{row.location()}: {err}") from None
+    ids = encoded.ids
+    labels = [t if start >= len(before) else IGNORE for t, (start, _) in zip(ids, encoded.offsets or [], strict=True)]
+    return Example(ids, labels, special_text=encoded.special_text)
 
 
-def tokenize_pair(row: Row, tokenizer: Any) -> Pair:
-    """Token ids and answer labels of both sides of a row (before truncation)."""
+def tokenize_pair(row: Row, tokenizer: Any, seq_len: int | None = None, special_tokens_in_content: bool = False) -> Pair:
+    """Token ids and answer labels of both sides of a row (before truncation; with `seq_len`, a
+    text row too long for it is cut before tokenizing, as `tokenize_row` cuts it)."""
     if pair_shape(row) == "text":
+        for key in ("prompt", "chosen", "rejected"):
+            check_field_length(row, key, row.data[key])
         # The prompt/completion tokenization of data.py: the prompt apart, then the answer and EOS.
         sides = [tokenize_row(Row({"prompt": row.data["prompt"], "completion": row.data[k]}, row.source, row.line,
-                                  row.where), tokenizer) for k in ("chosen", "rejected")]
+                                  row.where), tokenizer, seq_len=seq_len,
+                              special_tokens_in_content=special_tokens_in_content) for k in ("chosen", "rejected")]
         return Pair(*sides)
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{row.location()}: chat preference rows need a tokenizer with a chat template; this one has none")
     prompt, chosen, rejected = _chat_sides(row)
-    return Pair(_chat_example(row, tokenizer, prompt, chosen), _chat_example(row, tokenizer, prompt, rejected))
+    return Pair(_chat_example(row, tokenizer, prompt, chosen, special_tokens_in_content),
+                _chat_example(row, tokenizer, prompt, rejected, special_tokens_in_content))
 
 
 def _truncate(ex: Example, seq_len: int) -> Example:
@@ -134,13 +148,16 @@ def _truncate(ex: Example, seq_len: int) -> Example:
 
 
 def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, seq_len: int,
-                   skip_bad: bool = False) -> tuple[list[Pair], DataStats]:
+                   skip_bad: bool = False, special_tokens_in_content: bool = False) -> tuple[list[Pair], DataStats]:
     """Tokenize, truncate each side to `seq_len` (keeping the start), check both answers keep tokens."""
-    stats = DataStats(rows=len(rows))
+    stats = DataStats(rows=len(rows), special_tokens_in_content=special_tokens_in_content)
     pairs = []
     for row in rows:
         try:
-            pair = tokenize_pair(row, tokenizer)
+            pair = tokenize_pair(row, tokenizer, seq_len, special_tokens_in_content)
+            if pair.chosen.special_text or pair.rejected.special_text:
+                stats.special_text += 1
+                stats.first_special_text = stats.first_special_text or row.location()
             long = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
             if long > seq_len:
                 pair = Pair(_truncate(pair.chosen, seq_len), _truncate(pair.rejected, seq_len))
@@ -172,13 +189,14 @@ def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, seq_len: int,
 
 def _reason(message: str) -> str:
     text = message.split(": ", 1)[-1]
-    for key in ("nothing left", "identical", "is missing", "must be", "must start", "not valid JSON"):
+    for key in ("nothing left", "identical", "is missing", "must be", "must start", "not valid JSON", "may hold at most"):
         if key in text:
             return key
     return "other"
 
 
-def load_pairs(path: str | Path, tokenizer: Any, seq_len: int, skip_bad: bool = False) -> tuple[list[Pair], DataStats]:
+def load_pairs(path: str | Path, tokenizer: Any, seq_len: int, skip_bad: bool = False,
+               special_tokens_in_content: bool = False) -> tuple[list[Pair], DataStats]:
     """Read a preference file (any format `lorakit train` reads) and tokenize it."""
     if skip_bad and Path(path).suffix.lower() == ".jsonl" and Path(path).exists():
         rows, bad = [], 0
@@ -193,7 +211,7 @@ def load_pairs(path: str | Path, tokenizer: Any, seq_len: int, skip_bad: bool = 
             raise DataError(f"{path}: the file has no examples ({bad} lines are not JSON)")
     else:
         rows, bad = read_rows(path), 0
-    pairs, stats = tokenize_pairs(rows, tokenizer, seq_len, skip_bad)
+    pairs, stats = tokenize_pairs(rows, tokenizer, seq_len, skip_bad, special_tokens_in_content)
     if bad:
         stats.skipped += bad
         stats.rows += bad

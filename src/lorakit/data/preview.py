@@ -28,9 +28,12 @@ class PreviewRow:
     tokens: int
     supervised: int
     supervises_end_of_turn: bool
+    cut: int = 0
+    """Characters of the row left out before tokenizing, as training leaves them out."""
 
 
-def preview_rows(path: str, tokenizer: Any, count: int, seq_len: int = 1024, loss_on: str = "completion") -> list[PreviewRow]:
+def preview_rows(path: str, tokenizer: Any, count: int, seq_len: int = 1024, loss_on: str = "completion",
+                 special_tokens_in_content: bool = False) -> list[PreviewRow]:
     """The first `count` rows of a data file, tokenized as training tokenizes them."""
     if count <= 0:
         raise ValueError(f"--preview must be a positive number of rows, got {count}")
@@ -38,7 +41,7 @@ def preview_rows(path: str, tokenizer: Any, count: int, seq_len: int = 1024, los
     stops = end_of_turn_ids(tokenizer)
     out = []
     for row in rows:
-        examples, _ = tokenize_rows([row], tokenizer, seq_len, loss_on)
+        examples, _ = tokenize_rows([row], tokenizer, seq_len, loss_on, special_tokens_in_content=special_tokens_in_content)
         example = examples[0]
         segments: list[tuple[str, bool]] = []
         run: list[int] = []
@@ -54,7 +57,8 @@ def preview_rows(path: str, tokenizer: Any, count: int, seq_len: int = 1024, los
         if run:
             segments.append((tokenizer.decode(run), bool(flag)))
         taught = {t for t, m in zip(example.input_ids, marks, strict=True) if m}
-        out.append(PreviewRow(row.location(), segments, len(example.input_ids), sum(marks), bool(taught & stops)))
+        out.append(PreviewRow(row.location(), segments, len(example.input_ids), sum(marks), bool(taught & stops),
+                              example.cut))
     return out
 
 
@@ -67,7 +71,9 @@ def render(rows: Sequence[PreviewRow], tokenizer: Any, color: bool) -> list[Any]
         lines.append(Text(f"(supervised tokens, the ones with loss, are between {MARK_OPEN} and {MARK_CLOSE})"))
     missing = []
     for i, row in enumerate(rows, start=1):
-        lines.append(Text(f"--- row {i} ({row.location}): {row.tokens} tokens, {row.supervised} supervised",
+        cut = (f"; truncated: the row was cut to its start before tokenizing ({row.cut} characters left out), "
+               "as training cuts it" if row.cut else "")
+        lines.append(Text(f"--- row {i} ({row.location}): {row.tokens} tokens, {row.supervised} supervised{cut}",
                           style="bold" if color else ""))
         text = Text()
         for piece, supervised in row.segments:
@@ -90,12 +96,13 @@ def render(rows: Sequence[PreviewRow], tokenizer: Any, color: bool) -> list[Any]
     return lines
 
 
-def run_preview(path: str, tokenizer: Any, count: int, seq_len: int, loss_on: str) -> list[PreviewRow]:
+def run_preview(path: str, tokenizer: Any, count: int, seq_len: int, loss_on: str,
+                special_tokens_in_content: bool = False) -> list[PreviewRow]:
     """Print the preview to stdout; returns the rows."""
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
-    rows = preview_rows(path, tokenizer, count, seq_len, loss_on)
+    rows = preview_rows(path, tokenizer, count, seq_len, loss_on, special_tokens_in_content)
     for line in render(rows, tokenizer, console.is_terminal):
         console.print(line)
     return rows

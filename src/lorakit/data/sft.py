@@ -7,9 +7,15 @@ Three example shapes, detected per row:
     {"messages": [{"role": ..., "content": ...}]}     the tokenizer's chat template;
                                                       loss on assistant turns
 
-Files: .jsonl, .json (a list of rows, or {"data": [...]}), .csv, .parquet, and local
-`datasets` directories (saved with `save_to_disk`). A bad row raises `DataError` naming
-the file and line (or row); with `skip_bad=True` bad rows are counted and dropped.
+Files (read by `data.files`): .jsonl, .json (a list of rows, or {"data": [...]}), .csv,
+.parquet, and local `datasets` directories (saved with `save_to_disk`). A bad row raises
+`DataError` naming the file and line (or row); with `skip_bad=True` bad rows are counted and dropped.
+
+Hostile rows stay cheap: a text field holds at most `MAX_FIELD_CHARS` characters and a row at
+most `MAX_MESSAGES` messages; a row is cut to a few characters per token of `seq_len` before it
+is tokenized (so a huge row costs what `seq_len` allows); a chat row's loss mask takes one
+rendering, not one per turn; special-token text in a row (`<|im_start|>`) is tokenized as plain
+text unless `special_tokens_in_content` allows it as control tokens.
 
 Labels use -100 for positions without loss (the convention of PyTorch's cross-entropy
 `ignore_index`). Labels are not shifted here: `labels[t]` is the target *at* position t,
@@ -18,9 +24,7 @@ so the model's prediction at t-1 is scored against it.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import bisect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,26 +33,29 @@ from typing import Any
 
 import torch
 
+from lorakit.base.templates import (
+    TemplateError,
+    assistant_spans,
+    encode_chat,
+    encode_text,
+    prefix_spans,
+    render_chat,
+)
+from lorakit.data.files import MAX_FIELD_CHARS, DataError, Row, read_jsonl_lenient, read_rows
+
 IGNORE = -100
 SHAPES = ("text", "prompt_completion", "messages")
-FORMATS = ("jsonl", "json", "csv", "parquet", "datasets directory")
-
-
-class DataError(ValueError):
-    """A data file or one of its rows cannot be used; the message names the file and line."""
-
-
-@dataclass
-class Row:
-    """One raw example and where it came from (`line` is 1-based: a file line or a row number)."""
-
-    data: Any
-    source: str
-    line: int
-    where: str = "line"
-
-    def location(self) -> str:
-        return f"{self.source}:{self.line}" if self.where == "line" else f"{self.source} row {self.line}"
+MAX_MESSAGES = 4096
+"""Most messages in one 'messages' row."""
+CHARS_PER_TOKEN = 16
+"""A row is cut to this many characters per token of seq_len before it is tokenized, and the cut
+grows (up to MAX_CHARS_PER_TOKEN) while it leaves fewer tokens than seq_len needs."""
+MAX_CHARS_PER_TOKEN = 256
+CUT_SLACK = 16
+"""Tokens past seq_len a cut row must still have, so the cut cannot change the tokens kept."""
+PREFIX_RENDER_MESSAGES = 64
+"""Most messages in a row whose template hides the shape of an assistant turn; such rows are
+masked by rendering each prefix, which takes time quadratic in the number of messages."""
 
 
 @dataclass
@@ -57,6 +64,10 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    cut: int = 0
+    """Characters of the row left out before tokenizing (0: the whole row was tokenized)."""
+    special_text: bool = False
+    """Whether the row held special-token text (`<|im_start|>`)."""
 
     @property
     def supervised(self) -> int:
@@ -74,6 +85,11 @@ class DataStats:
     skip_reasons: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     supervised_tokens: int = 0
+    cut: int = 0
+    first_cut: str = ""
+    special_text: int = 0
+    first_special_text: str = ""
+    special_tokens_in_content: bool = False
 
     def summary(self, name: str) -> str:
         text = (
@@ -83,113 +99,15 @@ class DataStats:
         if self.skipped:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons.items()))
             text += f", {self.skipped} bad rows skipped ({reasons})"
+        if self.cut:
+            rows = "1 row was" if self.cut == 1 else f"{self.cut} rows were"
+            text += f"; {rows} cut short before tokenizing, too long for seq_len (first: {self.first_cut})"
+        if self.special_text:
+            rows = "1 row holds" if self.special_text == 1 else f"{self.special_text} rows hold"
+            meant = ("read as control tokens (--special-tokens-in-content)" if self.special_tokens_in_content else
+                     "tokenized as plain text; pass --special-tokens-in-content if it is meant as control tokens")
+            text += f"; {rows} special-token text such as <|im_start|> (first: {self.first_special_text}), {meant}"
         return text
-
-
-# reading files --------------------------------------------------------------------------
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    """All rows of a data file or `datasets` directory, each with its location."""
-    path = Path(path)
-    source = str(path)
-    if not path.exists():
-        raise DataError(f"{source}: no such file or directory")
-    if path.is_dir():
-        rows = _read_datasets_dir(path)
-    else:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = _read_jsonl(path)
-        elif suffix == ".json":
-            rows = _read_json(path)
-        elif suffix == ".csv":
-            rows = _read_csv(path)
-        elif suffix == ".parquet":
-            rows = _read_parquet(path)
-        else:
-            raise DataError(
-                f"{source}: unknown data format {suffix or '(no extension)'!r}; accepted: "
-                ".jsonl, .json, .csv, .parquet, or a directory saved with datasets' save_to_disk"
-            )
-    if not rows:
-        raise DataError(f"{source}: the file has no examples")
-    return rows
-
-
-def _utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
-    """`raw` decoded as UTF-8, or a DataError naming the file, the line and the bad byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = first_line + raw.count(b"\n", 0, err.start)
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
-            "save the file as UTF-8"
-        ) from None
-
-
-def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = _utf8(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            rows.append(Row(data, str(path), number))
-    return rows
-
-
-def _read_json(path: Path) -> list[Row]:
-    text = _utf8(path.read_bytes(), path)
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of examples (or {{\"data\": [...]}}), got {type(data).__name__}")
-    return [Row(item, str(path), i, where="row") for i, item in enumerate(data, start=1)]
-
-
-def _read_csv(path: Path) -> list[Row]:
-    text = _utf8(path.read_bytes(), path)
-    with io.StringIO(text, newline="") as f:
-        reader = csv.DictReader(f)
-        # Line numbers count the header as line 1, so they match what an editor shows.
-        return [Row(dict(r), str(path), reader.line_num) for r in reader]
-
-
-def _read_parquet(path: Path) -> list[Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
-    return [Row(r, str(path), i, where="row") for i, r in enumerate(table.to_pylist(), start=1)]
-
-
-def _read_datasets_dir(path: Path) -> list[Row]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: not a directory saved with datasets' save_to_disk ({err})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split; splits: {', '.join(ds)}")
-        ds = ds["train"]
-    return [Row(r, str(path), i, where="row") for i, r in enumerate(ds, start=1)]
 
 
 # shapes and tokenization ------------------------------------------------------------------
@@ -204,11 +122,15 @@ def example_shape(row: Row) -> str:
         messages = data["messages"]
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{row.location()}: 'messages' must be a non-empty list of {{'role', 'content'}}, got {messages!r:.80}")
+        if len(messages) > MAX_MESSAGES:
+            raise DataError(f"{row.location()}: 'messages' has {len(messages)} messages; a row may hold at most "
+                            f"{MAX_MESSAGES} (MAX_MESSAGES); split the conversation into several rows")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(
                     f"{row.location()}: messages[{i}] must have a string 'role' and a string 'content', got {m!r:.80}"
                 )
+            check_field_length(row, f"messages[{i}].content", m["content"])
         return "messages"
     if "prompt" in data or "completion" in data:
         for key in ("prompt", "completion"):
@@ -216,10 +138,12 @@ def example_shape(row: Row) -> str:
                 raise DataError(f"{row.location()}: '{key}' is missing (a prompt/completion row needs both)")
             if not isinstance(data[key], str):
                 raise DataError(f"{row.location()}: '{key}' must be a string, got {type(data[key]).__name__}")
+            check_field_length(row, key, data[key])
         return "prompt_completion"
     if "text" in data and data["text"] is not None:
         if not isinstance(data["text"], str):
             raise DataError(f"{row.location()}: 'text' must be a string, got {type(data['text']).__name__}")
+        check_field_length(row, "text", data["text"])
         return "text"
     keys = ", ".join(sorted(map(str, data))) or "none"
     raise DataError(
@@ -227,68 +151,109 @@ def example_shape(row: Row) -> str:
     )
 
 
-def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def check_field_length(row: Row, name: str, text: str) -> None:
+    """A DataError when a text field is longer than MAX_FIELD_CHARS."""
+    if len(text) > MAX_FIELD_CHARS:
+        raise DataError(f"{row.location()}: '{name}' has {len(text)} characters; a text field may hold at most "
+                        f"{MAX_FIELD_CHARS} (MAX_FIELD_CHARS); shorten or split it")
 
 
 def _eos(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def tokenize_row(row: Row, tokenizer: Any, loss_on: str = "completion") -> Example:
-    """Token ids and labels for one row (before truncation).
+def _cut(text: str, budget: int | None) -> tuple[str, int]:
+    """The start of `text` within `budget` characters (None: all of it), and how many were left out."""
+    if budget is None or len(text) <= budget:
+        return text, 0
+    return text[: max(budget, 0)], len(text) - max(budget, 0)
+
+
+def tokenize_row(row: Row, tokenizer: Any, loss_on: str = "completion", seq_len: int | None = None,
+                 special_tokens_in_content: bool = False) -> Example:
+    """Token ids and labels for one row (before truncation to `seq_len`).
 
     `loss_on="completion"` puts the loss on the completion (prompt/completion rows) or the
     assistant turns (messages rows); `"all"` on every token. Text rows always train on all.
+    With `seq_len`, a row too long for it is cut to its start before tokenizing, keeping at
+    least `seq_len` + `CUT_SLACK` tokens where `MAX_CHARS_PER_TOKEN` characters a token allow;
+    `Example.cut` counts the characters left out.
     """
     shape = example_shape(row)
+    if seq_len is None:
+        return _tokenize_shape(row, shape, tokenizer, loss_on, None, special_tokens_in_content)
+    budget, most = CHARS_PER_TOKEN * (seq_len + CUT_SLACK), MAX_CHARS_PER_TOKEN * (seq_len + CUT_SLACK)
+    while True:
+        ex = _tokenize_shape(row, shape, tokenizer, loss_on, budget, special_tokens_in_content)
+        if not ex.cut or len(ex.input_ids) >= seq_len + CUT_SLACK or budget >= most:
+            return ex
+        budget = min(budget * 4, most)
+
+
+def _tokenize_shape(row: Row, shape: str, tokenizer: Any, loss_on: str, budget: int | None,
+                    special: bool) -> Example:
     data = row.data
     if shape == "text":
-        ids = _ids(tokenizer, data["text"], True) + _eos(tokenizer)
-        return Example(ids, list(ids))
+        text, cut = _cut(data["text"], budget)
+        enc = encode_text(tokenizer, text, add_special_tokens=True, special_tokens_in_content=special)
+        # A cut text does not end where it was cut: no EOS.
+        ids = enc.ids + ([] if cut else _eos(tokenizer))
+        return Example(ids, list(ids), cut, enc.special_text)
     if shape == "prompt_completion":
-        prompt = _ids(tokenizer, data["prompt"], True)
+        prompt_text, cut = _cut(data["prompt"], budget)
+        completion_text, cut_completion = _cut(data["completion"], None if budget is None else budget - len(prompt_text))
+        prompt = encode_text(tokenizer, prompt_text, add_special_tokens=True, special_tokens_in_content=special)
         # Tokenized apart so the prompt/completion boundary is a token boundary.
-        completion = _ids(tokenizer, data["completion"], False) + _eos(tokenizer)
-        labels = (list(prompt) if loss_on == "all" else [IGNORE] * len(prompt)) + completion
-        return Example(prompt + completion, labels)
-    return _tokenize_messages(row, tokenizer, loss_on)
+        completion = encode_text(tokenizer, completion_text, add_special_tokens=False, special_tokens_in_content=special)
+        completion_ids = completion.ids + ([] if cut or cut_completion else _eos(tokenizer))
+        labels = (list(prompt.ids) if loss_on == "all" else [IGNORE] * len(prompt.ids)) + completion_ids
+        return Example(prompt.ids + completion_ids, labels, cut + cut_completion,
+                       prompt.special_text or completion.special_text)
+    return _tokenize_messages(row, tokenizer, loss_on, budget, special)
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _tokenize_messages(row: Row, tokenizer: Any, loss_on: str) -> Example:
+def _tokenize_messages(row: Row, tokenizer: Any, loss_on: str, budget: int | None, special: bool) -> Example:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{row.location()}: a 'messages' row needs a tokenizer with a chat template; this one has none")
     messages = [{"role": m["role"], "content": m["content"]} for m in row.data["messages"]]
-    full = _render(tokenizer, messages, False)
+    if loss_on != "all" and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{row.location()}: no assistant message, so nothing to learn (roles: {', '.join(m['role'] for m in messages)})")
+    # Within the budget: whole messages, then the start of the one that crosses it.
+    cut, kept, left = 0, [], budget
+    for i, message in enumerate(messages):
+        content, cut = _cut(message["content"], left)
+        kept.append({"role": message["role"], "content": content})
+        if left is not None:
+            left -= len(content)
+        if cut:
+            cut += sum(len(m["content"]) for m in messages[i + 1 :])
+            break
+    chat = render_chat(tokenizer, kept, add_generation_prompt=False)
+    try:
+        encoded = encode_chat(tokenizer, chat, special_tokens_in_content=special, offsets=True)
+    except TemplateError as err:
+        raise DataError(f"{row.location()}: {err}") from None
+    ids, offsets = encoded.ids, encoded.offsets or []
+    if loss_on == "all":
+        return Example(ids, list(ids), cut, encoded.special_text)
     # Character spans of the assistant turns: the text an assistant turn adds after the
     # template's generation prompt, up to and including its end-of-turn marker.
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], False)
-        if not (full.startswith(before) and full.startswith(upto)):
-            raise DataError(
-                f"{row.location()}: the chat template does not render conversations prefix by prefix, "
-                "so assistant turns cannot be located; use loss_on='all' or prompt/completion rows"
-            )
-        spans.append((len(before), len(upto)))
-    if not spans and loss_on != "all":
-        raise DataError(f"{row.location()}: no assistant message, so nothing to learn (roles: {', '.join(m['role'] for m in messages)})")
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    if loss_on == "all":
-        return Example(ids, list(ids))
+    spans = assistant_spans(tokenizer, kept, chat)
+    if spans is None and len(kept) <= PREFIX_RENDER_MESSAGES:
+        spans = prefix_spans(tokenizer, kept, chat)
+    if spans is None:
+        raise DataError(
+            f"{row.location()}: the chat template does not render conversations prefix by prefix, "
+            "so assistant turns cannot be located; use loss_on='all' or prompt/completion rows"
+            + (f" (or rows of at most {PREFIX_RENDER_MESSAGES} messages, PREFIX_RENDER_MESSAGES)"
+               if len(kept) > PREFIX_RENDER_MESSAGES else "")
+        )
+    starts = [a for a, _ in spans]
     labels = []
-    for token, (start, _end) in zip(ids, encoded["offset_mapping"], strict=True):
-        inside = any(a <= start < b for a, b in spans)
-        labels.append(token if inside else IGNORE)
-    return Example(ids, labels)
+    for token, (start, _end) in zip(ids, offsets, strict=True):
+        j = bisect.bisect_right(starts, start) - 1
+        labels.append(token if j >= 0 and start < spans[j][1] else IGNORE)
+    return Example(ids, labels, cut, encoded.special_text)
 
 
 def tokenize_rows(
@@ -297,23 +262,35 @@ def tokenize_rows(
     seq_len: int,
     loss_on: str = "completion",
     skip_bad: bool = False,
+    special_tokens_in_content: bool = False,
 ) -> tuple[list[Example], DataStats]:
-    """Tokenize, truncate to `seq_len`, and check that every example has something to learn."""
+    """Tokenize, truncate to `seq_len`, and check that every example has something to learn.
+
+    `special_tokens_in_content`: special-token text in the rows (`<|im_start|>`) becomes control
+    tokens, for data that really holds them; otherwise it is tokenized as plain text.
+    """
     if loss_on not in ("completion", "all"):
         raise ValueError(f"loss_on must be 'completion' or 'all', got {loss_on!r}")
-    stats = DataStats(rows=len(rows))
+    stats = DataStats(rows=len(rows), special_tokens_in_content=special_tokens_in_content)
     examples = []
     for row in rows:
         try:
-            ex = tokenize_row(row, tokenizer, loss_on)
-            if len(ex.input_ids) > seq_len:
-                ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+            ex = tokenize_row(row, tokenizer, loss_on, seq_len, special_tokens_in_content)
+            full = len(ex.input_ids)
+            if ex.cut:
+                stats.cut += 1
+                stats.first_cut = stats.first_cut or f"{row.location()}: {ex.cut} characters left out"
+            if ex.special_text:
+                stats.special_text += 1
+                stats.first_special_text = stats.first_special_text or row.location()
+            if len(ex.input_ids) > seq_len or ex.cut:
+                ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len], ex.cut, ex.special_text)
                 stats.truncated += 1
             # Position 0 is never predicted, so its label carries no loss.
             if not any(x != IGNORE for x in ex.labels[1:]):
                 raise DataError(
                     f"{row.location()}: nothing left to learn after truncation to seq_len={seq_len} "
-                    f"(the example has {len(tokenize_row(row, tokenizer, loss_on).input_ids)} tokens); "
+                    f"(the example has {'more than ' if ex.cut else ''}{full} tokens); "
                     "raise --seq-len or shorten the prompt"
                 )
         except DataError as err:
@@ -334,7 +311,8 @@ def tokenize_rows(
 
 def _reason(message: str) -> str:
     text = message.split(": ", 1)[-1]
-    for key in ("not valid JSON", "nothing left to learn", "is missing", "must be", "no 'text'", "no assistant"):
+    for key in ("not valid JSON", "nothing left to learn", "is missing", "must be", "no 'text'", "no assistant",
+                "may hold at most", "special-token text"):
         if key in text:
             return key
     return "other"
@@ -346,39 +324,19 @@ def load_examples(
     seq_len: int,
     loss_on: str = "completion",
     skip_bad: bool = False,
+    special_tokens_in_content: bool = False,
 ) -> tuple[list[Example], DataStats]:
     """Read a file and tokenize it. With `skip_bad`, JSONL lines that are not JSON or not UTF-8 are skipped too."""
     if skip_bad and Path(path).suffix.lower() == ".jsonl":
-        rows, bad = _read_jsonl_lenient(Path(path))
+        rows, bad = read_jsonl_lenient(Path(path))
     else:
         rows, bad = read_rows(path), {}
-    examples, stats = tokenize_rows(rows, tokenizer, seq_len, loss_on, skip_bad)
+    examples, stats = tokenize_rows(rows, tokenizer, seq_len, loss_on, skip_bad, special_tokens_in_content)
     for reason, n in bad.items():
         stats.skipped += n
         stats.skip_reasons[reason] = stats.skip_reasons.get(reason, 0) + n
         stats.rows += n
     return examples, stats
-
-
-def _read_jsonl_lenient(path: Path) -> tuple[list[Row], dict[str, int]]:
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    rows, bad = [], {"not valid JSON": 0, "not valid UTF-8": 0}
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rows.append(Row(json.loads(raw.decode("utf-8")), str(path), number))
-            except json.JSONDecodeError:
-                bad["not valid JSON"] += 1
-            except UnicodeDecodeError:
-                bad["not valid UTF-8"] += 1
-    bad = {reason: n for reason, n in bad.items() if n}
-    if not rows:
-        reasons = "; ".join(f"{n} lines {reason}" for reason, n in bad.items())
-        raise DataError(f"{path}: the file has no examples" + (f" ({reasons})" if bad else ""))
-    return rows, bad
 
 
 # sequences and batches ----------------------------------------------------------------------

@@ -76,13 +76,29 @@ class AdapterFacts:
 
     # derived ------------------------------------------------------------------------
     def lora_modules(self) -> dict[str, int]:
-        """Module path -> rank, from lora_A / lora_embedding_A shapes."""
+        """Module path -> rank, from lora_A / lora_embedding_A shapes (fused experts apart)."""
         out = {}
         for key, shape in self.shapes.items():
             for suffix in (".lora_A.weight", ".lora_embedding_A"):
-                if key.endswith(suffix):
+                if key.endswith(suffix) and self._expert_module(_strip(key[: -len(suffix)])) is None:
                     out[_strip(key[: -len(suffix)])] = int(shape[0])
         return out
+
+    def expert_modules(self) -> list[str]:
+        """Paths of the fused-experts modules whose parameters the adapter adapts (target_parameters)."""
+        found = {self._expert_module(_strip(k[: -len(".lora_A.weight")]))
+                 for k in self.shapes if k.endswith(".lora_A.weight")}
+        return sorted(p for p in found if p is not None)
+
+    def _expert_module(self, prefix: str) -> str | None:
+        from lorakit.adapters.experts import split_nested
+
+        wanted = self.raw.get("target_parameters") or []
+        path, _ = split_nested(prefix)
+        owners = {t.rsplit(".", 1)[0] for t in wanted if "." in t}
+        if any(path == o or path.endswith("." + o) for o in owners) or (wanted and path != prefix):
+            return path
+        return None
 
     def embedding_vocab(self) -> dict[str, int]:
         return {_strip(k[: -len(".lora_embedding_A")]): int(s[1]) for k, s in self.shapes.items()
@@ -144,6 +160,7 @@ def read_files(directory: str | os.PathLike) -> AdapterFacts:
     """The adapter's own facts (config and tensor shapes), the base model not yet inspected."""
     from safetensors import safe_open
 
+    from lorakit.adapters.config import check_peft_scale
     from lorakit.adapters.files import CONFIG_NAME, WEIGHTS_NAME
 
     directory = Path(directory)
@@ -157,6 +174,7 @@ def read_files(directory: str | os.PathLike) -> AdapterFacts:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(raw).__name__}")
+    check_peft_scale(raw, str(config_path))  # a NaN or absurd alpha loads nowhere sanely: no verdict
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
@@ -189,8 +207,8 @@ def _inspect_base(facts: AdapterFacts, base: str | None) -> None:
 
 def facts_from_modules(facts: AdapterFacts, model: nn.Module) -> None:
     """Fill in module kinds, vocabulary size and tying from a (meta or real) model."""
-    from lorakit.adapters.inject import unwrap_shell
     from lorakit.adapters.layers import LoraLayer
+    from lorakit.adapters.targets import unwrap_shell
 
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -210,9 +228,10 @@ def facts_from_modules(facts: AdapterFacts, model: nn.Module) -> None:
 def facts_from_model(model: nn.Module, adapter_name: str = "default") -> AdapterFacts:
     """Facts for an adapter still on a model (as `lorakit train` sets it up), without copying weights."""
     from lorakit.adapters.embedding import LoraEmbedding
+    from lorakit.adapters.experts import LoraExperts, file_prefixes
     from lorakit.adapters.files import adapter_config_dict
-    from lorakit.adapters.inject import ModulesToSave
     from lorakit.adapters.layers import LoraLinear
+    from lorakit.adapters.saved import ModulesToSave
     from lorakit.adapters.state import get_state
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -227,6 +246,11 @@ def facts_from_model(model: nn.Module, adapter_name: str = "default") -> Adapter
         elif isinstance(layer, LoraEmbedding):
             shapes[key + ".lora_embedding_A"] = tuple(layer.lora_embedding_A[adapter_name].shape)
             shapes[key + ".lora_embedding_B"] = tuple(layer.lora_embedding_B[adapter_name].shape)
+        elif isinstance(layer, LoraExperts):
+            params = layer.targets[adapter_name]
+            for param, prefix in file_prefixes(key, params, layer.expert_params).items():
+                shapes[prefix + ".lora_A.weight"] = tuple(layer.lora_A[adapter_name][param].shape)
+                shapes[prefix + ".lora_B.weight"] = tuple(layer.lora_B[adapter_name][param].shape)
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for pname, tensor in module.modules_to_save[adapter_name].state_dict().items():
@@ -258,6 +282,18 @@ def _common(facts: AdapterFacts, loader: str, convert_hint: bool = True) -> Iter
                       f"(modules_to_save: {', '.join(saved)}); merge the adapter into the base (lorakit merge)")
     if facts.bias():
         yield Finding("bias", REFUSED, f"{loader} does not load LoRA bias terms (bias / lora_bias in adapter_config.json)")
+
+
+def _experts(facts: AdapterFacts, loader: str) -> Iterable[Finding]:
+    """LoRA on fused mixture-of-experts parameters, in PEFT's target_parameters layout."""
+    experts = facts.expert_modules()
+    if experts:
+        yield Finding("experts", REFUSED, (
+            f"the adapter holds LoRA on fused expert parameters ({', '.join(facts.raw.get('target_parameters') or [])} "
+            f"in {len(experts)} layer(s), PEFT's target_parameters layout); {loader} reads expert LoRA only as "
+            "per-expert modules (experts.<e>.gate_proj ...), not this layout. Serve it with lorakit serve, load it "
+            "with PEFT, or merge it into the base (lorakit merge); an adapter without the experts "
+            "(--targets with attention and dense layers only) loads"))
 
 
 def _non_uniform(facts: AdapterFacts, loader: str) -> Iterable[Finding]:
@@ -299,7 +335,7 @@ def _max_rank(facts: AdapterFacts) -> int:
 
 
 def check_vllm(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
-    findings = [*_common(facts, VLLM), *_non_uniform(facts, VLLM), *_targets(facts, VLLM)]
+    findings = [*_common(facts, VLLM), *_experts(facts, VLLM), *_non_uniform(facts, VLLM), *_targets(facts, VLLM)]
     top = _max_rank(facts)
     allowed = [r for r in VLLM_MAX_LORA_RANKS if r >= top]
     if not allowed:
@@ -312,7 +348,7 @@ def check_vllm(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
 
 
 def check_sglang(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
-    findings = [*_common(facts, SGLANG), *_non_uniform(facts, SGLANG), *_targets(facts, SGLANG)]
+    findings = [*_common(facts, SGLANG), *_experts(facts, SGLANG), *_non_uniform(facts, SGLANG), *_targets(facts, SGLANG)]
     modules = sorted({p.rsplit(".", 1)[-1] for p in facts.lora_modules()})
     command = (f"python -m sglang.launch_server --model-path {facts.base()} --enable-lora "
                f"--lora-paths {name}={facts.directory} --max-lora-rank {_max_rank(facts)} "
@@ -323,7 +359,7 @@ def check_sglang(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
 def check_llama_cpp(facts: AdapterFacts, name: str) -> tuple[list[Finding], str]:
     from lorakit.export.gguf_lora import SUPPORTED_ARCHS
 
-    findings = list(_common(facts, "llama.cpp"))
+    findings = [*_common(facts, "llama.cpp"), *_experts(facts, "llama.cpp")]
     # llama.cpp reads one alpha for the file and each tensor's rank from its shape; lorakit's
     # exporter folds per-module alpha and rsLoRA into B, so every module keeps its trained scale.
     if not facts.base_note:

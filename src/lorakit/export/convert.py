@@ -80,8 +80,12 @@ def _factor(delta: torch.Tensor, rank: int, scaling: float, weight: torch.Tensor
 
 def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, model: str | None = None,
                      rank: int | None = None, max_error: float = 0.05,
-                     prompts: tuple[str, ...] = DEFAULT_PROMPTS, new_tokens: int = 16) -> Conversion:
-    """Convert, measure, and write the plain adapter (only when every error is within `max_error`)."""
+                     prompts: tuple[str, ...] = DEFAULT_PROMPTS, new_tokens: int = 16,
+                     overwrite: bool = False) -> Conversion:
+    """Convert, measure, and write the plain adapter (only when every error is within `max_error`).
+
+    The output follows `lorakit.adapters.outputs`: an existing directory is replaced only when an
+    earlier convert wrote it or `overwrite` is given, and then only the files convert writes."""
     from lorakit.adapters.embedding import LoraEmbedding
     from lorakit.adapters.files import (
         PREFIX,
@@ -90,21 +94,28 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
         read_adapter,
         write_adapter,
     )
-    from lorakit.adapters.inject import ModulesToSave
+    from lorakit.adapters.outputs import claim, input_paths
+    from lorakit.adapters.saved import ModulesToSave
     from lorakit.adapters.state import get_state
-    from lorakit.base.models import DEFAULT_HUB_ID, load_model
+    from lorakit.base.models import DEFAULT_HUB_ID, DEFAULT_MODEL_NAME, cache_dir, load_model
 
     if rank is not None and rank <= 0:
         raise ValueError(f"--rank must be a positive integer, got {rank}")
     if not max_error >= 0:
         raise ValueError(f"--max-error must be >= 0, got {max_error}")
-    output = Path(output)
-    if output.resolve() == Path(adapter_dir).resolve():
-        raise ValueError(f"--output {output} is the adapter itself; choose another directory")
     files = read_adapter(adapter_dir)
     config = files.config
+    if config.target_parameters:
+        raise ValueError(
+            f"{adapter_dir} adapts fused expert parameters ({', '.join(config.target_parameters)}); convert "
+            "rewrites an adapter as plain LoRA on linear layers, and no target reads expert LoRA in another "
+            "layout lorakit could write. Serve it with lorakit serve, load it with PEFT, or merge it (lorakit merge)"
+        )
     base = model or config.base_model_name_or_path
     source = None if base in (None, DEFAULT_HUB_ID) else base
+    inputs = input_paths(("the adapter's directory", adapter_dir),
+                         ("the base model's directory", source or cache_dir() / DEFAULT_MODEL_NAME))
+    target = claim(output, "convert", overwrite=overwrite, inputs=inputs)
     net, tokenizer = load_model(source, dtype=torch.float32, device="cpu")
     name = load_adapter(net, files)
     paths = get_state(net).targets[name]
@@ -168,9 +179,7 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
     if worst is not None and errors[worst] > max_error:
         raise ValueError(f"converting to rank {target_rank} loses too much: {worst} has relative error "
                          f"{errors[worst]:.4f} > --max-error {max_error:g}; raise --rank or --max-error")
-    staging = output.with_name(f".{output.name}.converting")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with target.staged() as staging:
         write_adapter(staging, tensors, raw)
         for item in Path(adapter_dir).iterdir():  # the tokenizer and template travel too
             if item.is_file() and item.name.startswith(("tokenizer", "chat_template", "special_tokens")):
@@ -178,12 +187,7 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
         fresh, _ = load_model(source, dtype=torch.float32, device="cpu")
         load_adapter(fresh, staging)
         agreement = _agreement(net, fresh, tokenizer, prompts, new_tokens)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return Conversion(output, target_rank, alpha, errors, agreement)
+    return Conversion(target.path, target_rank, alpha, errors, agreement)
 
 
 def _agreement(original: nn.Module, converted: nn.Module, tokenizer: Any, prompts: tuple[str, ...],

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.adapters.files import atomic_write
+from lorakit.adapters.outputs import Output, claim, input_paths
 
 SUPPORTED_ARCHS = ("llama", "mistral")
 """transformers model types whose tensors map onto llama.cpp's "llama" architecture."""
@@ -83,13 +83,41 @@ def row_permutation(path: str, config: Any) -> int | None:
     return None
 
 
-def atomic_output(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run `write(temporary path)`, then rename the file into place (`files.atomic_write`); its
-    folder is made when missing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
-    return path
+OUTPUT_KEY = "lorakit.export"
+"""GGUF metadata key holding the --format of the export that wrote the file, so that a later
+export recognises its own output (and replaces it without --overwrite)."""
+
+
+def written_by(path: Path) -> str | None:
+    """The --format of the lorakit export that wrote the GGUF file `path`, or None."""
+    import gguf
+
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+        field = gguf.GGUFReader(path).get_field(OUTPUT_KEY)
+        return str(field.contents()) if field is not None else None
+    except Exception:  # anything unreadable is not an output of ours
+        return None
+
+
+def base_source(adapter_config: dict, model: str | None) -> str:
+    """The base model a from_pretrained call reads (a local directory where there is one)."""
+    from lorakit.base.models import DEFAULT_HUB_ID, resolve_model
+
+    name = model or adapter_config.get("base_model_name_or_path")
+    return resolve_model(None if name in (None, DEFAULT_HUB_ID) else name)
+
+
+def claim_export(output: str | os.PathLike, fmt: str, adapter_dir: str | os.PathLike, adapter_config: dict,
+                 model: str | None, overwrite: bool) -> Output:
+    """Check an export's output (`lorakit.adapters.outputs`): a file for gguf-lora and gguf, a
+    directory for ollama; never the adapter, the base model or a file of theirs."""
+    inputs = input_paths(("the adapter's directory", adapter_dir),
+                         ("the base model's directory", base_source(adapter_config, model)))
+    return claim(output, f"export --format {fmt}", overwrite=overwrite, inputs=inputs, directory=fmt == "ollama",
+                 ours=lambda path: written_by(path) == fmt)
 
 
 def lora_tensors(adapter_dir: str | os.PathLike, config: Any) -> tuple[dict[str, np.ndarray], float]:
@@ -139,8 +167,9 @@ def lora_tensors(adapter_dir: str | os.PathLike, config: Any) -> tuple[dict[str,
 
 
 def write_gguf_lora(adapter_dir: str | os.PathLike, output: str | os.PathLike, model: str | None = None,
-                    dtype: str = "f32") -> Path:
-    """Write the adapter as a llama.cpp LoRA GGUF; returns the file's path."""
+                    dtype: str = "f32", overwrite: bool = False) -> Path:
+    """Write the adapter as a llama.cpp LoRA GGUF; returns the file's path. An existing file is
+    replaced only when an earlier gguf-lora export wrote it, or with `overwrite`."""
     import gguf
 
     from lorakit.adapters.files import read_adapter
@@ -148,6 +177,7 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, output: str | os.PathLike, m
     if dtype not in LORA_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not accepted for gguf-lora; accepted: {', '.join(LORA_DTYPES)}")
     raw = read_adapter(adapter_dir).raw_config
+    target = claim_export(output, "gguf-lora", adapter_dir, raw, model, overwrite)
     config = base_config(raw, model)
     tensors, alpha = lora_tensors(adapter_dir, config)
     numpy_dtype = np.float32 if dtype == "f32" else np.float16
@@ -156,6 +186,7 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, output: str | os.PathLike, m
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_string(OUTPUT_KEY, "gguf-lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(Path(adapter_dir).resolve().name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -167,4 +198,6 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, output: str | os.PathLike, m
         writer.write_tensors_to_file()
         writer.close()
 
-    return atomic_output(output, write)
+    with target.staged() as tmp:
+        write(str(tmp))
+    return target.path

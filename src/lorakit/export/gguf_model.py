@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from lorakit.export.gguf_lora import (
-    atomic_output,
+    OUTPUT_KEY,
     base_config,
+    claim_export,
     permute_rows,
     row_permutation,
     tensor_namer,
@@ -75,8 +77,24 @@ def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[
 
 
 def write_gguf_model(adapter_dir: str | os.PathLike, output: str | os.PathLike, model: str | None = None,
-                     dtype: str = "q8_0", tokenizer_pre: str | None = None) -> Path:
-    """Merge the adapter into its base and write one GGUF file; returns its path."""
+                     dtype: str = "q8_0", tokenizer_pre: str | None = None, overwrite: bool = False) -> Path:
+    """Merge the adapter into its base and write one GGUF file; returns its path. An existing file
+    is replaced only when an earlier gguf export wrote it, or with `overwrite`."""
+    from lorakit.adapters.files import read_adapter
+
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not accepted for gguf; accepted: {', '.join(MODEL_DTYPES)}")
+    target = claim_export(output, "gguf", adapter_dir, read_adapter(adapter_dir).raw_config, model, overwrite)
+    write = gguf_model_writer(adapter_dir, model, dtype, tokenizer_pre, "gguf")
+    with target.staged() as tmp:
+        write(str(tmp))
+    return target.path
+
+
+def gguf_model_writer(adapter_dir: str | os.PathLike, model: str | None, dtype: str, tokenizer_pre: str | None,
+                      fmt: str) -> Callable[[str], None]:
+    """Merge the adapter into its base (the slow part); returns the function that writes the GGUF
+    file to a path, recording `fmt` as the export that wrote it."""
     import gguf
 
     from lorakit.adapters.files import load_adapter, read_adapter
@@ -111,6 +129,7 @@ def write_gguf_model(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_string(OUTPUT_KEY, fmt)
         writer.add_name(Path(adapter_dir).resolve().name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
@@ -152,4 +171,4 @@ def write_gguf_model(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
         writer.write_tensors_to_file()
         writer.close()
 
-    return atomic_output(output, write)
+    return write

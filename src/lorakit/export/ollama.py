@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.export.gguf_lora import atomic_output
+from lorakit.export.gguf_lora import claim_export
 
 MARK = {"system": "\u2991SYSTEM\u2992", "u1": "\u2991USER1\u2992", "a1": "\u2991ASSISTANT1\u2992",
         "u2": "\u2991USER2\u2992"}
@@ -111,16 +111,22 @@ def modelfile(template: str, tokenizer: Any, gguf_name: str) -> str:
 
 
 def write_ollama(adapter_dir: str | os.PathLike, output: str | os.PathLike, model: str | None = None,
-                 dtype: str = "q8_0") -> Path:
-    """Write OUTPUT/model.gguf (merged) and OUTPUT/Modelfile; returns OUTPUT."""
+                 dtype: str = "q8_0", overwrite: bool = False) -> Path:
+    """Write OUTPUT/model.gguf (merged) and OUTPUT/Modelfile; returns OUTPUT. Both are written into
+    a temporary directory first and renamed into place together; an existing directory is used
+    only when an earlier ollama export wrote it, or with `overwrite` (then only those two files
+    are replaced)."""
     from transformers import AutoTokenizer
 
     from lorakit.adapters.files import read_adapter
     from lorakit.base.models import DEFAULT_HUB_ID, resolve_model
     from lorakit.base.templates import use_adapter_template
-    from lorakit.export.gguf_model import write_gguf_model
+    from lorakit.export.gguf_model import MODEL_DTYPES, gguf_model_writer
 
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not accepted for ollama; accepted: {', '.join(MODEL_DTYPES)}")
     raw = read_adapter(adapter_dir).raw_config
+    target = claim_export(output, "ollama", adapter_dir, raw, model, overwrite)
     base = model or raw.get("base_model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(None if base == DEFAULT_HUB_ID else base))
     use_adapter_template(tokenizer, adapter_dir)
@@ -128,8 +134,8 @@ def write_ollama(adapter_dir: str | os.PathLike, output: str | os.PathLike, mode
         raise ValueError(f"{adapter_dir}: neither the adapter nor the base model has a chat template; "
                          "an Ollama Modelfile needs one")
     text = modelfile(tokenizer.chat_template, tokenizer, "model.gguf")  # refuses before the slow part
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    write_gguf_model(adapter_dir, out / "model.gguf", model=model, dtype=dtype)
-    atomic_output(out / "Modelfile", lambda tmp: Path(tmp).write_text(text))
-    return out
+    write = gguf_model_writer(adapter_dir, model, dtype, None, "ollama")
+    with target.staged() as staging:
+        write(str(staging / "model.gguf"))
+        (staging / "Modelfile").write_text(text)
+    return target.path

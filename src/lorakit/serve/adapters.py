@@ -12,10 +12,17 @@ Three tiers, each with least-recently-used eviction:
 Reading from disk runs on a background thread so a decode loop never waits on a file;
 attaching (a copy of a few MB) runs on the engine's thread between steps. An adapter in
 use by a running request is never evicted from the device.
+
+Every file the server reads from an adapter directory (`ADAPTER_FILES`: config, weights,
+chat template, tokenizer files) must really lie inside it: one that is a link leaving the
+directory is refused (`links_out`, `confined_file`), so an adapter cannot make the server
+read, show or use a file from elsewhere.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -24,8 +31,22 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.adapters.files import AdapterFiles, load_adapter, read_adapter
+from lorakit.adapters.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    load_adapter,
+    read_adapter,
+)
 from lorakit.adapters.inject import delete_adapter
+
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+"""Where a chat template saved beside an adapter is found, in the order they are tried."""
+ADAPTER_FILES = (
+    CONFIG_NAME, WEIGHTS_NAME, *TEMPLATE_FILES,
+    "tokenizer.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
+"""The files of an adapter directory the server may read (`lorakit train` writes them)."""
 
 
 class AdapterMismatch(ValueError):
@@ -41,6 +62,63 @@ def check_servable(files: AdapterFiles) -> None:
         raise AdapterMismatch(
             f"{files.directory}: adapters with modules_to_save ({config.modules_to_save}) cannot be served in mixed batches"
         )
+
+
+class OutsideAdapter(ValueError):
+    """A file of an adapter directory is a link to a file outside the directory."""
+
+
+def links_out(directory: str | os.PathLike) -> list[str]:
+    """The names in `ADAPTER_FILES` that exist in `directory` but whose real path (links
+    followed) lies outside it. A link to another file inside the directory is fine."""
+    real = os.path.realpath(directory)
+    return [
+        name for name in ADAPTER_FILES
+        if os.path.lexists(os.path.join(real, name))
+        and os.path.commonpath([real, os.path.realpath(os.path.join(real, name))]) != real
+    ]
+
+
+def check_inside(directory: str | os.PathLike, shown: str | None = None) -> None:
+    """Raise OutsideAdapter, naming the files, when any file of the adapter links out of it."""
+    outside = links_out(directory)
+    if outside:
+        raise OutsideAdapter(
+            f"adapter directory {shown or str(directory)!r}: {', '.join(outside)} "
+            f"{'is a link' if len(outside) == 1 else 'are links'} to a file outside it; every file of an "
+            "adapter served here must lie inside its directory (copy the file in instead of linking it)"
+        )
+
+
+def confined_file(directory: str | os.PathLike, name: str) -> Path | None:
+    """`directory/name` when it is a file really inside `directory`, None when there is no such
+    file; OutsideAdapter when it is a link out of the directory."""
+    real = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(real, name))
+    if not os.path.lexists(os.path.join(real, name)):
+        return None
+    if os.path.commonpath([real, path]) != real:
+        raise OutsideAdapter(f"{name} of adapter directory {str(directory)!r} is a link to a file outside it; not read")
+    return Path(path) if os.path.isfile(path) else None
+
+
+def saved_template(directory: str | os.PathLike) -> str | None:
+    """The chat template saved beside an adapter (chat_template.jinja, else the `chat_template`
+    field of chat_template.json / tokenizer_config.json), read only from files inside the
+    directory: OutsideAdapter when the one that would be read links out of it."""
+    for name in TEMPLATE_FILES:
+        path = confined_file(directory, name)
+        if path is None:
+            continue
+        if name.endswith(".jinja"):
+            return path.read_text(encoding="utf-8", errors="replace")
+        try:
+            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(template, str):
+            return template
+    return None
 
 
 class AdapterCache:
@@ -62,6 +140,7 @@ class AdapterCache:
         self.slots: tuple[str, ...] = ()
         self._slot_list: list[str | None] = []  # positions in the stacks; None: a free slot
         self._unreadable: set[str] = set()
+        self._inside: set[str] = set()  # adapters whose files all lay inside their directory when loaded
         self.hits = self.misses = self.evictions = 0
         self._lock = threading.Lock()
         self._reading: dict[str, Future] = {}
@@ -91,6 +170,8 @@ class AdapterCache:
         except (ValueError, KeyError) as err:
             raise AdapterMismatch(str(err)) from None
         self.paths[name] = files.directory
+        if not links_out(files.directory):
+            self._inside.add(name)
         self._placed(name, files)
         if len(self.on_device) > self.max_on_device:
             # Every other resident adapter is busy: keep this one on CPU until a slot frees up.
@@ -99,6 +180,7 @@ class AdapterCache:
     def unregister(self, name: str) -> None:
         """Forget the adapter; it leaves the device now (callers make sure it is not busy)."""
         self.paths.pop(name, None)
+        self._inside.discard(name)
         with self._lock:
             self.on_cpu.pop(name, None)
         if name in self.on_device:
@@ -141,6 +223,8 @@ class AdapterCache:
 
     def _read(self, name: str, path: Path) -> None:
         try:
+            if name in self._inside:
+                check_inside(path)  # a file swapped for a link out since it was loaded is not read
             files = read_adapter(path)
         except (OSError, ValueError):
             files = None  # the directory changed since it was registered; its requests fail in `failed`

@@ -7,17 +7,23 @@
     DELETE /v1/adapters/{name}    unload it (its running requests finish first)
     GET    /health                liveness, and which decode path runs
     GET    /metrics               Prometheus text
+    GET    /openapi.json          the OpenAPI schema (behind the key; no /docs or /redoc pages)
 
 The `model` field of a request names an adapter, or the base model's name for the base
-alone. Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and
-name the offending field or value: 400 bad input (malformed JSON, a prompt longer than the
-context), 401 a wrong or missing API key, 404 an unknown adapter (the message lists the
-loaded ones), 409 a name already taken, 413 a body over the size limit, 422 a field out of
-range or an adapter that does not fit the base model, 429 a full queue.
+alone. Every error uses OpenAI's shape, {"error": {"message", "type", "param", "code"}}
+(see `errors.py`), and names the offending field or value: 400 bad input (malformed JSON, a
+prompt longer than the context, a field this server does not support, a Host header it does
+not answer to), 401 a wrong or missing API key, 404 an unknown adapter (the message lists the
+loaded ones) or route, or an adapter unloaded while its request waited, 405 a wrong method,
+408 a body that arrives too slowly, 409 a name already taken, 413 a body over the size limit,
+422 a field out of range or an adapter that does not fit the base model, 429 a full queue.
 
 Every request is checked before it reaches the engine (token ids in the vocabulary, a
-64-bit seed, encodable text, a prompt short enough to tokenize), prompts are tokenized off
-the event loop, and `POST /v1/adapters` reads only inside the `adapter_roots` directories.
+64-bit seed, encodable text, a prompt short enough to tokenize, at most `max_prompts` prompts
+and `MAX_STOP_STRINGS` stop strings), prompts are tokenized off the event loop, and
+`POST /v1/adapters` reads only inside the `adapter_roots` directories. Before any of that, a
+request whose Host header the server does not answer to is refused (`hosts.py`), and a body
+over the size limit or slower than the time limit is cut off (`guards.BodyLimit`).
 """
 
 from __future__ import annotations
@@ -30,17 +36,29 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from starlette.routing import Match
 
 from lorakit.adapters.inject import check_adapter_name
-from lorakit.base.templates import saved_chat_template
+from lorakit.base.templates import (
+    TemplateError,
+    encode_chat,
+    encode_text,
+    render_chat,
+    saved_chat_template,
+)
 from lorakit.serve.adapters import AdapterMismatch
+from lorakit.serve.bodies import (
+    DEFAULT_MAX_PROMPTS,
+    AdapterBody,
+    ChatBody,
+    CompletionBody,
+    Sampling,
+    content_text,
+)
 from lorakit.serve.engine import (
     Engine,
     Event,
@@ -49,7 +67,9 @@ from lorakit.serve.engine import (
     QueueFull,
     UnknownAdapter,
 )
+from lorakit.serve.errors import ApiError, error_body, error_response, install
 from lorakit.serve.guards import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     AdapterPathRefused,
     BodyLimit,
@@ -58,76 +78,12 @@ from lorakit.serve.guards import (
     client_gone,
     prompt_char_limit,
 )
+from lorakit.serve.hosts import HostCheck, HostPolicy
 from lorakit.serve.prometheus import CONTENT_TYPE, ServerMetrics
+from lorakit.serve.requests import ADAPTER_UNLOADED
 from lorakit.serve.sampling import SamplingParams
 
-# request bodies ---------------------------------------------------------------------------
-
-
-class _Sampling(BaseModel):
-    # Fields the OpenAI clients may send that do not change what this server does are accepted and ignored.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=1)
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class AdapterBody(BaseModel):
-    name: str = Field(min_length=1)
-    path: str = Field(min_length=1)
-
-
-# errors ---------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
-
-
-def _validation_error(errors: list[dict[str, Any]]) -> JSONResponse:
-    if any(e.get("type") == "json_invalid" for e in errors):
-        detail = next(e for e in errors if e.get("type") == "json_invalid")
-        return _error(400, f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
-    messages = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e['msg']}" for e in errors
-    )
-    return _error(422, f"invalid request: {messages}", param=field)
-
+__all__ = ["ApiError", "create_app"]
 
 # the app --------------------------------------------------------------------------------
 
@@ -139,11 +95,20 @@ def create_app(
     api_key: str | None = None,
     adapter_roots: Sequence[str | Path] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
+    hosts: HostPolicy | None = None,
+    special_tokens_in_content: bool = False,
 ) -> FastAPI:
     """The HTTP app. It starts the engine when it starts, unless the engine already runs.
 
     `adapter_roots`: the directories `POST /v1/adapters` may load from (none: loading by
-    path is off). `max_body_bytes`: larger request bodies get 413 before they are parsed.
+    path is off). `max_body_bytes`: larger request bodies get 413 before they are parsed;
+    `body_timeout_s`: a body still arriving after this long gets 408. `max_prompts`: most
+    prompts in one completions request. `hosts`: the Host headers answered (`hosts.host_policy`;
+    None: any, for an app behind something that checks them; `lorakit serve` always passes one).
+    `special_tokens_in_content`: special-token text in prompts and messages (`<|im_start|>`)
+    becomes control tokens; by default it is plain text, so a request cannot forge turns.
     """
     metrics = ServerMetrics(engine)
     roots = [Path(r) for r in adapter_roots]
@@ -158,20 +123,11 @@ def create_app(
         if owned:
             engine.stop()
 
-    app = FastAPI(title="lorakit", lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN. The schema is served
+    # below, behind the key.
+    app = FastAPI(title="lorakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.message, err.param, err.kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        return _validation_error(list(err.errors()))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+    install(app)
 
     def route_of(request: Request) -> str | None:
         """The template of the route this request matches (a bounded set), None for none."""
@@ -183,18 +139,21 @@ def create_app(
 
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
+        if api_key is not None and (request.url.path.startswith("/v1/") or request.url.path == "/openapi.json"):
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
                 metrics.count_http(route_of(request), 401)
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error")
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
         response = await call_next(request)
         metrics.count_http(route_of(request), response.status_code)
         return response
 
-    # Outermost: an oversized body is refused before anything reads it.
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    # An oversized or trickling body is refused before anything reads it; outermost, a request
+    # for another Host before its body is read at all.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    if hosts is not None:
+        app.add_middleware(HostCheck, policy=hosts)
 
     def check_text(body: BaseModel) -> None:
         field = bad_text(body.model_dump())
@@ -210,12 +169,12 @@ def create_app(
                 param=param,
             )
 
-    async def encode(text: str, param: str = "prompt", special: bool = True) -> list[int]:
+    async def encode(text: str, param: str = "prompt") -> list[int]:
         """Token ids of `text`, tokenized on a worker thread once its length could fit the context."""
         check_length(len(text), param)
-        if special:
-            return await asyncio.to_thread(engine.encode, text)
-        return await asyncio.to_thread(lambda: list(engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        encoded = await asyncio.to_thread(encode_text, engine.tokenizer, text, add_special_tokens=True,
+                                          special_tokens_in_content=special_tokens_in_content)
+        return encoded.ids
 
     def resolve(model: str) -> str | None:
         if model == model_name:
@@ -225,7 +184,8 @@ def create_app(
         known = ", ".join([model_name, *engine.adapter_names()])
         raise ApiError(404, f"no model or adapter named {model!r}; available: {known}", param="model", kind="not_found_error")
 
-    def params_of(body: _Sampling, max_tokens: int | None) -> SamplingParams:
+    def params_of(body: Sampling, max_tokens: int | None) -> SamplingParams:
+        body.refuse_unsupported()
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             return SamplingParams(
@@ -288,7 +248,7 @@ def create_app(
                 texts[index].append(event.text)
                 if event.finish_reason is not None:
                     if event.error is not None:
-                        raise ApiError(500, event.error, kind="server_error")
+                        raise failure(event)
                     reasons[index] = event.finish_reason
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
@@ -296,6 +256,14 @@ def create_app(
             for r in requests:
                 engine.cancel(r)  # no-op for finished ones; frees the slot of a client that left
         return ["".join(t) for t in texts], [str(r) for r in reasons], prompt_tokens, completion_tokens
+
+    def failure(event: Event) -> ApiError:
+        """The error to answer for a request that ended in error: the server's fault (500)
+        unless its adapter was unloaded while it waited (404: the model is gone, do not retry)."""
+        assert event.error is not None
+        if event.error_code == ADAPTER_UNLOADED:
+            return ApiError(404, event.error, param="model", kind="not_found_error")
+        return ApiError(500, event.error, kind="server_error")
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
@@ -311,8 +279,8 @@ def create_app(
             while done < len(requests):
                 index, event = await queue.get()
                 if event.error is not None:
-                    error = {"error": {"message": event.error, "type": "server_error", "param": None, "code": 500}}
-                    yield f"data: {json.dumps(error)}\n\n"
+                    err = failure(event)
+                    yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.kind))}\n\n"
                     break
                 reason = event.finish_reason
                 if event.text or reason is not None:
@@ -341,15 +309,7 @@ def create_app(
         check_text(body)
         adapter = resolve(body.model)
         params = params_of(body, body.max_tokens)
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            prompts = [await encode(prompt)]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
-        elif prompt:
-            prompts = [await encode(p) if isinstance(p, str) else list(p) for p in prompt]
-        else:
-            raise ApiError(400, "prompt is empty", param="prompt")
+        prompts = [await encode(p) if isinstance(p, str) else p for p in body.prompts(max_prompts)]
         queue, requests = start(prompts, adapter, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -369,7 +329,7 @@ def create_app(
             return sse(stream(queue, requests, chunk, include))
         texts, reasons, p_tok, c_tok = await collect(http, queue, requests)
         if not texts:
-            return _error(499, "client closed the request")
+            return error_response(499, "client closed the request")
         choices = [
             {"index": i, "text": t, "logprobs": None, "finish_reason": r}
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
@@ -381,7 +341,7 @@ def create_app(
         check_text(body)
         adapter = resolve(body.model)
         params = params_of(body, body.max_completion_tokens or body.max_tokens)
-        messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
+        messages = [{"role": m.role, "content": content_text(m.content)} for m in body.messages]
         # An adapter's own chat template (saved beside it by `lorakit train`) wins over the base model's.
         path = engine.adapters.paths.get(adapter) if adapter is not None else None
         template = saved_chat_template(path) if path is not None else None
@@ -390,13 +350,18 @@ def create_app(
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = await asyncio.to_thread(
-                engine.tokenizer.apply_chat_template, messages, chat_template=template, add_generation_prompt=True,
-                tokenize=False,
-            )
+            chat = await asyncio.to_thread(render_chat, engine.tokenizer, messages, add_generation_prompt=True,
+                                           chat_template=template)
         except Exception as err:  # a template may reject a role order, say
             raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
-        ids = await encode(text, param="messages", special=False)
+        # Training tokenizes conversations the same way (lorakit.base.templates).
+        check_length(len(chat.text), "messages")
+        try:
+            encoded = await asyncio.to_thread(encode_chat, engine.tokenizer, chat,
+                                              special_tokens_in_content=special_tokens_in_content)
+        except TemplateError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        ids = encoded.ids
         queue, requests = start([ids], adapter, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -415,7 +380,7 @@ def create_app(
             return sse(stream(queue, requests, chunk, include))
         texts, reasons, p_tok, c_tok = await collect(http, queue, requests)
         if not texts:
-            return _error(499, "client closed the request")
+            return error_response(499, "client closed the request")
         return {
             "id": rid,
             "object": "chat.completion",
@@ -482,15 +447,9 @@ def create_app(
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return app.openapi()
+
     return app
 
-
-def _content_text(content: str | list[dict[str, Any]] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text":
-            raise ApiError(400, f"only text message parts are supported, got type {part.get('type')!r}", param="messages")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)

@@ -7,10 +7,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.serve.guards import DEFAULT_MAX_BODY_BYTES
+from lorakit.serve.bodies import DEFAULT_MAX_PROMPTS
+from lorakit.serve.guards import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 SHUTDOWN_GRACE_S = 3
 """On SIGTERM / Ctrl-C, open connections get this long to finish before the server stops anyway."""
+KEEP_ALIVE_S = 5
+"""An idle keep-alive connection is closed after this many seconds without a new request."""
 
 
 @dataclass
@@ -27,6 +30,10 @@ class ServeArgs:
     """Name of the base model in /v1/models and in requests' `model` field (default: the --model value)."""
     host: str = "127.0.0.1"
     """Address to listen on (0.0.0.0 for every interface)."""
+    allow_host: list[str] = field(default_factory=list)
+    """Host header names to answer besides the default ones (repeatable; '*': any). Default: the --host
+    address, plus localhost, 127.0.0.1 and ::1 when it is a loopback address; bound to 0.0.0.0 or ::,
+    any IP address, localhost and this machine's names. Others get 400 (a guard against DNS rebinding)."""
     port: int = 8000
     """Port to listen on."""
     max_batch: int = 32
@@ -44,6 +51,10 @@ class ServeArgs:
     included, are refused. Omitted: loading by path over HTTP is off."""
     max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
     """Largest request body accepted; larger ones get 413 before they are read."""
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S
+    """Seconds a client has to send a whole request body; a slower one gets 408 and its connection closed."""
+    max_prompts: int = DEFAULT_MAX_PROMPTS
+    """Most prompts in one /v1/completions request (a `prompt` list); more get 400."""
     api_key: str | None = None
     """Require 'Authorization: Bearer KEY' on /v1/ routes (default: $LORAKIT_API_KEY, else no key)."""
     device: str | None = None
@@ -54,13 +65,17 @@ class ServeArgs:
     """Training output directories to show in the page's Runs view (a run directory, or a directory of runs; repeatable)."""
     log_level: str = "info"
     """uvicorn's log level: critical, error, warning, info, debug."""
+    special_tokens_in_content: bool = False
+    """Read special-token text in prompts and messages (<|im_start|> typed by a user) as control tokens,
+    as training does with the same option; by default it is plain text, so a request cannot forge turns."""
 
     def __post_init__(self) -> None:
         if self.decode_path not in ("auto", "fast", "generic"):
             raise ValueError(f"--decode-path must be auto, fast or generic, got {self.decode_path!r}")
         if self.quantize is not None and self.quantize not in ("nf4", "int8"):
             raise ValueError(f"--quantize must be nf4 or int8, got {self.quantize!r}")
-        for option in ("max_batch", "max_queue", "max_adapters_on_device", "max_adapters_on_cpu", "max_request_bytes"):
+        for option in ("max_batch", "max_queue", "max_adapters_on_device", "max_adapters_on_cpu", "max_request_bytes",
+                       "max_prompts"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{option.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -70,6 +85,15 @@ class ServeArgs:
             raise ValueError(
                 f"--context-length must be an integer >= 2 (a prompt token and one to generate), got {self.context_length!r}"
             )
+        if isinstance(self.body_timeout, bool) or not isinstance(self.body_timeout, (int, float)) or not (
+            0 < self.body_timeout < float("inf")
+        ):
+            raise ValueError(f"--body-timeout must be a number of seconds > 0, got {self.body_timeout!r}")
+        if isinstance(self.allow_host, str):
+            self.allow_host = [self.allow_host]
+        for name in self.allow_host:
+            if not name or any(c.isspace() or c in "/@" for c in name):
+                raise ValueError(f"--allow-host takes a host name or address (or '*'), got {name!r}")
         if isinstance(self.adapter_root, str):
             self.adapter_root = [self.adapter_root]
         for root in self.adapter_root:
@@ -108,6 +132,7 @@ def run_serve(args: ServeArgs) -> None:
     from lorakit.serve.adapters import AdapterMismatch
     from lorakit.serve.api import create_app
     from lorakit.serve.engine import Engine
+    from lorakit.serve.hosts import host_policy
     from lorakit.serve.ui import mount_ui
 
     model, tokenizer = load_model(args.model, device=args.device, quantize=args.quantize)
@@ -136,11 +161,13 @@ def run_serve(args: ServeArgs) -> None:
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     key = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY")
     app = create_app(engine, model_name=name, api_key=key or None, adapter_roots=args.adapter_root,
-                     max_body_bytes=args.max_request_bytes)
+                     max_body_bytes=args.max_request_bytes, body_timeout_s=args.body_timeout,
+                     max_prompts=args.max_prompts, hosts=host_policy(args.host, args.allow_host),
+                     special_tokens_in_content=args.special_tokens_in_content)
     mount_ui(app, engine, model_name=name, runs=[Path(r) for r in args.runs])
     adapters = ", ".join(engine.adapter_names()) or "(none)"
     print(f"lorakit serve: base {name!r}, adapters: {adapters}; http://{args.host}:{args.port}/v1, "
           f"playground http://{args.host}:{args.port}/", file=sys.stderr)
     print(f"lorakit serve: decode path: {engine.decode_path}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S)

@@ -39,6 +39,7 @@ from lorakit.serve.decoder import Decoder, choose_decoder
 from lorakit.serve.faults import error_text
 from lorakit.serve.guards import vocab_size
 from lorakit.serve.requests import (
+    ADAPTER_UNLOADED,
     Completion,
     Event,
     InvalidPrompt,
@@ -179,7 +180,7 @@ class Engine:
             raise UnknownAdapter(name, self.adapters.names)
         for request in [r for r in self._waiting if r.adapter == name]:
             self._waiting.remove(request)
-            self._finish(request, "error", f"adapter {name!r} was unloaded")
+            self._finish(request, "error", unloaded_text(name), ADAPTER_UNLOADED)
         if name in self._busy():
             self.adapters.paths.pop(name)
             self._pending_unload.add(name)
@@ -366,7 +367,7 @@ class Engine:
             if name is not None:
                 if name not in self.adapters.paths:
                     self._remove_waiting(request)
-                    self._finish(request, "error", f"adapter {name!r} was unloaded")
+                    self._finish(request, "error", unloaded_text(name), ADAPTER_UNLOADED)
                     continue
                 if self.adapters.failed(name):
                     self._remove_waiting(request)
@@ -460,7 +461,7 @@ class Engine:
         request.sent_ids = len(request.output_ids)
         return ids
 
-    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, request: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
         self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
         text = ""
         if request.detok is not None:
@@ -472,10 +473,14 @@ class Engine:
                 text = ""
         try:
             request.notify(
-                Event(text, self._new_ids(request), reason, len(request.prompt_ids), len(request.output_ids), error)
+                Event(text, self._new_ids(request), reason, len(request.prompt_ids), len(request.output_ids), error, code)
             )
         except Exception:  # a broken listener must not stop the batch
             pass
+
+
+def unloaded_text(name: str) -> str:
+    return f"adapter {name!r} was unloaded before this request started; load it again or name another model"
 
 
 __all__ = ["Completion", "Engine", "Event", "InvalidPrompt", "PromptTooLong", "QueueFull", "UnknownAdapter"]

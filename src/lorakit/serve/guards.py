@@ -1,7 +1,8 @@
 """Bounds on what one HTTP request may make the server do, checked before the work starts.
 
 - `BodyLimit`: an ASGI middleware that refuses a request body over a byte limit (413),
-  whether or not the client sends Content-Length, before anything parses it;
+  whether or not the client sends Content-Length, before anything parses it, and one
+  that takes longer than a time limit to arrive (408: a client trickling its body);
 - `bad_text`: the first string in a parsed body that is not encodable text (a lone
   surrogate such as "\\ud800" decodes from JSON but cannot reach a tokenizer);
 - `vocab_size`: the token ids a prompt may hold;
@@ -20,20 +21,25 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+DEFAULT_BODY_TIMEOUT_S = 30.0
+"""Seconds a client has to send a whole request body (`--body-timeout`), from its first byte on."""
 DISCONNECTED = "lorakit.disconnected"
 
 
 class BodyLimit:
     """Answer 413 to a request whose body is over `max_bytes`; nothing past the limit is read.
+    Answer 408 and close the connection when the body has not all arrived `timeout_s` after
+    the request reached the app, however slowly it keeps coming (slowloris).
 
     The body is read here, up to the limit, and handed on whole: a body sent without
     Content-Length (chunked) is bounded as well as one that declares its size. It then
     watches for the client leaving (see `client_gone`).
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -45,8 +51,14 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await self._too_slow(send, size)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -87,10 +99,28 @@ class BodyLimit:
             f"the request body is over {self.max_bytes} bytes (got at least {size}); "
             "raise the limit with --max-request-bytes"
         )
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, message)
+
+    async def _too_slow(self, send: Any, size: int) -> None:
+        message = (
+            f"the request body did not arrive within {self.timeout_s:g} seconds (got {size} bytes); "
+            "raise the limit with --body-timeout"
+        )
+        # The rest of the body is never read, so the connection cannot carry another request.
+        await send_error(send, 408, message, close=True)
+
+
+async def send_error(send: Any, status: int, message: str, param: str | None = None, close: bool = False) -> None:
+    """An OpenAI-shaped error answered from an ASGI middleware, before the app sees the request.
+
+    `close`: have the server close the connection after it (the request was not read whole).
+    """
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def client_gone(scope: dict) -> bool:
@@ -171,5 +201,9 @@ def adapter_path(requested: str, roots: Sequence[Path]) -> Path:
             continue
         files = [Path(os.path.realpath(candidate / name)) for name in ("adapter_config.json", "adapter_model.safetensors")]
         if all(f.is_file() and real_root in f.parents for f in files):
+            # Imported here: it brings torch, which the CLI must not load to parse its options.
+            from lorakit.serve.adapters import check_inside
+
+            check_inside(candidate, shown=requested)  # templates, tokenizer files: inside it too
             return candidate
     raise refused

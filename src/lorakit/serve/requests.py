@@ -25,6 +25,10 @@ class UnknownAdapter(KeyError):
         return f"no adapter named {self.name!r}; loaded adapters: {', '.join(self.known) or '(none)'}"
 
 
+ADAPTER_UNLOADED = "adapter_unloaded"
+"""`Event.error_code` of a request whose adapter was unloaded before it started."""
+
+
 class QueueFull(RuntimeError):
     """More requests are waiting than the engine accepts."""
 
@@ -48,6 +52,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None
+    """What kind of error, where the caller may answer it differently: ADAPTER_UNLOADED."""
 
 
 @dataclass

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_STOP_STRINGS = 16
+"""Most stop strings one request may give: each is searched for at every new token."""
+MAX_STOP_CHARS = 256
+"""Longest stop string, in characters: the output held back from a stream is as long."""
+
 
 @dataclass
 class SamplingParams:
@@ -48,8 +53,13 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are accepted")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {list(self.stop)!r}")
+        longest = max(len(s) for s in self.stop) if self.stop else 0
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"stop holds a string of {longest} characters; at most {MAX_STOP_CHARS} are accepted")
 
     @property
     def greedy(self) -> bool:

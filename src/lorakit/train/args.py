@@ -79,6 +79,9 @@ class TrainArgs:
     """completion: loss on completions / assistant turns only; all: on every token."""
     skip_bad: bool = False
     """Skip bad data rows (and report how many) instead of stopping at the first."""
+    special_tokens_in_content: bool = False
+    """Read special-token text in the data (<|im_start|> typed in a message, a prompt or a text row) as
+    control tokens, for data that really holds them; by default it is plain text, so a row cannot forge turns."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value; None disables clipping."""
     precision: str = "auto"

@@ -73,6 +73,11 @@ CPU_RETENTION = 2.0
 rather than returning them, so a step's freed activations can still count in the peak RSS:
 measured on the bundled model: 0.7x to 0.8x the activations in bf16, 1.25x to 1.8x in fp32 (bench/RESULTS.md)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_GPU_GIB = 1_048_576
+"""The largest --gpu memory size accepted (1 PiB): larger is a typo, and past about 1e300 the
+arithmetic overflows."""
+MAX_COUNT = 2**31 - 1
+"""The largest --tokens-per-batch, --rank, --seq-len, --batch-size or --max-tokens accepted."""
 
 
 @dataclass
@@ -110,10 +115,12 @@ class PlanArgs:
             raise ValueError(f"--quantize must be nf4 or int8 (or omitted), got {self.quantize!r}")
         for name in ("tokens_per_batch", "rank", "seq_len", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
-            raise ValueError(f"--max-tokens must be a positive integer, got {self.max_tokens!r}")
+            if not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}; "
+                                 f"at most {MAX_COUNT:,} accepted")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or not 0 < self.max_tokens <= MAX_COUNT):
+            raise ValueError(f"--max-tokens must be a positive integer, got {self.max_tokens!r}; at most "
+                             f"{MAX_COUNT:,} accepted")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
         from lorakit.train.precision import PRECISIONS
@@ -136,8 +143,9 @@ def gpu_spec(gpu: str) -> tuple[float, float | None]:
         gib = float(gpu)
     except ValueError:
         gib = 0.0
-    if not gib > 0:
-        raise ValueError(f"--gpu must be one of {', '.join(GPUS)} or a memory size in GiB, got {gpu!r}")
+    if not 0 < gib <= MAX_GPU_GIB:  # also refuses nan and inf
+        raise ValueError(f"--gpu must be one of {', '.join(GPUS)} or a memory size in GiB, got {gpu!r}; "
+                         f"a size is a number above 0 and at most {MAX_GPU_GIB:,}")
     return gib, None
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.adapters.coverage import coverage
 from lorakit.adapters.files import load_adapter, read_adapter, save_adapter
 from lorakit.adapters.inject import inject, trainable_parameters
 from lorakit.base.models import DEFAULT_HUB_ID, default_device, default_dtype, load_model
@@ -108,6 +109,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         fast = status.enabled
         log(f"GPU fast path: {status.reason}" if status.enabled else f"GPU fast path off: {status.reason}")
     log(str(trainable_parameters(model)))
+    log(coverage(model, "default").summary())
     train_rows, rows_per_batch = objective.plan(train_data, padding_free=fast and not env.enabled, env=env,
                                                 budget_cap=fitted.choice.tokens if fitted else None)
     per_epoch = batches_per_epoch(len(train_rows), rows_per_batch)

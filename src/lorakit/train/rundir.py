@@ -1,7 +1,9 @@
 """The output directory of a training run: one run per directory.
 
 - A directory that already holds files is refused unless the run continues what is
-  there (`--resume`) or replaces it (`--overwrite`), so two runs never mix.
+  there (`--resume`) or replaces it (`--overwrite`, which removes only what a run writes), so
+  two runs never mix. It may not be, or hold, the run's inputs (--model, --data, --eval-data,
+  --init-adapter).
 - `--resume` continues only a run with the same settings: every setting that changes
   the result is recorded in each checkpoint and compared, and the differences are named.
 - Every checkpoint carries its run's id, so rotation never deletes another run's.
@@ -19,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lorakit.adapters.outputs import check_not_input, input_paths
 from lorakit.train.checkpoint import checkpoint_dirs, load_tensors
 
 RESUME_SETTINGS = (
@@ -107,6 +110,10 @@ def prepare_output(args: Any) -> tuple[Path | None, str]:
         raise ValueError(f"--output {output} is a file; give a directory")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --output and --overwrite replaces it; give one of them")
+    # The run's inputs are read after --overwrite clears the directory: one inside it would be lost.
+    inputs = [(f"--{name.replace('_', '-')} {getattr(args, name)}", getattr(args, name, None))
+              for name in ("model", "data", "eval_data", "init_adapter") if getattr(args, name, None)]
+    check_not_input(args.output, input_paths(*inputs))
     contents = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
     lock_output(output)  # after the checks that change nothing, before anything is read or removed
     if args.resume:

@@ -40,8 +40,12 @@ export class Adapters {
     const template = adapter.chat_template
       ? el("details", {}, el("summary", { text: "saved" }), el("pre", { text: adapter.chat_template }))
       : el("span", { class: "muted", text: "none saved" });
+    // Files that link out of the adapter's directory: the server does not read them.
+    const refused = adapter.refused?.length
+      ? [el("div", { class: "error small", text: `not read (links out of the directory): ${adapter.refused.join(", ")}` })]
+      : [];
     const cells = [
-      el("td", {}, el("strong", { text: adapter.id }), el("div", { class: "muted small", text: adapter.path })),
+      el("td", {}, el("strong", { text: adapter.id }), el("div", { class: "muted small", text: adapter.path }), ...refused),
       el("td", { text: String(adapter.r ?? "") }),
       el("td", { text: String(adapter.lora_alpha ?? "") }),
       el("td", { class: "small", text: targets }),

@@ -2,7 +2,7 @@
 // learning rate and every other logged number from metrics.jsonl, redrawn as a run writes
 // more; the samples and the compare report where the run has them.
 
-import { ApiError, api, el } from "./api.js";
+import { ApiError, api, el, formatBytes } from "./api.js";
 import { LineChart } from "./charts.js";
 
 const POLL_MS = 2000;
@@ -60,7 +60,7 @@ export class Runs {
 
   async open(id) {
     for (const chart of this.current?.charts.values() ?? []) chart.destroy();
-    this.current = { id, offset: 0, rows: [], charts: new Map(), keys: "" };
+    this.current = { id, offset: 0, rows: [], charts: new Map(), keys: "", skipped: 0, skippedBytes: 0 };
     document.getElementById("run-title").textContent = id;
     for (const link of document.querySelectorAll("#run-list a")) link.classList.toggle("active", link.dataset.run === id);
     document.getElementById("charts").replaceChildren();
@@ -70,16 +70,20 @@ export class Runs {
   }
 
   // New metrics.jsonl rows since the last offset; a rewritten file starts the plots over.
+  // Lines the server passed over (not JSON, or too long to read) are counted across polls.
   async poll() {
     const run = this.current;
     const data = await api(`${runPath(run.id, "metrics")}?offset=${run.offset}`);
     if (run !== this.current) return;
-    if (data.reset) run.rows = [];
+    if (data.reset) Object.assign(run, { rows: [], skipped: 0, skippedBytes: 0 });
     run.rows.push(...data.rows.filter((r) => typeof r.step === "number"));
     run.offset = data.offset;
+    run.skipped += data.skipped ?? 0;
+    run.skippedBytes += data.skipped_bytes ?? 0;
     const last = run.rows[run.rows.length - 1];
+    const passed = run.skippedBytes ? ` (${formatBytes(run.skippedBytes)} in lines too long to read)` : "";
     const status = data.exists
-      ? `${run.rows.length} records${last ? `, last at step ${last.step}` : ""}${data.skipped ? `, ${data.skipped} unreadable lines skipped` : ""}`
+      ? `${run.rows.length} records${last ? `, last at step ${last.step}` : ""}${run.skipped ? `, ${run.skipped} lines skipped${passed}` : ""}`
       : "no metrics.jsonl yet";
     document.getElementById("run-status").textContent = status;
     this.draw(run);
@@ -116,7 +120,11 @@ export class Runs {
       el("thead", {}, el("tr", {}, ...keys.map((k) => el("th", { text: k })))),
       el("tbody", {}, ...data.rows.map((r) => el("tr", {}, ...keys.map((k) => el("td", {}, el("pre", { text: r[k] === undefined ? "" : text(r[k]) })))))),
     );
-    const shown = data.total > data.rows.length ? ` (the last ${data.rows.length} of ${data.total})` : "";
+    const notes = [];
+    if (data.total > data.rows.length) notes.push(`the last ${data.rows.length} of ${data.total} read`);
+    if (data.skipped_bytes) notes.push(`the first ${formatBytes(data.skipped_bytes)} of samples.jsonl not read`);
+    if (data.skipped) notes.push(`${data.skipped} unreadable lines skipped`);
+    const shown = notes.length ? ` (${notes.join("; ")})` : "";
     box.append(el("h3", { text: `Samples${shown}` }), table);
   }
 

@@ -90,13 +90,13 @@ def check_preference_args(objective: str, reference: str, init_adapter: str | No
         raise ValueError(f"--packing applies to --objective sft only; {objective} scores whole pairs, got --packing")
 
 
-def load_preference_data(data: str, eval_data: str | None, tokenizer, seq_len: int,
-                         skip_bad: bool) -> tuple[list[Pair], list[Pair] | None]:
-    pairs, stats = load_pairs(data, tokenizer, seq_len, skip_bad)
+def load_preference_data(data: str, eval_data: str | None, tokenizer, seq_len: int, skip_bad: bool,
+                         special_tokens_in_content: bool = False) -> tuple[list[Pair], list[Pair] | None]:
+    pairs, stats = load_pairs(data, tokenizer, seq_len, skip_bad, special_tokens_in_content)
     log(stats.summary(f"train data {data}").replace("examples", "preference pairs", 1))
     eval_pairs = None
     if eval_data:
-        eval_pairs, stats = load_pairs(eval_data, tokenizer, seq_len, skip_bad)
+        eval_pairs, stats = load_pairs(eval_data, tokenizer, seq_len, skip_bad, special_tokens_in_content)
         log(stats.summary(f"eval data {eval_data}").replace("examples", "preference pairs", 1))
     return pairs, eval_pairs
 
@@ -360,7 +360,8 @@ class Preference:
 
     def load_data(self, tokenizer) -> tuple[list[Pair], list[Pair] | None]:
         args = self.args
-        return load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len, args.skip_bad)
+        return load_preference_data(args.data, args.eval_data, tokenizer, args.seq_len, args.skip_bad,
+                                    args.special_tokens_in_content)
 
     def setup_model(self, model: nn.Module) -> None:
         setup_reference(model, self.args)

@@ -131,11 +131,13 @@ class SFT:
 
     def load_data(self, tokenizer) -> tuple[list, list[TokenRow] | None]:
         args = self.args
-        train, stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
+        train, stats = load_examples(args.data, tokenizer, args.seq_len, args.loss_on, args.skip_bad,
+                                     special_tokens_in_content=args.special_tokens_in_content)
         log(stats.summary(f"train data {args.data}"))
         if not args.eval_data:
             return train, None
-        examples, stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad)
+        examples, stats = load_examples(args.eval_data, tokenizer, args.seq_len, args.loss_on, args.skip_bad,
+                                        special_tokens_in_content=args.special_tokens_in_content)
         log(stats.summary(f"eval data {args.eval_data}"))
         return train, as_sequences(examples, args.seq_len, False)
 

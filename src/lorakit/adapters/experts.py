@@ -1,0 +1,251 @@
+"""LoRA on the experts of a mixture-of-experts layer.
+
+transformers 5 keeps the experts of Qwen3-MoE, Mixtral, gpt-oss, DeepSeek and the other MoE
+families as fused 3-D parameters of one module (`mlp.experts.gate_up_proj` of shape
+(experts, 2 x intermediate, hidden), `mlp.experts.down_proj`), not as `nn.Linear` modules.
+`LoraExperts` wraps such a module: every expert e of every adapted parameter W gets its own
+rank-r pair, and the expert computes with
+
+    W'[e] = W[e] + scaling * B[e] @ A[e]        # W[e]: (out, in), A[e]: (r, in), B[e]: (out, r)
+
+(for a module whose parameters are stored (experts, in, out), `is_transposed` in transformers,
+the update is stored transposed the same way).
+
+The factors are kept in PEFT's layout for `target_parameters`, so files need no conversion:
+`lora_A` is (experts * r, in) with expert e's rows at [e*r, (e+1)*r), and `lora_B` is
+(out, r * experts) with expert e's column k at k*experts + e.
+
+The base module's own forward runs (whatever experts implementation transformers picked:
+eager loop, batched or grouped matmul) with the updated weights put in place of its
+parameters through `torch.func.functional_call`; the base parameters themselves are never
+written, except by an explicit `merge`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lorakit.adapters.layers import LoraLayer, adapter_dtype, init_on_cpu
+
+
+def expert_parameters(module: nn.Module) -> list[str]:
+    """Names of `module`'s own 3-D parameters whose first axis runs over its experts.
+
+    A module counts as an experts module when it says how many experts it has
+    (`num_experts`, as every fused-experts class in transformers does) or its class name ends
+    in "Experts"; its 2-D parameters (expert biases) are not adapted.
+    """
+    count = getattr(module, "num_experts", None)
+    if not isinstance(count, int) and not type(module).__name__.endswith("Experts"):
+        return []
+    names = []
+    for name, param in module.named_parameters(recurse=False):
+        if param.dim() == 3 and (not isinstance(count, int) or param.shape[0] == count):
+            names.append(name)
+    return names
+
+
+class LoraExperts(LoraLayer):
+    """A fused-experts module with LoRA adapters on some of its 3-D parameters."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.expert_params = tuple(expert_parameters(base))
+        if not self.expert_params:
+            raise TypeError(f"{type(base).__name__} holds no 3-D expert parameters to adapt")
+        # The base parameters stay registered under their own names, so state-dict keys do not change.
+        self._own_params = [name for name, _ in base.named_parameters(recurse=False)]
+        for name, param in base.named_parameters(recurse=False):
+            setattr(self, name, param)
+        self._base_shell = [base]
+        self.transposed = bool(getattr(base, "is_transposed", False))
+        self.num_experts = int(getattr(self, self.expert_params[0]).shape[0])
+        self.lora_A = nn.ModuleDict()  # adapter -> {parameter: (experts * r, in)}
+        self.lora_B = nn.ModuleDict()  # adapter -> {parameter: (out, r * experts)}
+        self.targets: dict[str, tuple[str, ...]] = {}
+        """The parameters each adapter adapts."""
+
+    # shapes ---------------------------------------------------------------------------
+
+    def in_out(self, param: str) -> tuple[int, int]:
+        """(in, out) features of one expert of `param`."""
+        _, d1, d2 = getattr(self, param).shape
+        return (int(d1), int(d2)) if self.transposed else (int(d2), int(d1))
+
+    def factor_shapes(self, param: str, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of A and B for `param` at rank r, as PEFT stores them."""
+        in_f, out_f = self.in_out(param)
+        return (self.num_experts * r, in_f), (out_f, r * self.num_experts)
+
+    # adapters -------------------------------------------------------------------------
+
+    def add(
+        self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
+        params: Sequence[str] | None = None,
+    ) -> None:
+        """Add adapter `name` on `params` (default: every expert parameter), A Kaiming-uniform
+        and B zero, so the layer starts as the base."""
+        if use_dora:
+            raise ValueError(
+                f"DoRA is not available on expert parameters ({', '.join(self.expert_params)}): PEFT has no DoRA "
+                "for target_parameters either. Train plain LoRA on the experts, or leave them out with "
+                "exclude_modules / --targets"
+            )
+        if dropout > 0:
+            raise ValueError(
+                f"LoRA dropout ({dropout}) cannot act on expert parameters: the update is applied to the weights, "
+                "not to each expert's input. Use dropout 0 on a model whose experts are adapted"
+            )
+        chosen = tuple(params) if params is not None else self.expert_params
+        unknown = [p for p in chosen if p not in self.expert_params]
+        if unknown:
+            raise ValueError(f"{unknown} are not expert parameters of this module; it has {list(self.expert_params)}")
+        self._set_scaling(name, r, alpha, use_rslora)
+        self.use_dora[name] = False
+        self.targets[name] = chosen
+        first = getattr(self, chosen[0])
+        dtype, device = adapter_dtype(first.dtype), first.device
+        a_dict, b_dict = nn.ParameterDict(), nn.ParameterDict()
+        for param in chosen:
+            a_shape, b_shape = self.factor_shapes(param, r)
+            a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
+            # nn.Linear(in, experts * r)'s own initialisation, as PEFT's layer draws it.
+            init_on_cpu(a, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+            a_dict[param] = a
+            b_dict[param] = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        self.lora_A[name] = a_dict
+        self.lora_B[name] = b_dict
+
+    def remove(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+        for table in (self.lora_A, self.lora_B):
+            if name in table:
+                del table[name]
+        self.targets.pop(name, None)
+        self._forget(name)
+
+    # weights ----------------------------------------------------------------------------
+
+    def delta(self, name: str, param: str) -> torch.Tensor:
+        """scaling * B[e] @ A[e] for every expert, in fp32, laid out as `param` is."""
+        r = self.r[name]
+        in_f, out_f = self.in_out(param)
+        a = self.lora_A[name][param].float().view(self.num_experts, r, in_f)
+        b = self.lora_B[name][param].float().view(out_f, r, self.num_experts).permute(2, 0, 1)
+        delta = torch.bmm(b, a) * self.scaling[name]  # (experts, out, in)
+        return delta.transpose(1, 2) if self.transposed else delta
+
+    def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every own parameter of the base module, with the updates of `names` added."""
+        out = {p: getattr(self, p) for p in self._own_params}
+        for param in self.expert_params:
+            deltas = [self.delta(n, param) for n in names if param in self.targets.get(n, ())]
+            if deltas:
+                total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
+                out[param] = out[param] + total.to(out[param].dtype)
+        return out
+
+    def merge(self, names: Sequence[str], safe: bool = False) -> None:
+        """Add the adapters' updates into the base weights (computed in fp32, cast to their dtype)."""
+        for name in names:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            with torch.no_grad():
+                merged = {p: getattr(self, p).float() + self.delta(name, p) for p in self.targets[name]}
+                if safe and not all(torch.isfinite(w).all() for w in merged.values()):
+                    raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
+                for param, value in merged.items():
+                    getattr(self, param).copy_(value.to(getattr(self, param).dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged updates again (exact up to fp32 rounding; fp16/bf16 within one rounding step)."""
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                for param in self.targets[name]:
+                    weight = getattr(self, param)
+                    weight.copy_((weight.float() - self.delta(name, param)).to(weight.dtype))
+
+    def merged_preview(self, name: str) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [getattr(self, p).float() + self.delta(name, p) for p in self.targets[name]]
+
+    def unwrap(self) -> nn.Module:
+        """The original module, holding the layer's current base parameters."""
+        base = self._base_shell[0]
+        for name in self._own_params:
+            setattr(base, name, getattr(self, name))
+        return base
+
+    # forward ----------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        base = self._base_shell[0]
+        if self.mixed is not None:
+            return self._mixed_forward(hidden_states, *args, **kwargs)
+        running = self.active_adapters if self._runs_adapters() else []
+        running = [n for n in running if n not in self.merged_adapters]
+        return functional_call(base, self.weights(running), (hidden_states, *args), kwargs, strict=False)
+
+    def _mixed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each batch row's tokens through the experts with that row's adapter.
+
+        The block hands the experts its tokens flattened, (rows * T, hidden), row-major; every
+        token is computed independently, so the tokens of each adapter run as one group.
+        """
+        mixed = self.mixed
+        assert mixed is not None
+        for name in mixed.names:
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is merged into the base; unmerge before running mixed batches")
+        rows = mixed.row_index.numel()
+        tokens = hidden_states.shape[0]
+        if tokens % rows:
+            raise ValueError(f"the experts got {tokens} tokens, which is not a whole number per row of {rows} rows")
+        per_token = mixed.row_index.repeat_interleave(tokens // rows)
+        out = None
+        base = self._base_shell[0]
+        for index in per_token.unique().tolist():
+            name = mixed.names[index] if index >= 0 else None
+            where = (per_token == index).nonzero().squeeze(1)
+            names = [name] if name is not None and name in self.r else []
+            part = functional_call(
+                base, self.weights(names),
+                (hidden_states[where], top_k_index[where], top_k_weights[where], *args), kwargs, strict=False,
+            )
+            if out is None:
+                out = hidden_states.new_zeros((tokens, *part.shape[1:]), dtype=part.dtype)
+            out[where] = part
+        assert out is not None
+        return out
+
+
+# PEFT's file keys --------------------------------------------------------------------------
+
+NESTED = ".base_layer"
+"""PEFT wraps each targeted parameter of one module in its own layer, the first parameter
+innermost: with n parameters adapted, the i-th (in the module's own order) has its factors
+under `<module>` + ".base_layer" * (n - 1 - i)."""
+
+
+def file_prefixes(path: str, params: Sequence[str], order: Sequence[str]) -> dict[str, str]:
+    """{parameter: key prefix} for the adapted `params` of the experts module at `path`."""
+    chosen = [p for p in order if p in params]
+    return {p: path + NESTED * (len(chosen) - 1 - i) for i, p in enumerate(chosen)}
+
+
+def split_nested(prefix: str) -> tuple[str, int]:
+    """(module path, nesting depth) of a key prefix such as `...experts.base_layer`."""
+    depth = 0
+    while prefix.endswith(NESTED):
+        prefix = prefix[: -len(NESTED)]
+        depth += 1
+    return prefix, depth

@@ -1,0 +1,260 @@
+"""LoRA on mixture-of-experts experts, against PEFT's `target_parameters` (tiny random models)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import warnings
+
+import peft
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorakit import LoraConfig
+from lorakit.adapters.coverage import PartialAdapterWarning, coverage
+from lorakit.adapters.experts import LoraExperts
+from lorakit.adapters.files import load_adapter, save_adapter
+from lorakit.adapters.inject import (
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    forward_mixed,
+    inject,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unmerge,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+FAMILIES = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
+}
+
+
+def tiny_moe(family: str, seed: int = 0) -> torch.nn.Module:
+    config = AutoConfig.for_model(
+        family, vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, **FAMILIES[family],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if family == "gpt_oss":  # random-init expert biases are zero: make them count
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("_bias"):
+                    param.normal_(0, 0.1)
+    return model
+
+
+def randomize_b(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """B starts at zero; give it values so the adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def test_all_linear_adapts_experts_and_matches_peft_both_ways(family: str, tmp_path) -> None:
+    base = tiny_moe(family)
+    reference = base(IDS).logits
+    ours = inject(copy.deepcopy(base), LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    experts = [n for n, layer in lora_layers(ours) if isinstance(layer, LoraExperts)]
+    assert experts == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(n.rsplit(".", 1)[-1] in ATTENTION for n, layer in lora_layers(ours) if n not in experts)
+    randomize_b(ours)
+    logits = ours(IDS).logits
+    assert (logits - reference).abs().max() > 1e-2  # the experts' adapter acts
+    with disable_adapters(ours):
+        assert torch.equal(ours(IDS).logits, reference)
+
+    save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(f"self_attn.{n}" for n in ATTENTION)
+    assert sorted(config["target_parameters"]) == sorted(EXPERTS)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(IDS).logits, logits, rtol=0, atol=1e-6)
+
+    made = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=ATTENTION, target_parameters=EXPERTS)).eval()
+    randomize_b(made, seed=2)
+    made.save_pretrained(tmp_path / "peft")
+    loaded = copy.deepcopy(base)
+    load_adapter(loaded, tmp_path / "peft")
+    torch.testing.assert_close(loaded(IDS).logits, made(IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_gradients_match_peft(family: str) -> None:
+    base = tiny_moe(family)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS, use_rslora=True))
+    randomize_b(theirs)
+    ours = copy.deepcopy(base)
+    with tempfile.TemporaryDirectory() as save_dir:
+        theirs.save_pretrained(save_dir)
+        load_adapter(ours, save_dir, trainable=True)
+    theirs(IDS).logits.square().mean().backward()
+    ours(IDS).logits.square().mean().backward()
+    theirs_grads = {
+        n.replace("base_model.model.", "").replace(".default", ""): p.grad
+        for n, p in theirs.named_parameters() if p.requires_grad
+    }
+    for path, layer in lora_layers(ours):
+        if isinstance(layer, LoraExperts):
+            order = layer.targets["default"]
+            for i, param in enumerate(order):
+                prefix = path + ".base_layer" * (len(order) - 1 - i)
+                for side in ("lora_A", "lora_B"):
+                    mine = getattr(layer, side)["default"][param].grad
+                    torch.testing.assert_close(mine, theirs_grads[f"{prefix}.{side}.weight"], rtol=1e-5, atol=1e-7)
+        else:
+            for side in ("lora_A", "lora_B"):
+                mine = getattr(layer, side)["default"].weight.grad
+                torch.testing.assert_close(mine, theirs_grads[f"{path}.{side}.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_merge_unmerge_and_several_adapters(family: str) -> None:
+    base = tiny_moe(family)
+    reference = base(IDS).logits
+    model = inject(copy.deepcopy(base), LoraConfig(r=2, alpha=4, target_modules="all-linear"), "one")
+    add_adapter(model, "two", LoraConfig(r=3, alpha=3, target_modules=["q_proj"], target_parameters=["down_proj"]))
+    randomize_b(model)
+    set_adapter(model, "two")
+    two = model(IDS).logits
+    set_adapter(model, "one")
+    one = model(IDS).logits
+    assert (one - two).abs().max() > 1e-2
+    merge(model)
+    torch.testing.assert_close(model(IDS).logits, one, rtol=0, atol=1e-5)
+    unmerge(model)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(IDS).logits, reference, rtol=0, atol=1e-6)
+    delete_adapter(model, "two")
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, LoraExperts) for m in merged.modules())
+    torch.testing.assert_close(merged(IDS).logits, one, rtol=0, atol=1e-5)
+    assert set(merged.state_dict()) == set(base.state_dict())
+
+
+def test_mixed_batch_equals_each_row_alone(family: str) -> None:
+    model = inject(tiny_moe(family), LoraConfig(r=2, alpha=4, target_modules="all-linear"), "a")
+    add_adapter(model, "b", LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    randomize_b(model)
+    names = ["b", None, "a"]
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(4))
+    mixed = forward_mixed(model, names, ids).logits
+    for row, name in enumerate(names):
+        if name is None:
+            with disable_adapters(model):
+                alone = model(ids[row : row + 1]).logits
+        else:
+            set_adapter(model, name)
+            alone = model(ids[row : row + 1]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_refusals_name_what_is_accepted() -> None:
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match="DoRA is not available on expert parameters"):
+        inject(copy.deepcopy(model), LoraConfig(target_modules="all-linear", use_dora=True))
+    with pytest.raises(ValueError, match="dropout"):
+        inject(copy.deepcopy(model), LoraConfig(target_modules="all-linear", dropout=0.1))
+    with pytest.raises(ValueError, match=r"names model\.layers\.0\.mlp\.gate\.weight.*not a fused expert parameter"):
+        inject(copy.deepcopy(model), LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.gate.weight"]))
+    with pytest.raises(ValueError, match="matched nothing; expert parameters in this model: experts.down_proj"):
+        inject(copy.deepcopy(model), LoraConfig(target_modules=["q_proj"], target_parameters=["experts.w9"]))
+
+
+def test_attention_only_adapter_on_moe_warns_and_names_the_experts() -> None:
+    model = tiny_moe("qwen3_moe")
+    with pytest.warns(PartialAdapterWarning, match=r"unadapted.*experts \(.*values\).*all-linear"):
+        inject(model, LoraConfig(target_modules=ATTENTION))
+    found = coverage(model, "default")
+    assert found.layers["attention"] == 8 and found.layers["experts"] == 0
+    full = inject(tiny_moe("qwen3_moe"), LoraConfig(target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartialAdapterWarning)
+        summary = coverage(full, "default").summary()
+    assert summary.startswith("adapted 8 attention, 2 experts; 100% of the projection weights")
+
+
+def test_engine_serves_a_moe_base_with_mixed_expert_adapters(tmp_path) -> None:
+    """The serving engine's mixed batches on an MoE base equal transformers' generate per request."""
+    from conftest import TINY_VOCAB, tiny_tokenizer
+    from lorakit.serve import Engine, SamplingParams
+
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **FAMILIES["qwen3_moe"],
+    )
+    torch.manual_seed(0)
+    # float64 (a one-ulp difference between batched and single-row arithmetic must not flip an argmax)
+    # needs the eager experts loop: grouped matmuls take float32 and narrower only.
+    base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").double().eval()
+    for seed, name in ((1, "one"), (2, "two")):
+        model = inject(copy.deepcopy(base), LoraConfig(r=2, alpha=8, target_modules="all-linear"))
+        randomize_b(model, seed=seed, scale=0.3)
+        save_adapter(model, tmp_path / name)
+    reference = copy.deepcopy(base)
+    for name in ("one", "two"):
+        load_adapter(reference, tmp_path / name, name)
+    cases = [("hello world", "one"), ("the quick brown fox", "two"), ("abc", None), ("serve experts", "two")]
+    expected = []
+    for prompt, adapter in cases:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        kwargs = dict(do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+        if adapter is None:
+            with disable_adapters(reference):
+                out = reference.generate(ids, **kwargs)
+        else:
+            set_adapter(reference, adapter)
+            out = reference.generate(ids, **kwargs)
+        tokens = out[0, ids.shape[1]:].tolist()
+        expected.append(tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens)
+    engine = Engine(copy.deepcopy(base), tok, decode_path="generic")
+    for name in ("one", "two"):
+        engine.load_adapter(name, tmp_path / name)
+    with engine:
+        got = engine.generate([c[0] for c in cases], [c[1] for c in cases], SamplingParams(max_tokens=8, temperature=0))
+    assert [c.token_ids for c in got] == expected
+    assert expected[0] != expected[3] or expected[1] != expected[2]  # the adapters act
+
+
+def test_check_and_convert_know_expert_adapters(tmp_path) -> None:
+    from lorakit.export.check import LOADS, REFUSED, check, read_files
+    from lorakit.export.convert import convert_to_plain
+
+    model = inject(tiny_moe("qwen3_moe"), LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    save_adapter(model, tmp_path / "moe")
+    verdicts = {v.target: v for v in check(read_files(tmp_path / "moe"))}
+    for target in ("vllm", "sglang", "llama.cpp"):
+        assert verdicts[target].verdict == REFUSED
+        assert any(f.rule == "experts" and "per-expert" in f.reason for f in verdicts[target].findings)
+    assert verdicts["peft"].verdict == LOADS
+    attention = inject(tiny_moe("qwen3_moe"), LoraConfig(r=2, alpha=4, target_modules=ATTENTION))
+    save_adapter(attention, tmp_path / "attention")
+    assert not any(f.rule == "experts" for v in check(read_files(tmp_path / "attention")) for f in v.findings)
+    with pytest.raises(ValueError, match="adapts fused expert parameters"):
+        convert_to_plain(tmp_path / "moe", tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
