@@ -280,3 +280,74 @@ def test_lorakit_serve_sets_the_timeouts_and_checks_hosts(tiny_model_dir, monkey
         assert client.get("/health", headers={"host": "api.internal:8000"}).status_code == 200
         assert_openai_error(client.get("/health", headers={"host": "rebind.evil.example:8000"}), 400, "host")
         assert client.get("/docs").status_code == 404
+
+
+def test_headers_that_trickle_in_are_cut_off_and_good_clients_keep_their_connection() -> None:
+    """Slowloris on the request line and headers: the connection is closed after the header timeout,
+    while a client that sends its headers at once, and idles between keep-alive requests, is served."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from lorakit.serve.connections import header_timeout_protocol
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"ok": True}
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", http=header_timeout_protocol(1.0),
+                            timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        request = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        start = time.monotonic()
+        closed = False
+        for byte in request:  # a byte every 0.1 s: 20 s for the whole request
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            slow.settimeout(0.1)
+            try:
+                if slow.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() - start < 8, "the slow client was never cut off"
+        elapsed = time.monotonic() - start
+        assert closed and 0.9 < elapsed < 3, elapsed
+        slow.close()
+        # A normal client, idle for longer than the header timeout between two requests on one connection.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.get("/ping").json() == {"ok": True}
+            time.sleep(1.5)
+            assert client.get("/ping").json() == {"ok": True}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_header_timeout_option_is_checked_and_reaches_uvicorn(tiny_model_dir, monkeypatch) -> None:
+    import uvicorn
+
+    from lorakit.serve.command import run_serve
+
+    with pytest.raises(ValueError, match="--header-timeout must be a number of seconds > 0, got inf"):
+        ServeArgs(header_timeout=float("inf"))
+    started: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(options))
+    run_serve(ServeArgs(model=str(tiny_model_dir), device="cpu", header_timeout=3))
+    assert started["http"].header_timeout_s == 3.0

@@ -310,3 +310,20 @@ def test_the_server_refuses_a_bad_alpha_and_keeps_serving(engine, serve_adapter_
     assert "bad" not in engine.adapter_names()
     done = client.post("/v1/completions", json={"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0})
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_template_swapped_for_a_link_after_loading_is_not_used_by_chat(serve_adapter_dirs, tmp_path) -> None:
+    directory = copy_adapter(serve_adapter_dirs["beta"], tmp_path / "root" / "swapped")
+    engine = make_engine({"swapped": directory}).start()
+    try:
+        client = client_for(engine)
+        body = {"model": "swapped", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
+        (directory / "chat_template.jinja").symlink_to(secrets(tmp_path)["chat_template.jinja"])
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 403 and refused.json()["error"]["param"] == "model"
+        assert SECRET not in refused.text
+        assert client.get("/health").status_code == 200
+    finally:
+        engine.stop()

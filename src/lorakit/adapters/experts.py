@@ -132,20 +132,25 @@ class LoraExperts(LoraLayer):
 
     # weights ----------------------------------------------------------------------------
 
-    def delta(self, name: str, param: str) -> torch.Tensor:
-        """scaling * B[e] @ A[e] for every expert, in fp32, laid out as `param` is."""
+    def delta(self, name: str, param: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scaling * B[e] @ A[e] for every expert, laid out as `param` is (fp32 unless `dtype`)."""
         r = self.r[name]
         in_f, out_f = self.in_out(param)
-        a = self.lora_A[name][param].float().view(self.num_experts, r, in_f)
-        b = self.lora_B[name][param].float().view(out_f, r, self.num_experts).permute(2, 0, 1)
+        a = self.lora_A[name][param].to(dtype).view(self.num_experts, r, in_f)
+        b = self.lora_B[name][param].to(dtype).view(out_f, r, self.num_experts).permute(2, 0, 1)
         delta = torch.bmm(b, a) * self.scaling[name]  # (experts, out, in)
         return delta.transpose(1, 2) if self.transposed else delta
 
     def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Every own parameter of the base module, with the updates of `names` added."""
+        """Every own parameter of the base module, with the updates of `names` added.
+
+        The update is computed in the weight's own dtype (a bf16 base gets a bf16 product, rank-r
+        sums accumulated in fp32 by the matmul): an fp32 copy of every expert weight per forward
+        would double the memory of the experts' largest tensors."""
         out = {p: getattr(self, p) for p in self._own_params}
         for param in self.expert_params:
-            deltas = [self.delta(n, param) for n in names if param in self.targets.get(n, ())]
+            dtype = out[param].dtype if out[param].dtype.is_floating_point else torch.float32
+            deltas = [self.delta(n, param, dtype) for n in names if param in self.targets.get(n, ())]
             if deltas:
                 total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
                 out[param] = out[param] + total.to(out[param].dtype)

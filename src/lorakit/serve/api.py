@@ -48,9 +48,8 @@ from lorakit.base.templates import (
     encode_chat,
     encode_text,
     render_chat,
-    saved_chat_template,
 )
-from lorakit.serve.adapters import AdapterMismatch
+from lorakit.serve.adapters import AdapterMismatch, OutsideAdapter, saved_template
 from lorakit.serve.bodies import (
     DEFAULT_MAX_PROMPTS,
     AdapterBody,
@@ -344,7 +343,10 @@ def create_app(
         messages = [{"role": m.role, "content": content_text(m.content)} for m in body.messages]
         # An adapter's own chat template (saved beside it by `lorakit train`) wins over the base model's.
         path = engine.adapters.paths.get(adapter) if adapter is not None else None
-        template = saved_chat_template(path) if path is not None else None
+        try:
+            template = saved_template(path) if path is not None else None
+        except OutsideAdapter as err:  # swapped for a link out since the adapter was loaded
+            raise ApiError(403, f"adapter {body.model!r}: {err}", param="model", kind="permission_error") from None
         template = template or getattr(engine.tokenizer, "chat_template", None)
         if template is None:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")

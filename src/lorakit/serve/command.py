@@ -53,6 +53,8 @@ class ServeArgs:
     """Largest request body accepted; larger ones get 413 before they are read."""
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     """Seconds a client has to send a whole request body; a slower one gets 408 and its connection closed."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's line and headers; a slower one has its connection closed."""
     max_prompts: int = DEFAULT_MAX_PROMPTS
     """Most prompts in one /v1/completions request (a `prompt` list); more get 400."""
     api_key: str | None = None
@@ -89,6 +91,10 @@ class ServeArgs:
             0 < self.body_timeout < float("inf")
         ):
             raise ValueError(f"--body-timeout must be a number of seconds > 0, got {self.body_timeout!r}")
+        if isinstance(self.header_timeout, bool) or not isinstance(self.header_timeout, (int, float)) or not (
+            0 < self.header_timeout < float("inf")
+        ):
+            raise ValueError(f"--header-timeout must be a number of seconds > 0, got {self.header_timeout!r}")
         if isinstance(self.allow_host, str):
             self.allow_host = [self.allow_host]
         for name in self.allow_host:
@@ -131,6 +137,7 @@ def run_serve(args: ServeArgs) -> None:
     from lorakit.base.templates import template_warning
     from lorakit.serve.adapters import AdapterMismatch
     from lorakit.serve.api import create_app
+    from lorakit.serve.connections import header_timeout_protocol
     from lorakit.serve.engine import Engine
     from lorakit.serve.hosts import host_policy
     from lorakit.serve.ui import mount_ui
@@ -170,4 +177,5 @@ def run_serve(args: ServeArgs) -> None:
           f"playground http://{args.host}:{args.port}/", file=sys.stderr)
     print(f"lorakit serve: decode path: {engine.decode_path}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S)
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S,
+                http=header_timeout_protocol(args.header_timeout))
