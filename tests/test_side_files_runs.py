@@ -22,13 +22,9 @@ from lorakit.serve.api import create_app
 from lorakit.serve.ui import mount_ui
 from test_serve_api import Server
 from test_serve_engine import PROMPTS, greedy, make_engine
+from test_serve_ui import BASE, write_jsonl
 
-BASE = "tiny-base"
 SECRET = "hunter2-not-for-clients"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")
