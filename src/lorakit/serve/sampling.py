@@ -118,23 +118,69 @@ def sample(
     return tokens
 
 
+REPLACEMENT = "\ufffd"
+"""What a decoder gives for bytes that are not (yet) a whole UTF-8 character."""
+STUCK_TOKENS = 8
+"""Tokens a decoding window may wait for its text to end in a whole character: twice the
+longest UTF-8 sequence (4 bytes, so at most 4 byte tokens). A window still waiting after
+that holds bytes no later token completes (ids the tokenizer cannot name, stray bytes) and
+is handed out as it decodes, so no window grows with the output."""
+_PROBE = "a , b"
+"""A text whose decoding `clean_up_tokenization` would change (it drops the space before a comma)."""
+
+
 def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     """`tokenizer.decode(ids, skip_special_tokens=True)` as a function, calling the Rust
     `tokenizers` decoder directly where that returns exactly the same text: a transformers
-    fast tokenizer that overrides neither decoding step and cleans up no spaces. Every
-    running row decodes twice a step, and transformers' per-call argument conversion costs
-    several times the decoding itself: at a hundred rows that is milliseconds a step."""
+    fast tokenizer that overrides none of its decoding steps. Every running row decodes
+    twice a step, and transformers' per-call argument conversion costs several times the
+    decoding itself: at a hundred rows that is milliseconds a step.
+
+    With `clean_up_tokenization_spaces` set, transformers may or may not clean up (recent
+    versions skip it for BPE models, Llama 3's among them); one decoding of a text that
+    cleanup changes tells which, and the direct path then applies the same cleanup or none.
+    A tokenizer whose answer matches neither keeps `tokenizer.decode`."""
+    slow = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    if not _backend_decodes(tokenizer):
+        return slow
+    direct = functools.partial(tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return direct
+    probe = tokenizer.backend_tokenizer.encode(_PROBE, add_special_tokens=False).ids
+    raw = direct(probe)
+    clean = tokenizer.clean_up_tokenization
+    cleaned = clean(raw)
+    if cleaned == raw:  # this vocabulary cannot show whether decode cleans up
+        return slow
+    got = slow(probe)
+    if got == raw:
+        return direct
+    if got == cleaned:
+        return functools.partial(_cleaned, direct, clean)
+    return slow
+
+
+def _cleaned(decode: Callable[[list[int]], str], clean: Callable[[str], str], ids: list[int]) -> str:
+    return clean(decode(ids))
+
+
+def _backend_decodes(tokenizer) -> bool:
+    """Whether `tokenizer.decode` is the Rust decoder's text, cleaned up or not: a transformers
+    fast tokenizer that overrides neither decoding step."""
     from transformers import PreTrainedTokenizerFast
 
     cls = type(tokenizer)
-    if (
+    return (
         isinstance(tokenizer, PreTrainedTokenizerFast)
         and cls.decode is PreTrainedTokenizerFast.decode
         and cls._decode is PreTrainedTokenizerFast._decode
-        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
-    ):
-        return functools.partial(tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
-    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+    )
+
+
+def _namer(tokenizer) -> Callable[[int], str | None] | None:
+    """The Rust tokenizer's id -> token lookup, where it decodes: its decoder drops an id this
+    gives None for, wherever the id stands."""
+    return tokenizer.backend_tokenizer.id_to_token if _backend_decodes(tokenizer) else None
 
 
 class Detokenizer:
@@ -142,7 +188,10 @@ class Detokenizer:
     or an unfinished multi-byte character might still change.
 
     Each step decodes a short window (the last few tokens) instead of the whole
-    output, and a window that ends inside a character waits for the next token.
+    output, and a window that ends inside a character waits for the next token, at
+    most `STUCK_TOKENS` of them. Ids the tokenizer cannot name decode to nothing
+    wherever they stand, so they never enter a window. Decoding work is a bounded
+    number of tokens per token, whatever the tokenizer and the ids.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:
@@ -152,32 +201,55 @@ class Detokenizer:
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._name = _namer(tokenizer)
+        self._window: list[int] = []  # the ids being decoded; earlier ones are dropped
+        self._read = 0  # window[:_read] is text already taken in, kept as context
+        self._before = ""  # decode(window[:_read])
+        self._start = 0  # where the stop search starts: text before it was searched already
 
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string has appeared (the text is cut before it)."""
         self.ids.append(token)
-        before = self.decode(self.ids[self._prefix_offset : self._read_offset])
-        after = self.decode(self.ids[self._prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            start = max(0, len(self.text) - self.hold)
-            self.text += after[len(before) :]
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-            if self.stop:
-                cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    self.text = self.text[:cut]
-                    return True
+        if self._name is not None and self._name(token) is None:
+            return False
+        self._window.append(token)
+        after = self.decode(self._window)
+        if len(after) > len(self._before) and not after.endswith(REPLACEMENT):
+            self._take(after, keep_context=True)
+        elif len(self._window) - self._read > STUCK_TOKENS:
+            # No later token will finish this window's text: hand it out as it decodes. Its
+            # last character may be a replacement, which must not be context for the next.
+            self._take(after, keep_context=not after.endswith(REPLACEMENT))
+        else:
+            return False
+        return self._find_stop()
+
+    def _take(self, after: str, keep_context: bool) -> None:
+        """Take in the window's new text; its newest tokens become the next window's context."""
+        self._start = max(0, len(self.text) - self.hold)
+        self.text += after[len(self._before) :]
+        if keep_context:
+            del self._window[: self._read]
+            self._before = after if self._read == 0 else self.decode(self._window)
+        else:
+            self._window.clear()
+            self._before = ""
+        self._read = len(self._window)
+
+    def _find_stop(self) -> bool:
+        if self.stop:
+            found = (self.text.find(s, self._start) for s in self.stop)
+            cut = min((i for i in found if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                return True
         return False
 
     def flush(self) -> None:
         """At the end: take in whatever the last window holds, unfinished character or not."""
-        if self._read_offset < len(self.ids):
-            before = self.decode(self.ids[self._prefix_offset : self._read_offset])
-            after = self.decode(self.ids[self._prefix_offset :])
-            self.text += after[len(before) :]
-            self._read_offset = len(self.ids)
+        if self._read < len(self._window):
+            self.text += self.decode(self._window)[len(self._before) :]
+            self._read = len(self._window)
 
     def delta(self, final: bool) -> str:
         """Text not handed out yet and safe to hand out (everything, once final)."""
