@@ -258,3 +258,113 @@ def test_check_and_convert_know_expert_adapters(tmp_path) -> None:
     with pytest.raises(ValueError, match="adapts fused expert parameters"):
         convert_to_plain(tmp_path / "moe", tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_experts_equal_lora_on_the_decoded_base(kind: str, tmp_path) -> None:
+    """QLoRA on the experts: the adapted forward and the adapter's gradients on a quantized expert
+    base equal plain LoRA on a base holding the decoded values; the storage shrinks; a merge
+    requantizes and says by how much; the file is the same format."""
+    from lorakit.adapters import qweights
+    from lorakit.adapters.experts import quantize_experts
+    from lorakit.adapters.layers import RequantizationWarning
+
+    quantized = tiny_moe("qwen3_moe")
+    before = sum(p.numel() * p.element_size() for n, p in quantized.named_parameters() if ".experts." in n)
+    assert quantize_experts(quantized, kind) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    layer = quantized.model.layers[0].mlp.experts
+    assert layer.quantized == kind
+    after = sum(qweights.storage_bytes(getattr(m, p)) for m in quantized.modules() if isinstance(m, LoraExperts)
+                for p in m.expert_params)
+    assert after < before * (0.25 if kind == "nf4" else 0.3)  # fp32 weights; block statistics included
+    decoded = copy.deepcopy(tiny_moe("qwen3_moe"))
+    with torch.no_grad():
+        for i in range(2):
+            source = quantized.model.layers[i].mlp.experts
+            for param in source.expert_params:
+                getattr(decoded.model.layers[i].mlp.experts, param).copy_(source.base_weight(param))
+    assert torch.equal(quantized(IDS).logits, decoded(IDS).logits)  # no adapter: the decoded base exactly
+
+    config = LoraConfig(r=2, alpha=4, target_modules="all-linear")
+    inject(quantized, config)
+    inject(decoded, config)
+    randomize_b(quantized)
+    randomize_b(decoded)
+    with torch.no_grad():
+        for (name, mine), (_, theirs) in zip(quantized.named_parameters(), decoded.named_parameters(), strict=True):
+            if "lora_A" in name:
+                theirs.copy_(mine)
+    out = quantized(IDS).logits
+    torch.testing.assert_close(out, decoded(IDS).logits, rtol=1e-5, atol=1e-6)
+    out.square().mean().backward()
+    decoded(IDS).logits.square().mean().backward()
+    grads = {n: p.grad for n, p in decoded.named_parameters() if p.requires_grad}
+    for name, param in quantized.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-7)
+
+    save_adapter(quantized, tmp_path / "q")
+    plain = tiny_moe("qwen3_moe")
+    load_adapter(plain, tmp_path / "q")  # an adapter trained on quantized experts loads on the plain base
+    with pytest.warns(RequantizationWarning, match=f"requantized {kind} expert weights"):
+        merge(quantized)
+    torch.testing.assert_close(quantized(IDS).logits, out, rtol=0, atol=0.05)
+
+
+def test_a_quantized_moe_base_trains_its_experts(tmp_path) -> None:
+    """`--quantize nf4` on an MoE checkpoint (saved by transformers with one tensor per expert,
+    which its loader fuses): the experts are stored 4-bit, and `lorakit train` adapts and saves them."""
+    from conftest import TINY_VOCAB, chat_rows, tiny_tokenizer
+    from lorakit.base.models import load_model
+    from lorakit.base.quant import quantize_model
+    from lorakit.cli import main
+
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **{**FAMILIES["qwen3_moe"], "moe_intermediate_size": 64},
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, _ = load_model(str(tmp_path / "model"), device="cpu", dtype=torch.float32, quantize="nf4")
+    experts = [m for m in loaded.modules() if isinstance(m, LoraExperts)]
+    assert len(experts) == 2 and all(m.quantized == "nf4" for m in experts)
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval(), "nf4")
+    ids = torch.randint(0, TINY_VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+    # A checkpoint that holds the experts fused, as the model does: quantized as they are read.
+    from safetensors.torch import save_file
+
+    from lorakit.base.quant import load_quantized
+
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    (tmp_path / "fused").mkdir()
+    fused.config.save_pretrained(tmp_path / "fused")
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, tmp_path / "fused" / "model.safetensors")
+    streamed = load_quantized(tmp_path / "fused", "nf4")
+    assert sum(isinstance(m, LoraExperts) and m.quantized == "nf4" for m in streamed.modules()) == 2
+    assert torch.equal(streamed(ids).logits, reference(ids).logits)
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
+    code = main(["train", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--quantize", "nf4", "--max-steps", "2", "--batch-size", "4", "--seq-len", "48", "--device", "cpu",
+                 "--precision", "fp32", "--keep-checkpoints", "0"])
+    assert code in (0, None)
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    load_adapter(plain, tmp_path / "run")  # the adapter loads on the unquantized base too
+
+
+def test_fsdp_quantized_loading_leaves_moe_models_to_the_whole_load() -> None:
+    from lorakit.train.sharded_quant import unsupported_layers
+
+    reason = unsupported_layers(tiny_moe("qwen3_moe"), LoraConfig(target_modules="all-linear"))
+    assert reason is not None and "model.layers.0.mlp.experts holds fused mixture-of-experts weights" in reason

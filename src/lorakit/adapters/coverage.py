@@ -9,6 +9,7 @@ nearly all of the weights) gets a warning that names what was skipped and how to
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ def coverage(model: nn.Module, adapter_name: str) -> Coverage:
         if isinstance(module, LoraExperts):
             for param in module.expert_params:
                 counter = result.adapted if param in module.targets.get(adapter_name, ()) else result.skipped
-                counter[kind] += getattr(module, param).numel()
+                counter[kind] += math.prod(module.shape_of(param))
         elif expert_parameters(base):
             result.skipped[kind] += sum(getattr(base, p).numel() for p in expert_parameters(base))
         elif isinstance(base, LINEAR_TYPES):

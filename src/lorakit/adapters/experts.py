@@ -24,13 +24,15 @@ written, except by an explicit `merge`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from lorakit.adapters.layers import LoraLayer, adapter_dtype, init_on_cpu
+from lorakit.adapters import qweights
+from lorakit.adapters.layers import LoraLayer, RequantizationWarning, adapter_dtype, init_on_cpu
 
 
 def expert_parameters(module: nn.Module) -> list[str]:
@@ -48,6 +50,13 @@ def expert_parameters(module: nn.Module) -> list[str]:
         if param.dim() == 3 and (not isinstance(count, int) or param.shape[0] == count):
             names.append(name)
     return names
+
+
+def expert_params_of(module: nn.Module) -> list[str]:
+    """The expert parameters of a module, wrapped (`LoraExperts`, quantized or not) or not."""
+    if isinstance(module, LoraExperts):
+        return list(module.expert_params)
+    return expert_parameters(module)
 
 
 class LoraExperts(LoraLayer):
@@ -69,13 +78,78 @@ class LoraExperts(LoraLayer):
         self.lora_B = nn.ModuleDict()  # adapter -> {parameter: (out, r * experts)}
         self.targets: dict[str, tuple[str, ...]] = {}
         """The parameters each adapter adapts."""
+        self.quantized_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        """Expert parameters stored quantized (QLoRA's base): their shape and compute dtype."""
+        self.requantization_error: float | None = None
 
     # shapes ---------------------------------------------------------------------------
 
+    def shape_of(self, param: str) -> tuple[int, ...]:
+        if param in self.quantized_shapes:
+            return self.quantized_shapes[param][0]
+        return tuple(getattr(self, param).shape)
+
     def in_out(self, param: str) -> tuple[int, int]:
         """(in, out) features of one expert of `param`."""
-        _, d1, d2 = getattr(self, param).shape
+        _, d1, d2 = self.shape_of(param)
         return (int(d1), int(d2)) if self.transposed else (int(d2), int(d1))
+
+    # a quantized base -----------------------------------------------------------------
+
+    @property
+    def quantized(self) -> str | None:
+        """'nf4' or 'int8' when the expert parameters are stored quantized."""
+        for param in self.quantized_shapes:
+            return qweights.kind_of(getattr(self, param))
+        return None
+
+    def quantize_base(self, kind: str, compute_dtype: torch.dtype | None = None) -> None:
+        """Store every expert parameter as bitsandbytes `kind` (nf4: one absmax per 64 values of
+        each expert's rows; int8: one scale per row): QLoRA's base for the experts. The forward
+        decodes them to `compute_dtype` (default: their current dtype) and adds the updates."""
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into these experts; unmerge before quantizing")
+        if self.quantized_shapes:
+            raise ValueError(f"these experts are already quantized ({self.quantized})")
+        for param in self.expert_params:
+            weight = getattr(self, param)
+            dtype = compute_dtype or weight.dtype
+            # (experts, d1, d2) as (experts * d1, d2): blocks and row scales never cross a row.
+            stored = qweights.quantize(weight.detach().reshape(-1, weight.shape[-1]), qweights.check_kind(kind))
+            self.quantized_shapes[param] = (tuple(weight.shape), dtype)
+            setattr(self, param, stored)
+            setattr(self._base_shell[0], param, stored)
+
+    def base_weight(self, param: str) -> torch.Tensor:
+        """The parameter's values in its compute dtype (decoded when stored quantized)."""
+        if param not in self.quantized_shapes:
+            return getattr(self, param)
+        shape, dtype = self.quantized_shapes[param]
+        return qweights.dequantize(getattr(self, param)).reshape(shape).to(dtype)
+
+    def _write_base(self, param: str, value: torch.Tensor) -> float | None:
+        """Store `value` as the parameter (requantized when quantized: the relative error then)."""
+        if param not in self.quantized_shapes:
+            weight = getattr(self, param)
+            weight.copy_(value.to(weight.dtype))
+            return None
+        old = getattr(self, param)
+        stored = qweights.quantize(value.float().reshape(-1, value.shape[-1]), self.quantized, like=old)
+        setattr(self, param, stored)
+        setattr(self._base_shell[0], param, stored)
+        decoded = qweights.dequantize(stored).reshape(value.shape)
+        return float(torch.linalg.norm(decoded - value.float()) / torch.linalg.norm(value.float()).clamp_min(1e-12))
+
+    def _warn_requantized(self, action: str, name: str, errors: list[float]) -> None:
+        if not errors:
+            return
+        self.requantization_error = max(errors)
+        warnings.warn(
+            f"{action} adapter {name!r} requantized {self.quantized} expert weights: relative error up to "
+            f"{self.requantization_error:.2e} against the exact fp32 result",
+            RequantizationWarning,
+            stacklevel=4,
+        )
 
     def factor_shapes(self, param: str, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """The shapes of A and B for `param` at rank r, as PEFT stores them."""
@@ -109,7 +183,8 @@ class LoraExperts(LoraLayer):
         self.use_dora[name] = False
         self.targets[name] = chosen
         first = getattr(self, chosen[0])
-        dtype, device = adapter_dtype(first.dtype), first.device
+        base_dtype = self.quantized_shapes[chosen[0]][1] if chosen[0] in self.quantized_shapes else first.dtype
+        dtype, device = adapter_dtype(base_dtype), first.device
         a_dict, b_dict = nn.ParameterDict(), nn.ParameterDict()
         for param in chosen:
             a_shape, b_shape = self.factor_shapes(param, r)
@@ -148,6 +223,8 @@ class LoraExperts(LoraLayer):
         sums accumulated in fp32 by the matmul): an fp32 copy of every expert weight per forward
         would double the memory of the experts' largest tensors."""
         out = {p: getattr(self, p) for p in self._own_params}
+        for param in self.quantized_shapes:
+            out[param] = self.base_weight(param)
         for param in self.expert_params:
             dtype = out[param].dtype if out[param].dtype.is_floating_point else torch.float32
             deltas = [self.delta(n, param, dtype) for n in names if param in self.targets.get(n, ())]
@@ -162,11 +239,11 @@ class LoraExperts(LoraLayer):
             if name in self.merged_adapters or name not in self.r:
                 continue
             with torch.no_grad():
-                merged = {p: getattr(self, p).float() + self.delta(name, p) for p in self.targets[name]}
+                merged = {p: self.base_weight(p).float() + self.delta(name, p) for p in self.targets[name]}
                 if safe and not all(torch.isfinite(w).all() for w in merged.values()):
                     raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base weight; nothing merged")
-                for param, value in merged.items():
-                    getattr(self, param).copy_(value.to(getattr(self, param).dtype))
+                errors = [self._write_base(param, value) for param, value in merged.items()]
+            self._warn_requantized("merging", name, [e for e in errors if e is not None])
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -174,19 +251,23 @@ class LoraExperts(LoraLayer):
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                for param in self.targets[name]:
-                    weight = getattr(self, param)
-                    weight.copy_((weight.float() - self.delta(name, param)).to(weight.dtype))
+                errors = [self._write_base(p, self.base_weight(p).float() - self.delta(name, p))
+                          for p in self.targets[name]]
+                self._warn_requantized("unmerging", name, [e for e in errors if e is not None])
 
     def merged_preview(self, name: str) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [getattr(self, p).float() + self.delta(name, p) for p in self.targets[name]]
+            return [self.base_weight(p).float() + self.delta(name, p) for p in self.targets[name]]
 
     def unwrap(self) -> nn.Module:
-        """The original module, holding the layer's current base parameters."""
+        """The original module, holding the layer's current base parameters (quantized experts
+        decoded to their compute dtype: the module's own forward multiplies plain tensors)."""
         base = self._base_shell[0]
         for name in self._own_params:
-            setattr(base, name, getattr(self, name))
+            if name in self.quantized_shapes:
+                setattr(base, name, nn.Parameter(self.base_weight(name).detach(), requires_grad=False))
+            else:
+                setattr(base, name, getattr(self, name))
         return base
 
     # forward ----------------------------------------------------------------------------
@@ -254,3 +335,30 @@ def split_nested(prefix: str) -> tuple[str, int]:
         prefix = prefix[: -len(NESTED)]
         depth += 1
     return prefix, depth
+
+
+def quantize_experts(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None,
+                     paths: Sequence[str] | None = None) -> list[str]:
+    """Store the expert parameters of every fused-experts module of `model` (or of those at
+    `paths`) as bitsandbytes `kind` (QLoRA's base for the experts; bitsandbytes' own layers cover
+    `nn.Linear` only).
+
+    Each experts module becomes a `LoraExperts` (with no adapter yet, it computes exactly what
+    the module did, from the decoded weights). Returns the paths of the modules quantized.
+    """
+    done = []
+    found = list(model.named_modules()) if paths is None else [(p, model.get_submodule(p)) for p in paths]
+    for path, module in found:
+        if isinstance(module, LoraExperts):
+            if not module.quantized:
+                module.quantize_base(kind, compute_dtype)
+                done.append(path)
+            continue
+        if not expert_parameters(module) or any(path.startswith(p + ".") for p in done):
+            continue
+        layer = LoraExperts(module)
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+        layer.quantize_base(kind, compute_dtype)
+        done.append(path)
+    return done

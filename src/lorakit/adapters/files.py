@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.embedding import LoraEmbedding
-from lorakit.adapters.experts import LoraExperts, expert_parameters, file_prefixes, split_nested
+from lorakit.adapters.experts import LoraExperts, expert_params_of, file_prefixes, split_nested
 from lorakit.adapters.inits import olora, pissa
 from lorakit.adapters.inject import (
     attach,
@@ -391,7 +391,7 @@ def _expert_parts(
             continue
         module = model.get_submodule(path)
         base = module._base_shell[0] if isinstance(module, LoraLayer) else module
-        order = expert_parameters(base)
+        order = expert_params_of(module)
         if not order:
             continue
         params = expert_targets(config, path, module)

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapters import qweights
 from lorakit.adapters.config import ALL_LINEAR, LoraConfig, matches
-from lorakit.adapters.experts import LoraExperts, expert_parameters
+from lorakit.adapters.experts import LoraExperts, expert_params_of
 from lorakit.adapters.layers import LoraLayer
 from lorakit.adapters.saved import ModulesToSave
 from lorakit.adapters.state import get_state
@@ -83,8 +83,7 @@ def _own_forward(module: nn.Module) -> bool:
 def expert_targets(config: LoraConfig, path: str, module: nn.Module) -> tuple[str, ...]:
     """The expert parameters of the module at `path` that `config` adapts: all of them when
     target_modules selects the module ("all-linear" does), else those target_parameters names."""
-    base = unwrap_shell(module) if isinstance(module, LoraLayer) else module
-    candidates = expert_parameters(base)
+    candidates = expert_params_of(module)
     if not candidates:
         return ()
     if config.target_modules == ALL_LINEAR or (config.target_modules and matches(config.target_modules, path)):
@@ -132,7 +131,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             {n.rsplit(".", 1)[-1] for n, m in modules if issubclass(_layer_type(m), SUPPORTED)}
         )
         experts = sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, m in modules
-                          for p in expert_parameters(unwrap_shell(m) if isinstance(m, LoraLayer) else m)})
+                          for p in expert_params_of(m)})
         hint = f"; expert parameters (target_parameters): {', '.join(experts)}" if experts else ""
         raise ValueError(
             f"target_modules={config.target_modules!r} matched nothing; "
@@ -191,7 +190,7 @@ def _check_target_parameters(model: nn.Module, config: LoraConfig, modules: list
     """Every target_parameters entry must name expert parameters: a router or other 2-D weight
     is refused by name, rather than silently left out."""
     expert_names = [
-        f"{n}.{p}" for n, m in modules for p in expert_parameters(unwrap_shell(m) if isinstance(m, LoraLayer) else m)
+        f"{n}.{p}" for n, m in modules for p in expert_params_of(m)
     ]
     for wanted in config.target_parameters or []:
         if any(full == wanted or full.endswith("." + wanted) for full in expert_names):

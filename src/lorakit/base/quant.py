@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import resource
 import struct
 import sys
@@ -27,11 +28,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
 
 from lorakit.adapters import qweights
+from lorakit.adapters.experts import expert_parameters, quantize_experts
 from lorakit.adapters.inject import get_state, lora_layers, merge, merge_and_unload, replace_module
 from lorakit.adapters.layers import LoraLayer, LoraLinear, RequantizationWarning
 from lorakit.adapters.qweights import KINDS, QuantizationUnavailable, check_kind
@@ -48,6 +51,7 @@ __all__ = [
     "memory_report",
     "merge_and_dequantize",
     "merge_requantized",
+    "quantizable_linears",
     "quantize_model",
 ]
 
@@ -86,7 +90,7 @@ def check_available(kind: str, device: str | torch.device = "cpu") -> None:
 # quantizing a loaded model ------------------------------------------------------------------
 
 
-def _candidates(model: nn.Module, include_head: bool) -> list[tuple[str, nn.Module]]:
+def quantizable_linears(model: nn.Module, include_head: bool = False) -> list[tuple[str, nn.Module]]:
     """Linear layers of the base model to quantize: plain nn.Linear or a LoRA layer's linear base.
 
     Adapter weights, saved module copies, GPT-2's Conv1D (bitsandbytes has no layout for
@@ -138,9 +142,11 @@ def quantize_model(
     kind: "nf4" (4-bit NormalFloat, blocks of 64, double-quantized absmax in blocks of
     256) or "int8" (LLM.int8() row-wise). compute_dtype: the dtype the 4-bit matmul runs
     in (bf16 or fp32; None: each weight's own dtype). Works before or after `inject`.
+    The expert weights of mixture-of-experts layers are stored in `kind` too
+    (`lorakit.adapters.experts.quantize_experts`).
     """
     check_kind(kind)
-    layers = _candidates(model, include_head)
+    layers = quantizable_linears(model, include_head)
     if not layers:
         if any(qweights.kind_of(p) for p in model.parameters()):
             return model  # every candidate is quantized already (e.g. by LoftQ)
@@ -148,6 +154,7 @@ def quantize_model(
     check_available(kind, layers[0][1].weight.device)
     for path, module in layers:
         _quantize_layer(model, path, module, kind, compute_dtype)
+    quantize_experts(model, kind, compute_dtype)
     for param in model.parameters():
         if qweights.kind_of(param):
             param.requires_grad_(False)
@@ -188,12 +195,12 @@ def load_quantized(
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantize = {name for name, _ in _candidates(model, include_head)}
+    quantize = {name for name, _ in quantizable_linears(model, include_head)}
     compute_dtype = compute_dtype or dtype
     pending: dict[
         str, dict[str, torch.Tensor]
     ] = {}  # a linear's weight and bias, until both are read
-    with _large_blocks_returned():
+    with large_blocks_returned():
         _stream(model, files, quantize, pending, kind, compute_dtype, dtype, device)
     model.tie_weights()
     _restore_buffers(model, config, device)
@@ -241,10 +248,16 @@ def _stream(
                 key,
                 tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None),
             )
+            # An experts module is quantized once its expert weights are all in, before the next
+            # layer's arrive: the experts hold most of an MoE model's weights.
+            experts = model.get_submodule(owner) if owner else model
+            names = expert_parameters(experts)
+            if names and all(getattr(experts, n).device.type != "meta" for n in names):
+                quantize_experts(model, kind, compute_dtype, paths=[owner])
 
 
 @contextmanager
-def _large_blocks_returned() -> Iterator[None]:
+def large_blocks_returned() -> Iterator[None]:
     """Within: glibc serves every block over 128 KiB from its own mapping, freed straight back to the OS.
 
     By default glibc raises that threshold each time such a block is freed, so the
@@ -292,24 +305,52 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     data_offsets}}, then the data.
     """
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        start = 8 + length
-        header.pop("__metadata__", None)
+        start, header = _header(f)
         for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(
-                    f"{path}: tensor {key!r} has dtype {info['dtype']}, which lorakit cannot read"
-                )
-            begin, end = info["data_offsets"]
-            raw = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(start + begin)
-            if f.readinto(memoryview(raw.numpy())) != end - begin:
-                raise ValueError(
-                    f"{path} is truncated: tensor {key!r} ends past the end of the file"
-                )
-            yield key, raw.view(dtype).reshape(info["shape"])
+            yield key, _read(f, path, key, start, info, 0, info["shape"][0] if info["shape"] else 1)
+
+
+def _header(f: BinaryIO) -> tuple[int, dict]:
+    (length,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _read(f: BinaryIO, path: Path, key: str, start: int, info: dict, first: int, stop: int) -> torch.Tensor:
+    """Rows [first, stop) of one tensor (dim 0; a scalar is one row), read from its byte range."""
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which lorakit cannot read")
+    shape = info["shape"]
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+    begin = info["data_offsets"][0] + first * row_bytes
+    size = (stop - first) * row_bytes
+    raw = torch.empty(size, dtype=torch.uint8)
+    f.seek(start + begin)
+    if size and f.readinto(memoryview(raw.numpy())) != size:
+        raise ValueError(f"{path} is truncated: tensor {key!r} ends past the end of the file")
+    return raw.view(dtype).reshape([stop - first, *shape[1:]] if shape else [])
+
+
+class SafetensorsRows:
+    """Rows of a .safetensors file's tensors, read on demand into their own memory (no memory map,
+    for the reason `read_safetensors` gives)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._start, self.header = _header(self._file)
+
+    def rows(self, key: str, first: int, stop: int) -> torch.Tensor:
+        """Rows [first, stop) of tensor `key` along dim 0 (the whole tensor for a scalar)."""
+        info = self.header[key]
+        if not info["shape"]:
+            first, stop = 0, 1
+        return _read(self._file, self.path, key, self._start, info, first, stop)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

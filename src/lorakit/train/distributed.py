@@ -134,6 +134,19 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
     return model
 
 
+def fast_path_blocked(env: DistEnv) -> str | None:
+    """Why the GPU fast path cannot run under this strategy (None: it can, on every decoder layer).
+
+    The fused decoder runs all layers from one forward; under FSDP2 each block's weights are
+    gathered only by that block's own forward, so every batch would take transformers' forward.
+    DDP keeps whole layers on each process, and the fast path runs them as on one process.
+    """
+    if env.enabled and env.strategy == "fsdp":
+        return ("FSDP2 shards the decoder layers, and each gathers its weights only in its own forward: "
+                "every layer runs transformers' forward")
+    return None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -76,7 +76,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     if env.strategy == "fsdp":
         log(f"FSDP2: {why}")
     if lazy_source is not None:
-        model, tokenizer = sharded.build_meta(lazy_source, base_dtype or default_dtype(target))
+        model, tokenizer = sharded.build_meta(lazy_source, base_dtype or default_dtype(target), args.quantize)
         device = target
     else:
         model, tokenizer = load_model(args.model, device=device, dtype=base_dtype, quantize=args.quantize)
@@ -102,7 +102,9 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     objective.setup_model(model)
     fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.train.memory)
-    if args.fast_path and device.type == "cuda":
+    if args.fast_path and device.type == "cuda" and (blocked := distributed.fast_path_blocked(env)):
+        log(f"GPU fast path off: {blocked}")
+    elif args.fast_path and device.type == "cuda":
         fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
                                   objective.batch_tokens(), args.seq_len)
         status = enable_fast_path(model, fitted.config if fitted else None)

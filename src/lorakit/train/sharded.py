@@ -10,14 +10,19 @@ The adapter starts exactly where a single process's would: its initial values ar
 the same order, from the same seed, on the same device type (`initial_adapter`), and each
 process keeps its rows. A resumed run reads them from the checkpoint (`checkpoint_adapter`).
 
+A 4-bit base (`--quantize nf4`) is loaded the same way: each process quantizes its own rows
+of every linear weight and keeps only their codes (`sharded_quant` says how the split keeps
+4-bit blocks whole and the result bit-identical to one process).
+
 What this path does not cover falls back to loading the whole model on every process, and
-`unsupported` says why: a quantized base (4-bit blocks do not split on row boundaries here),
-adapters other than plain LoRA on linear layers, or a checkpoint whose tensor names differ
-from the model's parameter names (transformers renames some older layouts while loading).
+`unsupported` says why: an int8 base, adapters other than plain LoRA on linear layers, a
+4-bit layer without an adapter, or a checkpoint whose tensor names differ from the model's
+parameter names (transformers renames some older layouts while loading).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,14 @@ from lorakit.adapters.files import AdapterFiles
 from lorakit.adapters.layers import LoraLinear
 from lorakit.adapters.state import get_state
 from lorakit.base.models import resolve_model
-from lorakit.base.quant import meta_buffers, rebuild_buffers
+from lorakit.base.quant import (
+    SafetensorsRows,
+    check_available,
+    large_blocks_returned,
+    meta_buffers,
+    rebuild_buffers,
+)
+from lorakit.train import sharded_quant
 from lorakit.train.distributed import DistEnv
 
 
@@ -45,30 +57,45 @@ def choose(name_or_path: str | None, env: DistEnv, config: LoraConfig, quantize:
     reason = unsupported(source, config, quantize)
     if reason is not None:
         return None, f"loading the whole model in every process: {reason}"
+    if quantize is not None:
+        return source, (f"built on the meta device; each process reads only its own rows of every weight "
+                        f"and quantizes them ({quantize}) itself")
     return source, "built on the meta device; each process reads only its own rows of every weight"
 
 
 def unsupported(source: str, config: LoraConfig, quantize: str | None) -> str | None:
     """Why the shard-by-shard load cannot serve this run (None: it can)."""
-    if quantize is not None:
-        return f"--quantize {quantize} loads the whole model and then shards it"
+    if quantize is not None and (reason := sharded_quant.refused(quantize)):
+        return reason
     if config.use_dora or config.modules_to_save or config.init != "default":
         return "only plain LoRA adapters (no DoRA, modules_to_save or special init) are built shard by shard"
     if not sorted(Path(source).glob("*.safetensors")):
         return f"{source} has no .safetensors files"
+    if quantize is not None:
+        return sharded_quant.unsupported_layers(_meta_model(source, torch.float32), config)
     return None
 
 
-def build_meta(source: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """The model on the meta device (no weights read) and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _meta_model(source: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def build_meta(source: str, dtype: torch.dtype, quantize: str | None = None) -> tuple[nn.Module, Any]:
+    """The model on the meta device (no weights read) and its tokenizer.
+
+    With `quantize` ("nf4") its linear layers are 4-bit layers waiting for their packed codes
+    (`sharded_quant.pack`), computing in `dtype`, as `load_quantized` would build them.
+    """
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config = AutoConfig.from_pretrained(source)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _meta_model(source, dtype)
     model.requires_grad_(False)
     missing = [n for n, _ in model.named_parameters() if n not in checkpoint_names(source)]
     if missing:
@@ -76,6 +103,8 @@ def build_meta(source: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
             f"{source}: the checkpoint's tensor names differ from the model's (no {missing[0]!r}); "
             "use --strategy ddp, or save the model again with save_pretrained"
         )
+    if quantize is not None:
+        sharded_quant.pack(model, dtype)
     model.eval()
     return model, tokenizer
 
@@ -153,32 +182,43 @@ def materialize(model: nn.Module, source: str, env: DistEnv, device: torch.devic
     """Allocate this process's shards of `model` (sharded on meta) and fill them.
 
     Base weights are read from the checkpoint a tensor at a time, each as this process's
-    rows only; adapter weights come from `adapter` (whole tensors, this process keeps its
-    rows). Buffers computed at construction (rotary frequencies) are rebuilt. Returns the
-    number of values this process holds.
+    rows only; a packed 4-bit weight is quantized from them here (`sharded_quant.fill`).
+    Adapter weights come from `adapter` (whole tensors, this process keeps its rows). Buffers
+    computed at construction (rotary frequencies) are rebuilt. Returns the number of values
+    this process holds (of a 4-bit weight: its packed bytes).
     """
     names = checkpoint_names(source)
+    packed = sharded_quant.packed_layers(model)
+    if packed:
+        check_available("nf4", device)
     buffers = meta_buffers(model)  # computed at construction, in no checkpoint: built again below
     model.to_empty(device=device)
     held = 0
-    handles: dict[Path, Any] = {}
-    try:
-        for name, param in model.named_parameters():
-            start, stop = _rows(param, env)
-            local = param.to_local() if isinstance(param, DTensor) else param
-            if name in adapter:
-                rows = adapter[name][start:stop] if local.dim() else adapter[name]
-            elif name in names:
-                file = names[name]
-                if file not in handles:
-                    handles[file] = safe_open(str(file), framework="pt")
-                tensor = handles[file].get_slice(name)
-                rows = tensor[start:stop] if local.dim() else tensor[:]
-            else:
-                raise ValueError(f"{source}: the checkpoint has no tensor {name!r}")
-            local.copy_(rows.to(device=device, dtype=local.dtype))
-            held += local.numel()
-    finally:
-        handles.clear()
+    # Plain reads of this process's rows: a memory-mapped checkpoint would count every page it
+    # touched as this process's memory while the file is open.
+    readers: dict[Path, SafetensorsRows] = {}
+    with large_blocks_returned():  # each tensor's rows go back to the OS once copied or quantized
+        try:
+            for name, param in model.named_parameters():
+                start, stop = _rows(param, env)
+                local = param.to_local() if isinstance(param, DTensor) else param
+                if name in adapter:
+                    rows = adapter[name][start:stop] if local.dim() else adapter[name]
+                elif name in names:
+                    file = names[name]
+                    if file not in readers:
+                        readers[file] = SafetensorsRows(file)
+                    if name in packed:  # read and quantized a chunk of its rows at a time
+                        read = functools.partial(readers[file].rows, name)
+                        held += sharded_quant.fill(packed[name], local, read, (start, stop), env)
+                        continue
+                    rows = readers[file].rows(name, start, stop)
+                else:
+                    raise ValueError(f"{source}: the checkpoint has no tensor {name!r}")
+                local.copy_(rows.to(device=device, dtype=local.dtype))
+                held += local.numel()
+        finally:
+            for reader in readers.values():
+                reader.close()
     rebuild_buffers(buffers, getattr(model, "config", None), device, "pass --quantize or use --strategy ddp")
     return held
