@@ -344,7 +344,7 @@ def create_app(
         # An adapter's own chat template (saved beside it by `lorakit train`) wins over the base model's.
         path = engine.adapters.paths.get(adapter) if adapter is not None else None
         try:
-            template = saved_template(path) if path is not None else None
+            template = await asyncio.to_thread(saved_template, path) if path is not None else None
         except OutsideAdapter as err:  # swapped for a link out since the adapter was loaded
             raise ApiError(403, f"adapter {body.model!r}: {err}", param="model", kind="permission_error") from None
         template = template or getattr(engine.tokenizer, "chat_template", None)

@@ -51,7 +51,7 @@ from lorakit.serve.requests import (
     _Collector,
     _Reply,
 )
-from lorakit.serve.sampling import Detokenizer, SamplingParams
+from lorakit.serve.sampling import Detokenizer, SamplingParams, decoding_for
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Engine:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self._decoding = decoding_for(tokenizer)  # probed once, not at each request's admission
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
@@ -379,7 +380,7 @@ class Engine:
                 if not self.adapters.ready(name, busy):
                     continue  # being read from disk, or every slot is busy: others may go first
                 busy.add(name)
-            request.detok = Detokenizer(self.tokenizer, request.params.stop)
+            request.detok = Detokenizer(self.tokenizer, request.params.stop, self._decoding)
             self._remove_waiting(request)
             admitted.append(request)
             tokens += len(request.prompt_ids)

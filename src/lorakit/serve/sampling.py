@@ -129,6 +129,16 @@ _PROBE = "a , b"
 """A text whose decoding `clean_up_tokenization` would change (it drops the space before a comma)."""
 
 
+Decoding = tuple[Callable[[list[int]], str], Callable[[int], object] | None]
+"""(the text decoder, the id namer or None): what a Detokenizer needs of its tokenizer."""
+
+
+def decoding_for(tokenizer) -> Decoding:
+    """`text_decoder` and `_namer` of `tokenizer`: both probe it, so a caller decoding many
+    requests with one tokenizer works them out once."""
+    return text_decoder(tokenizer), _namer(tokenizer)
+
+
 def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     """`tokenizer.decode(ids, skip_special_tokens=True)` as a function, calling the Rust
     `tokenizers` decoder directly where that returns exactly the same text: a transformers
@@ -194,14 +204,15 @@ class Detokenizer:
     number of tokens per token, whatever the tokenizer and the ids.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
-        self.decode = text_decoder(tokenizer)
+    def __init__(self, tokenizer, stop: Sequence[str], decoding: Decoding | None = None) -> None:
+        """`decoding`: `decoding_for(tokenizer)`, worked out once by a caller that decodes many
+        requests (the engine) rather than once a request."""
+        self.decode, self._name = decoding or decoding_for(tokenizer)
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
-        self._name = _namer(tokenizer)
         self._window: list[int] = []  # the ids being decoded; earlier ones are dropped
         self._read = 0  # window[:_read] is text already taken in, kept as context
         self._before = ""  # decode(window[:_read])
