@@ -368,3 +368,17 @@ def test_fsdp_quantized_loading_leaves_moe_models_to_the_whole_load() -> None:
 
     reason = unsupported_layers(tiny_moe("qwen3_moe"), LoraConfig(target_modules="all-linear"))
     assert reason is not None and "model.layers.0.mlp.experts holds fused mixture-of-experts weights" in reason
+
+
+def test_the_documented_moe_example_runs(tmp_path, monkeypatch, capsys) -> None:
+    """docs/training.md's paste-and-run example prints what it says it prints."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    section = text[text.index("## Mixture-of-experts models"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "training.md", "exec"), {})
+    assert "adapted 8 attention, 2 experts; 100% of the projection weights" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "moe-adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
