@@ -153,3 +153,32 @@ def test_all_linear_covers_every_projection_and_peft_agrees(families, tmp_path) 
     for family, problem in sorted(problems.items()):
         print(f"{family}: {problem}")
     assert not problems, sorted(problems)
+
+
+def test_grouped_experts_equal_each_family_own_forward(families, monkeypatch) -> None:
+    """Where lorakit runs experts as grouped matmuls with the LoRA terms beside them, the result
+    equals the module's own forward with the updated weights in place (the weight path)."""
+    from lorakit.adapters import expert_grouped
+
+    grouped, problems = [], {}
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    for family, base in families.items():
+        if not any(expert_grouped.supports(m) for m in base.modules()):
+            continue
+        grouped.append(family)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = inject(copy.deepcopy(base), LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+            out = model(ids).logits
+            with monkeypatch.context() as patch:
+                patch.setattr(expert_grouped, "supports", lambda module: False)  # the weight path
+                reference = model(ids).logits
+        if (error := (out - reference).abs().max().item()) > 1e-5:
+            problems[family] = error
+    assert {"qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "olmoe"} <= set(grouped), grouped
+    assert not problems, problems
+    print(f"grouped experts in {len(grouped)} families: {', '.join(grouped)}")

@@ -171,6 +171,38 @@ def test_mixed_batch_equals_each_row_alone(family: str) -> None:
         torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-6)
 
 
+def largest_saved_update(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """The largest tensor the backward keeps of a forward that is not a parameter's own storage."""
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    largest = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        if t.untyped_storage().data_ptr() not in owned:
+            largest = max(largest, t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids).logits.float().square().mean().backward()
+    return largest
+
+
+def test_grouped_experts_never_form_the_update_as_a_weight(family: str, monkeypatch) -> None:
+    """The experts run as grouped matmuls with rank-r LoRA terms: the backward keeps nothing as
+    large as an expert weight, and the base weights get no gradient. The weight path (PEFT's way,
+    W + B @ A per forward) keeps the whole updated weight: the check can tell them apart."""
+    from lorakit.adapters import expert_grouped
+
+    model = inject(tiny_moe(family), LoraConfig(r=2, alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS))
+    randomize_b(model)
+    weight = max(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    assert largest_saved_update(model, ids) < weight
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    monkeypatch.setattr(expert_grouped, "supports", lambda module: False)
+    assert largest_saved_update(model, ids) >= weight
+
+
 def test_refusals_name_what_is_accepted() -> None:
     model = tiny_moe("qwen3_moe")
     with pytest.raises(ValueError, match="DoRA is not available on expert parameters"):

@@ -15,10 +15,11 @@ The factors are kept in PEFT's layout for `target_parameters`, so files need no 
 `lora_A` is (experts * r, in) with expert e's rows at [e*r, (e+1)*r), and `lora_B` is
 (out, r * experts) with expert e's column k at k*experts + e.
 
-The base module's own forward runs (whatever experts implementation transformers picked:
-eager loop, batched or grouped matmul) with the updated weights put in place of its
-parameters through `torch.func.functional_call`; the base parameters themselves are never
-written, except by an explicit `merge`.
+The forward sorts tokens by expert and runs each projection and its LoRA terms as grouped
+matmuls (`expert_grouped`): the update is never formed as a weight. A module outside
+transformers' common experts interface runs its own forward instead, with the updated weights
+put in place of its parameters through `torch.func.functional_call`. The base parameters
+themselves are never written, except by an explicit `merge`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lorakit.adapters import qweights
+from lorakit.adapters import expert_grouped, qweights
 from lorakit.adapters.layers import LoraLayer, RequantizationWarning, adapter_dtype, init_on_cpu
 
 
@@ -272,12 +273,38 @@ class LoraExperts(LoraLayer):
 
     # forward ----------------------------------------------------------------------------
 
+    def factors(self, param: str) -> expert_grouped.Factors:
+        """`param`'s LoRA factors per adapter, laid out for grouped matmuls (see expert_grouped)."""
+
+        def of(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+            if param not in self.targets.get(name, ()):
+                return None
+            r = self.r[name]
+            in_f, out_f = self.in_out(param)
+            a = self.lora_A[name][param].to(dtype).view(self.num_experts, r, in_f).transpose(1, 2)  # (E, in, r)
+            b = self.lora_B[name][param].to(dtype).view(out_f, r, self.num_experts).permute(2, 1, 0)  # (E, r, out)
+            return a, b.contiguous(), self.scaling[name]
+
+        return of
+
+    def _grouped(self, names: Sequence[str], hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, adapter_of_token: torch.Tensor | None = None) -> torch.Tensor:
+        weights = {p: getattr(self, p) for p in self._own_params}
+        for param in self.quantized_shapes:
+            weights[param] = self.base_weight(param)
+        factors = {p: self.factors(p) for p in self.expert_params}
+        return expert_grouped.experts_forward(self._base_shell[0], weights, factors, names, hidden_states,
+                                              top_k_index, top_k_weights, adapter_of_token)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         base = self._base_shell[0]
         if self.mixed is not None:
             return self._mixed_forward(hidden_states, *args, **kwargs)
         running = self.active_adapters if self._runs_adapters() else []
         running = [n for n in running if n not in self.merged_adapters]
+        if running and expert_grouped.supports(base) and len(args) == 2 and not kwargs:
+            # The updates as rank-r grouped matmuls, never as weights (expert_grouped).
+            return self._grouped(running, hidden_states, *args)
         return functional_call(base, self.weights(running), (hidden_states, *args), kwargs, strict=False)
 
     def _mixed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -297,8 +324,10 @@ class LoraExperts(LoraLayer):
         if tokens % rows:
             raise ValueError(f"the experts got {tokens} tokens, which is not a whole number per row of {rows} rows")
         per_token = mixed.row_index.repeat_interleave(tokens // rows)
-        out = None
         base = self._base_shell[0]
+        if expert_grouped.supports(base) and not args and not kwargs:
+            return self._grouped(mixed.names, hidden_states, top_k_index, top_k_weights, per_token)
+        out = None
         for index in per_token.unique().tolist():
             name = mixed.names[index] if index >= 0 else None
             where = (per_token == index).nonzero().squeeze(1)
