@@ -414,3 +414,49 @@ def test_the_documented_moe_example_runs(tmp_path, monkeypatch, capsys) -> None:
     assert "adapted 8 attention, 2 experts; 100% of the projection weights" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "moe-adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+
+
+@pytest.mark.parametrize("moe_family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("recompute", ["none", "all"])
+def test_fast_path_runs_moe_layers_as_the_model_does(moe_family: str, recompute: str) -> None:
+    """The training fast path on a mixture of experts (attention fused, the experts grouped):
+    the loss and every adapter gradient equal the model's own forward, with and without recompute."""
+    from lorakit.train.fastpath import FastPathConfig, enable_fast_path
+
+    model = tiny_moe(moe_family).double().train()
+    if moe_family == "qwen3_moe":  # one dense layer among the sparse ones, as mlp_only_layers allows
+        config = copy.deepcopy(model.config)
+        config.mlp_only_layers = [1]
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).double().train()
+    inject(model, LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    randomize_b(model)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    reference = copy.deepcopy(model)
+    expected = reference(input_ids=ids, labels=labels).loss
+    expected.backward()
+    status = enable_fast_path(model, FastPathConfig(recompute=recompute))
+    assert status.enabled, status.reason
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None  # the fused loss ran
+    out.loss.backward()
+    # transformers computes the loss in fp32 even for an fp64 model: compare at fp32 precision
+    torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-6, atol=1e-6)
+    theirs = dict(reference.named_parameters())
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".experts." in n for n, _ in grads)
+    for name, grad in grads:
+        torch.testing.assert_close(grad, theirs[name].grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_fast_path_refuses_router_logits_and_foreign_experts() -> None:
+    from lorakit.train.fastpath import enable_fast_path
+
+    model = tiny_moe("qwen3_moe").train()
+    model.config.output_router_logits = True
+    status = enable_fast_path(model)
+    assert not status.enabled and "output_router_logits" in status.reason
+    status = enable_fast_path(tiny_moe("gpt_oss").train())
+    assert not status.enabled and "GptOssForCausalLM" in status.reason

@@ -61,12 +61,25 @@ class Shape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+        return cls(config.num_hidden_layers, config.hidden_size, intermediate_of(config),
                    heads * head_dim, kv_heads * head_dim, config.vocab_size, heads)
 
     def kept_layer(self) -> int:
         """Values per token a decoder layer keeps for its backward when it is not recomputed."""
         return self.hidden + self.q_dim + 2 * self.kv_dim + 2 * self.intermediate
+
+
+def intermediate_of(config) -> int:
+    """The width of a layer's MLP activations per token (half of what a layer keeps for them).
+
+    A mixture of experts keeps, for each of a token's k experts, its input and output rows (2 d)
+    and its gate/up product and gated values (3 m): k * (2 d + 3 m) values, counted here as an
+    intermediate of half that (a dense layer keeps 2 x intermediate)."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not top_k or not (getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)):
+        return config.intermediate_size
+    expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return top_k * (2 * config.hidden_size + 3 * expert) // 2
 
 
 def activation_bytes(shape: Shape, tokens: int, keep_layers: int, element: int = 2) -> int:

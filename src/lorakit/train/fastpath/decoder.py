@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM) on the fused pieces.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM, and the mixtures of experts
+Qwen3-MoE and Mixtral) on the fused pieces.
 
 `causal_lm_loss` computes exactly what `model(input_ids, labels=labels).loss` computes
 for a transformers Llama-family model with lorakit adapters, but:
@@ -19,6 +20,11 @@ for a transformers Llama-family model with lorakit adapters, but:
   (normalised inputs, SwiGLU product) in the backward, or keeps them with
   `save_intermediates` (more memory, less work).
 
+A mixture-of-experts layer runs its block's own router and then its experts as grouped
+matmuls with the LoRA terms beside them (`lorakit.adapters.expert_grouped`: tokens sorted by
+expert, one grouped kernel a projection, no loop over experts), after a fused RMSNorm; the
+attention half of the layer, the recompute and the loss are as above.
+
 `supported(model)` says why a model cannot take this path (None when it can).
 """
 
@@ -29,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorakit.adapters import expert_grouped
+from lorakit.adapters.experts import LoraExperts
 from lorakit.adapters.layers import LoraLinear
 from lorakit.base.models import ARCHITECTURES
 from lorakit.train.fastpath.attention import Segments, packed_attention, segments_from_positions
@@ -47,6 +55,10 @@ from lorakit.train.fastpath.loss import linear_cross_entropy, linear_token_logps
 """Model classes the fast path runs (SmolLM checkpoints are LlamaForCausalLM)."""
 
 IGNORE_INDEX = -100
+
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+"""Mixture-of-experts models whose attention is the Llama family's: their expert layers run
+their own router and the grouped experts."""
 
 _PROJECTIONS = (
     ("self_attn", "q_proj"),
@@ -88,9 +100,11 @@ def _linear_reason(module: nn.Module, path: str) -> str | None:
 def supported(model: nn.Module) -> str | None:
     """Why `model` cannot take the fast path, or None when it can."""
     name = type(model).__name__
-    if name not in ARCHITECTURES:
-        return f"{name} is not a supported architecture (supported: {', '.join(ARCHITECTURES)})"
+    if name not in ARCHITECTURES + MOE_ARCHITECTURES:
+        return f"{name} is not a supported architecture (supported: {', '.join(ARCHITECTURES + MOE_ARCHITECTURES)})"
     config = model.config
+    if getattr(config, "output_router_logits", False):
+        return "output_router_logits is on (the router's auxiliary loss is not fused)"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} (the fast path fuses silu)"
     inner = model.model
@@ -100,13 +114,32 @@ def supported(model: nn.Module) -> str | None:
     if type(head) is not nn.Linear or head.bias is not None:
         return f"lm_head is a {type(head).__name__}; the fused loss needs a plain linear head without bias"
     for i, layer in enumerate(inner.layers):
+        sparse = _sparse(layer.mlp)
+        if sparse and (reason := _experts_reason(layer.mlp.experts, f"layers.{i}.mlp.experts")):
+            return reason
         for parent, child in _PROJECTIONS:
+            if sparse and parent == "mlp":
+                continue
             module = getattr(getattr(layer, parent), child)
             reason = _linear_reason(module, f"layers.{i}.{parent}.{child}")
             if reason is not None:
                 return reason
         if model.training and getattr(layer.self_attn, "attention_dropout", 0.0):
             return f"attention dropout {layer.self_attn.attention_dropout}"
+    return None
+
+
+def _sparse(mlp: nn.Module) -> bool:
+    """Whether a layer's MLP is a mixture-of-experts block (a router and fused experts)."""
+    return hasattr(mlp, "experts")
+
+
+def _experts_reason(experts: nn.Module, path: str) -> str | None:
+    base = experts._base_shell[0] if isinstance(experts, LoraExperts) else experts
+    if not expert_grouped.supports(base):
+        return f"{path} ({type(base).__name__}) is outside transformers' common experts interface"
+    if isinstance(experts, LoraExperts) and experts.mixed is not None:
+        return f"{path} is in a mixed-adapter batch"
     return None
 
 
@@ -184,6 +217,9 @@ def decoder_layer(
     # the residual adds ride in the o and down projections' GEMMs
     (h,) = lora_group(o, (_projection(attn.o_proj),), keep, residual=h.view(batch * seq, d))
     norm = layer.post_attention_layernorm
+    if _sparse(mlp):  # the block's router, then the experts as grouped matmuls
+        x = rms_norm(h, norm.weight, _eps(norm), "moe")
+        return (h + mlp(x.view(batch, seq, d)).view(batch * seq, d)).view(batch, seq, d)
     g, u = norm_lora_group(
         h,
         norm.weight,
