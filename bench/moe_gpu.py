@@ -2,10 +2,19 @@
 
 A Qwen3-30B-A3B-shaped model (hidden 2048, 128 experts of intermediate 768, top-8, 32 query and 4
 key-value heads, vocabulary 151,936) with random weights and fewer layers (`--layers`, default 6),
-bf16, LoRA r=16 on the attention projections and on both expert parameters. Both sides train the
+bf16, LoRA r=16 on the attention projections and on both expert parameters. The cases train the
 same tokens with AdamW, one after the other, alternated (`--rounds`), and report tokens/s and peak
-memory; transformers runs its default experts implementation for both. Before timing, the same
-adapter weights are loaded into both and their losses compared.
+memory:
+
+    lorakit          the fast path as `lorakit train --memory auto` sets it up (fused attention
+                     and loss, the experts as grouped matmuls with their LoRA terms, recompute as
+                     the memory fit chose)
+    lorakit-generic  the model's own forward with lorakit's layers (grouped experts, no fusion)
+    peft-grouped_mm  PEFT's `target_parameters` on transformers' fastest experts implementation
+                     (`experts_implementation="grouped_mm"`, one grouped kernel a projection)
+    peft-grouped_mm-gc  the same with gradient checkpointing (transformers' own), for memory
+
+Before timing, the same adapter weights are loaded into lorakit and PEFT and their losses compared.
 
     python3 bench/moe_gpu.py --out moe_gpu.jsonl
 """
@@ -39,12 +48,13 @@ def moe_config(layers: int):
     return AutoConfig.for_model("qwen3_moe", **{**shape, **SHAPE})
 
 
-def build_base(layers: int, device: str):
+def build_base(layers: int, device: str, experts: str | None = None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
+    extra = {"experts_implementation": experts} if experts else {}
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(moe_config(layers), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(moe_config(layers), dtype=torch.bfloat16, **extra)
     return model.train()
 
 
@@ -66,6 +76,35 @@ def with_peft(base):
                                                      target_parameters=EXPERTS))
 
 
+def with_lorakit_fast(base, tokens: int, seq_len: int):
+    """lorakit's adapter on the fast path, with the settings `--memory auto` picks."""
+    from lorakit.train.fastpath import enable_fast_path
+    from lorakit.train.memory import fit_for_training
+
+    model = with_lorakit(base)
+    device = next(model.parameters()).device
+    fitted = fit_for_training(model, device, "auto", None, tokens, seq_len) if device.type == "cuda" else None
+    status = enable_fast_path(model, fitted.config if fitted else None)
+    if not status.enabled:
+        raise RuntimeError(f"fast path off: {status.reason}")
+    return model
+
+
+CASES = ("lorakit", "lorakit-generic", "peft-grouped_mm", "peft-grouped_mm-gc")
+
+
+def build_case(case: str, layers: int, device: str, tokens: int, seq_len: int):
+    if case == "lorakit":
+        return with_lorakit_fast(build_base(layers, device), tokens, seq_len)
+    if case == "lorakit-generic":
+        return with_lorakit(build_base(layers, device))
+    model = with_peft(build_base(layers, device, "grouped_mm"))
+    if case.endswith("-gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -81,6 +120,8 @@ def train(model, batches, warmup: int) -> dict:
     for step, ids in enumerate(batches):
         if step == warmup:
             sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()  # the first steps' compiles and autotuning are not the run's
             start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -128,6 +169,7 @@ def main() -> None:
     parser.add_argument("--out", default="moe_gpu.jsonl")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, to try the script on a CPU")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     args = parser.parse_args()
     device = args.device
     if args.tiny:
@@ -151,10 +193,18 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     for round_ in range(args.rounds):
-        for name, attach in (("lorakit", with_lorakit), ("peft", with_peft)):
-            model = attach(build_base(args.layers, device))
-            impl = getattr(model.config, "_experts_implementation", None)
-            result = train(model, batches, args.warmup)
+        for name in args.cases.split(","):
+            model = None
+            try:
+                model = build_case(name, args.layers, device, args.batch * args.seq_len, args.seq_len)
+                impl = getattr(model.config, "_experts_implementation", None)
+                if name.startswith("lorakit"):
+                    from lorakit.adapters import expert_grouped
+
+                    impl = "lorakit grouped" if any(expert_grouped.supports(m) for m in model.modules()) else impl
+                result = train(model, batches, args.warmup)
+            except torch.OutOfMemoryError as err:
+                result, impl = {"error": f"out of memory: {str(err)[:160]}"}, None
             record({"case": name, "round": round_, "layers": args.layers, "batch": args.batch,
                     "seq_len": args.seq_len, "experts_implementation": impl, **result})
             del model

@@ -89,27 +89,50 @@ def _aligned(t: torch.Tensor) -> bool:
     return major and all(s * size % 16 == 0 for s in t.stride() if s != 1) and t.data_ptr() % 16 == 0
 
 
-def _offsets(expert_ids: torch.Tensor, experts: int) -> torch.Tensor:
-    """Cumulative token counts per expert of sorted `expert_ids` (int32, as grouped_mm takes)."""
-    counts = torch.bincount(expert_ids, minlength=experts)
-    return torch.cumsum(counts, 0, dtype=torch.int32)
+def _offsets(keys: torch.Tensor, groups: int) -> torch.Tensor:
+    """Cumulative counts per group of sorted integer `keys` (int32, as grouped_mm takes), counted
+    with a histogram: its output size is fixed, so the host never waits for the device here."""
+    counts = torch.histc(keys.float(), bins=groups, min=0, max=groups - 1)
+    return torch.cumsum(counts, 0).to(torch.int32)
 
 
-def _project(
-    x: torch.Tensor, weight: torch.Tensor, transposed: bool, offsets: torch.Tensor,
-    lora: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, float]],
-) -> torch.Tensor:
-    """The grouped projection of expert-sorted tokens x (S, in) plus the LoRA terms.
+def stack_factors(factors: Factors, names: Sequence[str], experts: int, dtype: torch.dtype,
+                  in_out: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every adapter's factors of one parameter in one pair of tensors, for a mixed batch:
 
-    `lora` holds, per adapter present: the positions (in x's order) of its tokens, sorted by
-    expert; their offsets; A (E, in, r); B (E, r, out); and its scaling."""
+        A: (E * (n + 1), in, r_max)    B: (E * (n + 1), r_max, out)
+
+    group e * (n + 1) + k holds adapter k's factors for expert e (B scaled, rank padded with
+    zeros), and group e * (n + 1) + n is zero: the rows of that expert that use no adapter.
+    None where no adapter of `names` adapts the parameter."""
+    got = [factors(name, dtype) for name in names]
+    present = [g for g in got if g is not None]
+    if not present:
+        return None
+    in_f, out_f = in_out
+    r_max = max(a.shape[-1] for a, _, _ in present)
+    first = present[0][0]
+    a_stack = first.new_zeros((experts, len(names) + 1, in_f, r_max))
+    b_stack = first.new_zeros((experts, len(names) + 1, r_max, out_f))
+    for k, item in enumerate(got):
+        if item is not None:
+            a, b, scaling = item
+            a_stack[:, k, :, : a.shape[-1]] = a
+            b_stack[:, k, : b.shape[1], :] = b * scaling
+    return a_stack.view(-1, in_f, r_max), b_stack.view(-1, r_max, out_f)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, transposed: bool, offsets: torch.Tensor,
+             lora: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """The grouped projection of expert-sorted tokens x (S, in), plus, for each (offsets, A
+    (G, in, r), B (G, r, out), scaling) of `lora`, scaling * (x @ A[g]) @ B[g] over its groups."""
     w = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
     out = grouped_mm(x.to(w.dtype), w, offsets)
-    for where, where_offsets, a, b, scaling in lora:
-        part = x if where is None else x[where]
-        low = grouped_mm(part.to(a.dtype), a, where_offsets) * scaling  # (S_k, r)
-        update = grouped_mm(low, b, where_offsets).to(out.dtype)  # (S_k, out)
-        out = out + update if where is None else out.index_add(0, where, update)
+    for lora_offsets, a, b, scaling in lora:
+        low = grouped_mm(x.to(a.dtype), a, lora_offsets)  # (S, r)
+        if scaling != 1.0:
+            low = low * scaling
+        out = out + grouped_mm(low, b, lora_offsets).to(out.dtype)
     return out
 
 
@@ -122,45 +145,52 @@ def experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     adapter_of_token: torch.Tensor | None = None,
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     """`module`'s forward with LoRA terms; hidden_states (T, d), top_k_index/weights (T, k).
 
     `weights`: the module's parameters by name (decoded where stored quantized);
     `factors[param]`: that parameter's LoRA factors per adapter; `adapters`: the adapters that
     run, every token through all of them when `adapter_of_token` is None, else token t through
-    `adapters[adapter_of_token[t]]` alone (-1: none)."""
+    `adapters[adapter_of_token[t]]` alone (-1: none). A mixed batch sorts the routed tokens by
+    (expert, adapter), so one grouped matmul over `stack_factors`' groups serves every adapter;
+    `stacks` may hold those stacks ready (a server keeps them from step to step)."""
     tokens, top_k = top_k_index.shape
     experts = module.num_experts
     flat_experts = top_k_index.reshape(-1)  # (S,), S = T * k
-    sorted_experts, order = torch.sort(flat_experts, stable=True)
+    groups = 1
+    if adapter_of_token is not None:
+        groups = len(adapters) + 1
+        slot = torch.where(adapter_of_token < 0, len(adapters), adapter_of_token)
+        keys = flat_experts * groups + slot.repeat_interleave(top_k)
+    else:
+        keys = flat_experts
+    sorted_keys, order = torch.sort(keys, stable=True)
+    sorted_experts = sorted_keys // groups
     x = hidden_states[order // top_k]  # (S, d)
     offsets = _offsets(sorted_experts, experts)
-    routed_adapter = None
-    if adapter_of_token is not None:
-        routed_adapter = adapter_of_token[order // top_k]  # (S,)
+    lora_offsets = offsets if adapter_of_token is None else _offsets(sorted_keys, experts * groups)
+    dtype = weights["gate_up_proj" if module.has_gate else "up_proj"].dtype
 
-    def lora_terms(param: str, dtype: torch.dtype) -> list:
-        terms = []
-        for index, name in enumerate(adapters):
-            got = factors[param](name, dtype) if param in factors else None
-            if got is None:
-                continue
-            a, b, scaling = got
-            if routed_adapter is None:
-                terms.append((None, offsets, a, b, scaling))
-                continue
-            where = (routed_adapter == index).nonzero().squeeze(1)  # already sorted by expert
-            if where.numel():
-                terms.append((where, _offsets(sorted_experts[where], experts), a, b, scaling))
-        return terms
+    def lora_terms(param: str) -> list:
+        if param not in factors:
+            return []
+        if adapter_of_token is None:
+            found = (factors[param](name, dtype) for name in adapters)
+            return [(offsets, a, b, scaling) for a, b, scaling in (f for f in found if f is not None)]
+        stacked = stacks[param] if stacks is not None and param in stacks else None
+        if stacked is None:
+            w = weights[param]
+            in_out = (w.shape[1], w.shape[2]) if module.is_transposed else (w.shape[2], w.shape[1])
+            stacked = stack_factors(factors[param], adapters, experts, dtype, in_out)
+        return [] if stacked is None else [(lora_offsets, *stacked, 1.0)]
 
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    dtype = weights[first].dtype
-    h = _project(x, weights[first], module.is_transposed, offsets, lora_terms(first, dtype))
+    h = _project(x, weights[first], module.is_transposed, offsets, lora_terms(first))
     if module.has_bias:
         h = h + weights[first + "_bias"][sorted_experts]
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    out = _project(h, weights["down_proj"], module.is_transposed, offsets, lora_terms("down_proj", dtype))
+    out = _project(h, weights["down_proj"], module.is_transposed, offsets, lora_terms("down_proj"))
     if module.has_bias:
         out = out + weights["down_proj_bias"][sorted_experts]
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # promoted as the module's own forward does

@@ -82,6 +82,10 @@ class LoraExperts(LoraLayer):
         self.quantized_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         """Expert parameters stored quantized (QLoRA's base): their shape and compute dtype."""
         self.requantization_error: float | None = None
+        # A server's mixed batches: every slot's factors stacked once (expert_grouped.stack_factors),
+        # kept while the slots and the adapters stay the same.
+        self._changes = 0
+        self._stack_cache: tuple[tuple[str, ...], int, dict] | None = None
 
     # shapes ---------------------------------------------------------------------------
 
@@ -181,6 +185,7 @@ class LoraExperts(LoraLayer):
         if unknown:
             raise ValueError(f"{unknown} are not expert parameters of this module; it has {list(self.expert_params)}")
         self._set_scaling(name, r, alpha, use_rslora)
+        self._changes += 1
         self.use_dora[name] = False
         self.targets[name] = chosen
         first = getattr(self, chosen[0])
@@ -205,6 +210,7 @@ class LoraExperts(LoraLayer):
                 del table[name]
         self.targets.pop(name, None)
         self._forget(name)
+        self._changes += 1
 
     # weights ----------------------------------------------------------------------------
 
@@ -288,13 +294,28 @@ class LoraExperts(LoraLayer):
         return of
 
     def _grouped(self, names: Sequence[str], hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, adapter_of_token: torch.Tensor | None = None) -> torch.Tensor:
+                 top_k_weights: torch.Tensor, adapter_of_token: torch.Tensor | None = None,
+                 slots: tuple[str, ...] | None = None) -> torch.Tensor:
         weights = {p: getattr(self, p) for p in self._own_params}
         for param in self.quantized_shapes:
             weights[param] = self.base_weight(param)
         factors = {p: self.factors(p) for p in self.expert_params}
+        stacks = None
+        if slots is not None and not torch.is_grad_enabled():
+            stacks = self._cached_stacks(slots, factors, weights[self.expert_params[0]].dtype)
         return expert_grouped.experts_forward(self._base_shell[0], weights, factors, names, hidden_states,
-                                              top_k_index, top_k_weights, adapter_of_token)
+                                              top_k_index, top_k_weights, adapter_of_token, stacks)
+
+    def _cached_stacks(self, slots: tuple[str, ...], factors: dict, dtype: torch.dtype) -> dict:
+        """The slots' stacked factors, built again only when the slots or the adapters changed.
+        Weights changed in place (an optimizer step) are not noticed, as for the linear layers."""
+        cache = self._stack_cache
+        if cache is not None and cache[0] == slots and cache[1] == self._changes:
+            return cache[2]
+        stacks = {p: expert_grouped.stack_factors(factors[p], slots, self.num_experts, dtype, self.in_out(p))
+                  for p in self.expert_params}
+        self._stack_cache = (slots, self._changes, stacks)
+        return stacks
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         base = self._base_shell[0]
@@ -326,7 +347,7 @@ class LoraExperts(LoraLayer):
         per_token = mixed.row_index.repeat_interleave(tokens // rows)
         base = self._base_shell[0]
         if expert_grouped.supports(base) and not args and not kwargs:
-            return self._grouped(mixed.names, hidden_states, top_k_index, top_k_weights, per_token)
+            return self._grouped(mixed.names, hidden_states, top_k_index, top_k_weights, per_token, mixed.slots)
         out = None
         for index in per_token.unique().tolist():
             name = mixed.names[index] if index >= 0 else None
