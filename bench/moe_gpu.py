@@ -199,9 +199,10 @@ def main() -> None:
                 model = build_case(name, args.layers, device, args.batch * args.seq_len, args.seq_len)
                 impl = getattr(model.config, "_experts_implementation", None)
                 if name.startswith("lorakit"):
-                    from lorakit.adapters import expert_grouped
+                    from lorakit.adapters.experts import LoraExperts
 
-                    impl = "lorakit grouped" if any(expert_grouped.supports(m) for m in model.modules()) else impl
+                    grouped = [m.grouped for m in model.modules() if isinstance(m, LoraExperts)]
+                    impl = "lorakit grouped" if grouped and all(grouped) else f"lorakit weights ({impl})"
                 result = train(model, batches, args.warmup)
             except torch.OutOfMemoryError as err:
                 result, impl = {"error": f"out of memory: {str(err)[:160]}"}, None

@@ -279,6 +279,11 @@ class LoraExperts(LoraLayer):
 
     # forward ----------------------------------------------------------------------------
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the experts run as grouped matmuls with their LoRA terms (expert_grouped)."""
+        return expert_grouped.supports(self._base_shell[0])
+
     def factors(self, param: str) -> expert_grouped.Factors:
         """`param`'s LoRA factors per adapter, laid out for grouped matmuls (see expert_grouped)."""
 
