@@ -176,7 +176,7 @@ def test_init_adapter_as_reference(tmp_path, tiny_model_dir, pair_data):
 
 def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, pair_data, capsys):
     cases = [
-        (["--objective", "kto"], "--objective must be one of sft, dpo, orpo, got 'kto'"),
+        (["--objective", "kto"], "--objective must be one of sft, dpo, orpo, grpo, got 'kto'"),
         (["--objective", "dpo", "--beta", "0"], "--beta must be > 0, got 0.0"),
         (["--objective", "dpo", "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
         (["--objective", "dpo", "--reference", "init"], "--reference init needs --init-adapter DIR"),
