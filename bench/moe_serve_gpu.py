@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from moe_gpu import ATTENTION, EXPERTS, SHAPE, TINY, build_base
-from serve import byte_tokenizer
 
 import lorakit
 from lorakit.adapters.files import AdapterFiles, adapter_config_dict, adapter_state_dict
 from lorakit.adapters.inject import delete_adapter
 from lorakit.serve import Engine, SamplingParams
+from moe_gpu import ATTENTION, EXPERTS, SHAPE, TINY, build_base
+from serve import byte_tokenizer
 
 
 def sync() -> None:
