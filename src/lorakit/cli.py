@@ -236,7 +236,15 @@ class ExportArgs:
 def run_train(args: Any) -> None:
     from lorakit.train.recipe import train
 
-    train(args)
+    rollouts = None
+    if args.objective == "grpo":  # GRPO samples through the serving engine, reading the live adapter
+        try:
+            from lorakit.serve.rollouts import Rollouts
+        except ImportError as err:
+            raise ValueError(f"--objective grpo samples through lorakit's serving engine, which is not "
+                             f"available in this installation ({err})") from None
+        rollouts = Rollouts
+    train(args, rollouts=rollouts)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, a finished run leaves without interpreter teardown: the adapter,
         # metrics and trackers are written and the processes synchronised by now, and gloo's

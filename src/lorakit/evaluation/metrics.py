@@ -77,9 +77,8 @@ def _regex_scorer(pattern: re.Pattern) -> Callable[[str, str], float]:
     return score
 
 
-def parse_metric(spec: str) -> Metric:
-    """The metric named by `--metric`; a ValueError says what is accepted."""
-    accepted = "accepted: exact, json, regex:PATTERN, MODULE:FUNCTION"
+def builtin_metric(spec: str, option: str = "--metric") -> Metric | None:
+    """exact, json or regex:PATTERN as a `Metric`; None for anything else (a MODULE:FUNCTION)."""
     if spec == "exact":
         return Metric("exact", spec, exact)
     if spec == "json":
@@ -88,26 +87,42 @@ def parse_metric(spec: str) -> Metric:
         try:
             pattern = re.compile(spec[len("regex:"):])
         except re.error as err:
-            raise ValueError(f"--metric {spec!r}: not a valid regular expression ({err})") from None
+            raise ValueError(f"{option} {spec!r}: not a valid regular expression ({err})") from None
         if not pattern.pattern:
-            raise ValueError(f"--metric {spec!r}: the pattern is empty; {accepted}")
+            raise ValueError(f"{option} {spec!r}: the pattern is empty; accepted: exact, json, regex:PATTERN, "
+                             "MODULE:FUNCTION")
         return Metric("regex", spec, _regex_scorer(pattern))
+    return None
+
+
+def import_function(spec: str, option: str, accepted: str, what: str) -> tuple[str, Callable[..., Any]]:
+    """The function MODULE:FUNCTION names (the current directory is searched too), and its name."""
     module_name, colon, function_name = spec.rpartition(":")
     if not colon or not module_name or not function_name.isidentifier():
-        raise ValueError(f"--metric {spec!r} is not a metric; {accepted}")
+        raise ValueError(f"{option} {spec!r} is not {what}; {accepted}")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.append(str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"--metric {spec!r}: cannot import module {module_name!r} ({err})") from None
+        raise ValueError(f"{option} {spec!r}: cannot import module {module_name!r} ({err})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"--metric {spec!r}: module {module_name!r} has no function {function_name!r}")
+        raise ValueError(f"{option} {spec!r}: module {module_name!r} has no function {function_name!r}")
     if function_name in RESERVED:
-        raise ValueError(f"--metric {spec!r}: the name {function_name!r} is taken by a logged value; "
+        raise ValueError(f"{option} {spec!r}: the name {function_name!r} is taken by a logged value; "
                          f"rename the function (taken: {', '.join(RESERVED)})")
-    return Metric(function_name, spec, function)
+    return function_name, function
+
+
+def parse_metric(spec: str) -> Metric:
+    """The metric named by `--metric`; a ValueError says what is accepted."""
+    accepted = "accepted: exact, json, regex:PATTERN, MODULE:FUNCTION"
+    builtin = builtin_metric(spec)
+    if builtin is not None:
+        return builtin
+    name, function = import_function(spec, "--metric", accepted, "a metric")
+    return Metric(name, spec, function)
 
 
 # prompts and references ------------------------------------------------------------------

@@ -9,6 +9,10 @@ Three tiers, each with least-recently-used eviction:
     cpu     at most `max_on_cpu` adapters read into memory (`AdapterFiles`), ready to attach.
     disk    every registered adapter's directory.
 
+A live adapter is one already attached to the model (the adapter being trained) that the
+engine serves as it stands: it has no files and never leaves the device, takes a device
+slot of its own, and its weights are read where they are (`add_live`, `refresh_live`).
+
 Reading from disk runs on a background thread so a decode loop never waits on a file;
 attaching (a copy of a few MB) runs on the engine's thread between steps. An adapter in
 use by a running request is never evicted from the device.
@@ -138,6 +142,7 @@ class AdapterCache:
         self.on_device: OrderedDict[str, AdapterFiles] = OrderedDict()  # least recently used first
         self.on_cpu: OrderedDict[str, AdapterFiles] = OrderedDict()
         self.slots: tuple[str, ...] = ()
+        self.live: dict[str, object] = {}  # name -> a token that `refresh_live` replaces
         self._slot_list: list[str | None] = []  # positions in the stacks; None: a free slot
         self._unreadable: set[str] = set()
         self._inside: set[str] = set()  # adapters whose files all lay inside their directory when loaded
@@ -154,6 +159,33 @@ class AdapterCache:
     def names(self) -> list[str]:
         return list(self.paths)
 
+    def known(self, name: str) -> bool:
+        return name in self.paths or name in self.live
+
+    @property
+    def resident(self) -> dict[str, object]:
+        """Every adapter on the device, live ones included: name -> what its weights came
+        from (a live adapter's refresh token, a loaded one's files). The fast decode path
+        rewrites a slot whose source changed."""
+        return {**self.live, **self.on_device}
+
+    # live adapters -------------------------------------------------------------------
+
+    def add_live(self, name: str, busy: Collection[str]) -> None:
+        """Serve `name`, already attached to the model, as it is (see the module docstring)."""
+        if name in self.paths or name in self.live:
+            raise ValueError(f"an adapter named {name!r} is already served; pick another name")
+        if not self._make_room(busy):
+            raise ValueError(f"every device slot ({self.max_on_device}) is in use; no room for adapter {name!r}")
+        self.live[name] = object()
+
+    def refresh_live(self, name: str) -> None:
+        """Mark live adapter `name` as changed in place (a decode path that copies it copies it again)."""
+        self.live[name] = object()
+
+    def remove_live(self, name: str) -> None:
+        self.live.pop(name, None)
+
     # registration --------------------------------------------------------------------
 
     def register(self, name: str, files: AdapterFiles, busy: Collection[str]) -> None:
@@ -162,7 +194,7 @@ class AdapterCache:
         Raises AdapterMismatch, leaving everything as it was, when it does not fit.
         """
         check_servable(files)
-        if name in self.paths:
+        if self.known(name):
             raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         self._make_room(busy)
         try:
@@ -173,7 +205,7 @@ class AdapterCache:
         if not links_out(files.directory):
             self._inside.add(name)
         self._placed(name, files)
-        if len(self.on_device) > self.max_on_device:
+        if len(self.on_device) + len(self.live) > self.max_on_device:
             # Every other resident adapter is busy: keep this one on CPU until a slot frees up.
             self._evict(name)
 
@@ -263,7 +295,8 @@ class AdapterCache:
         self.slots = tuple(n for n in self._slot_list if n is not None)
 
     def _make_room(self, busy: Collection[str]) -> bool:
-        while len(self.on_device) >= self.max_on_device:
+        """Evict idle adapters until one more fits on the device (live ones take slots too)."""
+        while len(self.on_device) + len(self.live) >= self.max_on_device:
             idle = next((n for n in self.on_device if n not in busy), None)
             if idle is None:
                 return False

@@ -9,6 +9,11 @@ One thread owns the model and loops:
        its own adapter (`lorakit.mixed_batch`), and sample each row by its own params;
     4. hand finished rows their result and drop them from the batch and the cache.
 
+A live adapter (`add_live_adapter`: one already attached to the model, such as the adapter
+being trained) is served as it stands, its weights read in place by the generic path and
+copied into its slot at each `refresh_adapter` by the fast path; `rollouts.py` builds
+training rollouts on it, with each sampled token's log-prob (`SamplingParams.logprobs`).
+
 The KV cache is transformers' `DynamicCache`, left-padded per row (see `batch.py`), or
 on the fast decode path (`decode_path`, see `decode/`) preallocated slots, a CUDA graph
 per decoding step and sampling on the device; the rest of the loop is the same.
@@ -31,6 +36,7 @@ from torch import nn
 
 from lorakit.adapters.files import AdapterFiles, read_adapter
 from lorakit.adapters.inject import check_adapter_name
+from lorakit.adapters.state import get_state, has_adapters
 from lorakit.serve.adapters import AdapterCache, AdapterMismatch
 from lorakit.serve.batch import Batch
 from lorakit.serve.decode import SlotBatch
@@ -127,6 +133,13 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        self.halt()
+        self.adapters.close()
+
+    def halt(self) -> None:
+        """End the engine thread after the step in flight, keeping everything else: `start`
+        runs it again (a trainer halts it between rollouts, so nothing runs beside its own
+        forward and backward). Running and waiting requests end as cancelled."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -134,7 +147,6 @@ class Engine:
             # A step in flight finishes first; a daemon thread stuck past that does not hold the process.
             self._thread.join(timeout=STOP_TIMEOUT_S)
             self._thread = None
-        self.adapters.close()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -172,16 +184,41 @@ class Engine:
             self.adapters.unregister(name)
             raise AdapterMismatch(f"{files.directory}: {reason}")
 
+    def add_live_adapter(self, name: str) -> None:
+        """Serve adapter `name`, already attached to the model (by `inject` or `load_adapter`),
+        as it stands: the generic path reads its parameters in place at every step; the fast
+        path copies them into its slot now and at each `refresh_adapter`. Raises ValueError
+        when the model has no adapter `name`, AdapterMismatch when this path cannot run it."""
+        attached = get_state(self.model).configs if has_adapters(self.model) else {}
+        if name not in attached:
+            raise ValueError(f"the model has no adapter named {name!r}; attached: {', '.join(attached) or '(none)'}")
+        reason = self.decoder.adapter_reason(name)
+        if reason is not None:
+            raise AdapterMismatch(f"adapter {name!r}: {reason}")
+        self._call(lambda: self.adapters.add_live(name, self._busy()))
+
+    def refresh_adapter(self, name: str) -> None:
+        """Live adapter `name` changed in place (an optimizer step): a decode path that holds a
+        copy of it (the fast path's slot) copies it again before its next step."""
+        if name not in self.adapters.live:
+            raise UnknownAdapter(name, list(self.adapters.live))
+        self._call(lambda: self.adapters.refresh_live(name))
+
     def unload_adapter(self, name: str) -> None:
         """Forget `name`; its running requests finish first, waiting ones fail."""
         self._call(lambda: self._unload(name))
 
     def _unload(self, name: str) -> None:
-        if name not in self.adapters.paths:
+        if not self.adapters.known(name):
             raise UnknownAdapter(name, self.adapters.names)
+        if name in self.adapters.live and name in self._busy():
+            raise ValueError(f"adapter {name!r} is serving running requests; stop them first")
         for request in [r for r in self._waiting if r.adapter == name]:
             self._waiting.remove(request)
             self._finish(request, "error", unloaded_text(name), ADAPTER_UNLOADED)
+        if name in self.adapters.live:
+            self.adapters.remove_live(name)  # it stays attached to the model: it was never ours
+            return
         if name in self._busy():
             self.adapters.paths.pop(name)
             self._pending_unload.add(name)
@@ -219,7 +256,7 @@ class Engine:
 
         Raises UnknownAdapter, InvalidPrompt, PromptTooLong or QueueFull, with nothing queued.
         """
-        if adapter is not None and adapter not in self.adapters.paths:
+        if adapter is not None and not self.adapters.known(adapter):
             raise UnknownAdapter(adapter, self.adapters.names)
         ids = list(prompt_ids)
         bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
@@ -237,6 +274,8 @@ class Engine:
             )
         request = Request(ids, adapter, params, notify, id=next(self._ids))
         request.limit = min(params.max_tokens, self.context_length - len(ids))
+        if params.logprobs:
+            request.logprobs = []
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting, the most this server queues; retry later")
@@ -365,7 +404,7 @@ class Engine:
             if admitted and tokens + len(request.prompt_ids) > self.max_prefill_tokens:
                 break
             name = request.adapter
-            if name is not None:
+            if name is not None and name not in self.adapters.live:  # a live adapter is always resident
                 if name not in self.adapters.paths:
                     self._remove_waiting(request)
                     self._finish(request, "error", unloaded_text(name), ADAPTER_UNLOADED)
@@ -421,6 +460,7 @@ class Engine:
             reason = None
             if token in self.eos_ids:
                 reason = "stop"
+                request.eos_id = token
             else:
                 try:
                     stopped = detok.add(token)
@@ -464,6 +504,8 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
         self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
+        if request.logprobs is not None:  # drop those of tokens drawn but not kept (cancelled, failed)
+            del request.logprobs[len(request.output_ids) + (request.eos_id is not None) :]
         text = ""
         if request.detok is not None:
             try:

@@ -82,6 +82,9 @@ class Request:
     sent_ids: int = 0  # how many of output_ids went out in events
     counted: bool = False  # its adapter cache hit/miss is counted
     limit: int = 0  # most tokens this request may generate (max_tokens, cut by the context)
+    eos_id: int | None = None  # the end-of-sequence token that ended the output, if one did
+    logprobs: list[float] | None = None
+    """With `params.logprobs`: the log-prob of each sampled token, output_ids then eos_id."""
 
 
 @dataclass

@@ -36,6 +36,10 @@ class SamplingParams:
     """Seed of this request's own random generator (same seed, same output)."""
     stop: Sequence[str] = field(default_factory=tuple)
     """Strings that end the output; the stop string itself is not returned."""
+    logprobs: bool = False
+    """Record the log-prob of each sampled token (`Request.logprobs`), from the logits it was
+    drawn from: log_softmax(logits / temperature), or log_softmax(logits) when greedy; top_k
+    and top_p are not applied. For the Python API (rollouts); the HTTP API does not offer it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -50,6 +54,8 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
         ):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be True or False, got {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
@@ -100,8 +106,15 @@ def sample(
     device = logits.device
     index = torch.tensor(rows, device=device)
     scaled = logits[index].float() / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
-    ordered, order = scaled.sort(dim=-1, descending=True)  # (n, vocab)
     vocab = logits.shape[-1]
+    if all(params[i].top_p >= 1 and not 0 < params[i].top_k < vocab for i in rows):
+        # Nothing is cut: draw from the whole distribution, unsorted (the sort of a large
+        # vocabulary costs several times the draw; RL rollouts sample this way).
+        probs = scaled.softmax(dim=-1)
+        for j, i in enumerate(rows):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+        return tokens
+    ordered, order = scaled.sort(dim=-1, descending=True)  # (n, vocab)
     # A top_k past the vocabulary keeps all of it (and past 2**63 would not fit a tensor).
     top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in rows], device=device).unsqueeze(1)
     rank = torch.arange(vocab, device=device).unsqueeze(0)
@@ -116,6 +129,38 @@ def sample(
         pick = torch.multinomial(probs[j], 1, generator=generators[i])
         tokens[i] = order[j, pick[0]]
     return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[float | None] | None:
+    """Each row's log-prob of its token, for the rows whose params ask (`logprobs`), else None;
+    None when no row asks, so rows that do not ask cost nothing.
+
+    logits: (batch, vocab), tokens: (batch,). Exactly, for an asking row i with temperature T
+    (T = 1 when greedy): log_softmax(logits[i] / T)[tokens[i]], in at least float32."""
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    if not rows:
+        return None
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    scaled = logits[index].to(torch.promote_types(logits.dtype, torch.float32))
+    scaled = scaled / torch.tensor([params[i].temperature or 1.0 for i in rows], device=device,
+                                   dtype=scaled.dtype).unsqueeze(1)
+    values = scaled.log_softmax(dim=-1).gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+    out: list[float | None] = [None] * len(params)
+    for i, value in zip(rows, values, strict=True):
+        out[i] = value
+    return out
+
+
+def record_logprobs(rows: Sequence, values: Sequence[float | None] | None) -> None:
+    """Append each asking row's new log-prob to its `logprobs` (rows: the engine's requests)."""
+    if values is None:
+        return
+    for row, value in zip(rows, values, strict=True):
+        if value is not None and row.logprobs is not None:
+            row.logprobs.append(value)
 
 
 REPLACEMENT = "\ufffd"

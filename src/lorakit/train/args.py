@@ -15,7 +15,7 @@ from lorakit.adapters.config import ALL_LINEAR, LoraConfig
 from lorakit.evaluation.metrics import parse_metric
 from lorakit.train import distributed
 from lorakit.train.memory import check_memory_args
-from lorakit.train.objectives import preference
+from lorakit.train.objectives import OBJECTIVES, grpo, preference
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.track import parse_report_to
 
@@ -29,7 +29,8 @@ class TrainArgs:
     data: str
     """Training data: a .jsonl/.json/.csv/.parquet file or a datasets directory, with rows
     {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}; with --objective
-    dpo|orpo: {"prompt", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}."""
+    dpo|orpo: {"prompt", "chosen", "rejected"} or {"chosen": [messages], "rejected": [messages]}; with --objective
+    grpo: {"prompt"} or {"messages"} ending with a user turn, other columns passed to the --reward functions."""
     output: str
     """Output directory: adapter, metrics.jsonl, loss.png, train_config.yaml, checkpoints."""
     model: str | None = None
@@ -133,9 +134,11 @@ class TrainArgs:
     memory_limit: float | None = None
     """GiB the run may allocate on the device with --memory auto (default: what is free)."""
     objective: str = "sft"
-    """sft, or preference tuning on chosen/rejected pairs: dpo (against a reference) or orpo (no reference)."""
-    beta: float = 0.1
-    """DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term."""
+    """sft; preference tuning on chosen/rejected pairs: dpo (against a reference) or orpo (no reference);
+    or grpo, reinforcement learning from --reward functions on prompt rows (docs/training.md, GRPO)."""
+    beta: float | None = None
+    """DPO: strength of the pull towards the reference (default 0.1); ORPO: weight of the odds-ratio term
+    (default 0.1); GRPO: weight of the KL to the base, TRL's k3 estimate (default 0: no reference pass)."""
     label_smoothing: float = 0.0
     """DPO: the assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
     rpo_alpha: float = 0.0
@@ -145,6 +148,31 @@ class TrainArgs:
     reference: str = "auto"
     """DPO's reference: base (the model with its adapter disabled), init (a frozen copy of
     --init-adapter) or auto (init when --init-adapter is given, else base)."""
+    reward: list[str] | None = None
+    """GRPO: a reward function, repeatable: exact, json, regex:PATTERN (scored as --metric, against the row's
+    reference answer) or MODULE:FUNCTION, TRL's func(prompts, completions, **columns) -> list[float | None]."""
+    reward_weights: list[float] | None = None
+    """GRPO: one weight per --reward, in order (default: 1 each); e.g. --reward-weights [1.0,0.5]."""
+    num_generations: int = 8
+    """GRPO: completions sampled per prompt (G). A step takes batch_size * grad_accum prompts; a micro-batch
+    is batch_size prompts x G completions."""
+    max_completion_tokens: int = 256
+    """GRPO: most tokens of a sampled completion (prompts keep their last seq_len - this many tokens)."""
+    temperature: float = 1.0
+    """GRPO: sampling temperature of the rollouts (the loss scores tokens at the same temperature)."""
+    top_p: float = 1.0
+    """GRPO: nucleus sampling of the rollouts: sample from the smallest set of tokens holding this probability."""
+    scale_rewards: str = "group"
+    """GRPO: divide advantages by the std of the prompt's group (group), of the whole step (batch), or not (none)."""
+    loss_type: str = "dapo"
+    """GRPO: grpo (mean per completion, then over completions), dr_grpo (sum / (completions * max_completion_tokens))
+    or dapo (sum / the step's completion tokens); TRL's meanings."""
+    epsilon: float = 0.2
+    """GRPO: clip the importance ratio below at 1 - epsilon."""
+    epsilon_high: float | None = None
+    """GRPO: clip the importance ratio above at 1 + epsilon_high (default: epsilon; DAPO suggests 0.28)."""
+    updates_per_rollout: int = 1
+    """GRPO: optimizer steps on each rollout before sampling again (TRL's num_iterations)."""
     resolved: dict[str, Any] | None = None
     """Ignored: the facts a run records in its train_config.yaml (device, steps, ...), accepted so that
     file can be passed back with --config; the new run records its own."""
@@ -180,8 +208,18 @@ class TrainArgs:
         check_memory_args(self.memory, self.memory_limit)
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints!r}")
-        preference.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
-                                         self.label_smoothing, self.packing, self.rpo_alpha)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "grpo":
+            if self.beta is None:
+                self.beta = 0.0
+            grpo.check_grpo_args(self)
+        else:
+            if self.beta is None:
+                self.beta = 0.1
+            grpo.check_unused(self)
+            preference.check_preference_args(self.objective, self.reference, self.init_adapter, self.beta,
+                                             self.label_smoothing, self.packing, self.rpo_alpha)
         self.lora_config()  # validates rank, alpha, dropout and targets early
         _check_watching(self)
 
@@ -216,9 +254,13 @@ def _check_watching(args: TrainArgs) -> None:
     parse_report_to(args.report_to)
     if args.save_best is not None:
         accepted = ["eval_loss"] + ([metric.name] if metric else []) + (["kl"] if args.track_forgetting else [])
+        accepted += ["eval_reward", "eval_exact"] if args.objective == "grpo" else []
         if args.save_best not in accepted:
             raise ValueError(f"--save-best {args.save_best!r} is not logged by this run; accepted: "
                              f"{', '.join(accepted)} (a task metric needs --metric, kl needs --track-forgetting)")
+    if args.objective == "grpo" and (args.eval_samples or metric or args.track_forgetting):
+        raise ValueError("--eval-samples, --metric and --track-forgetting do not apply to --objective grpo: it logs "
+                         "eval_reward and eval_exact on greedy answers to --eval-data, samples.jsonl and kl itself")
     if args.objective != "sft" and (args.eval_samples or metric):
         raise ValueError(f"--eval-samples and --metric generate from prompt/completion eval rows; "
                          f"--objective {args.objective} evaluates pairs (its rewards and accuracy are logged)")

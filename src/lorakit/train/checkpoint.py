@@ -53,9 +53,17 @@ def save_checkpoint(run: Run, output: Path, step: int, state: dict[str, Any], rn
     # parameter name and whole, so a checkpoint resumes on any number of processes.
     save_adapter(run.model, tmp, write=main)
     optimizer_state = distributed.full_optimizer_state(run.model, run.optimizer)
+    # An objective's own state (GRPO's rollout between its updates), one file per process: each
+    # process holds its own. The same on every process whether there is one, so the barriers match.
+    extra = run.objective.state_dict(step) if hasattr(run.objective, "state_dict") else None
     if not main:
         distributed.barrier(run.env)
+        if extra is not None:
+            torch.save(extra, final / objective_file(run.env.rank))
+            distributed.barrier(run.env)
         return final
+    if extra is not None:
+        torch.save(extra, tmp / objective_file(0))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng, tmp / "rng_state.pt")
@@ -66,7 +74,13 @@ def save_checkpoint(run: Run, output: Path, step: int, state: dict[str, Any], rn
         for old in checkpoint_dirs(output, state.get("run_id"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier(run.env)
+    if extra is not None and run.env.enabled:
+        distributed.barrier(run.env)  # the other processes' files are in place
     return final
+
+
+def objective_file(rank: int) -> str:
+    return "objective.pt" if rank == 0 else f"objective-rank{rank}.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,7 +116,14 @@ def load_checkpoint(run: Run, path: Path) -> dict[str, Any]:
     optimizer = load_tensors(path / "optimizer.pt")
     scheduler = load_tensors(path / "scheduler.pt")
     rng = load_tensors(path / "rng_state.pt")
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    extra = None
+    if hasattr(run.objective, "load_state_dict"):
+        file = path / objective_file(run.env.rank)
+        extra = load_tensors(file) if file.exists() else None
     distributed.load_optimizer_state(run.model, run.optimizer, optimizer)
     run.scheduler.load_state_dict(scheduler)
     set_rng_state(rng)
-    return json.loads((path / "trainer_state.json").read_text())
+    if hasattr(run.objective, "load_state_dict"):
+        run.objective.load_state_dict(extra, trainer_state["step"])
+    return trainer_state

@@ -40,6 +40,7 @@ from lorakit.train.args import TrainArgs
 from lorakit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from lorakit.train.fastpath import enable_fast_path
 from lorakit.train.memory import after_first_step, fit_for_training, piece_tokens
+from lorakit.train.objectives import RolloutFactory
 from lorakit.train.objectives.sft import to_device
 from lorakit.train.precision import attention_in_fp32, autocast_dtype_for, cpu_has_native_bf16
 from lorakit.train.run import Run
@@ -54,8 +55,11 @@ token, and activations stay small (bench/train_cpu.py: 512 in bf16 ran 10% faste
 # setup ------------------------------------------------------------------------------------
 
 
-def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
-    """Model with a fresh adapter (or the checkpoint's), data, optimizer and schedule."""
+def setup(args: TrainArgs, resume_from: Path | None = None, rollouts: RolloutFactory | None = None) -> Run:
+    """Model with a fresh adapter (or the checkpoint's), data, optimizer and schedule.
+
+    `rollouts(model, tokenizer)` builds what --objective grpo samples completions with.
+    """
     device = torch.device(args.device) if args.device else None
     if distributed.launched_world_size() > 1 and device is None and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -70,7 +74,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     start_from = resume_from or (Path(args.init_adapter) if args.init_adapter else None)
     start_config = read_adapter(start_from).config if start_from is not None else args.lora_config()
     lazy_source, why = sharded.choose(args.model, env, start_config, args.quantize)
-    objective = objectives.for_args(args)
+    objective = objectives.for_args(args, rollouts=rollouts)
     if lazy_source is not None and objective.second_adapter:
         lazy_source, why = None, "loading the whole model in every process: --reference init holds a second adapter"
     if env.strategy == "fsdp":
@@ -102,7 +106,9 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     objective.setup_model(model)
     fast, fitted = False, None  # --memory auto picks the fast path's settings (lorakit.train.memory)
-    if args.fast_path and device.type == "cuda" and (blocked := distributed.fast_path_blocked(env)):
+    if args.fast_path and device.type == "cuda" and not getattr(objective, "fast_path", True):
+        log(f"GPU fast path off: --objective {objective.name} runs the generic path")
+    elif args.fast_path and device.type == "cuda" and (blocked := distributed.fast_path_blocked(env)):
         log(f"GPU fast path off: {blocked}")
     elif args.fast_path and device.type == "cuda":
         fitted = fit_for_training(model, device, "off" if env.enabled else args.memory, args.memory_limit,
@@ -114,7 +120,7 @@ def setup(args: TrainArgs, resume_from: Path | None = None) -> Run:
     log(coverage(model, "default").summary())
     train_rows, rows_per_batch = objective.plan(train_data, padding_free=fast and not env.enabled, env=env,
                                                 budget_cap=fitted.choice.tokens if fitted else None)
-    per_epoch = batches_per_epoch(len(train_rows), rows_per_batch)
+    per_epoch = batches_per_epoch(len(train_rows), rows_per_batch) * getattr(objective, "updates_per_batch", 1)
     total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * total)
     run = Run(model, tokenizer, device, train_rows, eval_rows, total, min(warmup, total), env=env,
@@ -192,8 +198,12 @@ def write_config(args: TrainArgs, run: Run, path: Path) -> None:
 # the loop ---------------------------------------------------------------------------------
 
 
-def train(args: TrainArgs) -> Path:
-    """Run the whole recipe; returns the output directory (which holds the final adapter)."""
+def train(args: TrainArgs, rollouts: RolloutFactory | None = None) -> Path:
+    """Run the whole recipe; returns the output directory (which holds the final adapter).
+
+    `rollouts(model, tokenizer)` builds the rollout source --objective grpo samples with
+    (`lorakit train` passes the serving engine's, `lorakit.serve.rollouts.Rollouts`).
+    """
     from dataclasses import replace
 
     args = replace(args, resolved=None)  # a --config file's recorded facts are not options
@@ -206,7 +216,7 @@ def train(args: TrainArgs) -> Path:
     elif args.resume:
         log(f"--resume: no checkpoint in {output}; starting from scratch")
 
-    run = setup(args, resume_from)
+    run = setup(args, resume_from, rollouts)
     model, optimizer, scheduler, env = run.model, run.optimizer, run.scheduler, run.env
     loss_module = run.loss_module
     assert optimizer is not None and scheduler is not None and loss_module is not None
@@ -214,7 +224,7 @@ def train(args: TrainArgs) -> Path:
     objective = run.objective
     eval_every = args.eval_every or max(1, run.total_steps // 5)
     save_every = args.save_every or eval_every
-    per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch)
+    per_epoch = batches_per_epoch(len(run.train_rows), run.rows_per_batch) * getattr(objective, "updates_per_batch", 1)
     max_tokens = None
     if not env.enabled:
         max_tokens = piece_tokens(run.memory, args.max_tokens or (CPU_MAX_TOKENS if run.device.type == "cpu" else None))
@@ -347,6 +357,8 @@ def train(args: TrainArgs) -> Path:
         progress.stop()
         if tuner is not None:
             tuner.close()
+        if hasattr(objective, "close"):
+            objective.close()
 
     save_adapter(model, output, write=env.is_main)
     if env.is_main:  # the template travels with the adapter (lorakit.base.templates)

@@ -8,6 +8,7 @@ the two implementations of `serve.decoder.Decoder`).
     lora.py      AdapterSlots (stacked A/B per resident adapter) and `batched_lora`, the op
                  that applies a different adapter (or none) to every row
     sampler.py   greedy / temperature / top-k / top-p draws on the device, seeded per row
+    steps.py     a decoding step as launched: its device inputs, graph, tokens coming back
     graphs.py    capturing a step as a CUDA graph; prefill.py: padded prefills as graphs
     tuning.py    DecodeTuning: the step's knobs as one config object
     ops/         the Triton kernels (bgmv.py: batched LoRA, matmul.py: the folded split-K

@@ -17,6 +17,13 @@ batch keeps its rows the next step is launched before this one's tokens reach th
 written in place need no recapture; reallocated ones (a larger rank, a newly targeted
 projection) drop the graphs. `warmup` compiles and captures every bucket while no row
 runs (at start, and after adapter slots are reallocated), so no request waits for it.
+A step whose rows ask for their tokens' log-probs (`SamplingParams.logprobs`) is a graph of
+its own (captured when first needed), so steps that do not ask compute none. A live
+adapter (one the engine serves as attached to the model, see `serve/adapters.py`) cannot be
+read in place here: its slot concatenates the Q/K/V (and gate/up) A matrices, holds B
+transposed with the scaling folded in, in the model's dtype, and may sit inside the folded
+base weight, so the slot is a copy, written again when the engine refreshes the adapter
+(once per rollout batch, in place: the graphs that read it stay valid).
 Anywhere else (the CPU) the same step runs eagerly; `pad_to_buckets` and `pipelined`
 switch the graph-shaped, chained steps on there too, which is how the tests check them
 without a GPU.
@@ -39,14 +46,15 @@ from torch import nn
 
 from lorakit.adapters.state import get_state
 from lorakit.serve.decode import prefill
-from lorakit.serve.decode.graphs import capture as capture_graph
 from lorakit.serve.decode.kv import SlotCache
 from lorakit.serve.decode.lora import PROJECTIONS, AdapterSlots
 from lorakit.serve.decode.model import FOLD_SLOTS_PER_ROW, DecoderModel
-from lorakit.serve.decode.sampler import sample_rows
+from lorakit.serve.decode.sampler import sample_rows, token_logprobs
+from lorakit.serve.decode.steps import Launched, Running, Step
 from lorakit.serve.decode.tuning import DecodeTuning, install
 from lorakit.serve.faults import error_text
-from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.sampling import SamplingParams, record_logprobs
+from lorakit.serve.sampling import token_logprobs as row_logprobs
 
 Row = TypeVar("Row")
 log = logging.getLogger(__name__)
@@ -139,14 +147,15 @@ class FastDecoder:
         self.pipelined = self.graphs_enabled
         """Launch the next step before the engine has handed out this one's tokens (see decode)."""
         self.buckets = batch_buckets(max_batch)
-        self._graphs: dict[tuple[int, int, bool], _Step] = {}
+        self._graphs: dict[tuple[int, int, bool], Step] = {}
+        self._logprob_graphs: dict[tuple[int, int, bool], Step] = {}  # steps that also give log-probs
         self.prefill_lengths = prefill.lengths(min(prefill_chunk, context_length))
         self._prefills: dict[tuple[int, int], prefill.PrefillGraph] = {}
         self.warmed_layout: int | None = None
         self._graph_layout = self.lora.layout
         self._pool = None
         self.graph_error: str | None = None
-        self._inflight: _Launched | None = None
+        self._inflight: Launched | None = None
 
     def describe(self) -> str:
         mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
@@ -166,23 +175,26 @@ class FastDecoder:
     # the engine's Decoder interface (serve/decoder.py) --------------------------------------
 
     def adapter_reason(self, name: str) -> str | None:
-        for path in get_state(self.model).targets[name]:
+        state = get_state(self.model)
+        if state.configs[name].use_dora:
+            return "it is a DoRA adapter; the fast decode path runs plain LoRA adapters"
+        for path in state.targets[name]:
             if path.rsplit(".", 1)[-1] not in PROJECTIONS:
                 return f"it adapts {path}; the fast decode path runs adapters on {', '.join(PROJECTIONS)} only"
         return None
 
     def warm_up(self, adapters) -> None:
         try:  # compile and capture the steps before the first request
-            self.sync_adapters(adapters.on_device)
+            self.sync_adapters(adapters.resident)
         except Exception as err:
             log.warning("the fast decode path's warm-up failed (%s: %s); it runs when first used", type(err).__name__, err)
 
     def prefill_rows(self, requests: Sequence, adapters) -> list[int]:
-        self.sync_adapters(adapters.on_device)
+        self.sync_adapters(adapters.resident)
         return self.prefill(requests)
 
     def decode_rows(self, adapters, drop) -> tuple[list, list[int]]:
-        self.sync_adapters(adapters.on_device)
+        self.sync_adapters(adapters.resident)
         try:
             return self.decode()  # pipelined: the rows the step ran for
         except Exception:
@@ -206,6 +218,7 @@ class FastDecoder:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # an in-flight step may still run an old graph
             self._graphs.clear()
+            self._logprob_graphs.clear()
             self._prefills.clear()
             self._graph_layout = self.lora.layout
         if self.graphs_enabled and not self.batch.rows and self.warmed_layout != self.lora.layout:
@@ -271,7 +284,9 @@ class FastDecoder:
                 logits = self._padded_prefill(len(requests), bucket, ids, slot_t, index, last)
             else:
                 logits = self.decoder.logits(self._prefill_hidden(ids, slot_t, index, last, longest))
-            tokens = self._sample(logits, params, seeds, [n - 1 for n in lengths]).tolist()
+            sampled = self._sample(logits, params, seeds, [n - 1 for n in lengths])
+            logprobs = row_logprobs(logits, sampled, params)
+            tokens = sampled.tolist()
         except BaseException:
             for slot in slots:
                 self.cache.release(slot)
@@ -279,6 +294,7 @@ class FastDecoder:
         for request, slot, n, token, p, seed, name in zip(requests, slots, lengths, tokens, params, seeds, adapters, strict=True):
             self.cache.lengths[slot] = n
             self.batch.add(request, slot, n, token, p, seed, name)
+        record_logprobs(requests, logprobs)
         return tokens
 
     def _prefill_hidden(self, ids: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, last: torch.Tensor,
@@ -361,12 +377,15 @@ class FastDecoder:
         if self.pipelined and self._unchanged(step):
             self._inflight = step.chain()  # the device moves on while the host reads these tokens
         tokens = step.tokens()
+        logprobs = step.logprobs()
         rows, out = [], []
         for row, slot in zip(step.rows, step.slots, strict=True):
             i = where.get(id(row))
             if i is None:  # left the batch after this step was launched
                 continue
             token = int(tokens[slot])
+            if logprobs is not None and row.logprobs is not None:
+                row.logprobs.append(logprobs[slot])
             self.batch.positions[i] += 1
             self.batch.last[i] = token
             self.cache.lengths[slot] = self.batch.positions[i]
@@ -396,10 +415,14 @@ class FastDecoder:
                     torch.tensor([[batch.last[i]]], device=self.device), torch.tensor([[position]], device=self.device),
                     self.cache, torch.tensor([slot], device=self.device), position + 1, self.lora, index,
                 )
-                token = int(self._sample(self.decoder.logits(hidden[:, -1]), [batch.params[i]], [batch.seeds[i]], [position])[0])
+                logits = self.decoder.logits(hidden[:, -1])
+                sampled = self._sample(logits, [batch.params[i]], [batch.seeds[i]], [position])
+                logprobs = row_logprobs(logits, sampled, [batch.params[i]])
+                token = int(sampled[0])
             except Exception as err:
                 failed.append((row, err))
                 continue
+            record_logprobs([row], logprobs)
             batch.positions[i] += 1
             batch.last[i] = token
             self.cache.lengths[slot] = batch.positions[i]
@@ -407,7 +430,7 @@ class FastDecoder:
             tokens.append(token)
         return rows, tokens, failed
 
-    def _unchanged(self, step: _Launched) -> bool:
+    def _unchanged(self, step: Launched) -> bool:
         """Whether the step after `step` runs the same rows in the same graph: then it is
         chained on the device (the step fed its own tokens and positions forward)."""
         batch = self.batch
@@ -417,11 +440,12 @@ class FastDecoder:
             and step.longest + 1 <= step.key_length
         )
 
-    def _launch(self) -> _Launched:
+    def _launch(self) -> Launched:
         """Start one step for every running row from the host's view of the batch."""
         batch = self.batch
         span = self.cache.span
         greedy = all(p.greedy for p in batch.params)
+        logprobs = any(p.logprobs for p in batch.params)
         longest = max(batch.positions) + 1
         if self.pad_to_buckets:
             rows = next(b for b in self.buckets if b >= span)
@@ -429,8 +453,8 @@ class FastDecoder:
         else:
             rows, key_length = span, longest
         ints, floats = self._inputs(rows, batch.slots, greedy)
-        runner = self._run_step(rows, key_length, greedy, ints, floats)
-        return _Launched(list(batch.rows), list(batch.slots), runner, longest, key_length)
+        runner = self._run_step(rows, key_length, greedy, ints, floats, logprobs)
+        return Launched(list(batch.rows), list(batch.slots), runner, longest, key_length)
 
     def _inputs(self, rows: int, slots: Sequence[int], greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot-ordered step inputs: ints (token, position, adapter, seed, top_k, running) and
@@ -449,33 +473,50 @@ class FastDecoder:
         floats = torch.tensor([temperature, top_p], dtype=torch.float32)
         return ints, floats
 
-    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> _Running:
-        """Launch the step from these inputs (the step's runner: a captured graph on CUDA)."""
+    def _run_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor,
+                  logprobs: bool = False) -> Running:
+        """Launch the step from these inputs (the step's runner: a captured graph on CUDA);
+        logprobs: it also gives each row's token log-prob."""
         if not self.graphs_enabled:  # an eager step keeps nothing between launches but its inputs
-            return _Step(self, rows, key_length, greedy, ints, floats, capture=False).launch()
+            return self._new_step(rows, key_length, greedy, ints, floats, False, logprobs).launch()
+        graphs = self._logprob_graphs if logprobs else self._graphs
         key = (rows, key_length, greedy)
-        step = self._graphs.get(key)
+        step = graphs.get(key)
         if step is None:
             try:
-                step = self._graphs[key] = _Step(self, rows, key_length, greedy, ints, floats, capture=True)
+                step = graphs[key] = self._new_step(rows, key_length, greedy, ints, floats, True, logprobs)
             except Exception as err:
                 self._graphs_off(err)
-                return self._run_step(rows, key_length, greedy, ints, floats)
+                return self._run_step(rows, key_length, greedy, ints, floats, logprobs)
         return step.launch(ints, floats)
+
+    def _new_step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor,
+                  capture: bool, logprobs: bool) -> Step:
+        def run(ints: torch.Tensor, floats: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+            return self.step(rows, key_length, greedy, ints, floats, out)
+
+        dtype = torch.promote_types(self.dtype, torch.float32) if logprobs else None
+        step = Step(run, rows, ints, floats, self.device, capture, self._pool, dtype)
+        if step.graph is not None:
+            self._pool = step.graph.pool()
+        return step
 
     def _graphs_off(self, err: Exception) -> None:
         """A capture failed: record why and serve eagerly from now on (graphs are an optimisation)."""
         self.graph_error = f"{type(err).__name__}: {err}"
         self.graphs_enabled = False
         self._graphs.clear()
+        self._logprob_graphs.clear()
         self._prefills.clear()
         torch.cuda.synchronize(self.device)
 
-    def step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    def step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor,
+             logprobs: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step over slots 0..rows-1 from device tensors; (rows,) tokens on the
         device. It also moves its own inputs on: each running row's token becomes the one
         just drawn and its position the next (idle rows stay put), so running it again is
-        the next step of the same rows."""
+        the next step of the same rows. logprobs: a (rows,) buffer that receives each row's
+        token log-prob (`sampler.token_logprobs`); None: none is computed."""
         tokens, positions, index, seeds, top_k, running = ints
         slots = torch.arange(rows, device=ints.device)
         hidden = self.decoder.forward(
@@ -486,88 +527,8 @@ class FastDecoder:
             out = logits.argmax(dim=-1)
         else:
             out = sample_rows(logits, floats[0], top_k, floats[1], seeds, positions)
+        if logprobs is not None:
+            logprobs.copy_(token_logprobs(logits, floats[0], out))
         tokens.copy_(out)
         positions.add_(running).clamp_(max=self.context_length - 1)
         return out
-
-
-class _Step:
-    """One decoding step for (rows, key length, greedy-only): its inputs on the device and,
-    on CUDA, the captured graph that runs it."""
-
-    def __init__(self, owner: FastDecoder, rows: int, key_length: int, greedy: bool,
-                 ints: torch.Tensor, floats: torch.Tensor, capture: bool) -> None:
-        device = owner.device
-        self.ints = ints.to(device)
-        self.floats = floats.to(device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-        def run() -> torch.Tensor:
-            return owner.step(rows, key_length, greedy, self.ints, self.floats)
-
-        self.run = run
-        if not capture:
-            return
-        # The warm-up runs write K/V where the real step writes them, then one position on
-        # (overwritten before it is read), and move the inputs on: they are copied in again
-        # at every launch from the host.
-        self.graph, self.out = capture_graph(run, device, owner._pool)
-        owner._pool = self.graph.pool()
-        # two host buffers: a chained step's tokens land in one while the host reads the other
-        self.hosts = [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self.flip = 0
-        self.host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
-        self.host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
-
-    def launch(self, ints: torch.Tensor | None = None, floats: torch.Tensor | None = None) -> _Running:
-        """Run the step (inputs from the host, or None: as the last run left them); nothing waits here."""
-        if self.graph is None:
-            if ints is not None and floats is not None:
-                self.ints.copy_(ints)
-                self.floats.copy_(floats)
-            return _Running(self, self.run().cpu())
-        if ints is not None and floats is not None:
-            self.host_ints.copy_(ints)
-            self.host_floats.copy_(floats)
-            self.ints.copy_(self.host_ints, non_blocking=True)
-            self.floats.copy_(self.host_floats, non_blocking=True)
-        self.graph.replay()
-        host = self.hosts[self.flip]
-        self.flip ^= 1
-        host.copy_(self.out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return _Running(self, host, done)
-
-
-class _Running:
-    """A launched step's tokens, on their way to the host (or there already)."""
-
-    def __init__(self, step: _Step, tokens: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
-        self.step = step
-        self._tokens = tokens
-        self.done = done
-
-    def tokens(self) -> list[int]:
-        if self.done is not None:
-            self.done.synchronize()
-        return self._tokens.tolist()
-
-
-class _Launched:
-    """A launched step: the rows it runs for, their slots, its runner; longest: 1 + the
-    highest position it reads, key_length: how many positions its attention covers."""
-
-    def __init__(self, rows: list, slots: list[int], runner: _Running, longest: int, key_length: int) -> None:
-        self.rows = rows
-        self.slots = slots
-        self.runner = runner
-        self.longest = longest
-        self.key_length = key_length
-
-    def chain(self) -> _Launched:
-        """The same rows' next step, launched from the inputs this one left on the device."""
-        return _Launched(self.rows, self.slots, self.runner.step.launch(), self.longest + 1, self.key_length)
-
-    def tokens(self) -> list[int]:
-        return self.runner.tokens()

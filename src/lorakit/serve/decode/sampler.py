@@ -61,3 +61,12 @@ def sample_rows(
     gumbel = -torch.log(-torch.log(uniform(seed, position, vocab)))
     pick = (logp + gumbel).argmax(dim=-1, keepdim=True)
     return torch.where(sampled, order.gather(1, pick).squeeze(1), greedy)
+
+
+def token_logprobs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's log-prob of its token, (rows,): log_softmax(logits / temperature)[token],
+    logits alone where the temperature is 0 (greedy); top_k and top_p are not applied (the
+    generic path's `lorakit.serve.sampling.token_logprobs`, with no host sync)."""
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    scaled = scaled / torch.where(temperature > 0, temperature, 1.0).to(scaled.dtype).unsqueeze(1)
+    return scaled.log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
