@@ -12,7 +12,7 @@ import lorakit
 from lorakit.base.quant import memory_report
 from lorakit.cli import main
 from lorakit.train.memory import GiB, Shape
-from lorakit.train.plan import PlanArgs, plan, tokens_per_second
+from lorakit.train.plan import PlanArgs, plan, report, tokens_per_second
 
 
 def _tiny_model_dir(tmp_path):
@@ -75,7 +75,8 @@ def test_plan_command_reports_what_fits(tiny_model_dir, tmp_path, capsys):
     assert main(["plan", "--model", str(tiny_model_dir), "--gpu", "L4", "--tokens-per-batch", "256",
                  "--data", str(data), "--seq-len", "128"]) == 0
     out = capsys.readouterr().out
-    assert "on L4 (planning for 20.2 GiB): fits with keep_layers 2: no layer recomputed" in out
+    assert out.startswith("fits: yes: bf16 base, no layer recomputed, 256 tokens a micro-batch (sequences up to 128)")
+    assert "tokens/s on an L4;" in out and "on L4 (planning for 20.2 GiB)" in out
     tokens = sum(len(r) + 1 for r in rows)  # one byte-level token per character, and EOS
     assert f"data: 10 examples, {tokens:,} tokens" in out and "s per epoch" in out
 
@@ -93,7 +94,9 @@ def test_plan_says_when_nothing_fits(tmp_path):
     [
         (["--gpu", "H300"], "--gpu must be one of H100, H200, A100-80, L4 or a memory size in GiB, got 'H300'"),
         (["--gpu", "-4"], "--gpu must be one of H100, H200, A100-80, L4 or a memory size in GiB, got '-4'"),
-        (["--quantize", "fp8"], "--quantize must be nf4 or int8 (or omitted), got 'fp8'"),
+        (["--gpu", "12x"], "--gpu must be one of H100, H200, A100-80, L4 or a memory size in GiB, got '12x'"),
+        (["--quantize", "fp8"], "--quantize must be nf4, int8 or bf16 (or omitted: bf16 if it fits, else nf4), "
+                                "got 'fp8'"),
         (["--tokens-per-batch", "0"], "--tokens-per-batch must be a positive integer, got 0"),
     ],
 )
@@ -101,6 +104,152 @@ def test_plan_refuses_bad_options_by_name(options, message, capsys):
     with pytest.raises(SystemExit):
         main(["plan", *options])
     assert message in capsys.readouterr().err
+
+
+def test_plan_refuses_a_model_directory_without_config(tmp_path, capsys):
+    (tmp_path / "weights-only").mkdir()
+    assert main(["plan", "--model", str(tmp_path / "weights-only"), "--gpu", "24"]) != 0
+    assert (f"--model {tmp_path / 'weights-only'}: the directory has no config.json; expected a transformers "
+            "model directory") in capsys.readouterr().err
+    assert main(["plan", "--model", str(tmp_path / "missing"), "--gpu", "24"]) != 0
+    assert f"--model {tmp_path / 'missing'}: no such directory; expected a transformers model directory" in \
+        capsys.readouterr().err
+
+
+# what fits on a card: published shapes as config.json only (bench/plan_table.py), on the meta device
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """name -> (model directory, its meta model), built once for the module."""
+    from lorakit.train.plan import meta_model
+
+    table = _bench_module("plan_table")
+    root = tmp_path_factory.mktemp("shapes")
+    out = {}
+    for name in ("Llama-3.1-8B", "Llama-3.1-70B", "Qwen3-0.6B"):
+        directory = str(table.write_config(name, root))
+        out[name] = directory, meta_model(PlanArgs(model=directory))
+    return out
+
+
+def _plan(shapes, name, gpu, **kw):
+    directory, model = shapes[name]
+    return plan(PlanArgs(model=directory, gpu=gpu, **kw), model)
+
+
+def _fixed(shapes, name, base):
+    """Weights, adapter and optimizer bytes of a shape with a base, as memory.py's choose takes them."""
+    from lorakit.train.memory import ADAM_BYTES
+    from lorakit.train.plan import weight_bytes
+
+    base_bytes, adapter = weight_bytes(shapes[name][1], base)
+    return base_bytes + adapter + ADAM_BYTES * adapter // 4
+
+
+def _one_sequence_peak(shapes, name, base, tokens):
+    """memory.py's peak of a micro-batch of `tokens` with every layer recomputed."""
+    from lorakit.train.memory import activation_bytes, transient_bytes
+
+    shape = Shape.of(shapes[name][1].config)
+    return _fixed(shapes, name, base) + activation_bytes(shape, tokens, 0) + transient_bytes(shape, tokens)
+
+
+def _allowed(gpu: str) -> float:
+    from lorakit.train.memory import HEADROOM
+    from lorakit.train.plan import USABLE, gpu_spec
+
+    return HEADROOM * int(USABLE * gpu_spec(gpu)[0] * GiB)
+
+
+def test_plan_picks_bf16_where_it_fits_and_nf4_where_it_does_not(shapes):
+    from lorakit.train.plan import weight_bytes
+
+    small = _plan(shapes, "Llama-3.1-8B", "80", seq_len=2048)
+    assert small["fits"] and small["base"] == "bf16"
+    assert small["base_gib"] * GiB == weight_bytes(shapes["Llama-3.1-8B"][1], None)[0]
+    large = _plan(shapes, "Llama-3.1-70B", "80", seq_len=2048)
+    assert _one_sequence_peak(shapes, "Llama-3.1-70B", "bf16", 2048) > _allowed("80")  # bf16 really does not fit
+    assert large["fits"] and large["base"] == "nf4"
+    assert large["base_gib"] * GiB == weight_bytes(shapes["Llama-3.1-70B"][1], "nf4")[0]
+    assert large["peak_gib"] * GiB <= _allowed("80")
+    assert large["base_why"].startswith("a bf16 base needs ")
+    assert report(large).startswith(f"fits: yes: NF4 base, recompute all but the last {large['keep_layers']} of 80 "
+                                    "layers, 8,192 tokens a micro-batch (sequences up to 2,048)\n  peak ")
+    # an explicit --quantize is respected either way
+    assert _plan(shapes, "Llama-3.1-8B", "80", seq_len=2048, quantize="nf4")["base"] == "nf4"
+    forced = _plan(shapes, "Llama-3.1-70B", "80", seq_len=2048, quantize="bf16")
+    assert forced["fits"] is False and forced["base"] == "bf16"
+
+
+def test_plan_says_by_how_much_a_70b_shape_misses_a_24_gib_card(shapes, capsys):
+    result = _plan(shapes, "Llama-3.1-70B", "24", seq_len=2048)
+    need = _one_sequence_peak(shapes, "Llama-3.1-70B", "nf4", 2048)
+    assert result["fits"] is False and result["base"] == "nf4"
+    assert result["short_gib"] * GiB == pytest.approx(need - _allowed("24"))
+    assert result["longest_seq"] == 0  # the NF4 weights alone are over the budget
+    directory = shapes["Llama-3.1-70B"][0]
+    assert main(["plan", "--model", directory, "--gpu", "24", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"fits: no: even with an NF4 base and every layer recomputed, 2,048 tokens a micro-batch "
+                          f"need {need / GiB:.1f} GiB, {(need - _allowed('24')) / GiB:.1f} GiB more than the "
+                          f"{_allowed('24') / GiB:.1f} GiB the plan allows on 24 GiB")
+    assert "longest sequence that fits: none" in out
+
+
+@pytest.mark.parametrize("name,gpu,quantize", [("Llama-3.1-70B", "80", None), ("Llama-3.1-70B", "48", None),
+                                               ("Llama-3.1-8B", "24", None), ("Llama-3.1-8B", "24", "nf4")])
+def test_the_longest_sequence_fits_and_one_step_longer_does_not(shapes, name, gpu, quantize):
+    from lorakit.train.plan import SEQUENCE_STEP
+
+    result = _plan(shapes, name, gpu, seq_len=2048, quantize=quantize)
+    longest, base = result["longest_seq"], result["base"]
+    assert 0 < longest < result["seq_limit"]  # inside the search, not at its ends
+    assert _one_sequence_peak(shapes, name, base, longest) <= _allowed(gpu)
+    assert _one_sequence_peak(shapes, name, base, longest + SEQUENCE_STEP) > _allowed(gpu)
+
+
+def test_the_longest_sequence_stops_at_the_model_context(shapes):
+    result = _plan(shapes, "Qwen3-0.6B", "80")
+    assert result["longest_seq"] == result["seq_limit"] == shapes["Qwen3-0.6B"][1].config.max_position_embeddings
+
+
+@pytest.mark.parametrize("name", ["Llama-3.1-8B", "Llama-3.1-70B"])
+def test_a_larger_gpu_never_gives_a_shorter_longest_sequence(shapes, name):
+    sizes = ["16", "24", "40", "48", "80", "141"]
+    for quantize in ("bf16", "nf4"):
+        longest = [_plan(shapes, name, gpu, quantize=quantize)["longest_seq"] for gpu in sizes]
+        assert longest == sorted(longest), (quantize, longest)
+    either = [max(r["longest_seq"], r.get("longest_seq_nf4", 0)) for r in
+              (_plan(shapes, name, gpu) for gpu in sizes)]
+    assert either == sorted(either) and either[-1] > either[0]
+
+
+def test_the_docs_table_is_what_bench_plan_table_prints():
+    """Rows of docs/training.md's table, predicted again (two shapes, to stay fast)."""
+    from pathlib import Path
+
+    table = _bench_module("plan_table")
+    names, gpus, seq_lens = ["Llama-3.1-70B", "Qwen3-0.6B"], ["24", "48", "80"], [2048, 8192]
+    rows = table.tables(table.predict(names, gpus, seq_lens), names, gpus, seq_lens).splitlines()[-2:]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for row in rows:
+        assert row in docs
+
+
+def test_a_memory_size_is_timed_as_a_named_card_of_its_class(shapes):
+    """--gpu in GiB: the time of the class's card (24 -> L4, 48 -> L40S, 80 -> H100); a named GPU
+    keeps its own speed, as before."""
+    from lorakit.train.plan import GPUS, base_params
+
+    model = shapes["Llama-3.1-8B"][1]
+    shape, params = Shape.of(model.config), base_params(model)
+    for gpu, card, tflops in [("24", "L4-class", 121.0), ("48", "L40S-class", 362.0), ("80", "H100-class", 989.0),
+                              ("H100", "H100", GPUS["H100"][1]), ("L4", "L4", GPUS["L4"][1])]:
+        result = _plan(shapes, "Llama-3.1-8B", gpu, seq_len=2048)
+        assert result["speed_gpu"] == card
+        assert result["tokens_per_s"] == tokens_per_second(shape, params, result["keep_layers"], 2048, tflops,
+                                                           tokens_per_step=result["tokens"])
 
 
 # the CPU plan ---------------------------------------------------------------------------------
@@ -163,12 +312,12 @@ def test_generic_activation_bytes_equal_what_autograd_saves(bf16, dims):
     assert generic_activation_bytes(shape_one, tokens, 7 * rank, bf16) == one_layer
 
 
-def _bench_module():
+def _bench_module(name: str = "plan_cpu"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "plan_cpu.py"
-    spec = importlib.util.spec_from_file_location("plan_cpu", path)
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -31,7 +31,7 @@ COMMANDS = {
     "export": "write an adapter for llama.cpp / Ollama: --format gguf-lora, gguf (merged) or ollama",
     "data": "show training rows as the model sees them: --preview N rows, supervised tokens marked",
     "serve": "serve the base model and adapters over an OpenAI-compatible HTTP API",
-    "plan": "predict a training run's GPU memory and time per epoch, without loading weights",
+    "plan": "what fits on a GPU: a training run's memory, settings and speed, predicted without loading weights",
     "compare": "what adapters learned and forgot: KL, perplexity and agreement against the base, task metric, report.html",
 }
 

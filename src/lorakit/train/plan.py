@@ -1,6 +1,7 @@
-"""`lorakit plan`: how much GPU memory a training run needs and how long an epoch takes,
-predicted without loading any weights (the model is built on the meta device).
+"""`lorakit plan`: what fits on a GPU, how much memory a training run needs and how long an
+epoch takes, predicted without loading any weights (the model is built on the meta device).
 
+    lorakit plan --model ./Llama-3.1-70B --gpu 80         # fits? which base, settings, peak, speed
     lorakit plan --model meta-llama/Llama-3.1-8B --gpu H100 --tokens-per-batch 8192
     lorakit plan --model ./my-model --quantize nf4 --gpu 24 --data train.jsonl
     lorakit plan --device cpu --batch-size 8 --seq-len 256     # peak RSS of a CPU run
@@ -8,9 +9,13 @@ predicted without loading any weights (the model is built on the meta device).
 Memory is `lorakit.train.memory`'s arithmetic for the GPU fast path (the same numbers `--memory auto`
 starts from): base weights in bf16 (or NF4 / int8), adapter, its gradients and AdamW moments,
 the activations kept for the backward and the step's transient tensors, the loss's logit
-chunks. Time assumes the fast path's matmul efficiency fitted to the H200 measurements
+chunks. Without --quantize the plan tries a bf16 base first and an NF4 base when bf16 does
+not fit. It also searches the longest sequence that fits (a micro-batch of one sequence, every
+layer recomputed). Time assumes the fast path's matmul efficiency fitted to the H200 measurements
 (bench/RESULTS.md: about 60% of the dense bf16 peak, scaled by each GPU's peak), plus a memory-bound
-cost per token and a kernel-launch cost per step, which bound small models.
+cost per token and a kernel-launch cost per step, which bound small models. For --gpu given in
+GiB the time is that of a representative card of that memory class (SIZE_CLASSES), named in the
+output.
 
 With `--device cpu` it predicts the peak resident memory of `lorakit train --device cpu` (a
 Llama-family model, no gradient checkpointing) above
@@ -24,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lorakit.adapters.config import ALL_LINEAR, LoraConfig
 from lorakit.train.memory import (
     ADAM_BYTES,
+    HEADROOM,
     GiB,
     Shape,
     activation_bytes,
@@ -46,6 +53,20 @@ GPUS = {
     "L4": (22.0, 121.0),
 }
 """name -> (GiB the device reports, dense bf16 TFLOP/s by the vendor's datasheet)."""
+SIZE_CLASSES = (
+    (24.0, "L4", 121.0),
+    (48.0, "L40S", 362.0),
+    (80.0, "H100", 989.0),
+    (math.inf, "H200", 989.0),
+)
+"""For --gpu in GiB: (up to this many GiB, the card whose speed the time is predicted for, its
+dense bf16 TFLOP/s). The 48 GB class is timed as an L40S; an RTX A6000 of the same memory has
+about 155 TFLOP/s, so its matmul-bound time is about 2.3x longer."""
+BASES = ("bf16", "nf4")
+"""What the plan tries, in order, without --quantize: the first base that fits is picked."""
+BASE_NAMES = {"bf16": "bf16", "nf4": "NF4", "int8": "int8"}
+SEQUENCE_STEP = 256
+"""The longest sequence that fits is searched in steps of this many tokens."""
 EFFICIENCY = 0.60
 """Share of the dense bf16 peak the fast path's matmuls reach, fitted with MEMORY_S to the H200
 measurements (8B, long-tailed data: 13,561 tokens/s at about 40 GFLOP per token; fixed length:
@@ -87,9 +108,10 @@ class PlanArgs:
     model: str | None = None
     """Base model: a local transformers directory or a hub id; omitted: the bundled SmolLM2-135M-Instruct."""
     gpu: str = "H100"
-    """H100, H200, A100-80, L4, or a memory size in GiB (then no time estimate)."""
+    """H100, H200, A100-80, L4, or a memory size in GiB (24, 48, 80: timed as an L4-, L40S-, H100-class card)."""
     quantize: str | None = None
-    """nf4 or int8: the base quantized as `lorakit train --quantize` would."""
+    """nf4 or int8: the base quantized as `lorakit train --quantize` would; bf16: not quantized;
+    omitted: bf16 if it fits, else nf4."""
     tokens_per_batch: int = 8192
     """Tokens per micro-batch (packed: --tokens-per-batch; padded: batch_size x seq_len)."""
     rank: int = 16
@@ -111,8 +133,9 @@ class PlanArgs:
 
     def __post_init__(self) -> None:
         gpu_spec(self.gpu)  # a bad --gpu fails before anything is built
-        if self.quantize not in (None, "nf4", "int8"):
-            raise ValueError(f"--quantize must be nf4 or int8 (or omitted), got {self.quantize!r}")
+        if self.quantize not in (None, *BASE_NAMES):
+            raise ValueError(f"--quantize must be nf4, int8 or bf16 (or omitted: bf16 if it fits, else nf4), "
+                             f"got {self.quantize!r}")
         for name in ("tokens_per_batch", "rank", "seq_len", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 < value <= MAX_COUNT:
@@ -149,6 +172,15 @@ def gpu_spec(gpu: str) -> tuple[float, float | None]:
     return gib, None
 
 
+def speed_card(gpu: str) -> tuple[str, float]:
+    """(the card the time is predicted for, its dense bf16 TFLOP/s): a named GPU itself, a size
+    in GiB the first of SIZE_CLASSES at least that large."""
+    if gpu in GPUS:
+        return gpu, GPUS[gpu][1]
+    gib, _ = gpu_spec(gpu)
+    return next((f"{name}-class", tflops) for top, name, tflops in SIZE_CLASSES if gib <= top)
+
+
 def meta_model(args: PlanArgs) -> torch.nn.Module:
     """The model with its adapter, on the meta device: shapes only, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -157,6 +189,9 @@ def meta_model(args: PlanArgs) -> torch.nn.Module:
     from lorakit.base.models import resolve_model
     from lorakit.train.args import parse_targets
 
+    if (args.model or "").startswith(("/", "./", "../", "~")) and not Path(args.model).expanduser().exists():
+        raise FileNotFoundError(f"--model {args.model}: no such directory; expected a transformers model directory "
+                                "(its config.json is enough) or a hub id")
     config = AutoConfig.from_pretrained(resolve_model(args.model))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -169,7 +204,7 @@ def weight_bytes(model: torch.nn.Module, quantize: str | None) -> tuple[int, int
     quantized, as `lorakit.base.quant` stores them) and fp32 adapters."""
     base = adapter = 0
     quantized = set()
-    if quantize is not None:  # every frozen linear weight but the output head's
+    if quantize not in (None, "bf16"):  # every frozen linear weight but the output head's
         from lorakit.adapters.layers import LoraLinear
 
         for layer in getattr(getattr(model, "model", None), "layers", []):
@@ -187,48 +222,119 @@ def weight_bytes(model: torch.nn.Module, quantize: str | None) -> tuple[int, int
     return base, adapter
 
 
-def plan(args: PlanArgs) -> dict:
-    """The prediction, as numbers (the command prints it)."""
-    model = meta_model(args)
+def plan(args: PlanArgs, model: torch.nn.Module | None = None) -> dict:
+    """The prediction, as numbers (the command prints it). `model`: `meta_model(args)` built
+    already (a table of many GPUs reuses it)."""
+    model = model if model is not None else meta_model(args)
     if args.device == "cpu":
         return cpu_plan(args, model)
     shape = Shape.of(model.config)
-    base, adapter = weight_bytes(model, args.quantize)
-    trainable = adapter // 4
-    fixed = base + adapter + ADAM_BYTES * trainable
     tokens = args.tokens_per_batch
-    gib, tflops = gpu_spec(args.gpu)
+    min_tokens = min(tokens, args.seq_len)
+    gib, _ = gpu_spec(args.gpu)
     budget = int(USABLE * gib * GiB)
+    tried = [fit_base(model, shape, base, tokens, min_tokens, budget) for base in
+             ([args.quantize] if args.quantize else BASES)]
+    picked = next((t for t in tried if t["choice"] is not None), tried[-1])
+    choice = picked["choice"]
     result: dict = {
         "model": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
         "gpu": args.gpu,
         "budget_gib": budget / GiB,
-        "base_gib": base / GiB,
-        "adapter_gib": adapter / GiB,
-        "optimizer_gib": ADAM_BYTES * trainable / GiB,
-        "trainable": trainable,
+        "allowed_gib": HEADROOM * budget / GiB,
+        "base": picked["base"],
+        "base_asked": args.quantize is not None,
+        "base_why": base_reason(args.quantize, tried, min_tokens),
+        "base_gib": picked["base_bytes"] / GiB,
+        "adapter_gib": picked["adapter_bytes"] / GiB,
+        "optimizer_gib": ADAM_BYTES * picked["trainable"] / GiB,
+        "trainable": picked["trainable"],
         "tokens_per_batch": tokens,
+        "seq_len": args.seq_len,
         "activations_gib": {
             "all recomputed": activation_bytes(shape, tokens, 0) / GiB,
             "none recomputed": activation_bytes(shape, tokens, shape.layers) / GiB,
         },
         "transient_gib": transient_bytes(shape, tokens) / GiB,
+        "layers": shape.layers,
+        "fixed_gib": picked["fixed"] / GiB,
     }
-    try:
-        choice = choose(shape, tokens, fixed, budget, min_tokens=min(tokens, args.seq_len))
-    except ValueError as err:
-        result.update(fits=False, why=str(err))
+    limit = min(MAX_COUNT, getattr(model.config, "max_position_embeddings", None) or MAX_COUNT)
+    result["seq_limit"] = limit
+    result["longest_seq"] = longest_sequence(shape, picked["fixed"], budget, limit)
+    if args.quantize is None and picked is not tried[-1]:  # what the smaller base would allow
+        result["longest_seq_nf4"] = longest_sequence(shape, tried[-1]["fixed"], budget, limit)
+    if choice is None:
+        result.update(fits=False, why=picked["error"], need_gib=picked["need"] / GiB,
+                       short_gib=(picked["need"] - HEADROOM * budget) / GiB, min_tokens=min_tokens)
         return result
     result.update(fits=True, keep_layers=choice.keep_layers, tokens=choice.tokens, peak_gib=choice.peak / GiB,
                   why=choice.reason)
-    if tflops is not None:
-        params = base_params(model)
-        result["tokens_per_s"] = tokens_per_second(shape, params, choice.keep_layers, args.seq_len, tflops,
-                                                   tokens_per_step=choice.tokens)
-        result["speed_extrapolated"] = params < MEASURED_PARAMS
+    card, card_tflops = speed_card(args.gpu)
+    params = base_params(model)
+    result["speed_gpu"] = card
+    result["tokens_per_s"] = tokens_per_second(shape, params, choice.keep_layers, args.seq_len, card_tflops,
+                                               tokens_per_step=choice.tokens)
+    result["speed_extrapolated"] = params < MEASURED_PARAMS
     if args.data is not None:
-        result.update(data_time(args, result.get("tokens_per_s")))
+        result.update(data_time(args, result["tokens_per_s"]))
     return result
+
+
+def fit_base(model: torch.nn.Module, shape: Shape, base: str, tokens: int, min_tokens: int, budget: int) -> dict:
+    """`choose`'s settings for one base (bf16, nf4 or int8), or why it does not fit: then `need`
+    is the peak with every layer recomputed at `min_tokens` per micro-batch."""
+    base_bytes, adapter = weight_bytes(model, base)
+    trainable = adapter // 4
+    fixed = base_bytes + adapter + ADAM_BYTES * trainable
+    out = {"base": base, "base_bytes": base_bytes, "adapter_bytes": adapter, "trainable": trainable,
+           "fixed": fixed, "choice": None, "error": None,
+           "need": fixed + activation_bytes(shape, min_tokens, 0) + transient_bytes(shape, min_tokens)}
+    try:
+        out["choice"] = choose(shape, tokens, fixed, budget, min_tokens=min_tokens)
+    except ValueError as err:
+        out["error"] = str(err)
+    return out
+
+
+def base_reason(quantize: str | None, tried: list[dict], min_tokens: int) -> str:
+    """Why the plan picked its base, for the report."""
+    picked = next((t for t in tried if t["choice"] is not None), None)
+    if quantize is not None:
+        return f"--quantize {quantize}"
+    if picked is tried[0]:
+        return "it fits, so the base is not quantized"
+    bf16 = tried[0]
+    why = (f"a bf16 base needs {bf16['need'] / GiB:.1f} GiB with every layer recomputed at {min_tokens:,} tokens a "
+           f"micro-batch, {bf16['fixed'] / GiB:.1f} of it weights, adapter and optimizer")
+    return why if picked is None else f"{why}; NF4 fits"
+
+
+def longest_sequence(shape: Shape, fixed: int, budget: int, limit: int) -> int:
+    """The longest sequence, in steps of SEQUENCE_STEP tokens (or `limit`, the model's context),
+    of which a micro-batch of one fits `budget` with every layer recomputed, by `choose`'s own
+    test; 0 when not even min(SEQUENCE_STEP, limit) tokens fit. The peak grows with the
+    tokens, so a bisection finds it."""
+
+    def length(k: int) -> int:
+        return min(k * SEQUENCE_STEP, limit)
+
+    def fits(n: int) -> bool:
+        try:
+            choose(shape, n, fixed, budget, min_tokens=n)
+        except ValueError:
+            return False
+        return True
+
+    low, high = 0, -(-limit // SEQUENCE_STEP)  # length(low) fits (0: nothing), find the last k that does
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(length(mid)):
+            low = mid
+        else:
+            high = mid - 1
+    return length(low)
 
 
 def base_params(model: torch.nn.Module) -> int:
@@ -310,8 +416,6 @@ def stored_element(model: torch.nn.Module) -> int:
 def checkpoint_bytes(source: str, model: torch.nn.Module) -> int:
     """Bytes of the model's safetensors files where they are local, else its parameters in the
     dtype its config records."""
-    from pathlib import Path
-
     files = list(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
     if files:
         return sum(f.stat().st_size for f in files)
@@ -356,20 +460,17 @@ def data_time(args: PlanArgs, rate: float | None) -> dict:
 def report(result: dict) -> str:
     if result.get("device") == "cpu":
         return cpu_report(result)
-    lines = [
-        f"{result['model']}, {result['trainable']:,} trainable parameters; {result['tokens_per_batch']} tokens per micro-batch",
-        f"memory (GiB): base {result['base_gib']:.2f} | adapter {result['adapter_gib']:.2f} | gradients + AdamW "
-        f"{result['optimizer_gib']:.2f} | activations {result['activations_gib']['all recomputed']:.2f} (every layer "
-        f"recomputed) to {result['activations_gib']['none recomputed']:.2f} (none) | transient and logits "
-        f"{result['transient_gib']:.2f}",
+    lines = [*answer(result), ""]
+    lines += [
+        f"{result['model']}, {result['trainable']:,} trainable parameters; {result['tokens_per_batch']} tokens per "
+        f"micro-batch asked; on {result['gpu']} (planning for {result['budget_gib']:.1f} GiB)",
+        f"memory (GiB): base {result['base_gib']:.2f} ({BASE_NAMES[result['base']]}) | adapter "
+        f"{result['adapter_gib']:.2f} | gradients + AdamW {result['optimizer_gib']:.2f} | activations "
+        f"{result['activations_gib']['all recomputed']:.2f} (every layer recomputed) to "
+        f"{result['activations_gib']['none recomputed']:.2f} (none) | transient and logits {result['transient_gib']:.2f}",
     ]
-    where = f"on {result['gpu']} (planning for {result['budget_gib']:.1f} GiB)"
-    if not result["fits"]:
-        lines.append(f"{where}: does not fit: {result['why']}")
-        return "\n".join(lines)
-    lines.append(f"{where}: fits with keep_layers {result['keep_layers']}: {result['why']}")
     if "tokens_per_s" in result:
-        text = f"speed: about {result['tokens_per_s']:,.0f} tokens/s on the GPU fast path"
+        text = f"speed: about {result['tokens_per_s']:,.0f} tokens/s on the GPU fast path ({result['speed_gpu']})"
         if result.get("speed_extrapolated"):
             text += " (extrapolated: the speed model is fitted to 1B and 8B measurements; smaller models are " \
                     "bound by memory traffic and kernel launches, so treat it as a rough upper bound)"
@@ -381,3 +482,53 @@ def report(result: dict) -> str:
             text += f"; about {seconds / 60:.0f} minutes per epoch" if seconds >= 120 else f"; about {seconds:.0f} s per epoch"
         lines.append(text)
     return "\n".join(lines)
+
+
+def answer(result: dict) -> list[str]:
+    """The short block the report opens with: fits or not, with which settings, how fast, and
+    the longest sequence that fits."""
+    base = BASE_NAMES[result["base"]]
+    longest = longest_text(result)
+    if not result["fits"]:
+        where = f"on {result['gpu']}" + (" GiB" if result["gpu"] not in GPUS else "")
+        asked = result["base_asked"]
+        even = f"{'with' if asked else 'even with'} {article(base)} {base} base"
+        lines = [f"fits: no: {even} and every layer recomputed, {result['min_tokens']:,} tokens a micro-batch need "
+                 f"{result['need_gib']:.1f} GiB, {result['short_gib']:.1f} GiB more than the "
+                 f"{result['allowed_gib']:.1f} GiB the plan allows {where}",
+                 f"  {longest}" + ("; lower --seq-len to train" if result["longest_seq"] else "")]
+        if asked:
+            lines.append(f"  base: {base} ({result['base_why']})")
+        elif result["base"] != "bf16":
+            lines.append(f"  bf16 tried first: {result['base_why']}")
+        return lines
+    keep, layers = result["keep_layers"], result["layers"]
+    layers_text = ("no layer recomputed" if keep == layers else "every layer recomputed" if keep == 0
+                   else f"recompute all but the last {keep} of {layers} layers")
+    return [
+        f"fits: yes: {base} base, {layers_text}, {result['tokens']:,} tokens a micro-batch (sequences up to "
+        f"{result['seq_len']:,})",
+        f"  peak {result['peak_gib']:.1f} GiB of {result['budget_gib']:.1f}; about {result['tokens_per_s']:,.0f} "
+        f"tokens/s on {article(result['speed_gpu'])} {result['speed_gpu']}"
+        f"{' card' if result['speed_gpu'].endswith('-class') else ''}; {longest}",
+        f"  base: {base} ({result['base_why']})",
+        f"  layers: {result['why']}",
+    ]
+
+
+def longest_text(result: dict) -> str:
+    n = result["longest_seq"]
+    text = f"longest sequence that fits: {n:,} tokens" if n else (
+        f"longest sequence that fits: none (not even {min(SEQUENCE_STEP, result['seq_limit'])} tokens: the weights, "
+        f"adapter and optimizer take {result['fixed_gib']:.1f} GiB of the {result['allowed_gib']:.1f} allowed)")
+    if n and n == result["seq_limit"]:
+        text += " (the model's context, max_position_embeddings)"
+    nf4 = result.get("longest_seq_nf4", 0)
+    if nf4 > n:
+        text += f"; {nf4:,} with an NF4 base" + (" (the model's context)" if nf4 == result["seq_limit"] else "")
+    return text
+
+
+def article(name: str) -> str:
+    """"an" before a name read letter by letter from a vowel sound (an H100, an NF4 base)."""
+    return "an" if name[0].upper() in "AEFHILMNORSX" else "a"
