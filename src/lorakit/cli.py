@@ -8,6 +8,7 @@ overridden by a later command-line option. Subcommand parsers are built on deman
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -243,7 +244,8 @@ def run_train(args: Any) -> None:
         except ImportError as err:
             raise ValueError(f"--objective grpo samples through lorakit's serving engine, which is not "
                              f"available in this installation ({err})") from None
-        rollouts = Rollouts
+        # a prompt and its completion fit in --seq-len: the engine's KV cache needs no more
+        rollouts = functools.partial(Rollouts, context_length=args.seq_len)
     train(args, rollouts=rollouts)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, a finished run leaves without interpreter teardown: the adapter,

@@ -12,6 +12,11 @@ preferred to the brief adapter's typical mistakes), against a frozen copy of it;
 after are the supervised adapter and the DPO adapter. `--objective orpo` trains on the pairs
 from the base (ORPO carries its own supervised term). Both also show the preference accuracy
 on held-out pairs.
+
+`--objective grpo` is reinforcement learning after the same brief supervised stage (grpo.py):
+GRPO from it on the notes' prompts, its completions sampled through lorakit's serving engine
+from the adapter being trained and rewarded for valid JSON and each correct field; before and
+after are the supervised adapter and the GRPO adapter, with the held-out reward beside exact match.
 """
 
 from __future__ import annotations
@@ -90,8 +95,17 @@ def preference_accuracy(model: Any, tokenizer: Any, path: Path) -> float:
     return wins / len(pairs)
 
 
-def report(loss: float, accuracy: float, notes: int, preference: float | None) -> None:
+def held_out_reward(predictions: list[str], rows: list[dict]) -> float:
+    """The GRPO demo's reward (grpo.field_score), averaged over the held-out answers."""
+    from lorakit.demo.grpo import field_score
+
+    return sum(field_score(p, r["messages"][-1]["content"]) for p, r in zip(predictions, rows, strict=True)) / len(rows)
+
+
+def report(loss: float, accuracy: float, notes: int, preference: float | None, reward: float | None = None) -> None:
     print(f"eval loss {loss:.3f}   exact match {accuracy:.0%} on {notes} held-out notes")
+    if reward is not None:
+        print(f"reward {reward:.3f} (grpo.field_score: valid JSON 0.25, 1 for the exact object; held-out mean)")
     if preference is not None:
         print(f"preference accuracy {preference:.0%} (chosen more likely than rejected, held-out pairs)")
     print()
@@ -120,44 +134,72 @@ def measured(output: str | None, held: list[dict], preference: bool) -> tuple[fl
     return loss, accuracy, predictions, pref
 
 
-def train_timed(args: Any) -> float:
+def train_timed(args: Any, rollouts: bool = False) -> float:
+    """Seconds `lorakit train`'s recipe takes on `args`; rollouts: GRPO's, through the serving engine."""
     from lorakit.train.recipe import train
 
     t0 = time.perf_counter()
-    train(args)
+    if rollouts:
+        from lorakit.serve.rollouts import Rollouts
+
+        train(args, rollouts=Rollouts)
+    else:
+        train(args)
     return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lorakit.demo import dpo
+    from lorakit.demo import dpo, grpo
     from lorakit.train.recipe import TrainArgs
 
     parser = argparse.ArgumentParser(prog="python -m lorakit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=None, help="where the adapter and its logs go (default runs/demo, "
                         "runs/demo-dpo, runs/demo-orpo)")
-    parser.add_argument("--objective", choices=("sft", "dpo", "orpo"), default="sft",
+    parser.add_argument("--objective", choices=("sft", "dpo", "orpo", "grpo"), default="sft",
                         help="sft on the notes, dpo after a brief sft stage, or orpo from the base, on preference "
-                             "pairs of the same notes")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 8 (default 30; dpo 20)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; dpo 2e-4)")
+                             "pairs of the same notes; grpo after a brief sft stage, on rewards for the notes' JSON")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps of 8 (default 30; dpo 20; grpo {grpo.STEPS} steps of 2 notes x "
+                             f"{grpo.GENERATIONS} completions)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"peak learning rate (default 1e-3; dpo 2e-4; grpo {grpo.LR:g})")
     parser.add_argument("--beta", type=float, default=None, help="dpo / orpo beta (default: dpo 0.5, orpo 0.1)")
     parser.add_argument("--rpo-alpha", type=float, default=1.0,
                         help="dpo: weight of the chosen answers' nll added to the DPO loss (0: plain DPO)")
-    parser.add_argument("--sft-steps", type=int, default=8, help="dpo: steps of the supervised first stage")
-    parser.add_argument("--sft-lr", type=float, default=1e-3, help="dpo: learning rate of the supervised first stage")
+    parser.add_argument("--sft-steps", type=int, default=8, help="dpo, grpo: steps of the supervised first stage")
+    parser.add_argument("--sft-lr", type=float, default=1e-3,
+                        help="dpo, grpo: learning rate of the supervised first stage")
     parser.add_argument("--held-out", type=int, default=32, help="held-out notes to generate for exact match")
+    parser.add_argument("--control", action="store_true",
+                        help="grpo: also train the supervised adapter further with the supervised loss instead "
+                             "(the same steps, notes and lr) and show it beside GRPO")
     opts = parser.parse_args(argv)
     objective = opts.objective
-    is_dpo, preference = objective == "dpo", objective != "sft"
+    is_dpo, is_grpo = objective == "dpo", objective == "grpo"
+    preference = objective in ("dpo", "orpo")
     output = opts.output or ("runs/demo" if objective == "sft" else f"runs/demo-{objective}")
-    steps = opts.steps if opts.steps is not None else (20 if is_dpo else 30)
-    lr = opts.lr if opts.lr is not None else (2e-4 if is_dpo else 1e-3)
+    steps = opts.steps if opts.steps is not None else (20 if is_dpo else grpo.STEPS if is_grpo else 30)
+    lr = opts.lr if opts.lr is not None else (2e-4 if is_dpo else grpo.LR if is_grpo else 1e-3)
     beta = opts.beta if opts.beta is not None else (0.5 if is_dpo else 0.1)
 
     began = time.perf_counter()
     held = read(EVAL)[: opts.held_out]
     train_time = 0.0
-    if is_dpo:
+    reward0 = reward1 = None
+    if is_grpo:
+        stages = grpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr)
+        print(f"== stage 1: a brief supervised adapter, {opts.sft_steps} steps of 8 notes, lr {opts.sft_lr:g}, on CPU")
+        train_time += train_timed(stages.sft)
+        before_name, after_name = "the supervised adapter", "the GRPO adapter trained from it"
+        print(f"\n== before GRPO: {before_name} ({stages.sft.output})")
+        loss0, acc0, before, pref0 = measured(stages.sft.output, held, False)
+        reward0 = held_out_reward(before, held)
+        report(loss0, acc0, len(held), None, reward0)
+        args = stages.grpo
+        print(f"== stage 2: GRPO from {stages.sft.output}: {steps} steps of {args.batch_size} notes x "
+              f"{args.num_generations} completions sampled by the serving engine from the adapter being trained "
+              f"(temperature {args.temperature:g}), reward {grpo.REWARD}, lr {lr:g}, on CPU")
+    elif is_dpo:
         runs = dpo.stages(output, sft_steps=opts.sft_steps, sft_lr=opts.sft_lr, steps=steps, lr=lr, beta=beta,
                           rpo_alpha=opts.rpo_alpha)
         print(f"== stage 1: a brief supervised adapter, {opts.sft_steps} steps of 8 notes, lr {opts.sft_lr:g}, on CPU")
@@ -185,23 +227,31 @@ def main(argv: list[str] | None = None) -> None:
             objective=objective, beta=beta,
             overwrite=True,  # the demo's directory holds the demo's last run, if any
         )
-    train_time += train_timed(args)
+    train_time += train_timed(args, is_grpo)
     adapter = args.output
+    control = None
+    if is_grpo and opts.control:
+        print(f"\n== control: {stages.sft.output} trained further with the supervised loss instead, "
+              f"{steps} steps of {stages.control.batch_size} notes, lr {lr:g}")
+        train_time += train_timed(stages.control)
+        loss2, acc2, answers2, _ = measured(stages.control.output, held, False)
+        control = (loss2, acc2, held_out_reward(answers2, held))
 
     # What the adapter did to everything else: KL from the base on the base's own text. For SFT,
     # compare's task measurement (eval loss and exact match of the base and of the adapter on the
     # held-out notes) is the before and after: the demo measures each once.
     from lorakit.compare.command import CompareArgs, compare
 
-    if preference:
+    if objective != "sft":
         print(f"\n== after: the same base with the {objective} adapter ({adapter})")
         loss1, acc1, after, pref1 = measured(adapter, held, preference)
-        report(loss1, acc1, len(held), pref1)
+        reward1 = held_out_reward(after, held) if is_grpo else None
+        report(loss1, acc1, len(held), pref1, reward1)
     print("== lorakit compare: the base and the adapter on the held-out notes, and the adapter against its base "
           "on the base's own answers to general prompts")
     result = compare(CompareArgs(adapter=[adapter], data=str(EVAL), task_rows=opts.held_out, device="cpu"))
     headline = result["adapters"][0]["headline"]
-    if not preference:
+    if objective == "sft":
         task = result["task"]
         loss0, acc0 = task["base"]["loss"], task["base"]["metric"]
         loss1, acc1 = task["adapters"][result["adapters"][0]["name"]]["loss"], result["adapters"][0]["task_metric"]
@@ -224,6 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"== summary (before: {before_name}; after: {after_name})")
     print(f"eval loss     {loss0:.3f} -> {loss1:.3f}")
     print(f"exact match   {acc0:.0%} -> {acc1:.0%}  ({len(held)} held-out notes)")
+    if reward0 is not None and reward1 is not None:
+        print(f"reward        {reward0:.3f} -> {reward1:.3f}  (held-out answers: valid JSON and right fields)")
+    if control is not None:
+        print(f"control       exact match -> {control[1]:.0%}, reward -> {control[2]:.3f}, eval loss -> "
+              f"{control[0]:.3f}  (the supervised loss instead of GRPO: {stages.control.output})")
     if preference:
         print(f"preference    {pref0:.0%} -> {pref1:.0%}  (held-out pairs: chosen more likely than rejected)")
     print(f"time          {train_time / 60:.1f} min training, {total / 60:.1f} min in all, {torch.get_num_threads()} CPU threads")

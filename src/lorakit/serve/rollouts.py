@@ -18,10 +18,13 @@ What is read, and what is copied:
   start of each call, in place, never per decoding step.
 
 The model is the trainer's own: nothing is merged and no second copy of the base exists.
-`generate` blocks; the engine thread runs only inside it (started and halted per call, which
-costs a thread start and join), so nothing runs beside the trainer's forward and backward.
-Rollouts run without autograd, in eval mode (no dropout); every module's training flag is
-put back as it was when `generate` returns (and after construction, whose engine sets eval).
+`generate` blocks; the engine thread runs only inside it (started and halted per call: a
+thread start and join, about 4 ms on a 2-core CPU), so nothing runs beside the trainer's
+forward and backward. Rollouts run without autograd, in eval mode (no dropout); every
+module's training flag is put back as it was when `generate` returns (and after
+construction, whose engine sets eval). They run the model in its own dtype, outside any
+autocast the trainer's forward uses, so the trainer's log-probs of the same tokens may differ
+from `logps` by that precision.
 """
 
 from __future__ import annotations
@@ -90,16 +93,19 @@ class Rollouts:
 
     model: the model being trained, with `adapter` attached (lorakit.inject); tokenizer: its
     tokenizer (end-of-sequence ids come from it and the model's configs); max_batch: most
-    completions decoded together; decode_path: as `Engine`'s ("auto": the fast path on a GPU).
+    completions decoded together; decode_path: as `Engine`'s ("auto": the fast path on a GPU);
+    context_length: the longest prompt plus completion (None: the model's own context), which
+    sizes the fast path's KV cache and its graphs.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, adapter: str = "default", max_batch: int = 64,
-                 decode_path: str = "auto") -> None:
+                 decode_path: str = "auto", context_length: int | None = None) -> None:
         self.model = model
         self.adapter = adapter
         with modes_kept(model):  # the engine puts the model in eval mode
             self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=2**31 - 1,
-                                 max_adapters_on_device=1, decode_path=decode_path)
+                                 max_adapters_on_device=1, decode_path=decode_path,
+                                 context_length=context_length)
         self.engine.add_live_adapter(adapter)
         self.decode_path = self.engine.decode_path
 

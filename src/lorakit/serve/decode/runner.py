@@ -17,6 +17,10 @@ batch keeps its rows the next step is launched before this one's tokens reach th
 written in place need no recapture; reallocated ones (a larger rank, a newly targeted
 projection) drop the graphs. `warmup` compiles and captures every bucket while no row
 runs (at start, and after adapter slots are reallocated), so no request waits for it.
+Anywhere else (the CPU) the same step runs eagerly; `pad_to_buckets` and `pipelined`
+switch the graph-shaped, chained steps on there too, which is how the tests check them
+without a GPU.
+
 A step whose rows ask for their tokens' log-probs (`SamplingParams.logprobs`) is a graph of
 its own (captured when first needed), so steps that do not ask compute none. A live
 adapter (one the engine serves as attached to the model, see `serve/adapters.py`) cannot be
@@ -24,9 +28,6 @@ read in place here: its slot concatenates the Q/K/V (and gate/up) A matrices, ho
 transposed with the scaling folded in, in the model's dtype, and may sit inside the folded
 base weight, so the slot is a copy, written again when the engine refreshes the adapter
 (once per rollout batch, in place: the graphs that read it stay valid).
-Anywhere else (the CPU) the same step runs eagerly; `pad_to_buckets` and `pipelined`
-switch the graph-shaped, chained steps on there too, which is how the tests check them
-without a GPU.
 
 Prefill is batched (the admitted requests right-padded together) and chunked, but it is
 not interleaved with decoding: the engine's `max_prefill_tokens` bounds how long one
