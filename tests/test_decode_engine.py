@@ -93,6 +93,19 @@ def test_health_says_which_path_runs(server) -> None:
     assert "Triton" not in health["decode_path"]  # the LoRA kernels run on CUDA only
 
 
+def test_health_and_the_log_say_when_graphs_turn_off(serve_adapter_dirs, caplog) -> None:
+    """A failed capture turns CUDA graphs off for good: the log says so at once, and the decode
+    path line (what /health shows) says so from then on, with the error."""
+    with fast_engine(serve_adapter_dirs, max_batch=3) as engine:
+        assert "graphs off" not in engine.decode_path
+        with caplog.at_level("WARNING", logger="lorakit.serve.decode.runner"):
+            engine.decoder._graphs_off(RuntimeError("capture failed here"))
+        assert "CUDA graphs are off from now on" in caplog.text and "capture failed here" in caplog.text
+        assert "CUDA graphs off after a failed capture: RuntimeError: capture failed here" in engine.decode_path
+        outs = engine.generate(engine_tests.PROMPTS[:2], [None, "alpha"], engine_tests.greedy(4))
+        assert all(o.token_ids for o in outs)  # it keeps serving, eagerly
+
+
 def test_slots_are_given_back_and_outputs_match_the_generic_path(serve_adapter_dirs) -> None:
     prompts = engine_tests.PROMPTS
     names = [*SERVE_ADAPTERS, None, "alpha", "alpha", "beta", None]

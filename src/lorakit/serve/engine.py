@@ -102,7 +102,6 @@ class Engine:
             model, tokenizer, decode_path, max_batch=max_batch, context_length=self.context_length,
             max_adapters=max_adapters_on_device, tuning=tuning,
         )
-        self.decode_path = self.decoder.describe()
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], object], _Reply]] = deque()
@@ -112,6 +111,12 @@ class Engine:
         self._admitting: list[Request] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    @property
+    def decode_path(self) -> str:
+        """Which decode path runs, and how, as of now: a fast path whose CUDA graphs or compiled
+        layers were turned off after start says so, and why (/health shows this line)."""
+        return self.decoder.describe()
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -26,6 +26,7 @@ module-by-module forward, whose matmuls call bitsandbytes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ Dense = tuple[torch.Tensor, torch.Tensor | None]
 Group = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
 """A projection group as one matmul: (weight, bias) concatenated along outputs, and each
 projection's output size."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -296,6 +299,8 @@ class FusedLayers:
                     raise
                 self.compile_error = f"{type(err).__name__}: {err}"
                 self.backend = None
+                log.warning("the fused decode layers did not compile and run eagerly from now on: %s",
+                            self.compile_error)
         return (attention_inputs, layer_rest)[which](*args)
 
     def attention_inputs(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -160,6 +160,8 @@ class FastDecoder:
 
     def describe(self) -> str:
         mode = "CUDA graphs per batch bucket" if self.graphs_enabled else "eager steps"
+        if self.graph_error is not None:
+            mode += f" (CUDA graphs off after a failed capture: {self.graph_error})"
         lora = " (Triton BGMV kernels when decoding)" if self.decoder.lora_kernel else ""
         if self.decoder.fold and self.decoder.fused is not None:
             lora += f"; LoRA shrink folded into the base matmul while slots <= {FOLD_SLOTS_PER_ROW} per row"
@@ -167,7 +169,10 @@ class FastDecoder:
             lora += "; Triton decode attention"
         fused = self.decoder.fused
         if fused is not None:
-            mode += f"; fused layers, {'compiled' if fused.backend else 'not compiled'}"
+            compiled = "compiled" if fused.backend else "not compiled"
+            if fused.compile_error is not None:
+                compiled = f"not compiled (compiling failed, they run eagerly: {fused.compile_error})"
+            mode += f"; fused layers, {compiled}"
         return (
             f"fast (slot KV cache {self.max_batch} x {self.context_length} tokens, "
             f"{self.cache.bytes / 2**20:.0f} MiB; batched LoRA{lora}; {mode})"
@@ -505,11 +510,13 @@ class FastDecoder:
     def _graphs_off(self, err: Exception) -> None:
         """A capture failed: record why and serve eagerly from now on (graphs are an optimisation)."""
         self.graph_error = f"{type(err).__name__}: {err}"
+        log.warning("the fast decode path's CUDA graphs are off from now on, steps run eagerly: %s", self.graph_error)
         self.graphs_enabled = False
         self._graphs.clear()
         self._logprob_graphs.clear()
         self._prefills.clear()
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def step(self, rows: int, key_length: int, greedy: bool, ints: torch.Tensor, floats: torch.Tensor,
              logprobs: torch.Tensor | None = None) -> torch.Tensor:
