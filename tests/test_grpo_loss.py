@@ -9,6 +9,8 @@ from collections import defaultdict
 
 import pytest
 import torch
+import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402  (TRL is a test dependency: the reference)
+import trl.trainer.utils as trl_utils  # noqa: E402
 
 from conftest import tiny_llama
 from lorakit.adapters.config import LoraConfig
@@ -21,9 +23,6 @@ from lorakit.train.objectives.grpo_loss import (
     loss_count,
     nan_std,
 )
-
-trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-trl_utils = pytest.importorskip("trl.trainer.utils")
 
 PAD = 0
 MAX_COMPLETION = 9

@@ -154,8 +154,6 @@ def engine_rollouts(model, tokenizer):
 def test_resume_inside_a_rollout_ends_with_the_same_adapter(tmp_path, tiny_model_dir, prompt_data, monkeypatch,
                                                             source):
     """--updates-per-rollout 2: a checkpoint at step 3 carries rollout 1, which step 3 reuses."""
-    if source == "engine":
-        pytest.importorskip("lorakit.serve.rollouts")
     factory = SampledRollouts if source == "sampler" else engine_rollouts
     monkeypatch.setenv("LORAKIT_THREADS", "1")  # bit for bit needs one thread count for all runs
     options = dict(max_steps=6, save_every=2, updates_per_rollout=2, grad_accum=2, beta=0.1, dropout=0.1,
@@ -185,7 +183,6 @@ def test_resume_inside_a_rollout_ends_with_the_same_adapter(tmp_path, tiny_model
 
 def test_on_a_4bit_base_from_an_init_adapter(tmp_path, tiny_model_dir, prompt_data):
     pytest.importorskip("bitsandbytes")
-    pytest.importorskip("lorakit.serve.rollouts")
     first = recipe.train(args_for(tiny_model_dir, prompt_data, tmp_path / "first", max_steps=1, eval_data=None),
                          rollouts=SampledRollouts)
     out = recipe.train(args_for(tiny_model_dir, prompt_data, tmp_path / "q", quantize="nf4", max_steps=2,
@@ -196,7 +193,6 @@ def test_on_a_4bit_base_from_an_init_adapter(tmp_path, tiny_model_dir, prompt_da
 
 def test_cli_runs_through_the_serving_engine(tmp_path, tiny_model_dir, prompt_data):
     """`lorakit train --objective grpo` samples through lorakit.serve.rollouts.Rollouts."""
-    pytest.importorskip("lorakit.serve.rollouts")
     out = tmp_path / "cli"
     code = cli_main(["train", "--model", str(tiny_model_dir), "--data", str(prompt_data[0]), "--output", str(out),
                      "--objective", "grpo", "--reward", "grpo_test_rewards:letters", "--reward", "regex:\\d",
@@ -211,7 +207,7 @@ def test_cli_runs_through_the_serving_engine(tmp_path, tiny_model_dir, prompt_da
 
 def test_serving_engine_rollouts_are_repeatable_and_their_logps_are_the_loss(tmp_path):
     """The engine's old-policy log-probs equal the loss's log-probs of the same tokens (same temperature)."""
-    rollouts = pytest.importorskip("lorakit.serve.rollouts")
+    import lorakit.serve.rollouts as rollouts
     from conftest import tiny_llama_for_tokenizer
     from lorakit.adapters.config import LoraConfig
     from lorakit.adapters.inject import inject
@@ -282,7 +278,6 @@ def test_grpo_options_elsewhere_and_beta_defaults(tmp_path, tiny_model_dir, prom
 def test_two_processes_each_roll_out_their_own_prompts(tmp_path, tiny_model_dir, prompt_data):
     """torchrun DDP: each process samples its half of the step's prompts; rewards and clip ratios are
     summed over both, --scale-rewards batch takes the std of both halves."""
-    pytest.importorskip("lorakit.serve.rollouts")
     import os
     import socket
     import subprocess
