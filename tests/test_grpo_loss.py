@@ -9,8 +9,8 @@ from collections import defaultdict
 
 import pytest
 import torch
-import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402  (TRL is a test dependency: the reference)
-import trl.trainer.utils as trl_utils  # noqa: E402
+import trl.trainer.grpo_trainer as trl_grpo  # TRL is a test dependency: the reference
+import trl.trainer.utils as trl_utils
 
 from conftest import tiny_llama
 from lorakit.adapters.config import LoraConfig
