@@ -330,3 +330,28 @@ def test_prompt_rows_and_their_references(tmp_path):
     with pytest.raises(DataError, match=r"rows.jsonl:1: a prompt row needs 'prompt' \(text\) or 'messages'"):
         load_prompt_rows(path, tok, 64)
     assert load_prompt_rows(path, tok, 64, skip_bad=True)[1] == 1
+
+
+def test_resume_refuses_changed_grpo_settings_and_reads_older_checkpoints(tmp_path, tiny_model_dir, prompt_data,
+                                                                           reward_module):
+    """--resume with another --num-generations (or loss type, reward, ...) would train another
+    adapter: refused, naming the setting. A checkpoint written before these settings were recorded
+    cannot say what they were: it resumes as before."""
+    import shutil
+
+    out = tmp_path / "run"
+    recipe.train(args_for(tiny_model_dir, prompt_data, out, max_steps=2, save_every=1, eval_every=2),
+                 rollouts=SampledRollouts)
+    with pytest.raises(ValueError, match=r"other settings \(num_generations: checkpoint 4, now 3\)"):
+        recipe.train(args_for(tiny_model_dir, prompt_data, out, max_steps=2, num_generations=3, resume=True),
+                     rollouts=SampledRollouts)
+    shutil.rmtree(out / "checkpoint-2")  # resume from step 1, whose record is an older lorakit's:
+    state_path = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    for name in ("objective", "num_generations", "loss_type", "temperature"):
+        state["settings"].pop(name)
+    state_path.write_text(json.dumps(state))
+    recipe.train(args_for(tiny_model_dir, prompt_data, out, max_steps=2, num_generations=3, resume=True),
+                 rollouts=SampledRollouts)
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+    assert (out / "adapter_model.safetensors").is_file()

@@ -29,8 +29,12 @@ RESUME_SETTINGS = (
     "epochs", "max_steps", "lr", "loraplus_ratio", "weight_decay", "schedule", "warmup_steps",
     "batch_size", "grad_accum", "seq_len", "packing", "loss_on", "max_grad_norm", "precision",
     "seed", "quantize",
+    "objective", "beta", "label_smoothing", "rpo_alpha", "reference",
+    "reward", "reward_weights", "num_generations", "max_completion_tokens", "temperature", "top_p",
+    "scale_rewards", "loss_type", "epsilon", "epsilon_high", "updates_per_rollout",
 )
-"""TrainArgs fields a resumed run must share with the run it continues: each changes the adapter."""
+"""TrainArgs fields a resumed run must share with the run it continues: each changes the adapter.
+A checkpoint that does not record one (made before it was listed here) is not checked for it."""
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.yaml",
              "samples.jsonl", "report.json", "report.html")
@@ -165,8 +169,9 @@ def check_resume(args: Any, checkpoint: Path) -> None:
             "this command continues it; pass --overwrite to start over"
         )
     wanted = settings(args)
-    differ = [f"{name}: checkpoint {saved.get(name)!r}, now {wanted[name]!r}"
-              for name in RESUME_SETTINGS if name in wanted and saved.get(name) != wanted[name]]
+    # A checkpoint written before a setting was recorded cannot say what it was: not compared.
+    differ = [f"{name}: checkpoint {saved[name]!r}, now {wanted[name]!r}"
+              for name in RESUME_SETTINGS if name in wanted and name in saved and saved[name] != wanted[name]]
     if differ:
         raise ValueError(
             f"--resume: {checkpoint} was made with other settings ({'; '.join(differ)}); "
