@@ -209,15 +209,17 @@ def fused_token_logps(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor | None:
     """(B, S-1) log-probabilities of the labelled tokens through the fast path (0 elsewhere),
-    or None when this model or batch cannot take it, or its output head is trained."""
+    under log_softmax(logits / temperature); None when this model or batch cannot take it, or
+    its output head is trained."""
     config = model.__dict__.get(_CONFIG)
     if config is None or forward_reason(model, input_ids, None, position_ids) is not None:
         return None
     if model.lm_head.weight.requires_grad:
         return None
-    return _run(causal_lm_token_logps, model, config, input_ids, labels, position_ids)
+    return _run(causal_lm_token_logps, model, config, input_ids, labels, position_ids, temperature=temperature)
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -332,13 +332,18 @@ def causal_lm_token_logps(
     save_intermediates: bool = False,
     chunk_rows: int | None = None,
     position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """(B, S-1) log-probabilities of `labels[:, 1:]` given the tokens before (0 where the
     label is IGNORE_INDEX), at least fp32: `causal_lm_loss`'s computation kept per token, for
-    objectives that score whole sequences (DPO, ORPO). The output head must be frozen."""
+    objectives that score whole sequences (DPO, ORPO) or sampled tokens (GRPO: under
+    log_softmax(logits / temperature), the head's input divided by the temperature, which is
+    the same product). The output head must be frozen."""
     hidden, target, rows = _supervised_hidden(
         model, input_ids, labels, recompute, keep_layers, save_intermediates, position_ids
     )
+    if temperature != 1.0:
+        hidden = hidden / temperature
     picked = linear_token_logps(hidden, model.lm_head.weight, target, chunk_rows)
     out = picked.new_zeros(labels.shape[0] * (labels.shape[1] - 1)).index_copy(0, rows, picked)
     return out.view(labels.shape[0], labels.shape[1] - 1)

@@ -33,11 +33,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lorakit.adapters.inject import disable_adapters
 from lorakit.data.prompts import PromptRow, load_prompt_rows
-from lorakit.data.sft import micro_batch
+from lorakit.data.sft import IGNORE, micro_batch
 from lorakit.evaluation.metrics import exact, greedy_answers
 from lorakit.evaluation.rewards import parse_rewards, score
 from lorakit.train import distributed
 from lorakit.train.distributed import DistEnv
+from lorakit.train.fastpath import fused_token_logps
 from lorakit.train.objectives.grpo_loss import (
     LOSS_TYPES,
     SCALE_REWARDS,
@@ -169,6 +170,13 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperatu
     """
     index, targets = batch["completion_index"], batch["completion_ids"]
     mask = batch["completion_mask"].bool()
+    # On the GPU fast path: the fused decoder and the chunked head; label t + 1 is predicted at t.
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    rows, cols = mask.nonzero(as_tuple=True)
+    labels[rows, index[rows, cols] + 1] = targets[rows, cols]
+    fused = fused_token_logps(model, batch["input_ids"], labels, batch["position_ids"], temperature)
+    if fused is not None:
+        return fused.gather(1, index) * mask
     body, head = body_and_head(model)
     if body is None:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -261,8 +269,9 @@ class GRPO:
 
     name = "grpo"
     second_adapter = False
-    fast_path = False
-    """The GPU fast path's fused loss does not take a sampling temperature: the generic path runs."""
+    fast_path = True
+    """Completion log-probs take the GPU fast path where the model does (the fused decoder and
+    chunked head, at the sampling temperature), else the generic one."""
 
     def __init__(self, args: Any, rollouts: RolloutFactory | None = None) -> None:
         if rollouts is None:
