@@ -118,4 +118,4 @@ def test_too_large_an_error_is_refused_and_nothing_is_written(tmp_path, base_dir
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     with pytest.raises(SystemExit):
         main(["convert", str(path), "--to", "gguf"])
-    assert "--to must be plain-lora, got 'gguf'" in capsys.readouterr().err
+    assert "--to must be plain-lora or per-expert, got 'gguf'" in capsys.readouterr().err

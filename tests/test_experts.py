@@ -460,3 +460,83 @@ def test_fast_path_refuses_router_logits_and_foreign_experts() -> None:
     assert not status.enabled and "output_router_logits" in status.reason
     status = enable_fast_path(tiny_moe("gpt_oss").train())
     assert not status.enabled and "GptOssForCausalLM" in status.reason
+
+
+@pytest.mark.parametrize("moe_family", ["qwen3_moe", "mixtral"])
+def test_per_expert_conversion_names_the_checkpoints_experts_and_computes_the_same(moe_family: str, tmp_path) -> None:
+    """`convert --to per-expert`: every expert projection it writes is a weight that transformers'
+    own checkpoint of the model holds, one by one (`save_pretrained` writes experts per expert), of
+    the right shape; and those weights with the converted factors compute what lorakit's fused
+    experts compute."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_tokenizer
+    from lorakit.export.per_expert import convert_to_per_expert
+
+    base_dir = tmp_path / "base"
+    tiny_moe(moe_family).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = inject(tiny_moe(moe_family), LoraConfig(r=2, alpha=6, target_modules="all-linear"))
+    randomize_b(model)
+    save_adapter(model, tmp_path / "fused")
+    out, modules = convert_to_per_expert(tmp_path / "fused", tmp_path / "split", model=str(base_dir))
+    assert modules == 2 * 4 * 3  # 2 layers x 4 experts x (gate, up, down)
+    weights = load_file(base_dir / "model.safetensors")
+    split = load_file(out / "adapter_model.safetensors")
+    fused = load_file(tmp_path / "fused" / "adapter_model.safetensors")
+    experts = {k for k in split if ".experts." in k}
+    assert len(experts) == 2 * modules
+    for key in experts:
+        module = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
+        weight = weights[module + ".weight"]  # a weight of the checkpoint, by its own name
+        a, b = split[module.join(["base_model.model.", ".lora_A.weight"])], split[module.join(["base_model.model.", ".lora_B.weight"])]
+        assert a.shape == (2, weight.shape[1]) and b.shape == (weight.shape[0], 2)
+    assert {k for k in fused if ".experts" not in k} == {k for k in split if ".experts." not in k}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config.get("target_parameters")
+    from lorakit.export.check import LOADS, check, read_facts
+
+    verdicts = {v.target: v for v in check(read_facts(out, str(base_dir)), ["vllm", "sglang"])}
+    assert all(v.verdict == LOADS for v in verdicts.values()), [f.reason for v in verdicts.values() for f in v.findings]
+
+    gate, up, down = ("w1", "w3", "w2") if moe_family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    prefix = "model.layers.0." + ("block_sparse_moe" if moe_family == "mixtral" else "mlp") + ".experts"
+    layer = model.get_submodule("model.layers.0.mlp.experts")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 32, generator=gen)
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(5)])
+    routing = torch.rand(5, 2, generator=gen)
+    with torch.no_grad():
+        want = layer(x, index, routing)
+
+    def linear(e: int, name: str, h: torch.Tensor) -> torch.Tensor:
+        key = f"{prefix}.{e}.{name}"
+        a = split[f"base_model.model.{key}.lora_A.weight"]
+        b = split[f"base_model.model.{key}.lora_B.weight"]
+        return h @ (weights[key + ".weight"] + 3.0 * b @ a).T  # scaling alpha / r = 3
+
+    got = torch.zeros_like(x)
+    for t in range(5):
+        for k in range(2):
+            e = int(index[t, k])
+            h = torch.nn.functional.silu(linear(e, gate, x[t])) * linear(e, up, x[t])
+            got[t] += routing[t, k] * linear(e, down, h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_per_expert_conversion_refuses_what_it_cannot_split(tmp_path) -> None:
+    from conftest import tiny_tokenizer
+    from lorakit.export.per_expert import convert_to_per_expert
+
+    base_dir = tmp_path / "base"
+    tiny_moe("gpt_oss").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = inject(tiny_moe("gpt_oss"), LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    save_adapter(model, tmp_path / "fused")
+    with pytest.raises(ValueError, match=r"knows the per-expert names of deepseek_v3, mixtral.*this base is 'gpt_oss'"):
+        convert_to_per_expert(tmp_path / "fused", tmp_path / "split", model=str(base_dir))
+    assert not (tmp_path / "split").exists()
+    attention = inject(tiny_moe("qwen3_moe"), LoraConfig(r=2, alpha=4, target_modules=ATTENTION))
+    save_adapter(attention, tmp_path / "attention")
+    with pytest.raises(ValueError, match="adapts no fused expert parameters"):
+        convert_to_per_expert(tmp_path / "attention", tmp_path / "split")

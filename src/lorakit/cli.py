@@ -176,7 +176,8 @@ class ConvertArgs:
     adapter: str
     """Adapter directory (also accepted as the first argument: lorakit convert ADAPTER)."""
     to: str = "plain-lora"
-    """What to convert to: plain-lora (one rank and alpha for every module, no DoRA, no modules_to_save)."""
+    """What to convert to: plain-lora (one rank and alpha for every module, no DoRA, no modules_to_save), or
+    per-expert (LoRA on fused MoE experts written expert by expert, as the model's Hub checkpoints name them)."""
     rank: int | None = None
     """The common rank (default: the adapter's largest); DoRA and modules_to_save go through a rank-R SVD."""
     max_error: float = 0.05
@@ -191,8 +192,8 @@ class ConvertArgs:
     replaced, nothing else there is removed."""
 
     def __post_init__(self) -> None:
-        if self.to != "plain-lora":
-            raise ValueError(f"--to must be plain-lora, got {self.to!r}")
+        if self.to not in ("plain-lora", "per-expert"):
+            raise ValueError(f"--to must be plain-lora or per-expert, got {self.to!r}")
         if self.rank is not None and self.rank <= 0:
             raise ValueError(f"--rank must be a positive integer, got {self.rank}")
         if not (math.isfinite(self.max_error) and self.max_error >= 0):
@@ -383,7 +384,12 @@ def run_check(args: CheckArgs) -> int:
 def run_convert(args: ConvertArgs) -> None:
     from lorakit.export.convert import convert_to_plain
 
-    output = args.output or f"{str(Path(args.adapter)).rstrip('/')}-plain"
+    output = args.output or f"{str(Path(args.adapter)).rstrip('/')}-{'plain' if args.to == 'plain-lora' else args.to}"
+    if args.to == "per-expert":
+        from lorakit.export.per_expert import convert_to_per_expert
+
+        path, modules = convert_to_per_expert(args.adapter, output, args.model, overwrite=args.overwrite)
+        return print(f"per-expert adapter ({modules:,} expert projections, exact) written to {path}")
     result = convert_to_plain(args.adapter, output, args.model, args.rank, args.max_error, overwrite=args.overwrite)
     errors = sorted(result.errors.items(), key=lambda kv: -kv[1])
     width = max(len(p) for p, _ in errors)

@@ -280,6 +280,11 @@ class LoraExperts(LoraLayer):
     # forward ----------------------------------------------------------------------------
 
     @property
+    def experts_module(self) -> nn.Module:
+        """The wrapped experts module (its own flags: has_gate, is_transposed, is_concatenated)."""
+        return self._base_shell[0]
+
+    @property
     def grouped(self) -> bool:
         """Whether the experts run as grouped matmuls with their LoRA terms (expert_grouped)."""
         return expert_grouped.supports(self._base_shell[0])

@@ -220,9 +220,27 @@ def facts_from_modules(facts: AdapterFacts, model: nn.Module) -> None:
         else:
             facts.module_kinds[path] = type(module).__name__
     config = getattr(model, "config", None)
+    _per_expert_names(facts, model, getattr(config, "model_type", None))
     facts.vocab_size = getattr(config, "vocab_size", None)
     facts.model_type = getattr(config, "model_type", None)
     facts.tied_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _per_expert_names(facts: AdapterFacts, model: nn.Module, model_type: str | None) -> None:
+    """The per-expert linear layers the model's checkpoints name (`convert --to per-expert` writes
+    LoRA for them): servers that load those checkpoints expert by expert take them."""
+    from lorakit.adapters.experts import expert_params_of
+    from lorakit.export.per_expert import LAYOUTS
+
+    if model_type not in LAYOUTS:
+        return
+    fused_path, *projections = LAYOUTS[model_type]
+    for path, module in model.named_modules():
+        if not path.endswith(".mlp.experts") or not expert_params_of(module):
+            continue
+        for e in range(int(getattr(module, "num_experts", 0))):
+            for name in projections:
+                facts.module_kinds[f"{path[: -len('mlp.experts')]}{fused_path}.{e}.{name}"] = "linear"
 
 
 def facts_from_model(model: nn.Module, adapter_name: str = "default") -> AdapterFacts:
@@ -291,9 +309,10 @@ def _experts(facts: AdapterFacts, loader: str) -> Iterable[Finding]:
         yield Finding("experts", REFUSED, (
             f"the adapter holds LoRA on fused expert parameters ({', '.join(facts.raw.get('target_parameters') or [])} "
             f"in {len(experts)} layer(s), PEFT's target_parameters layout); {loader} reads expert LoRA only as "
-            "per-expert modules (experts.<e>.gate_proj ...), not this layout. Serve it with lorakit serve, load it "
-            "with PEFT, or merge it into the base (lorakit merge); an adapter without the experts "
-            "(--targets with attention and dense layers only) loads"))
+            "per-expert modules (experts.<e>.gate_proj ...), not this layout. `lorakit convert --to per-expert` "
+            "writes it expert by expert under the names of the model's checkpoints (Qwen3-MoE, Qwen2-MoE, OLMoE, "
+            "DeepSeek-V3, Mixtral), exactly; or serve it with lorakit serve, load it with PEFT, or merge it into "
+            "the base (lorakit merge)"))
 
 
 def _non_uniform(facts: AdapterFacts, loader: str) -> Iterable[Finding]:

@@ -107,9 +107,9 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
     config = files.config
     if config.target_parameters:
         raise ValueError(
-            f"{adapter_dir} adapts fused expert parameters ({', '.join(config.target_parameters)}); convert "
-            "rewrites an adapter as plain LoRA on linear layers, and no target reads expert LoRA in another "
-            "layout lorakit could write. Serve it with lorakit serve, load it with PEFT, or merge it (lorakit merge)"
+            f"{adapter_dir} adapts fused expert parameters ({', '.join(config.target_parameters)}); --to plain-lora "
+            "rewrites LoRA on linear layers. `lorakit convert --to per-expert` writes the experts one by one, as "
+            "the model's checkpoints name them; or serve it with lorakit serve, load it with PEFT, or merge it"
         )
     base = model or config.base_model_name_or_path
     source = None if base in (None, DEFAULT_HUB_ID) else base
