@@ -181,9 +181,7 @@ def convert_to_plain(adapter_dir: str | os.PathLike, output: str | os.PathLike, 
                          f"{errors[worst]:.4f} > --max-error {max_error:g}; raise --rank or --max-error")
     with target.staged() as staging:
         write_adapter(staging, tensors, raw)
-        for item in Path(adapter_dir).iterdir():  # the tokenizer and template travel too
-            if item.is_file() and item.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy2(item, staging / item.name)
+        copy_side_files(adapter_dir, staging)
         fresh, _ = load_model(source, dtype=torch.float32, device="cpu")
         load_adapter(fresh, staging)
         agreement = _agreement(net, fresh, tokenizer, prompts, new_tokens)
@@ -205,6 +203,13 @@ def _agreement(original: nn.Module, converted: nn.Module, tokenizer: Any, prompt
         same += int((outs[0] == outs[1]).sum())
         total += outs[0].numel()
     return same / max(total, 1)
+
+
+def copy_side_files(adapter_dir: str | os.PathLike, staging: Path) -> None:
+    """The tokenizer and chat template saved beside an adapter travel with its conversion."""
+    for item in Path(adapter_dir).iterdir():
+        if item.is_file() and item.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy2(item, staging / item.name)
 
 
 def convert_command(adapter: str | os.PathLike) -> str:

@@ -18,7 +18,6 @@ adapter is copied as it is.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ def convert_to_per_expert(adapter_dir: str | os.PathLike, output: str | os.PathL
     from lorakit.adapters.inject import lora_layers
     from lorakit.adapters.outputs import claim, input_paths
     from lorakit.base.models import DEFAULT_HUB_ID, DEFAULT_MODEL_NAME, cache_dir, load_model
+    from lorakit.export.convert import copy_side_files
 
     files = read_adapter(adapter_dir)
     config = files.config
@@ -67,8 +67,8 @@ def convert_to_per_expert(adapter_dir: str | os.PathLike, output: str | os.PathL
         for path, layer in lora_layers(net):
             if not isinstance(layer, LoraExperts) or name not in layer.targets:
                 continue
-            module = layer.experts_module
-            if not getattr(module, "is_concatenated", True):
+            experts_module = layer.experts_module
+            if not getattr(experts_module, "is_concatenated", True):
                 raise ValueError(f"{path}: its gate and up projections are interleaved in one parameter (gpt-oss's "
                                  "layout), which has no per-expert form on the Hub; serve the fused adapter instead")
             if not path.endswith(".mlp.experts"):
@@ -83,13 +83,13 @@ def convert_to_per_expert(adapter_dir: str | os.PathLike, output: str | os.PathL
                 b_all = layer.lora_B[name][param].detach().float().view(out_f, r, experts)
                 for e in range(experts):
                     a, b = a_all[e].contiguous(), b_all[:, :, e].contiguous()  # (r, in), (out, r)
-                    if param == "gate_up_proj" and getattr(module, "has_gate", True):
+                    if param == "gate_up_proj" and getattr(experts_module, "has_gate", True):
                         half = out_f // 2
                         parts = {gate: b[:half], up: b[half:]}
                     else:
                         parts = {down if param == "down_proj" else up: b}
-                    for module, b_part in parts.items():
-                        key = f"{out_prefix}.{e}.{module}"
+                    for projection, b_part in parts.items():
+                        key = f"{out_prefix}.{e}.{projection}"
                         tensors[f"{key}.lora_A.weight"] = a.clone()
                         tensors[f"{key}.lora_B.weight"] = b_part.clone()
                         written += 1
@@ -105,8 +105,6 @@ def convert_to_per_expert(adapter_dir: str | os.PathLike, output: str | os.PathL
     raw["target_parameters"] = None
     with target.staged() as staging:
         write_adapter(staging, tensors, raw)
-        for item in Path(adapter_dir).iterdir():  # the tokenizer and template travel too
-            if item.is_file() and item.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy2(item, staging / item.name)
+        copy_side_files(adapter_dir, staging)
     return target.path, written
 
